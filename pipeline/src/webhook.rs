@@ -1,0 +1,299 @@
+//! Callbacks: `{"id", "status", "output" | "error"}` POSTed to a job's
+//! webhook when it ends, signed per Standard Webhooks (`webhook-id`,
+//! `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC-SHA256 of
+//! "id.timestamp.body">`).
+//!
+//! Delivery state lives in Redis, so a restarted shim carries on: the due
+//! set `{ns}:callbacks:due` (score: when), one hash `{ns}:cb:{id}` per pending
+//! callback (the body and webhook-id fixed at the first try, so every retry
+//! is byte-identical), and the dead-letter list `{ns}:callbacks:dead`. A
+//! delivery is leased by pushing its due time ahead before the POST; a shim
+//! that dies mid-POST leaves it due again after the lease.
+
+use std::time::Duration;
+
+use rand::Rng;
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+use standardwebhooks::Webhook;
+
+use crate::queue::RedisQueue;
+use crate::{now_ms, JobState, PipelineError};
+
+/// Standard Webhooks' schedule: immediately, 5 s, 5 min, 30 min, 2 h, 5 h,
+/// 10 h, 14 h, 20 h, 24 h.
+pub const STANDARD_SCHEDULE: &str = "0s,5s,5m,30m,2h,5h,10h,14h,20h,24h";
+
+/// Parses `"0s,5s,5m,100ms,2h"`.
+pub fn parse_schedule(s: &str) -> Result<Vec<Duration>, String> {
+    s.split(',')
+        .map(|part| {
+            let part = part.trim();
+            let (num, unit) = part
+                .find(|c: char| !c.is_ascii_digit())
+                .map(|i| part.split_at(i))
+                .ok_or_else(|| format!("{part:?}: a duration needs a unit (ms, s, m, h)"))?;
+            let n: u64 = num.parse().map_err(|_| format!("{part:?}: not a number"))?;
+            Ok(match unit {
+                "ms" => Duration::from_millis(n),
+                "s" => Duration::from_secs(n),
+                "m" => Duration::from_secs(n * 60),
+                "h" => Duration::from_secs(n * 3600),
+                _ => return Err(format!("{part:?}: unit must be ms, s, m or h")),
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// `whsec_` + base64.
+    pub secret: String,
+    /// Delay before each try; its length is the number of tries.
+    pub schedule: Vec<Duration>,
+    pub timeout: Duration,
+    /// How long a delivery in flight is leased before another try may start.
+    pub lease: Duration,
+}
+
+/// The callback body of a finished job.
+pub fn callback_body(
+    id: &str,
+    state: JobState,
+    output: Option<&Value>,
+    error: Option<&str>,
+) -> String {
+    let mut body = json!({"id": id, "status": state.as_str()});
+    match (output, error) {
+        (Some(o), _) if state == JobState::Completed => body["output"] = o.clone(),
+        (_, Some(e)) => body["error"] = json!(e),
+        _ => {}
+    }
+    body.to_string()
+}
+
+/// Signs and delivers callbacks.
+#[derive(Clone)]
+pub struct CallbackSender {
+    queue: RedisQueue,
+    http: reqwest::Client,
+    signer: std::sync::Arc<Webhook>,
+    cfg: WebhookConfig,
+}
+
+/// Leases up to ARGV[3] due ids: their score moves to now + lease.
+const LUA_LEASE_DUE: &str = r#"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id) end
+return ids
+"#;
+
+impl CallbackSender {
+    pub fn new(queue: RedisQueue, cfg: WebhookConfig) -> Result<Self, PipelineError> {
+        let signer = Webhook::new(&cfg.secret).map_err(|e| {
+            PipelineError::Other(format!(
+                "WEBHOOK_SECRET must be whsec_ followed by base64: {e:?}"
+            ))
+        })?;
+        let http = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| PipelineError::Other(e.to_string()))?;
+        Ok(Self {
+            queue,
+            http,
+            signer: std::sync::Arc::new(signer),
+            cfg,
+        })
+    }
+
+    /// Leases the callbacks that are due now.
+    pub async fn lease_due(&self, max: usize) -> Result<Vec<String>, PipelineError> {
+        let now = now_ms();
+        let ids: Vec<String> = redis::Script::new(LUA_LEASE_DUE)
+            .key(self.queue.callbacks_due_key())
+            .arg(now)
+            .arg(now + self.cfg.lease.as_millis() as u64)
+            .arg(max)
+            .invoke_async(&mut self.queue.connection())
+            .await?;
+        Ok(ids)
+    }
+
+    /// One try at delivering the callback of job `id`; schedules the next try
+    /// or parks it in the dead-letter list.
+    pub async fn deliver(&self, id: &str) -> Result<(), PipelineError> {
+        let mut conn = self.queue.connection();
+        let cb_key = self.queue.callback_key(id);
+        let mut cb: std::collections::HashMap<String, String> = conn.hgetall(&cb_key).await?;
+        if !cb.contains_key("body") {
+            let Some(rec) = self.queue.get(id).await? else {
+                tracing::warn!(job = %id, "callback dropped: the job record is gone");
+                let _: i64 = conn.zrem(self.queue.callbacks_due_key(), id).await?;
+                return Ok(());
+            };
+            let Some(url) = rec.webhook.clone() else {
+                let _: i64 = conn.zrem(self.queue.callbacks_due_key(), id).await?;
+                return Ok(());
+            };
+            let body = callback_body(id, rec.state, rec.output.as_ref(), rec.error.as_deref());
+            let msg_id = format!("msg_{id}_{}", rec.finished_ms.unwrap_or(0));
+            cb = [
+                ("body", body),
+                ("url", url),
+                ("webhook_id", msg_id),
+                ("attempts", "0".to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            let pairs: Vec<(&String, &String)> = cb.iter().collect();
+            let _: () = conn.hset_multiple(&cb_key, &pairs).await?;
+        }
+        let (body, url, msg_id) = (&cb["body"], &cb["url"], &cb["webhook_id"]);
+        let attempts: usize = cb.get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0) + 1;
+        let ts = (now_ms() / 1000) as i64;
+        let signature = self
+            .signer
+            .sign(msg_id, ts, body.as_bytes())
+            .map_err(|e| PipelineError::Other(format!("signing: {e:?}")))?;
+        let sent = self
+            .http
+            .post(url)
+            .header("content-type", "application/json")
+            .header("webhook-id", msg_id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature)
+            .body(body.clone())
+            .send()
+            .await;
+        let (status, error, retry_after) = match &sent {
+            Ok(r) => (
+                Some(r.status().as_u16()),
+                None,
+                r.headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs),
+            ),
+            Err(e) => (None, Some(e.to_string()), None),
+        };
+        if status.is_some_and(|s| (200..300).contains(&s)) {
+            tracing::info!(job = %id, attempts, "callback delivered");
+            let _: i64 = conn.zrem(self.queue.callbacks_due_key(), id).await?;
+            let _: i64 = conn.del(&cb_key).await?;
+            return Ok(());
+        }
+        let last = match (status, &error) {
+            (Some(s), _) => format!("HTTP {s}"),
+            (None, Some(e)) => e.clone(),
+            _ => "unknown".into(),
+        };
+        tracing::warn!(job = %id, attempts, last = %last, "callback not accepted");
+        let gone = status == Some(410);
+        if gone || attempts >= self.cfg.schedule.len() {
+            let dead = json!({
+                "job_id": id, "url": url, "webhook_id": msg_id, "attempts": attempts,
+                "last_status": status, "last_error": last,
+                "reason": if gone { "the receiver answered 410 Gone" } else { "retries exhausted" },
+                "dead_ms": now_ms(),
+            });
+            let _: i64 = conn
+                .lpush(self.queue.dead_letters_key(), dead.to_string())
+                .await?;
+            let _: i64 = conn.zrem(self.queue.callbacks_due_key(), id).await?;
+            let _: i64 = conn.del(&cb_key).await?;
+            return Ok(());
+        }
+        let planned = self.cfg.schedule[attempts];
+        // ±10 % jitter so a fleet's retries do not arrive together.
+        let jitter = rand::thread_rng().gen_range(0.9..1.1);
+        let wait = planned.mul_f64(jitter).max(retry_after.unwrap_or_default());
+        let _: () = conn
+            .hset_multiple(
+                &cb_key,
+                &[("attempts", attempts.to_string()), ("last_error", last)],
+            )
+            .await?;
+        let _: i64 = conn
+            .zadd(
+                self.queue.callbacks_due_key(),
+                id,
+                now_ms() + wait.as_millis() as u64,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Callbacks parked after their last try, newest first.
+    pub async fn dead_letters(&self, max: isize) -> Result<Vec<Value>, PipelineError> {
+        let raw: Vec<String> = self
+            .queue
+            .connection()
+            .lrange(self.queue.dead_letters_key(), 0, max - 1)
+            .await?;
+        Ok(raw
+            .iter()
+            .filter_map(|r| serde_json::from_str(r).ok())
+            .collect())
+    }
+
+    /// Delivers due callbacks until `shutdown` fires, waking on `wake` (job
+    /// events) or every `poll`.
+    pub async fn run(self, poll: Duration, mut wake: tokio::sync::broadcast::Receiver<String>) {
+        loop {
+            match self.lease_due(32).await {
+                Ok(ids) => {
+                    for id in ids {
+                        let me = self.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = me.deliver(&id).await {
+                                tracing::error!(job = %id, error = %e, "callback delivery failed");
+                            }
+                        });
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reading due callbacks failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = wake.recv() => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_parses_units() {
+        assert_eq!(
+            parse_schedule("0s,100ms,5m,2h").unwrap(),
+            vec![
+                Duration::ZERO,
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+                Duration::from_secs(7200)
+            ]
+        );
+        assert_eq!(parse_schedule(STANDARD_SCHEDULE).unwrap().len(), 10);
+        assert!(parse_schedule("5").is_err());
+        assert!(parse_schedule("5d").is_err());
+    }
+
+    #[test]
+    fn body_has_output_or_error() {
+        assert_eq!(
+            callback_body("j", JobState::Completed, Some(&json!({"a": 1})), None),
+            r#"{"id":"j","status":"COMPLETED","output":{"a":1}}"#
+        );
+        assert_eq!(
+            callback_body("j", JobState::Failed, None, Some("boom")),
+            r#"{"id":"j","status":"FAILED","error":"boom"}"#
+        );
+    }
+}

@@ -1,0 +1,183 @@
+//! The chat-respond job: character template → prompt → N options → output.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use base64::Engine;
+use models::{SamplingParams, TextGeneration};
+use pipeline::contract::{ChatMessage, MessageType, Originator};
+use pipeline::{ChatRespondJob, ChatRespondOutput};
+use prompts::{build_chat_turns, CharacterCard, ChatTemplate, HistoryMessage, Role};
+
+use crate::speech::TextToSpeech;
+
+/// A job that cannot succeed as submitted. The worker fails it at once:
+/// running it again would give the same error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct JobError(pub String);
+
+impl JobError {
+    fn new(msg: impl Into<String>) -> Self {
+        Self(msg.into())
+    }
+}
+
+pub struct ChatEngine {
+    model: Arc<dyn TextGeneration>,
+    chat_template: ChatTemplate,
+    templates_dir: PathBuf,
+    sampling: SamplingParams,
+    tts: Option<Arc<dyn TextToSpeech>>,
+}
+
+/// The prompt of a job and the texts of its new messages, as resolved.
+pub struct PreparedChat {
+    pub prompt: String,
+    pub resolved_texts: Vec<String>,
+}
+
+impl ChatEngine {
+    pub fn new(
+        model: Arc<dyn TextGeneration>,
+        templates_dir: PathBuf,
+        sampling: SamplingParams,
+        tts: Option<Arc<dyn TextToSpeech>>,
+    ) -> anyhow::Result<Self> {
+        let chat_template =
+            ChatTemplate::new(model.chat_template(), model.bos_token(), model.eos_token())?;
+        Ok(Self {
+            model,
+            chat_template,
+            templates_dir,
+            sampling,
+            tts,
+        })
+    }
+
+    /// Resolves message texts and renders the prompt the model will see.
+    pub fn prepare(&self, job: &ChatRespondJob) -> Result<PreparedChat, JobError> {
+        let card_path = job.character.card_path(&self.templates_dir);
+        let raw = std::fs::read_to_string(&card_path).map_err(|e| {
+            JobError::new(format!(
+                "character template {} not found on this worker ({}: {e})",
+                job.character,
+                card_path.display()
+            ))
+        })?;
+        let card = CharacterCard::from_json(&raw)
+            .map_err(|e| JobError::new(format!("character template {}: {e}", job.character)))?;
+        let character = card
+            .render(&job.character_params)
+            .map_err(|e| JobError::new(format!("character template {}: {e}", job.character)))?;
+        let mut history = Vec::with_capacity(job.messages.len());
+        let mut resolved_texts = Vec::new();
+        for m in &job.messages {
+            let text = self.message_text(job, m)?;
+            if !m.is_processed {
+                resolved_texts.push(text.clone());
+            }
+            history.push(HistoryMessage {
+                role: match m.originator {
+                    Originator::Bot => Role::Assistant,
+                    Originator::User => Role::User,
+                },
+                text,
+            });
+        }
+        let turns =
+            build_chat_turns(&character, &history).map_err(|e| JobError::new(e.to_string()))?;
+        let prompt = self
+            .chat_template
+            .render(&turns)
+            .map_err(|e| JobError::new(e.to_string()))?;
+        Ok(PreparedChat {
+            prompt,
+            resolved_texts,
+        })
+    }
+
+    fn message_text(&self, job: &ChatRespondJob, m: &ChatMessage) -> Result<String, JobError> {
+        match m.kind {
+            MessageType::Text => Ok(m.text.clone().unwrap_or_default()),
+            MessageType::Audio if m.is_processed => Ok(m.text.clone().unwrap_or_default()),
+            MessageType::Audio => {
+                let key = m.audio_file_id.as_deref().unwrap_or_default();
+                let audio = job
+                    .audio_files
+                    .get(key)
+                    .map(String::as_str)
+                    .unwrap_or_default();
+                if audio.is_empty() {
+                    // The seed's first example: an empty recording is empty text.
+                    Ok(String::new())
+                } else {
+                    Err(JobError::new(format!(
+                        "message {}: speech-to-text is not configured on this worker, so audio messages with audio cannot be transcribed",
+                        m.id.as_ref().map(|v| v.to_string()).unwrap_or_default()
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Runs the whole job. `seed` makes it reproducible (the worker derives it
+    /// from the job id, so a re-run after a crash gives the same answer).
+    pub fn respond(
+        &self,
+        job: &ChatRespondJob,
+        seed: u64,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<ChatRespondOutput, JobError> {
+        if job.generate_audio && self.tts.is_none() {
+            return Err(JobError::new(
+                "generate_audio: text-to-speech is not configured on this worker (install espeak-ng or set TTS_BACKEND)",
+            ));
+        }
+        let prepared = self.prepare(job)?;
+        let params = SamplingParams {
+            seed,
+            ..self.sampling.clone()
+        };
+        let generation = self
+            .model
+            .generate(
+                &prepared.prompt,
+                job.num_options as usize,
+                &params,
+                cancelled,
+            )
+            .map_err(|e| JobError::new(format!("text generation failed: {e}")))?;
+        tracing::info!(
+            prompt_tokens = generation.prompt_tokens,
+            prefill_ms = (generation.prefill_secs * 1000.0) as u64,
+            decode_ms = (generation.decode_secs * 1000.0) as u64,
+            decode_steps = generation.decode_steps,
+            options = generation.options.len(),
+            "generated"
+        );
+        let options: Vec<String> = generation.options.into_iter().map(|o| o.text).collect();
+        let audio = match (&self.tts, job.generate_audio) {
+            (Some(tts), true) => {
+                let wav = tts
+                    .synthesize(options.first().map(String::as_str).unwrap_or_default())
+                    .map_err(|e| JobError::new(format!("text-to-speech failed: {e}")))?;
+                Some(base64::engine::general_purpose::STANDARD.encode(wav))
+            }
+            _ => None,
+        };
+        Ok(ChatRespondOutput::build(
+            job,
+            &prepared.resolved_texts,
+            options,
+            audio,
+        ))
+    }
+}
+
+/// A stable 64-bit seed from a job id (FNV-1a).
+pub fn seed_from_job_id(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}

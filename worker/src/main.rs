@@ -1,0 +1,97 @@
+//! `worker`: pulls chat jobs from Redis (or an in-process queue), assembles
+//! prompts, runs the text model, writes results. See `worker --help`.
+
+mod chat;
+mod config;
+mod serve;
+mod speech;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use pipeline::envelope::RequestError;
+use pipeline::memory::memory_queue;
+use pipeline::queue::Outcome;
+use pipeline::{JobKind, RunRequest};
+
+use crate::config::{Cli, Command, WorkerConfig};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    tracing::info!(config = ?cli.config.masked(), "worker starting");
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve::serve(cli.config).await,
+        Command::Run { job, seed } => run_embedded(cli.config, &job, seed).await,
+        Command::FetchModels => {
+            let path = cli.config.resolve_text_model().await?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::RenderPrompt { job } => {
+            let engine = cli.config.chat_engine().await?;
+            let input = read_job_input(&job)?;
+            let job =
+                pipeline::ChatRespondJob::parse(&input).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let prepared = engine.prepare(&job)?;
+            print!("{}", prepared.prompt);
+            Ok(())
+        }
+    }
+}
+
+/// A job file holds either the RunPod body (`{"input": {...}}`) or the input.
+fn read_job_input(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&raw).with_context(|| format!("{} is not JSON", path.display()))?;
+    Ok(match v.get("input") {
+        Some(input) => input.clone(),
+        None => v,
+    })
+}
+
+/// The embedded default: no Redis, no S3. The job goes through an in-process
+/// queue to an in-process worker and the output is printed.
+async fn run_embedded(cfg: WorkerConfig, path: &std::path::Path, seed: u64) -> anyhow::Result<()> {
+    let input = read_job_input(path)?;
+    let body = serde_json::json!({ "input": input }).to_string();
+    RunRequest::parse(JobKind::Chat, body.as_bytes()).map_err(|e| match e {
+        RequestError::Malformed(e) | RequestError::Invalid(e) => {
+            anyhow::anyhow!("invalid job: {e}")
+        }
+    })?;
+    let engine = Arc::new(cfg.chat_engine().await?);
+    let (queue, mut consumer) = memory_queue();
+    let worker = tokio::spawn(async move {
+        while let Some(job) = consumer.next().await {
+            let engine = engine.clone();
+            let input = job.input.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                serve::run_chat(&engine, &input, seed, &|| false)
+            })
+            .await
+            .unwrap_or_else(|e| Outcome::Failed(format!("worker task panicked: {e}")));
+            job.finish(outcome);
+        }
+    });
+    let (id, done) = queue.submit(JobKind::Chat, input);
+    tracing::info!(job = %id, "queued in-process");
+    let outcome = done.await.context("the in-process worker stopped")?;
+    drop(queue);
+    worker.await?;
+    match outcome {
+        Outcome::Completed(output) => {
+            println!("{}", serde_json::to_string_pretty(&output)?);
+            Ok(())
+        }
+        Outcome::Failed(e) | Outcome::TimedOut(e) => anyhow::bail!("job {id} failed: {e}"),
+    }
+}

@@ -1,0 +1,67 @@
+//! The shim's configuration: flags or environment variables, one typed
+//! struct, printed at start-up with secrets masked.
+
+use std::time::Duration;
+
+use clap::Parser;
+use pipeline::webhook::{parse_schedule, WebhookConfig, STANDARD_SCHEDULE};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "api-shim", version, about = "RunPod-compatible HTTP front of the companion job pipeline; delivers signed callbacks.")]
+pub struct ShimConfig {
+    /// Redis holding the queues and job records.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Key prefix in Redis (the workers must use the same).
+    #[arg(long, env = "QUEUE_NAMESPACE", default_value = "cw")]
+    pub queue_namespace: String,
+    /// Address to listen on.
+    #[arg(long, env = "SHIM_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: String,
+    /// Comma-separated API keys; each caller sends one as `Authorization: Bearer KEY`.
+    #[arg(long, env = "SHIM_API_KEYS", value_delimiter = ',', required = true)]
+    pub api_keys: Vec<String>,
+    /// Standard Webhooks signing secret: whsec_ followed by base64.
+    #[arg(long, env = "WEBHOOK_SECRET")]
+    pub webhook_secret: String,
+    /// Delays before each callback try, e.g. "0s,5s,5m"; the count is the number of tries.
+    #[arg(long, env = "WEBHOOK_RETRY_SCHEDULE", default_value = STANDARD_SCHEDULE)]
+    pub webhook_retry_schedule: String,
+    /// Seconds one callback POST may take.
+    #[arg(long, env = "WEBHOOK_TIMEOUT_S", default_value_t = 10)]
+    pub webhook_timeout_s: u64,
+    /// Milliseconds /runsync waits for a result when ?wait= is not given.
+    #[arg(long, env = "SHIM_RUNSYNC_WAIT_MS", default_value_t = 90_000)]
+    pub runsync_wait_ms: u64,
+    /// Runs a job gets (runs lost to worker crashes count) before it is FAILED.
+    #[arg(long, env = "JOB_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Hours a finished job record is kept.
+    #[arg(long, env = "RESULT_TTL_HOURS", default_value_t = 48)]
+    pub result_ttl_hours: u64,
+}
+
+impl ShimConfig {
+    pub fn webhook(&self) -> anyhow::Result<WebhookConfig> {
+        let schedule = parse_schedule(&self.webhook_retry_schedule)
+            .map_err(|e| anyhow::anyhow!("WEBHOOK_RETRY_SCHEDULE: {e}"))?;
+        if schedule.is_empty() {
+            anyhow::bail!("WEBHOOK_RETRY_SCHEDULE needs at least one try");
+        }
+        let timeout = Duration::from_secs(self.webhook_timeout_s);
+        Ok(WebhookConfig {
+            secret: self.webhook_secret.clone(),
+            schedule,
+            timeout,
+            lease: timeout * 3,
+        })
+    }
+
+    /// For the start-up log.
+    pub fn masked(&self) -> Self {
+        let mut c = self.clone();
+        c.api_keys = c.api_keys.iter().map(|_| "****".to_string()).collect();
+        c.webhook_secret = "whsec_****".into();
+        c
+    }
+}

@@ -1,0 +1,64 @@
+//! Every error the shim answers is JSON: `{"error": message, "field"?, "rule"?}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use pipeline::envelope::RequestError;
+use pipeline::{InputError, PipelineError};
+use serde_json::json;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub field: Option<String>,
+    pub rule: Option<String>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), field: None, rule: None }
+    }
+
+    pub fn input(status: StatusCode, e: &InputError) -> Self {
+        Self {
+            status,
+            message: e.to_string(),
+            field: Some(e.field.clone()),
+            rule: Some(e.rule.clone()),
+        }
+    }
+
+    pub fn not_found(id: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("no job {id} for this API key"))
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        match &e {
+            RequestError::Malformed(i) => Self::input(StatusCode::BAD_REQUEST, i),
+            RequestError::Invalid(i) => Self::input(StatusCode::UNPROCESSABLE_ENTITY, i),
+        }
+    }
+}
+
+impl From<PipelineError> for ApiError {
+    fn from(e: PipelineError) -> Self {
+        tracing::error!(error = %e, "pipeline error");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("the job store is unavailable: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.message });
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        if let Some(r) = self.rule {
+            body["rule"] = json!(r);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,205 @@
+//! RunPod's job routes: run, runsync, status, cancel, retry, purge-queue.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, RawPathParams, State};
+use axum::http::StatusCode;
+use axum::Json;
+use pipeline::queue::{JobRecord, RetryOutcome};
+use pipeline::{JobKind, RunRequest};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::startup::AppState;
+
+/// The job kind a route serves: `/v2/{endpoint_id}/...` names it, the bare
+/// routes serve chat.
+fn kind_of(params: &HashMap<String, String>) -> Result<JobKind, ApiError> {
+    match params.get("endpoint_id") {
+        None => Ok(JobKind::Chat),
+        Some(e) => JobKind::parse(e).ok_or_else(|| {
+            let known: Vec<&str> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no endpoint {e:?}; endpoints: {}", known.join(", ")),
+            )
+        }),
+    }
+}
+
+fn path_params(raw: &RawPathParams) -> HashMap<String, String> {
+    raw.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        let status = e.status();
+        let mut err = ApiError::new(status, format!("request body: {}", e.body_text()));
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            err.field = Some("body".into());
+            err.rule = Some("must not exceed the route's size limit (10 MB for /run, 20 MB for /runsync)".into());
+        }
+        err
+    })
+}
+
+/// RunPod's status body.
+pub fn status_body(rec: &JobRecord) -> Value {
+    let mut body = json!({
+        "id": rec.id,
+        "status": rec.state.as_str(),
+        "delayTime": rec.delay_ms(),
+        "executionTime": rec.execution_ms(),
+    });
+    if let Some(o) = &rec.output {
+        body["output"] = o.clone();
+    }
+    if let Some(e) = &rec.error {
+        body["error"] = json!(e);
+    }
+    if let Some(w) = &rec.worker {
+        body["workerId"] = json!(w);
+    }
+    body
+}
+
+async fn owned(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord, ApiError> {
+    match state.queue.get(id).await? {
+        Some(rec) if rec.owner == caller.owner => Ok(rec),
+        _ => Err(ApiError::not_found(id)),
+    }
+}
+
+async fn submit(
+    state: &AppState,
+    caller: &Caller,
+    params: &HashMap<String, String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<JobRecord, ApiError> {
+    let kind = kind_of(params)?;
+    let body = body_or_error(body)?;
+    let req = RunRequest::parse(kind, &body)?;
+    let rec = state.queue.enqueue(&req, &caller.owner).await?;
+    state.metrics.jobs_submitted.with_label_values(&[kind.as_str()]).inc();
+    tracing::info!(job = %rec.id, kind = kind.as_str(), "job queued");
+    Ok(rec)
+}
+
+pub async fn run(
+    State(state): State<AppState>,
+    caller: Caller,
+    raw: RawPathParams,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let params = path_params(&raw);
+    let rec = submit(&state, &caller, &params, body).await?;
+    Ok(Json(json!({"id": rec.id, "status": rec.state.as_str()})))
+}
+
+#[derive(Deserialize)]
+pub struct WaitQuery {
+    wait: Option<u64>,
+}
+
+pub async fn runsync(
+    State(state): State<AppState>,
+    caller: Caller,
+    raw: RawPathParams,
+    Query(q): Query<WaitQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let params = path_params(&raw);
+    let wait = match q.wait {
+        None => state.cfg.runsync_wait_ms,
+        Some(w) if (1_000..=300_000).contains(&w) => w,
+        Some(_) => {
+            return Err(ApiError::input(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                &pipeline::InputError::new("wait", "must be between 1000 and 300000 milliseconds"),
+            ))
+        }
+    };
+    // Subscribe before submitting so the end of a fast job is not missed.
+    let mut events = state.events.subscribe();
+    let rec = submit(&state, &caller, &params, body).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
+    loop {
+        let current = state.queue.get(&rec.id).await?.ok_or_else(|| ApiError::not_found(&rec.id))?;
+        if current.state.is_terminal() {
+            return Ok(Json(status_body(&current)));
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) => return Ok(Json(status_body(&current))),
+                Ok(Ok(id)) if id == rec.id => break,
+                Ok(Ok(_)) => continue,
+                // Lagged: re-read the record; Closed: the event feed is gone, poll once more.
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                    tokio::time::sleep_until(deadline).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+pub async fn status(
+    State(state): State<AppState>,
+    caller: Caller,
+    raw: RawPathParams,
+) -> Result<Json<Value>, ApiError> {
+    let params = path_params(&raw);
+    kind_of(&params)?;
+    let id = params.get("id").cloned().unwrap_or_default();
+    let rec = owned(&state, &caller, &id).await?;
+    Ok(Json(status_body(&rec)))
+}
+
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    raw: RawPathParams,
+) -> Result<Json<Value>, ApiError> {
+    let params = path_params(&raw);
+    kind_of(&params)?;
+    let id = params.get("id").cloned().unwrap_or_default();
+    owned(&state, &caller, &id).await?;
+    let st = state.queue.cancel(&id, "cancelled by the client").await?.ok_or_else(|| ApiError::not_found(&id))?;
+    Ok(Json(json!({"id": id, "status": st.as_str()})))
+}
+
+pub async fn retry(
+    State(state): State<AppState>,
+    caller: Caller,
+    raw: RawPathParams,
+) -> Result<Json<Value>, ApiError> {
+    let params = path_params(&raw);
+    kind_of(&params)?;
+    let id = params.get("id").cloned().unwrap_or_default();
+    owned(&state, &caller, &id).await?;
+    match state.queue.retry(&id).await? {
+        RetryOutcome::Requeued => Ok(Json(json!({"id": id, "status": "IN_QUEUE"}))),
+        RetryOutcome::NotFound => Err(ApiError::not_found(&id)),
+        RetryOutcome::NotRetryable(st) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("job {id} is {}: only FAILED or TIMED_OUT jobs can be retried", st.as_str()),
+        )),
+    }
+}
+
+pub async fn purge_queue(
+    State(state): State<AppState>,
+    caller: Caller,
+    raw: RawPathParams,
+) -> Result<Json<Value>, ApiError> {
+    let params = path_params(&raw);
+    let kind = kind_of(&params)?;
+    let removed = state.queue.purge_queue(kind, &caller.owner).await?;
+    Ok(Json(json!({"removed": removed, "status": "completed"})))
+}

@@ -1,0 +1,5 @@
+//! HTTP handlers, one module per concern.
+
+pub mod health;
+pub mod jobs;
+pub mod openapi;

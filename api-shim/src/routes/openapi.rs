@@ -1,0 +1,99 @@
+//! `GET /openapi.json`: the shim's routes, bodies and errors.
+
+use axum::Json;
+use serde_json::{json, Value};
+
+fn job_routes(prefix: &str, tag: &str) -> Vec<(String, Value)> {
+    let id = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}});
+    let mut params = vec![];
+    if prefix.contains("{endpoint_id}") {
+        params.push(json!({"name": "endpoint_id", "in": "path", "required": true,
+            "description": "names the job kind: chat", "schema": {"type": "string", "enum": ["chat"]}}));
+    }
+    let with_id = {
+        let mut p = params.clone();
+        p.push(id);
+        p
+    };
+    let errors = json!({
+        "400": {"description": "unreadable JSON", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+        "401": {"description": "missing or unknown API key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+        "404": {"description": "no such job for this key, or no such endpoint", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+        "413": {"description": "body over the route's limit", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+        "422": {"description": "a rule broken; `field` and `rule` say which", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    });
+    let op = |summary: &str, params: &Vec<Value>, body: bool, ok: &str| {
+        let mut o = json!({
+            "tags": [tag], "summary": summary, "parameters": params,
+            "security": [{"bearer": []}],
+            "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{ok}")}}}}}
+        });
+        for (k, v) in errors.as_object().expect("object") {
+            o["responses"][k] = v.clone();
+        }
+        if body {
+            o["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RunRequest"}}}});
+        }
+        o
+    };
+    let mut runsync_params = params.clone();
+    runsync_params.push(json!({"name": "wait", "in": "query", "required": false,
+        "description": "milliseconds to wait for the result, 1000..=300000", "schema": {"type": "integer"}}));
+    vec![
+        (format!("{prefix}/run"), json!({"post": op("Queue a job", &params, true, "JobAccepted")})),
+        (format!("{prefix}/runsync"), json!({"post": op("Queue a job and wait for its result", &runsync_params, true, "JobStatus")})),
+        (format!("{prefix}/status/{{id}}"), json!({"get": op("A job's state and result", &with_id, false, "JobStatus")})),
+        (format!("{prefix}/cancel/{{id}}"), json!({"post": op("Cancel a queued or running job", &with_id, false, "JobAccepted")})),
+        (format!("{prefix}/retry/{{id}}"), json!({"post": op("Queue a FAILED or TIMED_OUT job again", &with_id, false, "JobAccepted")})),
+        (format!("{prefix}/purge-queue"), json!({"post": op("Cancel all of this key's queued jobs", &params, false, "Purged")})),
+    ]
+}
+
+pub async fn openapi() -> Json<Value> {
+    let mut paths = serde_json::Map::new();
+    for (p, v) in job_routes("", "jobs").into_iter().chain(job_routes("/v2/{endpoint_id}", "runpod-v2")) {
+        paths.insert(p, v);
+    }
+    paths.insert("/health".into(), json!({"get": {"tags": ["ops"], "summary": "Jobs by state, workers seen, callbacks pending and dead-lettered", "responses": {"200": {"description": "OK"}}}}));
+    paths.insert("/metrics".into(), json!({"get": {"tags": ["ops"], "summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}}));
+    Json(json!({
+        "openapi": "3.1.0",
+        "info": {"title": "companion worker api-shim", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "RunPod-serverless-compatible job API. Callbacks are signed per Standard Webhooks."},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {
+                    "error": {"type": "string"}, "field": {"type": "string"}, "rule": {"type": "string"}}},
+                "RunRequest": {"type": "object", "required": ["input"], "properties": {
+                    "input": {"$ref": "#/components/schemas/ChatInput"},
+                    "webhook": {"type": "string", "format": "uri"},
+                    "policy": {"type": "object", "properties": {
+                        "executionTimeout": {"type": "integer", "minimum": 5000, "maximum": 604800000},
+                        "ttl": {"type": "integer", "minimum": 10000, "maximum": 604800000},
+                        "lowPriority": {"type": "boolean"}}}}},
+                "ChatInput": {"type": "object", "required": ["messages", "character"], "properties": {
+                    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["is_processed"], "properties": {
+                        "id": {"type": ["integer", "string"]},
+                        "type": {"type": "string", "enum": ["text", "audio"]},
+                        "originator": {"type": "string", "enum": ["bot", "user"]},
+                        "text": {"type": ["string", "null"]},
+                        "audio_file_id": {"type": "string"},
+                        "is_processed": {"type": "boolean"}}}},
+                    "audio_files": {"type": "object", "additionalProperties": {"type": "string", "contentEncoding": "base64"}},
+                    "character": {"type": "string", "pattern": "^github:[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$"},
+                    "character_params": {"type": "object"},
+                    "generate_audio": {"type": "boolean", "description": "must be false when num_options > 1"},
+                    "num_options": {"type": "integer", "minimum": 1, "maximum": 8, "default": 1}}},
+                "JobAccepted": {"type": "object", "properties": {"id": {"type": "string"}, "status": {"$ref": "#/components/schemas/JobState"}}},
+                "JobState": {"type": "string", "enum": ["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]},
+                "JobStatus": {"type": "object", "required": ["id", "status"], "properties": {
+                    "id": {"type": "string"}, "status": {"$ref": "#/components/schemas/JobState"},
+                    "delayTime": {"type": "integer"}, "executionTime": {"type": "integer"},
+                    "output": {"type": "object"}, "error": {"type": "string"}, "workerId": {"type": "string"}}},
+                "Purged": {"type": "object", "properties": {"removed": {"type": "integer"}, "status": {"type": "string"}}}
+            }
+        }
+    }))
+}

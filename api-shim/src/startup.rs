@@ -1,0 +1,130 @@
+//! Builds the app: state, routes (bare and under `/v2/{endpoint_id}`), the
+//! event relay and the callback delivery loop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use futures::StreamExt;
+use pipeline::queue::{QueueConfig, RedisQueue};
+use pipeline::webhook::CallbackSender;
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use tokio::sync::broadcast;
+
+use crate::auth::ApiKeys;
+use crate::config::ShimConfig;
+use crate::routes::{health, jobs, openapi};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub jobs_submitted: IntCounterVec,
+    pub jobs: IntGaugeVec,
+    pub workers: IntGaugeVec,
+    pub callbacks: IntGaugeVec,
+}
+
+impl Metrics {
+    fn new() -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let jobs_submitted = IntCounterVec::new(Opts::new("shim_jobs_submitted_total", "Jobs accepted, by kind"), &["kind"])?;
+        let jobs = IntGaugeVec::new(Opts::new("shim_jobs", "Jobs by state"), &["state"])?;
+        let workers = IntGaugeVec::new(Opts::new("shim_workers", "Workers seen, by state"), &["state"])?;
+        let callbacks = IntGaugeVec::new(Opts::new("shim_callbacks", "Callbacks pending or dead-lettered"), &["state"])?;
+        registry.register(Box::new(jobs_submitted.clone()))?;
+        registry.register(Box::new(jobs.clone()))?;
+        registry.register(Box::new(workers.clone()))?;
+        registry.register(Box::new(callbacks.clone()))?;
+        Ok(Self { registry, jobs_submitted, jobs, workers, callbacks })
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub queue: RedisQueue,
+    pub keys: ApiKeys,
+    /// Ids of jobs that reached a terminal state, relayed from Redis.
+    pub events: broadcast::Sender<String>,
+    pub cfg: Arc<ShimConfig>,
+    pub metrics: Arc<Metrics>,
+    pub callbacks: CallbackSender,
+}
+
+const MB: usize = 1024 * 1024;
+
+fn job_routes() -> Router<AppState> {
+    Router::new()
+        .route("/run", post(jobs::run).layer(DefaultBodyLimit::max(10 * MB)))
+        .route("/runsync", post(jobs::runsync).layer(DefaultBodyLimit::max(20 * MB)))
+        .route("/status/{id}", get(jobs::status).post(jobs::status))
+        .route("/cancel/{id}", post(jobs::cancel))
+        .route("/retry/{id}", post(jobs::retry))
+        .route("/purge-queue", post(jobs::purge_queue))
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(job_routes())
+        .nest("/v2/{endpoint_id}", job_routes().route("/health", get(health::health)))
+        .route("/health", get(health::health))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::openapi))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Relays `{ns}:events` (pub/sub) into a broadcast channel, reconnecting.
+fn spawn_event_relay(client: redis::Client, channel: String, tx: broadcast::Sender<String>) {
+    tokio::spawn(async move {
+        loop {
+            match client.get_async_pubsub().await {
+                Ok(mut pubsub) => {
+                    if let Err(e) = pubsub.subscribe(&channel).await {
+                        tracing::warn!(error = %e, "subscribing to job events failed");
+                    } else {
+                        let mut stream = pubsub.on_message();
+                        while let Some(msg) = stream.next().await {
+                            if let Ok(id) = msg.get_payload::<String>() {
+                                let _ = tx.send(id);
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "job event connection failed"),
+            }
+            // Anyone waiting re-reads records on Lagged; tell them to.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}
+
+pub async fn build(cfg: ShimConfig) -> anyhow::Result<(Router, AppState)> {
+    let keys = ApiKeys::new(&cfg.api_keys);
+    if keys.is_empty() {
+        anyhow::bail!("SHIM_API_KEYS holds no key");
+    }
+    let queue = RedisQueue::connect(
+        &cfg.redis_url,
+        QueueConfig {
+            namespace: cfg.queue_namespace.clone(),
+            max_attempts: cfg.max_attempts,
+            result_ttl: Duration::from_secs(cfg.result_ttl_hours * 3600),
+            ..QueueConfig::default()
+        },
+    )
+    .await?;
+    let (events, _) = broadcast::channel(1024);
+    spawn_event_relay(queue.client().clone(), queue.events_channel(), events.clone());
+    let callbacks = CallbackSender::new(queue.clone(), cfg.webhook()?)?;
+    tokio::spawn(callbacks.clone().run(Duration::from_millis(100), events.subscribe()));
+    let state = AppState {
+        queue,
+        keys,
+        events,
+        cfg: Arc::new(cfg),
+        metrics: Arc::new(Metrics::new()?),
+        callbacks,
+    };
+    Ok((router(state.clone()), state))
+}

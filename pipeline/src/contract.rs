@@ -95,12 +95,7 @@ impl ChatRespondJob {
     pub fn parse(input: &Value) -> Result<Self, InputError> {
         let wire: ChatInputWire = serde_path_to_error::deserialize(input).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." {
-                "input".to_string()
-            } else {
-                format!("input.{path}")
-            };
-            err(field, e.inner().to_string())
+            crate::field_error("input", &path, e.into_inner().to_string())
         })?;
         let num_options = match wire.num_options {
             None => 1,
@@ -392,7 +387,7 @@ mod tests {
         v.as_object_mut().unwrap().remove("character");
         assert_eq!(
             rule_of(v),
-            ("input".into(), "missing field `character`".into())
+            ("input.character".into(), "is required".into())
         );
     }
 

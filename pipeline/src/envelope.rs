@@ -162,13 +162,13 @@ impl RunRequest {
                             "body",
                             format!("must be valid JSON ({inner})"),
                         ))
-                    } else if path == "." {
+                    } else if path == "." && inner.to_string().starts_with("invalid type") {
                         RequestError::Invalid(InputError::new(
                             "body",
                             format!("must be a JSON object ({inner})"),
                         ))
                     } else {
-                        RequestError::Invalid(InputError::new(path, inner.to_string()))
+                        RequestError::Invalid(crate::field_error("", &path, inner.to_string()))
                     }
                 })?;
         let invalid = |f: &str, r: &str| RequestError::Invalid(InputError::new(f, r));

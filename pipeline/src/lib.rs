@@ -46,6 +46,31 @@ pub enum PipelineError {
     Other(String),
 }
 
+/// An [`InputError`] from a serde error at `path` (as serde_path_to_error
+/// writes it) under `root`; a missing field is named itself.
+pub(crate) fn field_error(root: &str, path: &str, message: String) -> InputError {
+    let mut field = match (root, path) {
+        (r, ".") => r.to_string(),
+        ("", p) => p.to_string(),
+        (r, p) => format!("{r}.{p}"),
+    };
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+        .map(str::to_owned);
+    match missing {
+        Some(name) => {
+            if field.is_empty() {
+                field = name;
+            } else {
+                field = format!("{field}.{name}");
+            }
+            InputError::new(field, "is required")
+        }
+        None => InputError::new(if field.is_empty() { "body".into() } else { field }, message),
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -732,6 +732,7 @@ impl Consumer {
             .await?;
         self.settle(&lease.stream, &lease.entry).await?;
         *self.running.lock().expect("not poisoned") = None;
+        self.beat().await?;
         Ok(written == 1)
     }
 

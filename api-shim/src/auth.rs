@@ -7,7 +7,6 @@ use std::sync::Arc;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::StatusCode;
-use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 use crate::startup::AppState;
@@ -21,11 +20,7 @@ impl ApiKeys {
         Self(Arc::new(
             keys.iter()
                 .filter(|k| !k.trim().is_empty())
-                .map(|k| {
-                    let digest = Sha256::digest(k.trim().as_bytes());
-                    let owner: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
-                    (k.trim().to_string(), owner)
-                })
+                .map(|k| (k.trim().to_string(), pipeline::owner_fingerprint(k)))
                 .collect(),
         ))
     }
@@ -48,14 +43,21 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "Authorization: Bearer <API key> is required"))?;
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "Authorization: Bearer <API key> is required",
+                )
+            })?;
         // RunPod's clients send "Bearer KEY"; some send the bare key.
         let key = header.strip_prefix("Bearer ").unwrap_or(header).trim();
         state
             .keys
             .0
             .get(key)
-            .map(|owner| Caller { owner: owner.clone() })
+            .map(|owner| Caller {
+                owner: owner.clone(),
+            })
             .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the API key is not valid"))
     }
 }

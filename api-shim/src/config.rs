@@ -7,7 +7,11 @@ use clap::Parser;
 use pipeline::webhook::{parse_schedule, WebhookConfig, STANDARD_SCHEDULE};
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "api-shim", version, about = "RunPod-compatible HTTP front of the companion job pipeline; delivers signed callbacks.")]
+#[command(
+    name = "api-shim",
+    version,
+    about = "RunPod-compatible HTTP front of the companion job pipeline; delivers signed callbacks."
+)]
 pub struct ShimConfig {
     /// Redis holding the queues and job records.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]

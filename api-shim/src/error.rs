@@ -17,7 +17,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), field: None, rule: None }
+        Self {
+            status,
+            message: message.into(),
+            field: None,
+            rule: None,
+        }
     }
 
     pub fn input(status: StatusCode, e: &InputError) -> Self {
@@ -30,7 +35,10 @@ impl ApiError {
     }
 
     pub fn not_found(id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, format!("no job {id} for this API key"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            format!("no job {id} for this API key"),
+        )
     }
 }
 
@@ -46,7 +54,10 @@ impl From<RequestError> for ApiError {
 impl From<PipelineError> for ApiError {
     fn from(e: PipelineError) -> Self {
         tracing::error!(error = %e, "pipeline error");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, format!("the job store is unavailable: {e}"))
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the job store is unavailable: {e}"),
+        )
     }
 }
 

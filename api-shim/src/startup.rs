@@ -28,15 +28,30 @@ pub struct Metrics {
 impl Metrics {
     fn new() -> anyhow::Result<Self> {
         let registry = Registry::new();
-        let jobs_submitted = IntCounterVec::new(Opts::new("shim_jobs_submitted_total", "Jobs accepted, by kind"), &["kind"])?;
+        let jobs_submitted = IntCounterVec::new(
+            Opts::new("shim_jobs_submitted_total", "Jobs accepted, by kind"),
+            &["kind"],
+        )?;
         let jobs = IntGaugeVec::new(Opts::new("shim_jobs", "Jobs by state"), &["state"])?;
-        let workers = IntGaugeVec::new(Opts::new("shim_workers", "Workers seen, by state"), &["state"])?;
-        let callbacks = IntGaugeVec::new(Opts::new("shim_callbacks", "Callbacks pending or dead-lettered"), &["state"])?;
+        let workers = IntGaugeVec::new(
+            Opts::new("shim_workers", "Workers seen, by state"),
+            &["state"],
+        )?;
+        let callbacks = IntGaugeVec::new(
+            Opts::new("shim_callbacks", "Callbacks pending or dead-lettered"),
+            &["state"],
+        )?;
         registry.register(Box::new(jobs_submitted.clone()))?;
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(workers.clone()))?;
         registry.register(Box::new(callbacks.clone()))?;
-        Ok(Self { registry, jobs_submitted, jobs, workers, callbacks })
+        Ok(Self {
+            registry,
+            jobs_submitted,
+            jobs,
+            workers,
+            callbacks,
+        })
     }
 }
 
@@ -55,8 +70,14 @@ const MB: usize = 1024 * 1024;
 
 fn job_routes() -> Router<AppState> {
     Router::new()
-        .route("/run", post(jobs::run).layer(DefaultBodyLimit::max(10 * MB)))
-        .route("/runsync", post(jobs::runsync).layer(DefaultBodyLimit::max(20 * MB)))
+        .route(
+            "/run",
+            post(jobs::run).layer(DefaultBodyLimit::max(10 * MB)),
+        )
+        .route(
+            "/runsync",
+            post(jobs::runsync).layer(DefaultBodyLimit::max(20 * MB)),
+        )
         .route("/status/{id}", get(jobs::status).post(jobs::status))
         .route("/cancel/{id}", post(jobs::cancel))
         .route("/retry/{id}", post(jobs::retry))
@@ -66,7 +87,10 @@ fn job_routes() -> Router<AppState> {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(job_routes())
-        .nest("/v2/{endpoint_id}", job_routes().route("/health", get(health::health)))
+        .nest(
+            "/v2/{endpoint_id}",
+            job_routes().route("/health", get(health::health)),
+        )
         .route("/health", get(health::health))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::openapi))
@@ -115,9 +139,17 @@ pub async fn build(cfg: ShimConfig) -> anyhow::Result<(Router, AppState)> {
     )
     .await?;
     let (events, _) = broadcast::channel(1024);
-    spawn_event_relay(queue.client().clone(), queue.events_channel(), events.clone());
+    spawn_event_relay(
+        queue.client().clone(),
+        queue.events_channel(),
+        events.clone(),
+    );
     let callbacks = CallbackSender::new(queue.clone(), cfg.webhook()?)?;
-    tokio::spawn(callbacks.clone().run(Duration::from_millis(100), events.subscribe()));
+    tokio::spawn(
+        callbacks
+            .clone()
+            .run(Duration::from_millis(100), events.subscribe()),
+    );
     let state = AppState {
         queue,
         keys,

@@ -385,10 +385,7 @@ mod tests {
         assert_eq!(rule_of(v).0, "input.num_options");
         let mut v = seed_multi();
         v.as_object_mut().unwrap().remove("character");
-        assert_eq!(
-            rule_of(v),
-            ("input.character".into(), "is required".into())
-        );
+        assert_eq!(rule_of(v), ("input.character".into(), "is required".into()));
     }
 
     #[test]

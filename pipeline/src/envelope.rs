@@ -152,25 +152,19 @@ pub struct RunRequest {
 
 impl RunRequest {
     pub fn parse(kind: JobKind, body: &[u8]) -> Result<Self, RequestError> {
-        let wire: RunRequestWire =
-            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(body))
-                .map_err(|e| {
-                    let path = e.path().to_string();
-                    let inner = e.into_inner();
-                    if inner.is_syntax() || inner.is_eof() {
-                        RequestError::Malformed(InputError::new(
-                            "body",
-                            format!("must be valid JSON ({inner})"),
-                        ))
-                    } else if path == "." && inner.to_string().starts_with("invalid type") {
-                        RequestError::Invalid(InputError::new(
-                            "body",
-                            format!("must be a JSON object ({inner})"),
-                        ))
-                    } else {
-                        RequestError::Invalid(crate::field_error("", &path, inner.to_string()))
-                    }
-                })?;
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            RequestError::Malformed(InputError::new("body", format!("must be valid JSON ({e})")))
+        })?;
+        if !value.is_object() {
+            return Err(RequestError::Invalid(InputError::new(
+                "body",
+                "must be a JSON object",
+            )));
+        }
+        let wire: RunRequestWire = serde_path_to_error::deserialize(&value).map_err(|e| {
+            let path = e.path().to_string();
+            RequestError::Invalid(crate::field_error("", &path, e.into_inner().to_string()))
+        })?;
         let invalid = |f: &str, r: &str| RequestError::Invalid(InputError::new(f, r));
         let input = match wire.input {
             Some(v @ Value::Object(_)) => v,

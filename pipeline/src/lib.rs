@@ -67,8 +67,26 @@ pub(crate) fn field_error(root: &str, path: &str, message: String) -> InputError
             }
             InputError::new(field, "is required")
         }
-        None => InputError::new(if field.is_empty() { "body".into() } else { field }, message),
+        None => InputError::new(
+            if field.is_empty() {
+                "body".into()
+            } else {
+                field
+            },
+            message,
+        ),
     }
+}
+
+/// The owner stored on a job: a fingerprint of the caller's API key, never
+/// the key itself.
+pub fn owner_fingerprint(api_key: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(api_key.trim().as_bytes())
+        .iter()
+        .take(12)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Milliseconds since the Unix epoch.

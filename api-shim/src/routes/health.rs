@@ -31,7 +31,13 @@ async fn snapshot(state: &AppState) -> Result<Snapshot, ApiError> {
         .llen(state.queue.dead_letters_key())
         .await
         .map_err(pipeline::PipelineError::from)?;
-    Ok(Snapshot { counts, idle, running, pending_callbacks, dead_callbacks })
+    Ok(Snapshot {
+        counts,
+        idle,
+        running,
+        pending_callbacks,
+        dead_callbacks,
+    })
 }
 
 pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -63,10 +69,26 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
         let n = s.counts.get(st.as_str()).copied().unwrap_or(0).max(0);
         state.metrics.jobs.with_label_values(&[st.as_str()]).set(n);
     }
-    state.metrics.workers.with_label_values(&["idle"]).set(s.idle as i64);
-    state.metrics.workers.with_label_values(&["running"]).set(s.running as i64);
-    state.metrics.callbacks.with_label_values(&["pending"]).set(s.pending_callbacks as i64);
-    state.metrics.callbacks.with_label_values(&["dead_lettered"]).set(s.dead_callbacks as i64);
+    state
+        .metrics
+        .workers
+        .with_label_values(&["idle"])
+        .set(s.idle as i64);
+    state
+        .metrics
+        .workers
+        .with_label_values(&["running"])
+        .set(s.running as i64);
+    state
+        .metrics
+        .callbacks
+        .with_label_values(&["pending"])
+        .set(s.pending_callbacks as i64);
+    state
+        .metrics
+        .callbacks
+        .with_label_values(&["dead_lettered"])
+        .set(s.dead_callbacks as i64);
     let mut buf = Vec::new();
     TextEncoder::new()
         .encode(&state.metrics.registry.gather(), &mut buf)

@@ -33,7 +33,9 @@ fn kind_of(params: &HashMap<String, String>) -> Result<JobKind, ApiError> {
 }
 
 fn path_params(raw: &RawPathParams) -> HashMap<String, String> {
-    raw.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    raw.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
@@ -42,7 +44,10 @@ fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError>
         let mut err = ApiError::new(status, format!("request body: {}", e.body_text()));
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             err.field = Some("body".into());
-            err.rule = Some("must not exceed the route's size limit (10 MB for /run, 20 MB for /runsync)".into());
+            err.rule = Some(
+                "must not exceed the route's size limit (10 MB for /run, 20 MB for /runsync)"
+                    .into(),
+            );
         }
         err
     })
@@ -85,7 +90,11 @@ async fn submit(
     let body = body_or_error(body)?;
     let req = RunRequest::parse(kind, &body)?;
     let rec = state.queue.enqueue(&req, &caller.owner).await?;
-    state.metrics.jobs_submitted.with_label_values(&[kind.as_str()]).inc();
+    state
+        .metrics
+        .jobs_submitted
+        .with_label_values(&[kind.as_str()])
+        .inc();
     tracing::info!(job = %rec.id, kind = kind.as_str(), "job queued");
     Ok(rec)
 }
@@ -129,7 +138,11 @@ pub async fn runsync(
     let rec = submit(&state, &caller, &params, body).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
     loop {
-        let current = state.queue.get(&rec.id).await?.ok_or_else(|| ApiError::not_found(&rec.id))?;
+        let current = state
+            .queue
+            .get(&rec.id)
+            .await?
+            .ok_or_else(|| ApiError::not_found(&rec.id))?;
         if current.state.is_terminal() {
             return Ok(Json(status_body(&current)));
         }
@@ -170,7 +183,11 @@ pub async fn cancel(
     kind_of(&params)?;
     let id = params.get("id").cloned().unwrap_or_default();
     owned(&state, &caller, &id).await?;
-    let st = state.queue.cancel(&id, "cancelled by the client").await?.ok_or_else(|| ApiError::not_found(&id))?;
+    let st = state
+        .queue
+        .cancel(&id, "cancelled by the client")
+        .await?
+        .ok_or_else(|| ApiError::not_found(&id))?;
     Ok(Json(json!({"id": id, "status": st.as_str()})))
 }
 
@@ -188,7 +205,10 @@ pub async fn retry(
         RetryOutcome::NotFound => Err(ApiError::not_found(&id)),
         RetryOutcome::NotRetryable(st) => Err(ApiError::new(
             StatusCode::CONFLICT,
-            format!("job {id} is {}: only FAILED or TIMED_OUT jobs can be retried", st.as_str()),
+            format!(
+                "job {id} is {}: only FAILED or TIMED_OUT jobs can be retried",
+                st.as_str()
+            ),
         )),
     }
 }

@@ -40,18 +40,39 @@ fn job_routes(prefix: &str, tag: &str) -> Vec<(String, Value)> {
     runsync_params.push(json!({"name": "wait", "in": "query", "required": false,
         "description": "milliseconds to wait for the result, 1000..=300000", "schema": {"type": "integer"}}));
     vec![
-        (format!("{prefix}/run"), json!({"post": op("Queue a job", &params, true, "JobAccepted")})),
-        (format!("{prefix}/runsync"), json!({"post": op("Queue a job and wait for its result", &runsync_params, true, "JobStatus")})),
-        (format!("{prefix}/status/{{id}}"), json!({"get": op("A job's state and result", &with_id, false, "JobStatus")})),
-        (format!("{prefix}/cancel/{{id}}"), json!({"post": op("Cancel a queued or running job", &with_id, false, "JobAccepted")})),
-        (format!("{prefix}/retry/{{id}}"), json!({"post": op("Queue a FAILED or TIMED_OUT job again", &with_id, false, "JobAccepted")})),
-        (format!("{prefix}/purge-queue"), json!({"post": op("Cancel all of this key's queued jobs", &params, false, "Purged")})),
+        (
+            format!("{prefix}/run"),
+            json!({"post": op("Queue a job", &params, true, "JobAccepted")}),
+        ),
+        (
+            format!("{prefix}/runsync"),
+            json!({"post": op("Queue a job and wait for its result", &runsync_params, true, "JobStatus")}),
+        ),
+        (
+            format!("{prefix}/status/{{id}}"),
+            json!({"get": op("A job's state and result", &with_id, false, "JobStatus")}),
+        ),
+        (
+            format!("{prefix}/cancel/{{id}}"),
+            json!({"post": op("Cancel a queued or running job", &with_id, false, "JobAccepted")}),
+        ),
+        (
+            format!("{prefix}/retry/{{id}}"),
+            json!({"post": op("Queue a FAILED or TIMED_OUT job again", &with_id, false, "JobAccepted")}),
+        ),
+        (
+            format!("{prefix}/purge-queue"),
+            json!({"post": op("Cancel all of this key's queued jobs", &params, false, "Purged")}),
+        ),
     ]
 }
 
 pub async fn openapi() -> Json<Value> {
     let mut paths = serde_json::Map::new();
-    for (p, v) in job_routes("", "jobs").into_iter().chain(job_routes("/v2/{endpoint_id}", "runpod-v2")) {
+    for (p, v) in job_routes("", "jobs")
+        .into_iter()
+        .chain(job_routes("/v2/{endpoint_id}", "runpod-v2"))
+    {
         paths.insert(p, v);
     }
     paths.insert("/health".into(), json!({"get": {"tags": ["ops"], "summary": "Jobs by state, workers seen, callbacks pending and dead-lettered", "responses": {"200": {"description": "OK"}}}}));

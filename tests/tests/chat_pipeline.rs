@@ -1,0 +1,391 @@
+//! End to end: shim → Redis → worker (real SmolLM2 model) → result and signed
+//! callback, with the seed 003 examples.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use base64::Engine;
+use common::*;
+use serde_json::{json, Value};
+
+fn verify_signature(r: &Received) {
+    let wh = standardwebhooks::Webhook::new(WEBHOOK_SECRET).unwrap();
+    wh.verify(&r.body, &r.headers)
+        .expect("callback signature verifies");
+    let sig = r.headers["webhook-signature"].to_str().unwrap();
+    assert!(sig.starts_with("v1,"), "{sig}");
+}
+
+fn with_webhook(mut body: Value, url: &str) -> String {
+    body["webhook"] = json!(url);
+    body.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multiple_options_seed_round_trips_with_signed_callback() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let _worker = start_worker(&redis, &[]);
+    let receiver = Receiver::start(0).await;
+    let api = Api::new(&shim);
+
+    let (code, accepted) = api
+        .post(
+            "/run",
+            Some(API_KEY),
+            with_webhook(seed_file("multiple_options.json"), &receiver.url),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{accepted}");
+    assert_eq!(accepted["status"], "IN_QUEUE");
+    let id = accepted["id"].as_str().unwrap().to_string();
+
+    let got = receiver.wait_for(1, Duration::from_secs(180)).await;
+    verify_signature(&got[0]);
+    let callback: Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(callback["id"], id.as_str());
+    assert_eq!(callback["status"], "COMPLETED");
+    let keys: Vec<&str> = callback
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["id", "status", "output"]);
+
+    let output = &callback["output"];
+    let messages = output["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(
+        messages[0],
+        json!({"id": 1, "type": "text", "text": "I'm feeling adventurous!"})
+    );
+    let reply = messages[1].as_object().unwrap();
+    assert_eq!(
+        reply.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["type", "text", "options"]
+    );
+    assert_eq!(reply["type"], "text");
+    let options = reply["options"].as_array().unwrap();
+    assert_eq!(options.len(), 3);
+    for o in options {
+        assert_eq!(o["type"], "text");
+        assert!(
+            !o["text"].as_str().unwrap().trim().is_empty(),
+            "empty option: {output}"
+        );
+    }
+    assert_eq!(reply["text"], options[0]["text"]);
+    let distinct: std::collections::HashSet<&str> = options
+        .iter()
+        .map(|o| o["text"].as_str().unwrap())
+        .collect();
+    assert!(distinct.len() >= 2, "options should differ: {output}");
+    assert_eq!(output["audio_files"], json!({}));
+
+    let status = api.status(&id).await;
+    assert_eq!(status["status"], "COMPLETED");
+    assert_eq!(
+        &status["output"], output,
+        "status and callback carry the same output"
+    );
+    assert!(status["delayTime"].as_u64().is_some());
+    assert!(status["executionTime"].as_u64().unwrap() > 0);
+}
+
+/// Parses a PCM WAV: (sample rate, channels, bits, data bytes).
+fn wav_facts(wav: &[u8]) -> (u32, u16, u16, usize) {
+    assert_eq!(&wav[0..4], b"RIFF");
+    assert_eq!(&wav[8..12], b"WAVE");
+    let mut pos = 12;
+    let mut fmt = None;
+    while pos + 8 <= wav.len() {
+        let id = &wav[pos..pos + 4];
+        let size = u32::from_le_bytes(wav[pos + 4..pos + 8].try_into().unwrap()) as usize;
+        if id == b"fmt " {
+            let f = &wav[pos + 8..];
+            fmt = Some((
+                u16::from_le_bytes([f[2], f[3]]),
+                u32::from_le_bytes(f[4..8].try_into().unwrap()),
+                u16::from_le_bytes([f[14], f[15]]),
+            ));
+        }
+        if id == b"data" {
+            let (ch, rate, bits) = fmt.expect("fmt chunk before data");
+            assert_eq!(size, wav.len() - pos - 8, "data size matches the file");
+            return (rate, ch, bits, size);
+        }
+        pos += 8 + size;
+    }
+    panic!("no data chunk");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_seed_round_trips_with_spoken_reply() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let _worker = start_worker(&redis, &[("TTS_BACKEND", "espeak-ng")]);
+    let api = Api::new(&shim);
+
+    let (code, body) = api
+        .post(
+            "/runsync?wait=120000",
+            Some(API_KEY),
+            seed_file("audio_reply.json").to_string(),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "COMPLETED", "{body}");
+    let output = &body["output"];
+    let messages = output["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 4);
+    assert_eq!(
+        messages[0],
+        json!({"id": 4, "type": "text", "text": "Me too!!"})
+    );
+    assert_eq!(
+        messages[1],
+        json!({"id": 5, "type": "text", "text": "What are you doing tonight?"})
+    );
+    assert_eq!(
+        messages[2],
+        json!({"id": 6, "type": "audio", "text": "", "audio_file_id": "msg1"})
+    );
+    let reply = messages[3].as_object().unwrap();
+    assert_eq!(
+        reply.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["type", "text", "audio_file_id", "options"]
+    );
+    assert_eq!(reply["type"], "audio");
+    assert_eq!(reply["audio_file_id"], "response");
+    let text = reply["text"].as_str().unwrap();
+    assert!(!text.trim().is_empty());
+    assert_eq!(reply["options"], json!([{"type": "audio", "text": text}]));
+
+    let files = output["audio_files"].as_object().unwrap();
+    assert_eq!(files.keys().collect::<Vec<_>>(), ["response"]);
+    let wav = base64::engine::general_purpose::STANDARD
+        .decode(files["response"].as_str().unwrap())
+        .expect("audio is base64");
+    let (rate, channels, bits, data) = wav_facts(&wav);
+    assert_eq!((channels, bits), (1, 16));
+    let seconds = data as f64 / (rate as f64 * 2.0);
+    let words = text.split_whitespace().count() as f64;
+    assert!(
+        seconds > 0.15 * words && seconds < 1.5 * words + 2.0,
+        "{seconds:.2} s of audio for {words} words: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_4xx_and_nothing_is_queued() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let api = Api::new(&shim);
+    let seed = seed_file("multiple_options.json");
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut v = seed.clone();
+        f(&mut v);
+        v.to_string()
+    };
+    let cases: Vec<(String, StatusCode, &str)> = vec![
+        ("{\"input\": ".into(), StatusCode::BAD_REQUEST, "body"),
+        ("[1,2]".into(), StatusCode::UNPROCESSABLE_ENTITY, "body"),
+        ("{}".into(), StatusCode::UNPROCESSABLE_ENTITY, "input"),
+        (
+            with(&|v| v["input"]["num_options"] = json!(9)),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "input.num_options",
+        ),
+        (
+            with(&|v| v["input"]["generate_audio"] = json!(true)),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "input.generate_audio",
+        ),
+        (
+            with(&|v| v["input"]["character"] = json!("partner/character")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "input.character",
+        ),
+        (
+            with(&|v| {
+                v["input"]["messages"][1] =
+                    json!({"id": 2, "type": "audio", "audio_file_id": "x", "is_processed": false})
+            }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "input.messages[1].audio_file_id",
+        ),
+        (
+            with(&|v| {
+                v["input"]["messages"][1]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("text");
+            }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "input.messages[1].text",
+        ),
+        (
+            with(&|v| {
+                v["input"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("messages")
+                    .map(|_| ())
+                    .unwrap()
+            }),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "input.messages",
+        ),
+        (
+            with(&|v| v["policy"] = json!({"ttl": 1})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "policy.ttl",
+        ),
+        (
+            with(&|v| v["webhook"] = json!("not a url")),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "webhook",
+        ),
+    ];
+    for (body, want, field) in cases {
+        let (code, err) = api.post("/run", Some(API_KEY), body.clone()).await;
+        assert_eq!(code, want, "{body} -> {err}");
+        assert_eq!(err["field"], field, "{body} -> {err}");
+        assert!(err["rule"].as_str().is_some_and(|r| !r.is_empty()), "{err}");
+        assert!(err["error"].as_str().unwrap().starts_with(field), "{err}");
+    }
+    let (code, err) = api.post("/run", None, seed.to_string()).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    assert!(err["error"].as_str().unwrap().contains("Bearer"));
+    let (code, _) = api.post("/run", Some("wrong"), seed.to_string()).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let (code, err) = api
+        .post("/v2/nope/run", Some(API_KEY), seed.to_string())
+        .await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    assert!(err["error"].as_str().unwrap().contains("chat"), "{err}");
+    let huge = "x".repeat(11 * 1024 * 1024);
+    let (code, err) = api.post("/run", Some(API_KEY), huge).await;
+    assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(err["field"], "body");
+
+    // Nothing above was queued.
+    let (_, health) = api.get("/health", None).await;
+    assert_eq!(health["jobs"]["inQueue"], 0, "{health}");
+
+    // A job is visible only to the key that created it.
+    let (code, accepted) = api
+        .post("/v2/chat/run", Some(API_KEY), seed.to_string())
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let id = accepted["id"].as_str().unwrap();
+    let (code, _) = api.get(&format!("/status/{id}"), Some(OTHER_KEY)).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    let (code, _) = api
+        .post(&format!("/cancel/{id}"), Some(OTHER_KEY), "")
+        .await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+    let (code, s) = api
+        .get(&format!("/v2/chat/status/{id}"), Some(API_KEY))
+        .await;
+    assert_eq!(
+        (code, s["status"].as_str()),
+        (StatusCode::OK, Some("IN_QUEUE"))
+    );
+    let (code, _) = api.get("/status/no-such-job", Some(API_KEY)).await;
+    assert_eq!(code, StatusCode::NOT_FOUND);
+
+    let (code, doc) = api.get("/openapi.json", None).await;
+    assert_eq!(code, StatusCode::OK);
+    for p in [
+        "/run",
+        "/runsync",
+        "/status/{id}",
+        "/cancel/{id}",
+        "/retry/{id}",
+        "/purge-queue",
+        "/v2/{endpoint_id}/run",
+    ] {
+        assert!(doc["paths"].get(p).is_some(), "openapi lacks {p}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_is_retried_with_the_same_id_until_accepted() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let _worker = start_worker(&redis, &[]);
+    let receiver = Receiver::start(2).await;
+    let api = Api::new(&shim);
+    // A job that fails fast (its template does not exist) still calls back.
+    let mut body = seed_file("multiple_options.json");
+    body["input"]["character"] = json!("github:nobody/missing");
+    let (_, accepted) = api
+        .post("/run", Some(API_KEY), with_webhook(body, &receiver.url))
+        .await;
+    let got = receiver.wait_for(3, Duration::from_secs(60)).await;
+    assert_eq!(
+        got.iter().map(|r| r.answered).collect::<Vec<_>>(),
+        [500, 500, 200]
+    );
+    let ids: std::collections::HashSet<&str> = got
+        .iter()
+        .map(|r| r.headers["webhook-id"].to_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1, "the same webhook-id on every try");
+    for r in &got {
+        verify_signature(r);
+        assert_eq!(r.body, got[0].body, "byte-identical body on every try");
+    }
+    let cb: Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(cb["id"], accepted["id"]);
+    assert_eq!(cb["status"], "FAILED");
+    assert!(
+        cb["error"]
+            .as_str()
+            .unwrap()
+            .contains("github:nobody/missing"),
+        "{cb}"
+    );
+    assert!(cb.get("output").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_is_dead_lettered_after_the_last_try() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[("WEBHOOK_RETRY_SCHEDULE", "0s,50ms")]).await;
+    let _worker = start_worker(&redis, &[]);
+    let receiver = Receiver::start(usize::MAX).await;
+    let api = Api::new(&shim);
+    let mut body = seed_file("multiple_options.json");
+    body["input"]["character"] = json!("github:nobody/missing");
+    let (_, accepted) = api
+        .post("/run", Some(API_KEY), with_webhook(body, &receiver.url))
+        .await;
+    receiver.wait_for(2, Duration::from_secs(60)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let (_, h) = api.get("/health", None).await;
+        if h["callbacks"]["deadLettered"] == 1 {
+            break h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never dead-lettered: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let dead = &health["callbacks"]["recentDeadLetters"][0];
+    assert_eq!(dead["job_id"], accepted["id"]);
+    assert_eq!(dead["attempts"], 2);
+    assert_eq!(dead["last_status"], 500);
+    assert_eq!(health["callbacks"]["pending"], 0);
+    assert_eq!(
+        receiver.got.lock().unwrap().len(),
+        2,
+        "no try after the last one"
+    );
+}

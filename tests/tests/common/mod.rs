@@ -1,0 +1,354 @@
+//! Test harness: real `redis-server`, the real `api-shim` and `worker`
+//! binaries, and a real HTTP webhook receiver, all on free 127.0.0.1 ports.
+//! Every process is killed when its handle drops.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use serde_json::Value;
+use tokio::sync::Notify;
+
+pub const API_KEY: &str = "test-key-1";
+pub const OTHER_KEY: &str = "test-key-2";
+/// base64 of "a-test-signing-secret-of-32-bytes".
+pub const WEBHOOK_SECRET: &str = "whsec_YS10ZXN0LXNpZ25pbmctc2VjcmV0LW9mLTMyLWJ5dGVz";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn binary(name: &str) -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let path = dir.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`; scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Where a child's stderr goes: `target/test-logs/NAME-N.log`.
+fn log_file(name: &str) -> Stdio {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = repo_root().join("target").join("test-logs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = dir.join(format!("{name}-{}-{n}.log", std::process::id()));
+    Stdio::from(std::fs::File::create(path).unwrap())
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe_sigterm(self.child.id());
+        self.child.wait().unwrap()
+    }
+}
+
+fn unsafe_sigterm(pid: u32) {
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Redis {
+    pub proc: Proc,
+    pub url: String,
+}
+
+impl Redis {
+    pub fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server must be installed (apt-get install redis-server; scripts/test does)",
+            );
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = client.get_connection() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self {
+            proc: Proc {
+                child,
+                name: "redis".into(),
+            },
+            url,
+        }
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+pub struct Shim {
+    pub proc: Proc,
+    pub base: String,
+}
+
+impl Shim {
+    pub async fn start(redis: &Redis, env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new(binary("api-shim"));
+        cmd.env("REDIS_URL", &redis.url)
+            .env("SHIM_BIND", format!("127.0.0.1:{port}"))
+            .env("SHIM_API_KEYS", format!("{API_KEY},{OTHER_KEY}"))
+            .env("WEBHOOK_SECRET", WEBHOOK_SECRET)
+            .env("WEBHOOK_RETRY_SCHEDULE", "0s,100ms,200ms")
+            .env("LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file("api-shim"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http.get(format!("{base}/health")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "api-shim did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self {
+            proc: Proc {
+                child,
+                name: "api-shim".into(),
+            },
+            base,
+        }
+    }
+}
+
+/// Starts a worker on the default model. `env` overrides settings.
+pub fn start_worker(redis: &Redis, env: &[(&str, &str)]) -> Proc {
+    let mut cmd = Command::new(binary("worker"));
+    cmd.current_dir(repo_root())
+        .env("REDIS_URL", &redis.url)
+        .env("CHARACTER_TEMPLATES_DIR", repo_root().join("characters"))
+        .env("MAX_NEW_TOKENS", "12")
+        .env("WORKER_HEARTBEAT_MS", "200")
+        .env("WORKER_MISSED_HEARTBEATS", "5")
+        .env("LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log_file("worker"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc {
+        child: cmd.spawn().unwrap(),
+        name: "worker".into(),
+    }
+}
+
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(shim: &Shim) -> Self {
+        Self {
+            base: shim.base.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base)).body(body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn get(&self, path: &str, key: Option<&str>) -> (StatusCode, Value) {
+        let mut req = self.http.get(format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req.send().await.unwrap();
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn status(&self, id: &str) -> Value {
+        let (code, body) = self.get(&format!("/status/{id}"), Some(API_KEY)).await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// Waits until the job's status satisfies `done` (bounded).
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        limit: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let s = self.status(id).await;
+            if done(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never reached the expected state: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn wait_terminal(&self, id: &str) -> Value {
+        self.wait_for(id, Duration::from_secs(120), |s| {
+            !matches!(s["status"].as_str(), Some("IN_QUEUE") | Some("IN_PROGRESS"))
+        })
+        .await
+    }
+}
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub answered: u16,
+}
+
+/// An HTTP webhook receiver that answers `fail_first` requests with 500, then
+/// 200.
+#[derive(Clone)]
+pub struct Receiver {
+    pub url: String,
+    pub got: Arc<Mutex<Vec<Received>>>,
+    notify: Arc<Notify>,
+}
+
+impl Receiver {
+    pub async fn start(fail_first: usize) -> Self {
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let notify = Arc::new(Notify::new());
+        let (g, n) = (got.clone(), notify.clone());
+        let app = Router::new().route(
+            "/hook",
+            post(move |headers: HeaderMap, body: Bytes| {
+                let (g, n) = (g.clone(), n.clone());
+                async move {
+                    let mut list = g.lock().unwrap();
+                    let code = if list.len() < fail_first { 500 } else { 200 };
+                    list.push(Received {
+                        headers,
+                        body,
+                        answered: code,
+                    });
+                    drop(list);
+                    n.notify_waiters();
+                    StatusCode::from_u16(code).unwrap()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { url, got, notify }
+    }
+
+    /// Waits (bounded) until `n` requests have arrived; returns them all.
+    pub async fn wait_for(&self, n: usize, limit: Duration) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.notify.notified();
+            {
+                let list = self.got.lock().unwrap();
+                if list.len() >= n {
+                    return list.clone();
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!(
+                    "the receiver got {} of {n} callbacks",
+                    self.got.lock().unwrap().len()
+                );
+            }
+        }
+    }
+}
+
+pub fn seed_file(name: &str) -> Value {
+    let raw = std::fs::read_to_string(repo_root().join("examples").join(name)).unwrap();
+    serde_json::from_str(&raw).unwrap()
+}

@@ -584,14 +584,18 @@ impl Consumer {
         loop {
             self.reclaim_orphans().await?;
             if self.buffer.is_empty() {
+                self.read_in_priority_order().await?;
+            }
+            if self.buffer.is_empty() {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Ok(None);
                 }
-                self.read(left).await?;
-                if self.buffer.is_empty() {
-                    return Ok(None);
-                }
+                // Block at most one heartbeat, so orphans are looked for as
+                // often while idle.
+                self.read_blocking(left.min(self.queue.cfg.heartbeat))
+                    .await?;
+                continue;
             }
             let (stream, entry, id) = self.buffer.pop_front().expect("checked non-empty");
             if let Some(lease) = self.claim(stream, entry, id).await? {
@@ -600,7 +604,30 @@ impl Consumer {
         }
     }
 
-    async fn read(&mut self, block: Duration) -> Result<(), PipelineError> {
+    /// One entry from the first lane that has one (normal before low).
+    async fn read_in_priority_order(&mut self) -> Result<(), PipelineError> {
+        let opts = StreamReadOptions::default()
+            .group(GROUP, &self.name)
+            .count(1);
+        for stream in self.streams.clone() {
+            let reply: Option<StreamReadReply> = self
+                .block_conn
+                .xread_options(&[&stream], &[">"], &opts)
+                .await?;
+            let entry = reply
+                .and_then(|r| r.keys.into_iter().next())
+                .and_then(|k| k.ids.into_iter().next());
+            if let Some(entry) = entry {
+                self.take(stream, entry);
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for an entry on any lane. Entries that arrive on several lanes
+    /// during one wait are all kept, the higher lane first.
+    async fn read_blocking(&mut self, block: Duration) -> Result<(), PipelineError> {
         let opts = StreamReadOptions::default()
             .group(GROUP, &self.name)
             .count(1)
@@ -610,7 +637,9 @@ impl Consumer {
             .block_conn
             .xread_options(&self.streams, &ids, &opts)
             .await?;
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
+        let mut keys = reply.map(|r| r.keys).unwrap_or_default();
+        keys.sort_by_key(|k| self.streams.iter().position(|s| *s == k.key));
+        for key in keys {
             for entry in key.ids {
                 self.take(key.key.clone(), entry);
             }

@@ -74,6 +74,9 @@ pub struct WorkerConfig {
     pub top_k: usize,
     #[arg(long, env = "REPETITION_PENALTY", default_value_t = 1.1)]
     pub repetition_penalty: f32,
+    /// Generate past end-of-turn tokens up to MAX_NEW_TOKENS (load tests, benchmarks).
+    #[arg(long, env = "IGNORE_EOS", default_value_t = false)]
+    pub ignore_eos: bool,
     /// Milliseconds between heartbeats of a busy or idle worker.
     #[arg(long, env = "WORKER_HEARTBEAT_MS", default_value_t = 1000)]
     pub heartbeat_ms: u64,
@@ -157,6 +160,7 @@ impl WorkerConfig {
             top_k: self.top_k,
             repetition_penalty: self.repetition_penalty,
             max_new_tokens: self.max_new_tokens,
+            ignore_eos: self.ignore_eos,
             ..SamplingParams::default()
         };
         ChatEngine::new(

@@ -26,6 +26,8 @@ pub struct SamplingParams {
     pub repeat_last_n: usize,
     pub max_new_tokens: usize,
     pub seed: u64,
+    /// Keep generating past end-of-turn tokens (benchmarks and load tests).
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -38,6 +40,7 @@ impl Default for SamplingParams {
             repeat_last_n: 64,
             max_new_tokens: 80,
             seed: 299_792_458,
+            ignore_eos: false,
         }
     }
 }
@@ -260,7 +263,7 @@ impl TextGeneration for GgufChatModel {
                     row_logits
                 };
                 let token = seq.sampler.sample(&row_logits)?;
-                if self.stop_ids.contains(&token) {
+                if !params.ignore_eos && self.stop_ids.contains(&token) {
                     seq.stop = Some(StopReason::EndOfSequence);
                 } else {
                     seq.tokens.push(token);

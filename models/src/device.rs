@@ -1,7 +1,7 @@
 //! Device selection: `cuda`, `cuda:N`, `cpu`, or `auto` (CUDA when built with
 //! it and present).
 
-use candle_core::Device;
+pub use candle_core::Device;
 
 use crate::ModelError;
 

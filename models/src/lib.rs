@@ -13,7 +13,7 @@ pub mod device;
 pub mod registry;
 pub mod text;
 
-pub use text::{Generation, GgufChatModel, SamplingParams, TextGeneration};
+pub use text::{Generation, GgufChatModel, LoadOptions, SamplingParams, TextGeneration};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -7,7 +7,7 @@
 //! forward pass takes a [`KvCache`] whose batch dimension can grow from 1 to N
 //! after the prefill and shrink as sequences finish.
 
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
@@ -165,9 +165,13 @@ impl QuantizedLlama {
         ct: &gguf_file::Content,
         reader: &mut R,
         device: &Device,
+        cpu_repack: bool,
     ) -> Result<Self> {
         let config = Config::from_gguf(ct)?;
-        let mut tensor = |name: &str| ct.tensor(reader, name, device);
+        let mut tensor = |name: &str| -> Result<QTensor> {
+            let t = ct.tensor(reader, name, device)?;
+            repack_for_cpu(t, device, cpu_repack)
+        };
         let embd_q = tensor("token_embd.weight")?;
         let embeddings = Embedding::new(embd_q.dequantize(device)?, config.n_embd);
         let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, config.rms_norm_eps)?;
@@ -311,6 +315,27 @@ impl QuantizedLlama {
             .reshape((batch, seq, c.n_head * c.head_dim))?;
         layer.wo.forward(&y)
     }
+}
+
+/// candle's CPU kernels have SIMD (AVX2/NEON) dot products for Q4_0, Q8_0
+/// and the K-quants, but run Q4_1, Q5_0 and Q5_1 with scalar code, several
+/// times slower. On CPU such tensors are re-quantized to Q8_0 at load: 8 bits
+/// hold a 4- or 5-bit block's values almost exactly (the error is a fraction
+/// of the original quantization step), for twice the memory of Q4.
+fn repack_for_cpu(t: QTensor, device: &Device, allowed: bool) -> Result<QTensor> {
+    let slow = matches!(
+        t.dtype(),
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+    );
+    let blocks_fit = t
+        .shape()
+        .dims()
+        .last()
+        .is_some_and(|d| d % GgmlDType::Q8_0.block_size() == 0);
+    if !device.is_cpu() || !slow || !allowed || !blocks_fit {
+        return Ok(t);
+    }
+    QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)
 }
 
 fn rope_tables(c: &Config, device: &Device) -> Result<(Tensor, Tensor)> {

@@ -98,7 +98,16 @@ fn greedy_reply_is_english_and_stops_at_end_of_turn() {
         !text.contains('Ġ') && !text.contains('Ċ') && !text.contains('\u{FFFD}'),
         "{text}"
     );
-    assert_eq!(g.options[0].stop, StopReason::EndOfSequence, "{text}");
+    // A question with a one-line answer ends at <|im_end|>, not at the limit.
+    let short = "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n";
+    let g = m.generate(short, 1, &params, &|| false).unwrap();
+    assert_eq!(
+        g.options[0].stop,
+        StopReason::EndOfSequence,
+        "{}",
+        g.options[0].text
+    );
+    assert!(g.options[0].text.contains("Paris"), "{}", g.options[0].text);
 }
 
 #[test]

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub jobs: IntGaugeVec,
     pub workers: IntGaugeVec,
     pub callbacks: IntGaugeVec,
+    pub worker_totals: IntGaugeVec,
 }
 
 impl Metrics {
@@ -44,13 +45,22 @@ impl Metrics {
         registry.register(Box::new(jobs_submitted.clone()))?;
         registry.register(Box::new(jobs.clone()))?;
         registry.register(Box::new(workers.clone()))?;
+        let worker_totals = IntGaugeVec::new(
+            Opts::new(
+                "fleet_worker_totals",
+                "Totals over all workers: runs by outcome, prompt and generated tokens, prefill and decode milliseconds",
+            ),
+            &["stat"],
+        )?;
         registry.register(Box::new(callbacks.clone()))?;
+        registry.register(Box::new(worker_totals.clone()))?;
         Ok(Self {
             registry,
             jobs_submitted,
             jobs,
             workers,
             callbacks,
+            worker_totals,
         })
     }
 }

@@ -473,6 +473,21 @@ impl RedisQueue {
         Ok(purged)
     }
 
+    /// Adds to the fleet-wide worker totals (jobs by outcome, tokens, model
+    /// time), which the shim exports on /metrics.
+    pub async fn add_worker_stats(&self, stats: &[(&str, u64)]) -> Result<(), PipelineError> {
+        let mut pipe = redis::pipe();
+        for (field, n) in stats {
+            pipe.hincr(self.key("worker-stats"), *field, *n).ignore();
+        }
+        let _: () = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    pub async fn worker_stats(&self) -> Result<HashMap<String, i64>, PipelineError> {
+        Ok(self.conn.clone().hgetall(self.key("worker-stats")).await?)
+    }
+
     /// Jobs by state, plus `retried`.
     pub async fn counts(&self) -> Result<HashMap<String, i64>, PipelineError> {
         Ok(self.conn.clone().hgetall(self.counts_key()).await?)
@@ -550,6 +565,10 @@ pub struct Consumer {
 impl Consumer {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn queue(&self) -> &RedisQueue {
+        &self.queue
     }
 
     /// Records this worker as alive and refreshes the idle time of every entry

@@ -93,6 +93,29 @@ async fn multiple_options_seed_round_trips_with_signed_callback() {
     );
     assert!(status["delayTime"].as_u64().is_some());
     assert!(status["executionTime"].as_u64().unwrap() > 0);
+
+    // Prometheus: job states and the fleet's model totals.
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+    };
+    assert_eq!(value("shim_jobs{state=\"COMPLETED\"}"), 1.0);
+    assert_eq!(value("fleet_worker_totals{stat=\"COMPLETED\"}"), 1.0);
+    assert!(value("fleet_worker_totals{stat=\"generated_tokens\"}") >= 3.0);
+    assert!(value("fleet_worker_totals{stat=\"prompt_tokens\"}") > 50.0);
 }
 
 /// Parses a PCM WAV: (sample rate, channels, bits, data bytes).

@@ -31,6 +31,15 @@ pub struct ChatEngine {
     tts: Option<Arc<dyn TextToSpeech>>,
 }
 
+/// What a job cost the model, for the fleet's metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+    pub prefill_ms: u64,
+    pub decode_ms: u64,
+}
+
 /// The prompt of a job and the texts of its new messages, as resolved.
 pub struct PreparedChat {
     pub prompt: String,
@@ -128,7 +137,7 @@ impl ChatEngine {
         job: &ChatRespondJob,
         seed: u64,
         cancelled: &dyn Fn() -> bool,
-    ) -> Result<ChatRespondOutput, JobError> {
+    ) -> Result<(ChatRespondOutput, Usage), JobError> {
         if job.generate_audio && self.tts.is_none() {
             return Err(JobError::new(
                 "generate_audio: text-to-speech is not configured on this worker (install espeak-ng or set TTS_BACKEND)",
@@ -156,6 +165,12 @@ impl ChatEngine {
             options = generation.options.len(),
             "generated"
         );
+        let usage = Usage {
+            prompt_tokens: generation.prompt_tokens as u64,
+            generated_tokens: generation.options.iter().map(|o| o.tokens as u64).sum(),
+            prefill_ms: (generation.prefill_secs * 1000.0) as u64,
+            decode_ms: (generation.decode_secs * 1000.0) as u64,
+        };
         let options: Vec<String> = generation.options.into_iter().map(|o| o.text).collect();
         let audio = match (&self.tts, job.generate_audio) {
             (Some(tts), true) => {
@@ -166,11 +181,9 @@ impl ChatEngine {
             }
             _ => None,
         };
-        Ok(ChatRespondOutput::build(
-            job,
-            &prepared.resolved_texts,
-            options,
-            audio,
+        Ok((
+            ChatRespondOutput::build(job, &prepared.resolved_texts, options, audio),
+            usage,
         ))
     }
 }

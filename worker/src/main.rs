@@ -75,7 +75,7 @@ async fn run_embedded(cfg: WorkerConfig, path: &std::path::Path, seed: u64) -> a
             let engine = engine.clone();
             let input = job.input.clone();
             let outcome = tokio::task::spawn_blocking(move || {
-                serve::run_chat(&engine, &input, seed, &|| false)
+                serve::run_chat(&engine, &input, seed, &|| false).0
             })
             .await
             .unwrap_or_else(|e| Outcome::Failed(format!("worker task panicked: {e}")));

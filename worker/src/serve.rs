@@ -10,7 +10,7 @@ use pipeline::queue::{unique_worker_name, Consumer, Lease, Outcome, RedisQueue};
 use pipeline::{ChatRespondJob, JobKind, JobState};
 use serde_json::Value;
 
-use crate::chat::{seed_from_job_id, ChatEngine};
+use crate::chat::{seed_from_job_id, ChatEngine, Usage};
 use crate::config::WorkerConfig;
 
 /// Runs a chat job's input to an outcome. Bad input fails at once (never
@@ -20,14 +20,22 @@ pub fn run_chat(
     input: &Value,
     seed: u64,
     cancelled: &dyn Fn() -> bool,
-) -> Outcome {
+) -> (Outcome, Usage) {
     let job = match ChatRespondJob::parse(input) {
         Ok(job) => job,
-        Err(e) => return Outcome::Failed(format!("invalid input: {e}")),
+        Err(e) => {
+            return (
+                Outcome::Failed(format!("invalid input: {e}")),
+                Usage::default(),
+            )
+        }
     };
     match engine.respond(&job, seed, cancelled) {
-        Ok(output) => Outcome::Completed(serde_json::to_value(output).expect("output serializes")),
-        Err(e) => Outcome::Failed(e.to_string()),
+        Ok((output, usage)) => (
+            Outcome::Completed(serde_json::to_value(output).expect("output serializes")),
+            usage,
+        ),
+        Err(e) => (Outcome::Failed(e.to_string()), Usage::default()),
     }
 }
 
@@ -95,9 +103,9 @@ async fn run_lease(
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut timed_out = false;
     let mut check = tokio::time::interval(Duration::from_millis(200));
-    let outcome = loop {
+    let (outcome, usage) = loop {
         tokio::select! {
-            done = &mut task => break done.unwrap_or_else(|e| Outcome::Failed(format!("worker task panicked: {e}"))),
+            done = &mut task => break done.unwrap_or_else(|e| (Outcome::Failed(format!("worker task panicked: {e}")), Usage::default())),
             _ = tokio::time::sleep_until(deadline), if !timed_out => {
                 timed_out = true;
                 cancel.store(true, Ordering::Relaxed);
@@ -133,6 +141,16 @@ async fn run_lease(
         Outcome::TimedOut(_) => "TIMED_OUT",
     };
     let written = consumer.finish(lease, outcome).await?;
+    consumer
+        .queue()
+        .add_worker_stats(&[
+            (state, 1),
+            ("prompt_tokens", usage.prompt_tokens),
+            ("generated_tokens", usage.generated_tokens),
+            ("prefill_ms", usage.prefill_ms),
+            ("decode_ms", usage.decode_ms),
+        ])
+        .await?;
     tracing::info!(job = %id, state, written, "job finished");
     Ok(())
 }

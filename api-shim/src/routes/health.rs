@@ -89,6 +89,13 @@ pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse,
         .callbacks
         .with_label_values(&["dead_lettered"])
         .set(s.dead_callbacks as i64);
+    for (stat, n) in state.queue.worker_stats().await? {
+        state
+            .metrics
+            .worker_totals
+            .with_label_values(&[stat.as_str()])
+            .set(n);
+    }
     let mut buf = Vec::new();
     TextEncoder::new()
         .encode(&state.metrics.registry.gather(), &mut buf)

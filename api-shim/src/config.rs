@@ -66,6 +66,7 @@ impl ShimConfig {
         let mut c = self.clone();
         c.api_keys = c.api_keys.iter().map(|_| "****".to_string()).collect();
         c.webhook_secret = "whsec_****".into();
+        c.redis_url = pipeline::queue::mask_redis_url(&c.redis_url);
         c
     }
 }

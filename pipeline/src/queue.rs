@@ -853,3 +853,35 @@ pub fn unique_worker_name(prefix: &str) -> String {
         .unwrap_or_else(|_| "host".into());
     format!("{prefix}-{host}-{}-{}", std::process::id(), now_ms())
 }
+
+/// A Redis URL fit for logs: the password replaced by `****`.
+pub fn mask_redis_url(url: &str) -> String {
+    match redis::parse_redis_url(url) {
+        Some(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("****"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_only_the_password() {
+        assert_eq!(
+            mask_redis_url("redis://:s3cret@host:6379/0"),
+            "redis://:****@host:6379/0"
+        );
+        assert_eq!(
+            mask_redis_url("redis://user:pw@h/1"),
+            "redis://user:****@h/1"
+        );
+        assert_eq!(
+            mask_redis_url("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+    }
+}

@@ -107,12 +107,7 @@ impl WorkerConfig {
     /// For the start-up log: the Redis password hidden.
     pub fn masked(&self) -> Self {
         let mut c = self.clone();
-        if let Ok(mut url) = reqwest_free_url(&c.redis_url) {
-            if url.password.is_some() {
-                url.password = Some("****".into());
-            }
-            c.redis_url = url.to_string();
-        }
+        c.redis_url = pipeline::queue::mask_redis_url(&c.redis_url);
         c
     }
 
@@ -177,45 +172,4 @@ impl WorkerConfig {
             self.tts()?,
         )
     }
-}
-
-/// The parts of a `redis://user:pass@host:port/db` URL, enough to mask it.
-struct UrlParts {
-    scheme: String,
-    user: String,
-    password: Option<String>,
-    rest: String,
-}
-
-impl std::fmt::Display for UrlParts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.password {
-            Some(p) => write!(f, "{}://{}:{}@{}", self.scheme, self.user, p, self.rest),
-            None if !self.user.is_empty() => {
-                write!(f, "{}://{}@{}", self.scheme, self.user, self.rest)
-            }
-            None => write!(f, "{}://{}", self.scheme, self.rest),
-        }
-    }
-}
-
-fn reqwest_free_url(url: &str) -> Result<UrlParts, ()> {
-    let (scheme, rest) = url.split_once("://").ok_or(())?;
-    let (auth, host) = match rest.rsplit_once('@') {
-        Some((a, h)) => (Some(a), h),
-        None => (None, rest),
-    };
-    let (user, password) = match auth {
-        Some(a) => match a.split_once(':') {
-            Some((u, p)) => (u.to_string(), Some(p.to_string())),
-            None => (a.to_string(), None),
-        },
-        None => (String::new(), None),
-    };
-    Ok(UrlParts {
-        scheme: scheme.into(),
-        user,
-        password,
-        rest: host.into(),
-    })
 }

@@ -118,8 +118,8 @@ async fn run_lease(
                 if stopping.load(Ordering::SeqCst) {
                     let d = *drain_deadline.get_or_insert_with(|| tokio::time::Instant::now() + drain);
                     if tokio::time::Instant::now() >= d {
-                        // Leave the job held but unheartbeated? No: stop
-                        // heartbeating by exiting; another worker takes it over.
+                        // Exiting stops the heartbeats: another worker takes
+                        // the job over once its entry is idle.
                         tracing::warn!(job = %id, "drain timeout: leaving the job to another worker");
                         std::process::exit(0);
                     }

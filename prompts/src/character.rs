@@ -1,17 +1,21 @@
-//! Character Card V2 templates rendered with the job's `character_params`.
+//! Character Card V2 and V3 templates rendered with the job's
+//! `character_params`.
 //!
-//! Every string field of the card may hold minijinja expressions. Rendering is
-//! strict: printing a parameter the request does not carry is an error that
-//! names the parameter, while `{% if x is defined %}` still works for optional
-//! ones.
+//! Every string field of the card (lorebook entries included) may hold
+//! minijinja expressions. Rendering is strict: printing a parameter the
+//! request does not carry is an error that names the parameter, while
+//! `{% if x is defined %}` still works for optional ones. SillyTavern macros
+//! (`{{char}}`, `{{user}}`, ...) pass through untouched for the macro pass.
 
 use minijinja::{Environment, UndefinedBehavior};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::lorebook::{Lorebook, LorebookWire};
+use crate::macros::{protect_macros, restore_macros};
 use crate::PromptError;
 
-/// The parts of a Character Card V2 (`spec: "chara_card_v2"`) the prompt uses.
+/// A Character Card V2 (`chara_card_v2`) or V3 (`chara_card_v3`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct CharacterCard {
     pub spec: String,
@@ -29,12 +33,15 @@ pub struct CardData {
     pub mes_example: String,
     pub system_prompt: String,
     pub post_history_instructions: String,
+    pub alternate_greetings: Vec<String>,
     /// Never sent to the model.
     pub creator_notes: String,
+    pub tags: Vec<String>,
+    pub character_book: Option<LorebookWire>,
 }
 
 /// A card with every field rendered.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RenderedCharacter {
     pub name: String,
     pub description: String,
@@ -42,32 +49,45 @@ pub struct RenderedCharacter {
     pub scenario: String,
     pub system_prompt: String,
     pub post_history_instructions: String,
+    pub example_dialogue: String,
+    pub first_message: String,
+    pub alternate_greetings: Vec<String>,
+    pub lorebook: Option<Lorebook>,
 }
 
 impl CharacterCard {
     pub fn from_json(raw: &str) -> Result<Self, PromptError> {
         let card: CharacterCard =
             serde_json::from_str(raw).map_err(|e| PromptError::BadCard(e.to_string()))?;
-        if card.spec != "chara_card_v2" {
+        if card.spec != "chara_card_v2" && card.spec != "chara_card_v3" {
             return Err(PromptError::BadCard(format!(
-                "spec must be \"chara_card_v2\", got {:?}",
+                "spec must be \"chara_card_v2\" or \"chara_card_v3\", got {:?}",
                 card.spec
             )));
         }
         Ok(card)
     }
 
-    /// Renders every prompt field over `params`.
+    /// Renders every prompt field (and lorebook entry) over `params`.
     pub fn render(&self, params: &Map<String, Value>) -> Result<RenderedCharacter, PromptError> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         let ctx = Value::Object(params.clone());
-        let render = |field: &str, source: &str| -> Result<String, PromptError> {
-            render_field(&env, field, source, &ctx, params)
-        };
+        let render = |field: &str, source: &str| render_field(&env, field, source, &ctx, params);
         let d = &self.data;
+        let lorebook = match &d.character_book {
+            None => None,
+            Some(book) => {
+                let mut book: Lorebook = book.clone().into();
+                for (i, e) in book.entries.iter_mut().enumerate() {
+                    e.content =
+                        render(&format!("character_book.entries[{i}].content"), &e.content)?;
+                }
+                Some(book)
+            }
+        };
         Ok(RenderedCharacter {
             name: render("name", &d.name)?,
             description: render("description", &d.description)?,
@@ -78,6 +98,15 @@ impl CharacterCard {
                 "post_history_instructions",
                 &d.post_history_instructions,
             )?,
+            example_dialogue: render("mes_example", &d.mes_example)?,
+            first_message: render("first_mes", &d.first_mes)?,
+            alternate_greetings: d
+                .alternate_greetings
+                .iter()
+                .enumerate()
+                .map(|(i, g)| render(&format!("alternate_greetings[{i}]"), g))
+                .collect::<Result<_, _>>()?,
+            lorebook,
         })
     }
 }
@@ -89,16 +118,17 @@ fn render_field(
     ctx: &Value,
     params: &Map<String, Value>,
 ) -> Result<String, PromptError> {
-    if !source.contains("{{") && !source.contains("{%") && !source.contains("{#") {
+    let (protected, saved) = protect_macros(source);
+    if !protected.contains("{{") && !protected.contains("{%") && !protected.contains("{#") {
         return Ok(source.trim().to_string());
     }
     let render_err = |e: minijinja::Error| PromptError::CardRender {
         field: field.to_string(),
         message: e.to_string(),
     };
-    let tmpl = env.template_from_str(source).map_err(render_err)?;
+    let tmpl = env.template_from_str(&protected).map_err(render_err)?;
     match tmpl.render(ctx) {
-        Ok(s) => Ok(s.trim().to_string()),
+        Ok(s) => Ok(restore_macros(s.trim(), &saved)),
         Err(e) if e.kind() == minijinja::ErrorKind::UndefinedError => {
             let mut missing: Vec<String> = tmpl
                 .undeclared_variables(false)
@@ -171,5 +201,44 @@ mod tests {
     fn refuses_other_specs_and_bad_json() {
         assert!(CharacterCard::from_json(r#"{"spec":"chara_card_v1","data":{}}"#).is_err());
         assert!(CharacterCard::from_json("{").is_err());
+    }
+
+    #[test]
+    fn v3_card_with_character_book_and_macros_renders() {
+        let c = CharacterCard::from_json(
+            &json!({
+                "spec": "chara_card_v3", "spec_version": "3.0",
+                "data": {
+                    "name": "Mia",
+                    "description": "{{char}} serves {{ drink }} to {{user}}.",
+                    "first_mes": "Hi {{user}}!",
+                    "alternate_greetings": ["Welcome back, {{ title }} {{user}}."],
+                    "mes_example": "<START>\n{{user}}: hi\n{{char}}: {{random:hey,hello}}",
+                    "character_book": {"entries": [
+                        {"keys": ["menu"], "content": "Today: {{ drink }}.", "use_regex": false}
+                    ]}
+                }
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let r = c
+            .render(&params(json!({"drink": "matcha", "title": "Dr."})))
+            .unwrap();
+        assert_eq!(r.description, "{{char}} serves matcha to {{user}}.");
+        assert_eq!(r.alternate_greetings, ["Welcome back, Dr. {{user}}."]);
+        assert_eq!(
+            r.example_dialogue,
+            "<START>\n{{user}}: hi\n{{char}}: {{random:hey,hello}}"
+        );
+        assert_eq!(r.lorebook.unwrap().entries[0].content, "Today: matcha.");
+        let err = c
+            .render(&params(json!({"drink": "tea"})))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("alternate_greetings[0]") && err.contains("`title`"),
+            "{err}"
+        );
     }
 }

@@ -4,10 +4,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use base64::Engine;
+use chrono::{DateTime, FixedOffset};
 use models::{SamplingParams, TextGeneration};
 use pipeline::contract::{ChatMessage, MessageType, Originator};
 use pipeline::{ChatRespondJob, ChatRespondOutput};
-use prompts::{build_chat_turns, CharacterCard, ChatTemplate, HistoryMessage, Role};
+use prompts::{
+    assemble, CharacterCard, ChatTemplate, HistoryMessage, PromptParts, PromptReport, Role,
+    TokenCounter,
+};
 
 use crate::speech::TextToSpeech;
 
@@ -44,6 +48,17 @@ pub struct Usage {
 pub struct PreparedChat {
     pub prompt: String,
     pub resolved_texts: Vec<String>,
+    pub report: PromptReport,
+}
+
+/// The model's tokenizer as the prompt budget's counter.
+struct ModelTokens<'a>(&'a dyn TextGeneration);
+
+impl TokenCounter for ModelTokens<'_> {
+    fn count(&self, text: &str) -> usize {
+        // A text the tokenizer refuses still costs about a token per 4 bytes.
+        self.0.count_tokens(text).unwrap_or(text.len() / 4 + 1)
+    }
 }
 
 impl ChatEngine {
@@ -65,7 +80,12 @@ impl ChatEngine {
     }
 
     /// Resolves message texts and renders the prompt the model will see.
-    pub fn prepare(&self, job: &ChatRespondJob) -> Result<PreparedChat, JobError> {
+    pub fn prepare(
+        &self,
+        job: &ChatRespondJob,
+        seed: u64,
+        clock: DateTime<FixedOffset>,
+    ) -> Result<PreparedChat, JobError> {
         let card_path = job.character.card_path(&self.templates_dir);
         let raw = std::fs::read_to_string(&card_path).map_err(|e| {
             JobError::new(format!(
@@ -94,8 +114,24 @@ impl ChatEngine {
                 text,
             });
         }
-        let turns =
-            build_chat_turns(&character, &history).map_err(|e| JobError::new(e.to_string()))?;
+        let counter = ModelTokens(self.model.as_ref());
+        let parts = PromptParts {
+            character: &character,
+            persona: None,
+            memory: None,
+            history: &history,
+            lorebooks: &[],
+            default_system_prompt: None,
+            new_chat: !job.messages.iter().any(|m| m.is_processed),
+            clock,
+            seed,
+            budget: self
+                .model
+                .context_length()
+                .saturating_sub(self.sampling.max_new_tokens),
+        };
+        let (turns, report) =
+            assemble(&parts, &counter).map_err(|e| JobError::new(e.to_string()))?;
         let prompt = self
             .chat_template
             .render(&turns)
@@ -103,6 +139,7 @@ impl ChatEngine {
         Ok(PreparedChat {
             prompt,
             resolved_texts,
+            report,
         })
     }
 
@@ -136,6 +173,7 @@ impl ChatEngine {
         &self,
         job: &ChatRespondJob,
         seed: u64,
+        clock: DateTime<FixedOffset>,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(ChatRespondOutput, Usage), JobError> {
         if job.generate_audio && self.tts.is_none() {
@@ -143,7 +181,7 @@ impl ChatEngine {
                 "generate_audio: text-to-speech is not configured on this worker (install espeak-ng or set TTS_BACKEND)",
             ));
         }
-        let prepared = self.prepare(job)?;
+        let prepared = self.prepare(job, seed, clock)?;
         let params = SamplingParams {
             seed,
             ..self.sampling.clone()

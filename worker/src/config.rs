@@ -41,7 +41,14 @@ pub enum Command {
     /// Fetch the configured text model into MODELS_DIR and print its path.
     FetchModels,
     /// Print the prompt the model would see for a job file.
-    RenderPrompt { job: PathBuf },
+    RenderPrompt {
+        job: PathBuf,
+        /// Also say which parts went in, which lorebook entries fired and why, and what was trimmed.
+        #[arg(long)]
+        explain: bool,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]

@@ -35,13 +35,16 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", path.display());
             Ok(())
         }
-        Command::RenderPrompt { job } => {
+        Command::RenderPrompt { job, explain, seed } => {
             let engine = cli.config.chat_engine().await?;
             let input = read_job_input(&job)?;
             let job =
                 pipeline::ChatRespondJob::parse(&input).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let prepared = engine.prepare(&job)?;
+            let prepared = engine.prepare(&job, seed, chrono::Utc::now().fixed_offset())?;
             print!("{}", prepared.prompt);
+            if explain {
+                println!("\n---\n{}", prepared.report.explain());
+            }
             Ok(())
         }
     }
@@ -75,7 +78,14 @@ async fn run_embedded(cfg: WorkerConfig, path: &std::path::Path, seed: u64) -> a
             let engine = engine.clone();
             let input = job.input.clone();
             let outcome = tokio::task::spawn_blocking(move || {
-                serve::run_chat(&engine, &input, seed, &|| false).0
+                serve::run_chat(
+                    &engine,
+                    &input,
+                    seed,
+                    chrono::Utc::now().fixed_offset(),
+                    &|| false,
+                )
+                .0
             })
             .await
             .unwrap_or_else(|e| Outcome::Failed(format!("worker task panicked: {e}")));

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, FixedOffset};
 use pipeline::queue::{unique_worker_name, Consumer, Lease, Outcome, RedisQueue};
 use pipeline::{ChatRespondJob, JobKind, JobState};
 use serde_json::Value;
@@ -19,6 +20,7 @@ pub fn run_chat(
     engine: &ChatEngine,
     input: &Value,
     seed: u64,
+    clock: DateTime<FixedOffset>,
     cancelled: &dyn Fn() -> bool,
 ) -> (Outcome, Usage) {
     let job = match ChatRespondJob::parse(input) {
@@ -30,7 +32,7 @@ pub fn run_chat(
             )
         }
     };
-    match engine.respond(&job, seed, cancelled) {
+    match engine.respond(&job, seed, clock, cancelled) {
         Ok((output, usage)) => (
             Outcome::Completed(serde_json::to_value(output).expect("output serializes")),
             usage,
@@ -94,8 +96,15 @@ async fn run_lease(
     let mut task = {
         let (engine, cancel, input) = (engine.clone(), cancel.clone(), lease.record.input.clone());
         let seed = seed_from_job_id(&id);
+        // The job's clock is its submission time, so a re-run renders the
+        // same {{time}} and {{date}}.
+        let clock = DateTime::from_timestamp_millis(lease.record.created_ms as i64)
+            .unwrap_or_default()
+            .fixed_offset();
         tokio::task::spawn_blocking(move || {
-            run_chat(&engine, &input, seed, &|| cancel.load(Ordering::Relaxed))
+            run_chat(&engine, &input, seed, clock, &|| {
+                cancel.load(Ordering::Relaxed)
+            })
         })
     };
     let timeout = Duration::from_millis(lease.record.policy.execution_timeout_ms);

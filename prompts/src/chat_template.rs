@@ -54,13 +54,18 @@ impl ChatTemplate {
     /// A template that refuses the system role gets the system text merged into
     /// the first user turn.
     pub fn render(&self, turns: &[ChatTurn]) -> Result<String, PromptError> {
-        match self.render_raw(turns) {
-            Ok(text) => Ok(text),
-            Err(first) if turns.iter().any(|t| t.role == Role::System) => self
-                .render_raw(&merge_system_into_user(turns))
-                .map_err(|_| first),
-            Err(e) => Err(e),
+        let first = match self.render_raw(turns) {
+            Ok(text) => return Ok(text),
+            Err(e) => e,
+        };
+        // Templates that refuse a system role get it merged into the first
+        // user turn; those that also demand strict user/assistant alternation
+        // starting with the user get leading bot turns folded in as well.
+        let merged = merge_system_into_user(turns);
+        if let Ok(text) = self.render_raw(&merged) {
+            return Ok(text);
         }
+        self.render_raw(&alternating(merged)).map_err(|_| first)
     }
 
     fn render_raw(&self, turns: &[ChatTurn]) -> Result<String, PromptError> {
@@ -92,9 +97,95 @@ fn merge_system_into_user(turns: &[ChatTurn]) -> Vec<ChatTurn> {
     out
 }
 
+/// User first, then strictly alternating: leading assistant turns become
+/// context in the first user turn; consecutive turns of one role merge.
+fn alternating(turns: Vec<ChatTurn>) -> Vec<ChatTurn> {
+    let mut lead = Vec::new();
+    let mut rest = turns.into_iter().peekable();
+    while rest.peek().is_some_and(|t| t.role == Role::Assistant) {
+        lead.push(rest.next().expect("peeked").content);
+    }
+    let mut out: Vec<ChatTurn> = Vec::new();
+    for t in rest {
+        match out.last_mut() {
+            Some(last) if last.role == t.role => {
+                last.content.push_str("\n\n");
+                last.content.push_str(&t.content);
+            }
+            _ => out.push(t),
+        }
+    }
+    if !lead.is_empty() {
+        let context = format!("(Earlier, you said: {})", lead.join(" "));
+        match out.first_mut() {
+            Some(first) => first.content = format!("{context}\n\n{}", first.content),
+            None => out.push(ChatTurn {
+                role: Role::User,
+                content: context,
+            }),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LLAMA3: &str = "{{- bos_token }}\n{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content']|trim %}\n    {%- set messages = messages[1:] %}\n{%- else %}\n    {%- set system_message = \"\" %}\n{%- endif %}\n{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n{{- \"Today Date: \" + strftime_now(\"%d %b %Y\") + \"\\n\\n\" }}\n{{- system_message }}\n{{- \"<|eot_id|>\" }}\n{%- for message in messages %}\n    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n{%- endfor %}\n{%- if add_generation_prompt %}\n    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n{%- endif %}\n";
+
+    const GEMMA: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}";
+
+    #[test]
+    fn llama3_template_with_slicing_trim_and_strftime_now() {
+        let t = ChatTemplate::new(Some(LLAMA3), "<|begin_of_text|>", "<|eot_id|>").unwrap();
+        let out = t.render(&turns()).unwrap();
+        let today = chrono::Utc::now().format("%d %b %Y").to_string();
+        assert_eq!(
+            out,
+            format!("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nToday Date: {today}\n\nBe Mia.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+        );
+    }
+
+    #[test]
+    fn gemma_template_gets_system_merged_and_alternation() {
+        let t = ChatTemplate::new(Some(GEMMA), "<bos>", "<eos>").unwrap();
+        let conversation = vec![
+            ChatTurn {
+                role: Role::System,
+                content: "Be Mia.".into(),
+            },
+            ChatTurn {
+                role: Role::Assistant,
+                content: "Hello!".into(),
+            },
+            ChatTurn {
+                role: Role::User,
+                content: "hi".into(),
+            },
+        ];
+        assert_eq!(
+            t.render(&conversation).unwrap(),
+            "<bos><start_of_turn>user\n(Earlier, you said: Hello!)\n\nBe Mia.\n\nhi<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
+    #[test]
+    fn tojson_loop_controls_and_eos() {
+        let src = "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}{{ eos_token }}";
+        let t = ChatTemplate::new(Some(src), "", "</s>").unwrap();
+        assert_eq!(
+            t.render(&turns()).unwrap(),
+            "{\"content\":\"Be Mia.\",\"role\":\"system\"}</s>"
+        );
+    }
+
+    #[test]
+    fn a_template_error_is_reported() {
+        let t = ChatTemplate::new(Some("{{ raise_exception('no') }}"), "", "").unwrap();
+        assert!(t.render(&turns()).unwrap_err().to_string().contains("no"));
+        assert!(ChatTemplate::new(Some("{% for %}"), "", "").is_err());
+    }
 
     fn turns() -> Vec<ChatTurn> {
         vec![

@@ -111,6 +111,52 @@ impl CharacterCard {
     }
 }
 
+/// The platform's activity or instance snapshot (seed 000), which carries
+/// the character without a card: plain fields or `snapshot_`-prefixed ones.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+struct ActivityWire {
+    #[serde(alias = "snapshot_title")]
+    title: String,
+    #[serde(alias = "snapshot_description")]
+    description: String,
+    #[serde(alias = "snapshot_personality")]
+    personality: String,
+    #[serde(alias = "snapshot_scenario")]
+    scenario: String,
+    #[serde(alias = "snapshot_example_dialogue")]
+    example_dialogue: String,
+    #[serde(alias = "snapshot_first_message")]
+    first_message: String,
+    #[serde(alias = "snapshot_alternate_greetings")]
+    alternate_greetings: Vec<String>,
+    #[serde(alias = "snapshot_system_prompt")]
+    system_prompt: String,
+    #[serde(alias = "snapshot_post_history_instructions")]
+    post_history_instructions: String,
+}
+
+impl RenderedCharacter {
+    /// The character of a platform activity or instance snapshot.
+    /// `creator_notes` is never read: it is not for the model.
+    pub fn from_activity(v: &Value) -> Result<Self, PromptError> {
+        let a: ActivityWire = serde_json::from_value(crate::without_nulls(v))
+            .map_err(|e| PromptError::BadCard(e.to_string()))?;
+        Ok(Self {
+            name: a.title,
+            description: a.description,
+            personality: a.personality,
+            scenario: a.scenario,
+            system_prompt: a.system_prompt,
+            post_history_instructions: a.post_history_instructions,
+            example_dialogue: a.example_dialogue,
+            first_message: a.first_message,
+            alternate_greetings: a.alternate_greetings,
+            lorebook: None,
+        })
+    }
+}
+
 fn render_field(
     env: &Environment<'_>,
     field: &str,
@@ -201,6 +247,24 @@ mod tests {
     fn refuses_other_specs_and_bad_json() {
         assert!(CharacterCard::from_json(r#"{"spec":"chara_card_v1","data":{}}"#).is_err());
         assert!(CharacterCard::from_json("{").is_err());
+    }
+
+    #[test]
+    fn instance_snapshot_becomes_a_character() {
+        let r = RenderedCharacter::from_activity(&json!({
+            "id": "i1", "snapshot_title": "Luna", "snapshot_description": "A barista.",
+            "snapshot_personality": null, "snapshot_first_message": "Hi!",
+            "snapshot_alternate_greetings": ["Yo"], "creator_notes": "secret",
+            "snapshot_lorebook_ids": ["lb1"]
+        }))
+        .unwrap();
+        assert_eq!(r.name, "Luna");
+        assert_eq!(r.description, "A barista.");
+        assert_eq!(r.personality, "");
+        assert_eq!(r.alternate_greetings, ["Yo"]);
+        let a = RenderedCharacter::from_activity(&json!({"title": "Mia", "scenario": "Beach."}))
+            .unwrap();
+        assert_eq!((a.name.as_str(), a.scenario.as_str()), ("Mia", "Beach."));
     }
 
     #[test]

@@ -50,6 +50,33 @@ impl ChatTemplate {
         })
     }
 
+    /// From a Hugging Face `tokenizer_config.json`: `chat_template` (a string,
+    /// or a list of named templates, "default" preferred) and the bos/eos
+    /// tokens (strings or `{"content": ...}`).
+    pub fn from_tokenizer_config(raw: &str) -> Result<Self, PromptError> {
+        let cfg: serde_json::Value = serde_json::from_str(raw)
+            .map_err(|e| PromptError::ChatTemplate(format!("tokenizer_config.json: {e}")))?;
+        let token = |k: &str| match &cfg[k] {
+            serde_json::Value::String(s) => s.clone(),
+            v => v["content"].as_str().unwrap_or_default().to_string(),
+        };
+        let template = match &cfg["chat_template"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(list) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .or_else(|| list.first())
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_owned),
+            _ => None,
+        };
+        Self::new(
+            template.as_deref(),
+            &token("bos_token"),
+            &token("eos_token"),
+        )
+    }
+
     /// Renders the turns with the generation prompt for the assistant appended.
     /// A template that refuses the system role gets the system text merged into
     /// the first user turn.
@@ -177,6 +204,31 @@ mod tests {
         assert_eq!(
             t.render(&turns()).unwrap(),
             "{\"content\":\"Be Mia.\",\"role\":\"system\"}</s>"
+        );
+    }
+
+    #[test]
+    fn tokenizer_config_json_supplies_template_and_tokens() {
+        let cfg = serde_json::json!({
+            "bos_token": {"content": "<s>", "lstrip": false},
+            "eos_token": "</s>",
+            "chat_template": [
+                {"name": "tool_use", "template": "TOOLS"},
+                {"name": "default", "template": "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{{ eos_token }}"}
+            ]
+        });
+        let t = ChatTemplate::from_tokenizer_config(&cfg.to_string()).unwrap();
+        assert_eq!(
+            t.render(&turns()).unwrap(),
+            "<s>[system]Be Mia.[user]hi</s>"
+        );
+        let plain = ChatTemplate::from_tokenizer_config(r#"{"eos_token": "</s>"}"#).unwrap();
+        assert!(
+            plain
+                .render(&turns())
+                .unwrap()
+                .starts_with("<|im_start|>system"),
+            "ChatML fallback"
         );
     }
 

@@ -56,3 +56,17 @@ pub enum PromptError {
     #[error("the prompt needs at least {needed} tokens (system, instructions and the newest message) but the budget is {budget}")]
     OverBudget { needed: usize, budget: usize },
 }
+
+/// A JSON object with its null fields removed, so serde defaults apply to
+/// them (the platform sends `null` for unset texts).
+pub(crate) fn without_nulls(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(m) => serde_json::Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_nulls(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}

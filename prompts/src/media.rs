@@ -138,17 +138,34 @@ pub fn category(id: &str) -> Result<&'static Category, PromptError> {
     })
 }
 
-/// The character's image fields (activity / instance).
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The character's image fields, named as the platform's activity carries
+/// them (seed 000).
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(default)]
 pub struct ImageCharacter {
+    #[serde(rename = "image_gen_character_short_text")]
     pub short_text: String,
+    #[serde(rename = "image_gen_character_clothed_text")]
     pub clothed_text: String,
+    #[serde(rename = "image_gen_character_naked_text")]
     pub naked_text: String,
     pub default_outfit_text: String,
     pub default_footwear_text: String,
+    #[serde(rename = "llm_image_prompt_generation_help_text")]
     pub llm_help_text: String,
+    #[serde(rename = "video_character_prompt")]
     pub video_prompt: String,
+    #[serde(rename = "nsfw_video_character_prompt")]
     pub nsfw_video_prompt: String,
+}
+
+impl ImageCharacter {
+    /// From an activity or instance object of the platform (nulls read as
+    /// empty texts; other fields ignored).
+    pub fn from_activity(v: &serde_json::Value) -> Result<Self, PromptError> {
+        serde_json::from_value(crate::without_nulls(v))
+            .map_err(|e| PromptError::BadCard(e.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -447,6 +464,21 @@ mod tests {
             .content
             .contains("Recent conversation:\nlet's go to the pier"));
         assert!(req[1].content.contains("safe for work"));
+    }
+
+    #[test]
+    fn image_fields_parse_from_the_platform_activity() {
+        let ch = ImageCharacter::from_activity(&serde_json::json!({
+            "title": "Mia",
+            "image_gen_character_short_text": "silver hair",
+            "image_gen_character_naked_text": null,
+            "default_footwear_text": "boots",
+            "nsfw_video_character_prompt": "v"
+        }))
+        .unwrap();
+        assert_eq!(ch.short_text, "silver hair");
+        assert_eq!(ch.default_footwear_text, "boots");
+        assert_eq!(ch.nsfw_video_prompt, "v");
     }
 
     #[test]

@@ -149,7 +149,8 @@ async fn run_lease(
         Outcome::Failed(_) => "FAILED",
         Outcome::TimedOut(_) => "TIMED_OUT",
     };
-    let written = consumer.finish(lease, outcome).await?;
+    // Totals first: once the result is written, callbacks and /status may
+    // be read, and the metrics should already count this run.
     consumer
         .queue()
         .add_worker_stats(&[
@@ -160,6 +161,7 @@ async fn run_lease(
             ("decode_ms", usage.decode_ms),
         ])
         .await?;
+    let written = consumer.finish(lease, outcome).await?;
     tracing::info!(job = %id, state, written, "job finished");
     Ok(())
 }

@@ -53,14 +53,34 @@ pub struct LoreEntry {
     pub scan_depth: Option<usize>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Lorebook {
     pub name: String,
     pub scan_depth: usize,
     pub token_budget: usize,
     pub recursive_scanning: bool,
     pub max_recursion: usize,
+    /// Keys are compiled at the first scan; change entries before scanning.
     pub entries: Vec<LoreEntry>,
+    compiled: std::sync::OnceLock<std::sync::Arc<Vec<CompiledEntry>>>,
+}
+
+impl PartialEq for Lorebook {
+    fn eq(&self, other: &Self) -> bool {
+        (
+            self.name.as_str(),
+            self.scan_depth,
+            self.token_budget,
+            self.recursive_scanning,
+            self.max_recursion,
+        ) == (
+            other.name.as_str(),
+            other.scan_depth,
+            other.token_budget,
+            other.recursive_scanning,
+            other.max_recursion,
+        ) && self.entries == other.entries
+    }
 }
 
 /// `character_book` as cards carry it (V2 fields, V3 additions, SillyTavern's
@@ -182,6 +202,7 @@ impl From<LorebookWire> for Lorebook {
             recursive_scanning: w.recursive_scanning.unwrap_or(false),
             max_recursion: DEFAULT_MAX_RECURSION,
             entries,
+            compiled: Default::default(),
         }
     }
 }
@@ -207,78 +228,146 @@ pub struct Activation {
     pub dropped_for_budget: Vec<String>,
 }
 
-/// A key as a matcher: `/pattern/flags` is a regex; otherwise plain text,
-/// matched case-(in)sensitively, as a whole word if asked.
-fn matcher(key: &str, entry: &LoreEntry) -> Option<Regex> {
-    let key = key.trim();
-    if key.is_empty() {
-        return None;
-    }
-    if let Some(body) = key.strip_prefix('/') {
-        if let Some(end) = body.rfind('/') {
-            let (pattern, flags) = (&body[..end], &body[end + 1..]);
-            return RegexBuilder::new(pattern)
-                .case_insensitive(flags.contains('i'))
-                .multi_line(flags.contains('m'))
-                .dot_matches_new_line(flags.contains('s'))
+/// A compiled key: `/pattern/flags` (or any key of a `use_regex` entry) is a
+/// regex; other keys are plain text, compared case-(in)sensitively and, if
+/// asked, as whole words. Plain keys need no regex, which keeps a scan of many
+/// entries fast.
+#[derive(Debug)]
+enum Matcher {
+    Plain {
+        needle: String,
+        case_sensitive: bool,
+        whole_words: bool,
+    },
+    Regex(Regex),
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+impl Matcher {
+    fn new(key: &str, entry: &LoreEntry) -> Option<Self> {
+        let key = key.trim();
+        if key.is_empty() {
+            return None;
+        }
+        if let Some(body) = key.strip_prefix('/') {
+            if let Some(end) = body.rfind('/') {
+                let (pattern, flags) = (&body[..end], &body[end + 1..]);
+                return RegexBuilder::new(pattern)
+                    .case_insensitive(flags.contains('i'))
+                    .multi_line(flags.contains('m'))
+                    .dot_matches_new_line(flags.contains('s'))
+                    .size_limit(1 << 20)
+                    .build()
+                    .ok()
+                    .map(Matcher::Regex);
+            }
+        }
+        if entry.use_regex {
+            return RegexBuilder::new(key)
+                .case_insensitive(!entry.case_sensitive)
                 .size_limit(1 << 20)
                 .build()
-                .ok();
+                .ok()
+                .map(Matcher::Regex);
+        }
+        Some(Matcher::Plain {
+            needle: if entry.case_sensitive {
+                key.to_string()
+            } else {
+                key.to_lowercase()
+            },
+            case_sensitive: entry.case_sensitive,
+            whole_words: entry.whole_words,
+        })
+    }
+
+    /// `lower` is `text` lowercased (computed once per scan).
+    fn is_match(&self, text: &str, lower: &str) -> bool {
+        match self {
+            Matcher::Regex(r) => r.is_match(text),
+            Matcher::Plain {
+                needle,
+                case_sensitive,
+                whole_words,
+            } => {
+                let hay = if *case_sensitive { text } else { lower };
+                if !whole_words {
+                    return hay.contains(needle.as_str());
+                }
+                hay.match_indices(needle.as_str()).any(|(i, m)| {
+                    let before = hay[..i].chars().next_back();
+                    let after = hay[i + m.len()..].chars().next();
+                    !before.is_some_and(is_word_char) && !after.is_some_and(is_word_char)
+                })
+            }
         }
     }
-    if entry.use_regex {
-        return RegexBuilder::new(key)
-            .case_insensitive(!entry.case_sensitive)
-            .size_limit(1 << 20)
-            .build()
-            .ok();
-    }
-    let escaped = regex::escape(key);
-    let pattern = if entry.whole_words {
-        format!(r"\b{escaped}\b")
-    } else {
-        escaped
-    };
-    RegexBuilder::new(&pattern)
-        .case_insensitive(!entry.case_sensitive)
-        .build()
-        .ok()
 }
 
-fn any_key(keys: &[String], entry: &LoreEntry, text: &str) -> Option<String> {
-    keys.iter()
-        .find(|k| matcher(k, entry).is_some_and(|m| m.is_match(text)))
-        .cloned()
+/// An entry's keys, compiled once per scan.
+#[derive(Debug)]
+struct CompiledEntry {
+    keys: Vec<(String, Matcher)>,
+    secondary: Vec<Matcher>,
 }
 
-fn fires(entry: &LoreEntry, text: &str) -> Option<String> {
-    if entry.constant {
-        return Some("constant".into());
+impl CompiledEntry {
+    fn new(e: &LoreEntry) -> Self {
+        Self {
+            keys: e
+                .keys
+                .iter()
+                .filter_map(|k| Matcher::new(k, e).map(|m| (k.clone(), m)))
+                .collect(),
+            secondary: e
+                .secondary_keys
+                .iter()
+                .filter_map(|k| Matcher::new(k, e))
+                .collect(),
+        }
     }
-    let key = any_key(&entry.keys, entry, text)?;
-    if !entry.selective || entry.secondary_keys.is_empty() {
-        return Some(format!("key {key:?}"));
+
+    fn fires(&self, entry: &LoreEntry, text: &str, lower: &str) -> Option<String> {
+        if entry.constant {
+            return Some("constant".into());
+        }
+        let (key, _) = self.keys.iter().find(|(_, m)| m.is_match(text, lower))?;
+        if !entry.selective || self.secondary.is_empty() {
+            return Some(format!("key {key:?}"));
+        }
+        let hits: Vec<bool> = self
+            .secondary
+            .iter()
+            .map(|m| m.is_match(text, lower))
+            .collect();
+        let (any, all) = (hits.iter().any(|h| *h), hits.iter().all(|h| *h));
+        let (ok, logic) = match entry.logic {
+            SelectiveLogic::AndAny => (any, "AND ANY"),
+            SelectiveLogic::AndAll => (all, "AND ALL"),
+            SelectiveLogic::NotAny => (!any, "NOT ANY"),
+            SelectiveLogic::NotAll => (!all, "NOT ALL"),
+        };
+        ok.then(|| format!("key {key:?}, secondary keys {logic}"))
     }
-    let hits: Vec<bool> = entry
-        .secondary_keys
-        .iter()
-        .map(|k| matcher(k, entry).is_some_and(|m| m.is_match(text)))
-        .collect();
-    let (any, all) = (hits.iter().any(|h| *h), hits.iter().all(|h| *h));
-    let (ok, logic) = match entry.logic {
-        SelectiveLogic::AndAny => (any, "AND ANY"),
-        SelectiveLogic::AndAll => (all, "AND ALL"),
-        SelectiveLogic::NotAny => (!any, "NOT ANY"),
-        SelectiveLogic::NotAll => (!all, "NOT ALL"),
-    };
-    ok.then(|| format!("key {key:?}, secondary keys {logic}"))
 }
 
 impl Lorebook {
     /// Scans `recent` (oldest first; the last `scan_depth` are read) and
     /// returns the entries that fire, within the token budget.
     pub fn activate(&self, recent: &[&str], counter: &dyn TokenCounter) -> Activation {
+        let compiled = self
+            .compiled
+            .get_or_init(|| {
+                std::sync::Arc::new(self.entries.iter().map(CompiledEntry::new).collect())
+            })
+            .clone();
         let window = |depth: usize| recent[recent.len().saturating_sub(depth)..].join("\n");
+        // Scan texts by depth, lowercased once.
+        let mut windows: std::collections::HashMap<usize, (String, String)> =
+            std::collections::HashMap::new();
         let mut fired: Vec<(usize, String)> = Vec::new();
         let mut extra = String::new();
         let passes = if self.recursive_scanning {
@@ -293,11 +382,13 @@ impl Lorebook {
                 if !e.enabled || fired.iter().any(|(j, _)| *j == i) {
                     continue;
                 }
-                let text = format!(
-                    "{}\n{extra}",
-                    window(e.scan_depth.unwrap_or(self.scan_depth))
-                );
-                if let Some(reason) = fires(e, &text) {
+                let depth = e.scan_depth.unwrap_or(self.scan_depth);
+                let (text, lower) = windows.entry(depth).or_insert_with(|| {
+                    let t = format!("{}\n{extra}", window(depth));
+                    let l = t.to_lowercase();
+                    (t, l)
+                });
+                if let Some(reason) = compiled[i].fires(e, text, lower) {
                     let reason = if pass > 0 {
                         format!("{reason} (recursion {pass})")
                     } else {
@@ -312,6 +403,8 @@ impl Lorebook {
                 break;
             }
             extra.push_str(&added);
+            // The next pass also reads what this one activated.
+            windows.clear();
         }
         // Budget: keep the highest priority first (then the earlier order).
         let mut by_priority = fired.clone();

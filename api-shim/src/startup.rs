@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 
 use crate::auth::ApiKeys;
 use crate::config::ShimConfig;
-use crate::routes::{health, jobs, openapi};
+use crate::routes::{health, jobs, memory, openapi};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -102,6 +102,10 @@ pub fn router(state: AppState) -> Router {
             job_routes().route("/health", get(health::health)),
         )
         .route("/health", get(health::health))
+        .route(
+            "/v1/memory/condense",
+            post(memory::condense).layer(DefaultBodyLimit::max(MB)),
+        )
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::openapi))
         .layer(tower_http::trace::TraceLayer::new_for_http())

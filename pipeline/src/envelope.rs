@@ -8,20 +8,23 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::contract::ChatRespondJob;
+use crate::memory_contract::MemoryCondenseJob;
 use crate::InputError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
     Chat,
+    Memory,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 1] = [JobKind::Chat];
+    pub const ALL: [JobKind; 2] = [JobKind::Chat, JobKind::Memory];
 
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Chat => "chat",
+            JobKind::Memory => "memory",
         }
     }
 
@@ -33,6 +36,7 @@ impl JobKind {
     pub fn validate_input(self, input: &Value) -> Result<(), InputError> {
         match self {
             JobKind::Chat => ChatRespondJob::parse(input).map(|_| ()),
+            JobKind::Memory => MemoryCondenseJob::parse(input).map(|_| ()),
         }
     }
 }

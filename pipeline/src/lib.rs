@@ -8,11 +8,13 @@
 //!   Streams with consumer groups, leases kept alive by heartbeats, attempt
 //!   caps, cancellation, retry and purge, and the event channel.
 //! - [`webhook`]: Standard Webhooks signing and the delivery schedule.
-//! - [`memory`]: an in-process queue for the embedded mode (no Redis).
+//! - [`memory_contract`]: the memory condense job's request and response.
+//! - [`inprocess`]: an in-process queue for the embedded mode (no Redis).
 
 pub mod contract;
 pub mod envelope;
-pub mod memory;
+pub mod inprocess;
+pub mod memory_contract;
 pub mod queue;
 pub mod webhook;
 

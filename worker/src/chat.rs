@@ -22,7 +22,7 @@ use crate::speech::TextToSpeech;
 pub struct JobError(pub String);
 
 impl JobError {
-    fn new(msg: impl Into<String>) -> Self {
+    pub fn new(msg: impl Into<String>) -> Self {
         Self(msg.into())
     }
 }
@@ -77,6 +77,14 @@ impl ChatEngine {
             sampling,
             tts,
         })
+    }
+
+    pub fn model(&self) -> &dyn TextGeneration {
+        self.model.as_ref()
+    }
+
+    pub fn chat_template(&self) -> &ChatTemplate {
+        &self.chat_template
     }
 
     /// Resolves message texts and renders the prompt the model will see.

@@ -34,6 +34,9 @@ pub enum Command {
     /// in-process queue, no Redis, and print the output JSON.
     Run {
         job: PathBuf,
+        /// The job kind: chat or memory.
+        #[arg(long, default_value = "chat")]
+        kind: String,
         /// Sampling seed (option i uses seed + i).
         #[arg(long, default_value_t = 42)]
         seed: u64,

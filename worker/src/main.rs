@@ -3,6 +3,7 @@
 
 mod chat;
 mod config;
+mod memory;
 mod serve;
 mod speech;
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use pipeline::envelope::RequestError;
-use pipeline::memory::memory_queue;
+use pipeline::inprocess::memory_queue;
 use pipeline::queue::Outcome;
 use pipeline::{JobKind, RunRequest};
 
@@ -29,7 +30,11 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(config = ?cli.config.masked(), "worker starting");
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve::serve(cli.config).await,
-        Command::Run { job, seed } => run_embedded(cli.config, &job, seed).await,
+        Command::Run { job, kind, seed } => {
+            let kind = JobKind::parse(&kind)
+                .ok_or_else(|| anyhow::anyhow!("--kind {kind:?}: expected chat or memory"))?;
+            run_embedded(cli.config, kind, &job, seed).await
+        }
         Command::FetchModels => {
             let path = cli.config.resolve_text_model().await?;
             println!("{}", path.display());
@@ -63,10 +68,15 @@ fn read_job_input(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
 
 /// The embedded default: no Redis, no S3. The job goes through an in-process
 /// queue to an in-process worker and the output is printed.
-async fn run_embedded(cfg: WorkerConfig, path: &std::path::Path, seed: u64) -> anyhow::Result<()> {
+async fn run_embedded(
+    cfg: WorkerConfig,
+    kind: JobKind,
+    path: &std::path::Path,
+    seed: u64,
+) -> anyhow::Result<()> {
     let input = read_job_input(path)?;
     let body = serde_json::json!({ "input": input }).to_string();
-    RunRequest::parse(JobKind::Chat, body.as_bytes()).map_err(|e| match e {
+    RunRequest::parse(kind, body.as_bytes()).map_err(|e| match e {
         RequestError::Malformed(e) | RequestError::Invalid(e) => {
             anyhow::anyhow!("invalid job: {e}")
         }
@@ -76,10 +86,11 @@ async fn run_embedded(cfg: WorkerConfig, path: &std::path::Path, seed: u64) -> a
     let worker = tokio::spawn(async move {
         while let Some(job) = consumer.next().await {
             let engine = engine.clone();
-            let input = job.input.clone();
+            let (input, kind) = (job.input.clone(), job.kind);
             let outcome = tokio::task::spawn_blocking(move || {
-                serve::run_chat(
+                serve::run_job(
                     &engine,
+                    kind,
                     &input,
                     seed,
                     chrono::Utc::now().fixed_offset(),
@@ -92,7 +103,7 @@ async fn run_embedded(cfg: WorkerConfig, path: &std::path::Path, seed: u64) -> a
             job.finish(outcome);
         }
     });
-    let (id, done) = queue.submit(JobKind::Chat, input);
+    let (id, done) = queue.submit(kind, input);
     tracing::info!(job = %id, "queued in-process");
     let outcome = done.await.context("the in-process worker stopped")?;
     drop(queue);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset};
+use pipeline::memory_contract::MemoryCondenseJob;
 use pipeline::queue::{unique_worker_name, Consumer, Lease, Outcome, RedisQueue};
 use pipeline::{ChatRespondJob, JobKind, JobState};
 use serde_json::Value;
@@ -14,30 +15,36 @@ use serde_json::Value;
 use crate::chat::{seed_from_job_id, ChatEngine, Usage};
 use crate::config::WorkerConfig;
 
-/// Runs a chat job's input to an outcome. Bad input fails at once (never
+/// Runs a job's input to an outcome. Bad input fails at once (never
 /// retried).
-pub fn run_chat(
+pub fn run_job(
     engine: &ChatEngine,
+    kind: JobKind,
     input: &Value,
     seed: u64,
     clock: DateTime<FixedOffset>,
     cancelled: &dyn Fn() -> bool,
 ) -> (Outcome, Usage) {
-    let job = match ChatRespondJob::parse(input) {
-        Ok(job) => job,
-        Err(e) => {
-            return (
-                Outcome::Failed(format!("invalid input: {e}")),
-                Usage::default(),
-            )
-        }
+    let ran = match kind {
+        JobKind::Chat => ChatRespondJob::parse(input)
+            .map_err(|e| format!("invalid input: {e}"))
+            .and_then(|job| {
+                engine
+                    .respond(&job, seed, clock, cancelled)
+                    .map(|(o, u)| (serde_json::to_value(o).expect("output serializes"), u))
+                    .map_err(|e| e.to_string())
+            }),
+        JobKind::Memory => MemoryCondenseJob::parse(input)
+            .map_err(|e| format!("invalid input: {e}"))
+            .and_then(|job| {
+                crate::memory::condense(engine, &job, seed, cancelled)
+                    .map(|(o, u)| (serde_json::to_value(o).expect("output serializes"), u))
+                    .map_err(|e| e.to_string())
+            }),
     };
-    match engine.respond(&job, seed, clock, cancelled) {
-        Ok((output, usage)) => (
-            Outcome::Completed(serde_json::to_value(output).expect("output serializes")),
-            usage,
-        ),
-        Err(e) => (Outcome::Failed(e.to_string()), Usage::default()),
+    match ran {
+        Ok((output, usage)) => (Outcome::Completed(output), usage),
+        Err(e) => (Outcome::Failed(e), Usage::default()),
     }
 }
 
@@ -45,7 +52,7 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
     let engine = Arc::new(cfg.chat_engine().await?);
     let queue = RedisQueue::connect(&cfg.redis_url, cfg.queue_config()).await?;
     let name = unique_worker_name("worker");
-    let mut consumer = queue.consumer(&[JobKind::Chat], &name).await?;
+    let mut consumer = queue.consumer(&JobKind::ALL, &name).await?;
     let heartbeat = consumer.spawn_heartbeat();
     tracing::info!(worker = %name, "waiting for jobs");
 
@@ -95,6 +102,7 @@ async fn run_lease(
     let cancel = Arc::new(AtomicBool::new(false));
     let mut task = {
         let (engine, cancel, input) = (engine.clone(), cancel.clone(), lease.record.input.clone());
+        let kind = lease.record.kind;
         let seed = seed_from_job_id(&id);
         // The job's clock is its submission time, so a re-run renders the
         // same {{time}} and {{date}}.
@@ -102,7 +110,7 @@ async fn run_lease(
             .unwrap_or_default()
             .fixed_offset();
         tokio::task::spawn_blocking(move || {
-            run_chat(&engine, &input, seed, clock, &|| {
+            run_job(&engine, kind, &input, seed, clock, &|| {
                 cancel.load(Ordering::Relaxed)
             })
         })

@@ -38,7 +38,7 @@ fn path_params(raw: &RawPathParams) -> HashMap<String, String> {
         .collect()
 }
 
-fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+pub fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| {
         let status = e.status();
         let mut err = ApiError::new(status, format!("request body: {}", e.body_text()));
@@ -136,20 +136,33 @@ pub async fn runsync(
     // Subscribe before submitting so the end of a fast job is not missed.
     let mut events = state.events.subscribe();
     let rec = submit(&state, &caller, &params, body).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
+    let done = wait_until_done(&state, &rec.id, &mut events, Duration::from_millis(wait)).await?;
+    Ok(Json(status_body(&done)))
+}
+
+/// Waits up to `wait` for job `id` to reach a terminal state and returns its
+/// record (as it stands when the wait ends). Subscribe to `events` before
+/// submitting, so a fast job's end is not missed.
+pub async fn wait_until_done(
+    state: &AppState,
+    id: &str,
+    events: &mut tokio::sync::broadcast::Receiver<String>,
+    wait: Duration,
+) -> Result<JobRecord, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
         let current = state
             .queue
-            .get(&rec.id)
+            .get(id)
             .await?
-            .ok_or_else(|| ApiError::not_found(&rec.id))?;
+            .ok_or_else(|| ApiError::not_found(id))?;
         if current.state.is_terminal() {
-            return Ok(Json(status_body(&current)));
+            return Ok(current);
         }
         loop {
             match tokio::time::timeout_at(deadline, events.recv()).await {
-                Err(_) => return Ok(Json(status_body(&current))),
-                Ok(Ok(id)) if id == rec.id => break,
+                Err(_) => return Ok(current),
+                Ok(Ok(done)) if done == id => break,
                 Ok(Ok(_)) => continue,
                 // Lagged: re-read the record; Closed: the event feed is gone, poll once more.
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,

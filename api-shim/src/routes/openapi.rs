@@ -8,7 +8,7 @@ fn job_routes(prefix: &str, tag: &str) -> Vec<(String, Value)> {
     let mut params = vec![];
     if prefix.contains("{endpoint_id}") {
         params.push(json!({"name": "endpoint_id", "in": "path", "required": true,
-            "description": "names the job kind: chat", "schema": {"type": "string", "enum": ["chat"]}}));
+            "description": "names the job kind: chat or memory", "schema": {"type": "string", "enum": ["chat", "memory"]}}));
     }
     let with_id = {
         let mut p = params.clone();
@@ -75,6 +75,19 @@ pub async fn openapi() -> Json<Value> {
     {
         paths.insert(p, v);
     }
+    paths.insert("/v1/memory/condense".into(), json!({"post": {
+        "tags": ["memory"], "summary": "Condense a memory scratchpad to max_words (synchronous)",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MemoryCondense"}}}},
+        "responses": {
+            "200": {"description": "condensed", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MemoryCondensed"}}}},
+            "202": {"description": "still running after the wait; poll /v2/memory/status/{id}", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobAccepted"}}}},
+            "400": {"description": "unreadable JSON", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            "401": {"description": "missing or unknown API key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            "422": {"description": "a rule broken", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            "502": {"description": "the condense job failed", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        }
+    }}));
     paths.insert("/health".into(), json!({"get": {"tags": ["ops"], "summary": "Jobs by state, workers seen, callbacks pending and dead-lettered", "responses": {"200": {"description": "OK"}}}}));
     paths.insert("/metrics".into(), json!({"get": {"tags": ["ops"], "summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}}));
     Json(json!({
@@ -113,6 +126,14 @@ pub async fn openapi() -> Json<Value> {
                     "id": {"type": "string"}, "status": {"$ref": "#/components/schemas/JobState"},
                     "delayTime": {"type": "integer"}, "executionTime": {"type": "integer"},
                     "output": {"type": "object"}, "error": {"type": "string"}, "workerId": {"type": "string"}}},
+                "MemoryCondense": {"type": "object", "required": ["content", "max_words"], "properties": {
+                    "content": {"type": "string", "maxLength": 200000},
+                    "max_words": {"type": "integer", "minimum": 1, "maximum": 10000},
+                    "hint": {"type": "string", "description": "what to keep first"},
+                    "version": {"type": ["integer", "string"], "description": "echoed back"}}},
+                "MemoryCondensed": {"type": "object", "required": ["content", "word_count"], "properties": {
+                    "content": {"type": "string"}, "word_count": {"type": "integer"},
+                    "version": {"type": ["integer", "string"]}}},
                 "Purged": {"type": "object", "properties": {"removed": {"type": "integer"}, "status": {"type": "string"}}}
             }
         }

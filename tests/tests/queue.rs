@@ -264,14 +264,15 @@ async fn orphaned_job_is_taken_over_and_attempts_are_capped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_keep_a_long_job_with_its_worker() {
     let redis = Redis::start();
-    let q = queue(&redis, fast_cfg(3)).await;
+    // 100 ms heartbeats, 5 may be missed: B may take over after 500 ms idle.
+    let q = queue(&redis, QueueConfig { missed_heartbeats: 5, ..fast_cfg(3) }).await;
     q.enqueue(&request(Policy::default()), "o").await.unwrap();
     let mut a = q.consumer(&[JobKind::Chat], "a").await.unwrap();
     let beat = a.spawn_heartbeat();
     let lease = a.next(Duration::from_millis(500)).await.unwrap().unwrap();
-    // B looks for orphans for five idle windows while A keeps heartbeating.
+    // B looks for orphans for three idle windows while A keeps heartbeating.
     let mut b = q.consumer(&[JobKind::Chat], "b").await.unwrap();
-    assert!(b.next(Duration::from_millis(1000)).await.unwrap().is_none());
+    assert!(b.next(Duration::from_millis(1500)).await.unwrap().is_none());
     assert!(a
         .finish(lease, Outcome::Completed(json!({})))
         .await

@@ -7,6 +7,7 @@
 //! - [`queue`]: jobs in Redis: records, per-kind priority lanes on Redis
 //!   Streams with consumer groups, leases kept alive by heartbeats, attempt
 //!   caps, cancellation, retry and purge, and the event channel.
+//! - [`platform`]: the platform API client (context by id, messages).
 //! - [`webhook`]: Standard Webhooks signing and the delivery schedule.
 //! - [`memory_contract`]: the memory condense job's request and response.
 //! - [`inprocess`]: an in-process queue for the embedded mode (no Redis).
@@ -15,6 +16,7 @@ pub mod contract;
 pub mod envelope;
 pub mod inprocess;
 pub mod memory_contract;
+pub mod platform;
 pub mod queue;
 pub mod webhook;
 

@@ -265,7 +265,14 @@ async fn orphaned_job_is_taken_over_and_attempts_are_capped() {
 async fn heartbeats_keep_a_long_job_with_its_worker() {
     let redis = Redis::start();
     // 100 ms heartbeats, 5 may be missed: B may take over after 500 ms idle.
-    let q = queue(&redis, QueueConfig { missed_heartbeats: 5, ..fast_cfg(3) }).await;
+    let q = queue(
+        &redis,
+        QueueConfig {
+            missed_heartbeats: 5,
+            ..fast_cfg(3)
+        },
+    )
+    .await;
     q.enqueue(&request(Policy::default()), "o").await.unwrap();
     let mut a = q.consumer(&[JobKind::Chat], "a").await.unwrap();
     let beat = a.spawn_heartbeat();

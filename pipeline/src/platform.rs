@@ -1,0 +1,291 @@
+//! The platform API client (seed 000): what a worker fetches when a job
+//! carries only ids — the instance snapshot, the activity, the skin, the
+//! user's default persona, recent messages — and where it saves messages.
+//!
+//! - `Authorization: Bearer` with the worker's API key, a configurable base
+//!   URL and a per-request timeout;
+//! - retries (with backoff) on 5xx and connection errors only; a 4xx is the
+//!   caller's answer at once;
+//! - a short-lived cache keyed by path and the caller's version, so a burst of
+//!   jobs of one chat fetches once;
+//! - message creation carries an `Idempotency-Key`, so its retries save once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone)]
+pub struct PlatformConfig {
+    /// e.g. `https://api.example.com`; paths are `/v1/...` under it.
+    pub base_url: String,
+    pub api_key: String,
+    pub timeout: Duration,
+    /// Tries after the first, for 5xx and connection errors.
+    pub retries: u32,
+    pub backoff: Duration,
+    pub cache_ttl: Duration,
+}
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        Self {
+            base_url: "http://127.0.0.1:3000".into(),
+            api_key: String::new(),
+            timeout: Duration::from_secs(5),
+            retries: 3,
+            backoff: Duration::from_millis(100),
+            cache_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error("platform {method} {path}: HTTP {status}: {body}")]
+    Status {
+        method: &'static str,
+        path: String,
+        status: u16,
+        body: String,
+    },
+    #[error("platform {method} {path}: {message} (after {tries} tries)")]
+    Unreachable {
+        method: &'static str,
+        path: String,
+        message: String,
+        tries: u32,
+    },
+    #[error("platform {path}: unexpected answer: {message}")]
+    Shape { path: String, message: String },
+}
+
+impl PlatformError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            PlatformError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct PlatformClient {
+    http: reqwest::Client,
+    cfg: Arc<PlatformConfig>,
+    cache: Arc<Mutex<HashMap<String, (Instant, Value)>>>,
+}
+
+impl PlatformClient {
+    pub fn new(cfg: PlatformConfig) -> Result<Self, PlatformError> {
+        let http = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .build()
+            .map_err(|e| PlatformError::Shape {
+                path: String::new(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            http,
+            cfg: Arc::new(cfg),
+            cache: Arc::default(),
+        })
+    }
+
+    async fn send(
+        &self,
+        method: &'static str,
+        path: &str,
+        body: Option<&Value>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Value, PlatformError> {
+        let url = format!("{}{path}", self.cfg.base_url.trim_end_matches('/'));
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut req = match method {
+                "POST" => self.http.post(&url),
+                "PUT" => self.http.put(&url),
+                _ => self.http.get(&url),
+            }
+            .bearer_auth(&self.cfg.api_key);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            if let Some(k) = idempotency_key {
+                req = req.header("Idempotency-Key", k);
+            }
+            let retryable = match req.send().await {
+                Ok(resp) if resp.status().is_success() => {
+                    let text = resp.text().await.unwrap_or_default();
+                    if text.trim().is_empty() {
+                        return Ok(Value::Null);
+                    }
+                    return serde_json::from_str(&text).map_err(|e| PlatformError::Shape {
+                        path: path.into(),
+                        message: e.to_string(),
+                    });
+                }
+                Ok(resp) if resp.status().is_server_error() => {
+                    let status = resp.status().as_u16();
+                    let body = resp.text().await.unwrap_or_default();
+                    PlatformError::Status {
+                        method,
+                        path: path.into(),
+                        status,
+                        body,
+                    }
+                }
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let body = resp.text().await.unwrap_or_default();
+                    return Err(PlatformError::Status {
+                        method,
+                        path: path.into(),
+                        status,
+                        body,
+                    });
+                }
+                Err(e) => PlatformError::Unreachable {
+                    method,
+                    path: path.into(),
+                    message: e.to_string(),
+                    tries,
+                },
+            };
+            if tries > self.cfg.retries {
+                return Err(match retryable {
+                    PlatformError::Unreachable {
+                        method,
+                        path,
+                        message,
+                        ..
+                    } => PlatformError::Unreachable {
+                        method,
+                        path,
+                        message,
+                        tries,
+                    },
+                    other => other,
+                });
+            }
+            tracing::warn!(path, tries, error = %retryable, "platform request failed; retrying");
+            tokio::time::sleep(self.cfg.backoff * 2u32.pow(tries - 1)).await;
+        }
+    }
+
+    /// GET with the cache: `version` (when the caller knows one) is part of
+    /// the key, so a new version is fetched at once.
+    pub async fn get(&self, path: &str, version: Option<&str>) -> Result<Value, PlatformError> {
+        let key = format!("{path}#{}", version.unwrap_or(""));
+        if let Some((at, v)) = self.cache.lock().expect("not poisoned").get(&key) {
+            if at.elapsed() < self.cfg.cache_ttl {
+                return Ok(v.clone());
+            }
+        }
+        let v = self.send("GET", path, None, None).await?;
+        let mut cache = self.cache.lock().expect("not poisoned");
+        cache.retain(|_, (at, _)| at.elapsed() < self.cfg.cache_ttl);
+        cache.insert(key, (Instant::now(), v.clone()));
+        Ok(v)
+    }
+
+    pub async fn instance(&self, id: &str, version: Option<&str>) -> Result<Value, PlatformError> {
+        self.get(&format!("/v1/instances/{id}"), version).await
+    }
+
+    pub async fn activity(&self, id: &str, version: Option<&str>) -> Result<Value, PlatformError> {
+        self.get(&format!("/v1/activities/{id}"), version).await
+    }
+
+    pub async fn skin(&self, id: &str, version: Option<&str>) -> Result<Value, PlatformError> {
+        self.get(&format!("/v1/skins/{id}"), version).await
+    }
+
+    /// The user's default persona (`is_default`), if any.
+    pub async fn default_persona(&self) -> Result<Option<Value>, PlatformError> {
+        let list = self.get("/v1/personas", None).await?;
+        Ok(items(&list).into_iter().find(|p| p["is_default"] == true))
+    }
+
+    /// Up to `limit` most recent messages of an instance, oldest first,
+    /// following the cursor pages (newest first on the wire).
+    pub async fn recent_messages(
+        &self,
+        instance_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Value>, PlatformError> {
+        let mut out: Vec<Value> = Vec::new();
+        let mut cursor: Option<String> = None;
+        while out.len() < limit {
+            let page_size = (limit - out.len()).min(100).to_string();
+            let mut params = vec![("limit", page_size.as_str())];
+            if let Some(c) = &cursor {
+                params.push(("cursor", c.as_str()));
+            }
+            let query =
+                reqwest::Url::parse_with_params("http://query.invalid/", &params).map_err(|e| {
+                    PlatformError::Shape {
+                        path: instance_id.into(),
+                        message: e.to_string(),
+                    }
+                })?;
+            let path = format!(
+                "/v1/instances/{instance_id}/messages?{}",
+                query.query().unwrap_or_default()
+            );
+            let page = self.send("GET", &path, None, None).await?;
+            let batch = items(&page);
+            if batch.is_empty() {
+                break;
+            }
+            out.extend(batch);
+            cursor = ["next_cursor", "nextCursor", "cursor"]
+                .iter()
+                .find_map(|k| page[*k].as_str().map(str::to_owned))
+                .filter(|c| !c.is_empty());
+            if cursor.is_none() {
+                break;
+            }
+        }
+        out.truncate(limit);
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Saves a message ("Create message"); `idempotency_key` makes retries
+    /// save it once.
+    pub async fn create_message(
+        &self,
+        instance_id: &str,
+        role: &str,
+        medium: &str,
+        content: &str,
+        skin_id: Option<&str>,
+        idempotency_key: &str,
+    ) -> Result<Value, PlatformError> {
+        let mut body = json!({"role": role, "medium": medium, "content": content});
+        if let Some(s) = skin_id {
+            body["skin_id"] = json!(s);
+        }
+        self.send(
+            "POST",
+            &format!("/v1/instances/{instance_id}/messages"),
+            Some(&body),
+            Some(idempotency_key),
+        )
+        .await
+    }
+}
+
+/// The list in a page: `data`, `items` or `messages`, or the page itself.
+fn items(page: &Value) -> Vec<Value> {
+    if let Some(a) = page.as_array() {
+        return a.clone();
+    }
+    ["data", "items", "messages"]
+        .iter()
+        .find_map(|k| page[*k].as_array().cloned())
+        .unwrap_or_default()
+}

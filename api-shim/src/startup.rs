@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 
 use crate::auth::ApiKeys;
 use crate::config::ShimConfig;
-use crate::routes::{health, jobs, memory, openapi};
+use crate::routes::{health, jobs, memory, openapi, stream};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -92,6 +92,7 @@ fn job_routes() -> Router<AppState> {
         .route("/cancel/{id}", post(jobs::cancel))
         .route("/retry/{id}", post(jobs::retry))
         .route("/purge-queue", post(jobs::purge_queue))
+        .route("/stream/{id}", get(stream::sse))
 }
 
 pub fn router(state: AppState) -> Router {
@@ -105,6 +106,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/memory/condense",
             post(memory::condense).layer(DefaultBodyLimit::max(MB)),
+        )
+        .route(
+            "/v1/instances/{instance_id}/chat/stream",
+            post(stream::chat_stream).layer(DefaultBodyLimit::max(MB)),
         )
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::openapi))

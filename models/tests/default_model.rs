@@ -177,3 +177,26 @@ fn q8_0_repack_keeps_the_models_predictions() {
     let cosine = dot / (norm(&a) * norm(&b));
     assert!(cosine > 0.999, "logits cosine {cosine}");
 }
+
+#[test]
+fn streamed_deltas_concatenate_to_each_option() {
+    let m = model();
+    let params = SamplingParams {
+        max_new_tokens: 30,
+        seed: 3,
+        ..SamplingParams::default()
+    };
+    let mut streamed = vec![String::new(); 2];
+    let mut deltas = 0;
+    let g = m
+        .generate_streaming(PROMPT, 2, &params, &|| false, &mut |i, d| {
+            assert!(!d.is_empty() && !d.contains('\u{FFFD}'));
+            streamed[i].push_str(d);
+            deltas += 1;
+        })
+        .unwrap();
+    assert!(deltas > 10, "text comes piece by piece: {deltas}");
+    for (o, s) in g.options.iter().zip(&streamed) {
+        assert_eq!(&o.text, s);
+    }
+}

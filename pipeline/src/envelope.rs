@@ -9,22 +9,25 @@ use serde_json::Value;
 
 use crate::contract::ChatRespondJob;
 use crate::memory_contract::MemoryCondenseJob;
+use crate::stream_contract::ChatStreamJob;
 use crate::InputError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum JobKind {
     Chat,
     Memory,
+    ChatStream,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 2] = [JobKind::Chat, JobKind::Memory];
+    pub const ALL: [JobKind; 3] = [JobKind::Chat, JobKind::Memory, JobKind::ChatStream];
 
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Chat => "chat",
             JobKind::Memory => "memory",
+            JobKind::ChatStream => "chat_stream",
         }
     }
 
@@ -37,6 +40,7 @@ impl JobKind {
         match self {
             JobKind::Chat => ChatRespondJob::parse(input).map(|_| ()),
             JobKind::Memory => MemoryCondenseJob::parse(input).map(|_| ()),
+            JobKind::ChatStream => ChatStreamJob::parse(input).map(|_| ()),
         }
     }
 }

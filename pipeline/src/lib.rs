@@ -7,6 +7,7 @@
 //! - [`queue`]: jobs in Redis: records, per-kind priority lanes on Redis
 //!   Streams with consumer groups, leases kept alive by heartbeats, attempt
 //!   caps, cancellation, retry and purge, and the event channel.
+//! - [`stream_contract`]: the streamed chat job.
 //! - [`platform`]: the platform API client (context by id, messages).
 //! - [`webhook`]: Standard Webhooks signing and the delivery schedule.
 //! - [`memory_contract`]: the memory condense job's request and response.
@@ -18,6 +19,7 @@ pub mod inprocess;
 pub mod memory_contract;
 pub mod platform;
 pub mod queue;
+pub mod stream_contract;
 pub mod webhook;
 
 pub use contract::{ChatRespondJob, ChatRespondOutput};

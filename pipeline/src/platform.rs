@@ -255,7 +255,7 @@ impl PlatformClient {
     }
 
     /// Saves a message ("Create message"); `idempotency_key` makes retries
-    /// save it once.
+    /// save it once; `partial` marks a reply cut short by a disconnect.
     pub async fn create_message(
         &self,
         instance_id: &str,
@@ -263,11 +263,15 @@ impl PlatformClient {
         medium: &str,
         content: &str,
         skin_id: Option<&str>,
+        partial: bool,
         idempotency_key: &str,
     ) -> Result<Value, PlatformError> {
         let mut body = json!({"role": role, "medium": medium, "content": content});
         if let Some(s) = skin_id {
             body["skin_id"] = json!(s);
+        }
+        if partial {
+            body["partial"] = json!(true);
         }
         self.send(
             "POST",

@@ -539,6 +539,120 @@ impl RedisQueue {
     }
 }
 
+/// One event of a job's token stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEvent {
+    /// New text of option `option`.
+    Text { option: usize, text: String },
+    /// The job ended in this state; no events follow.
+    End { state: String },
+}
+
+/// How long a token stream is kept after its last event.
+const TOKEN_STREAM_TTL_SECS: i64 = 3600;
+
+impl RedisQueue {
+    fn tokens_key(&self, id: &str) -> String {
+        self.key(&format!("tokens:{id}"))
+    }
+
+    pub fn stops_channel(&self) -> String {
+        self.key("stops")
+    }
+
+    /// Appends text deltas to job `id`'s token stream.
+    pub async fn publish_tokens(
+        &self,
+        id: &str,
+        deltas: &[(usize, String)],
+    ) -> Result<(), PipelineError> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let key = self.tokens_key(id);
+        let mut pipe = redis::pipe();
+        for (option, text) in deltas {
+            pipe.cmd("XADD")
+                .arg(&key)
+                .arg("*")
+                .arg("o")
+                .arg(*option)
+                .arg("t")
+                .arg(text)
+                .ignore();
+        }
+        pipe.expire(&key, TOKEN_STREAM_TTL_SECS).ignore();
+        let _: () = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Closes job `id`'s token stream with its final state.
+    pub async fn publish_end(&self, id: &str, state: JobState) -> Result<(), PipelineError> {
+        let key = self.tokens_key(id);
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD")
+            .arg(&key)
+            .arg("*")
+            .arg("end")
+            .arg(state.as_str())
+            .ignore();
+        pipe.expire(&key, TOKEN_STREAM_TTL_SECS).ignore();
+        let _: () = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Events after entry `after` ("0" from the start), waiting up to
+    /// `block`. `conn` must be a connection of its own: the read blocks it.
+    pub async fn read_tokens(
+        &self,
+        conn: &mut MultiplexedConnection,
+        id: &str,
+        after: &str,
+        block: Duration,
+    ) -> Result<Vec<(String, TokenEvent)>, PipelineError> {
+        let opts = StreamReadOptions::default()
+            .count(256)
+            .block(block.as_millis().max(1) as usize);
+        let reply: Option<StreamReadReply> = conn
+            .xread_options(&[self.tokens_key(id)], &[after], &opts)
+            .await?;
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for e in key.ids {
+                let event = match e.get::<String>("end") {
+                    Some(state) => TokenEvent::End { state },
+                    None => TokenEvent::Text {
+                        option: e.get::<usize>("o").unwrap_or(0),
+                        text: e.get::<String>("t").unwrap_or_default(),
+                    },
+                };
+                out.push((e.id, event));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Asks the worker running job `id` to stop generating now (a streaming
+    /// client went away). The job still finishes, with what it generated.
+    pub async fn request_stop(&self, id: &str, reason: &str) -> Result<(), PipelineError> {
+        let mut pipe = redis::pipe();
+        pipe.hset(self.job_key(id), "stop_requested", reason)
+            .ignore();
+        pipe.publish(self.stops_channel(), id).ignore();
+        let _: () = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Why a stop was requested for job `id`, if one was.
+    pub async fn stop_requested(&self, id: &str) -> Result<Option<String>, PipelineError> {
+        Ok(self
+            .conn
+            .clone()
+            .hget(self.job_key(id), "stop_requested")
+            .await?)
+    }
+}
+
 /// A job this worker may run now.
 #[derive(Debug, Clone)]
 pub struct Lease {

@@ -87,6 +87,46 @@ impl ChatEngine {
         &self.chat_template
     }
 
+    /// Assembles the turns within the model's context (less the reply's
+    /// tokens) and renders them with the model's chat template.
+    pub fn render_prompt(
+        &self,
+        character: &prompts::RenderedCharacter,
+        persona: Option<&prompts::Persona>,
+        history: &[HistoryMessage],
+        new_chat: bool,
+        seed: u64,
+        clock: DateTime<FixedOffset>,
+    ) -> Result<(String, PromptReport), JobError> {
+        let counter = ModelTokens(self.model.as_ref());
+        let parts = PromptParts {
+            character,
+            persona,
+            memory: None,
+            history,
+            lorebooks: &[],
+            default_system_prompt: None,
+            new_chat,
+            clock,
+            seed,
+            budget: self
+                .model
+                .context_length()
+                .saturating_sub(self.sampling.max_new_tokens),
+        };
+        let (turns, report) =
+            assemble(&parts, &counter).map_err(|e| JobError::new(e.to_string()))?;
+        let prompt = self
+            .chat_template
+            .render(&turns)
+            .map_err(|e| JobError::new(e.to_string()))?;
+        Ok((prompt, report))
+    }
+
+    pub fn sampling(&self) -> &SamplingParams {
+        &self.sampling
+    }
+
     /// Resolves message texts and renders the prompt the model will see.
     pub fn prepare(
         &self,
@@ -122,28 +162,9 @@ impl ChatEngine {
                 text,
             });
         }
-        let counter = ModelTokens(self.model.as_ref());
-        let parts = PromptParts {
-            character: &character,
-            persona: None,
-            memory: None,
-            history: &history,
-            lorebooks: &[],
-            default_system_prompt: None,
-            new_chat: !job.messages.iter().any(|m| m.is_processed),
-            clock,
-            seed,
-            budget: self
-                .model
-                .context_length()
-                .saturating_sub(self.sampling.max_new_tokens),
-        };
-        let (turns, report) =
-            assemble(&parts, &counter).map_err(|e| JobError::new(e.to_string()))?;
-        let prompt = self
-            .chat_template
-            .render(&turns)
-            .map_err(|e| JobError::new(e.to_string()))?;
+        let new_chat = !job.messages.iter().any(|m| m.is_processed);
+        let (prompt, report) =
+            self.render_prompt(&character, None, &history, new_chat, seed, clock)?;
         Ok(PreparedChat {
             prompt,
             resolved_texts,
@@ -183,6 +204,7 @@ impl ChatEngine {
         seed: u64,
         clock: DateTime<FixedOffset>,
         cancelled: &dyn Fn() -> bool,
+        on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<(ChatRespondOutput, Usage), JobError> {
         if job.generate_audio && self.tts.is_none() {
             return Err(JobError::new(
@@ -196,11 +218,12 @@ impl ChatEngine {
         };
         let generation = self
             .model
-            .generate(
+            .generate_streaming(
                 &prepared.prompt,
                 job.num_options as usize,
                 &params,
                 cancelled,
+                on_text,
             )
             .map_err(|e| JobError::new(format!("text generation failed: {e}")))?;
         tracing::info!(

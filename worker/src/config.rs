@@ -108,6 +108,15 @@ pub struct WorkerConfig {
     /// espeak-ng voice.
     #[arg(long, env = "TTS_VOICE", default_value = "en-us")]
     pub tts_voice: String,
+    /// Platform API base URL (streamed chat fetches context and saves messages there).
+    #[arg(long, env = "PLATFORM_URL")]
+    pub platform_url: Option<String>,
+    /// Bearer key for the platform API.
+    #[arg(long, env = "PLATFORM_API_KEY", default_value = "")]
+    pub platform_api_key: String,
+    /// Recent messages a streamed chat's prompt reads.
+    #[arg(long, env = "HISTORY_MESSAGES", default_value_t = 40)]
+    pub history_messages: usize,
     /// Seconds a SIGTERM waits for the running job before leaving it to others.
     #[arg(long, env = "DRAIN_TIMEOUT_S", default_value_t = 120)]
     pub drain_timeout_s: u64,
@@ -118,6 +127,9 @@ impl WorkerConfig {
     pub fn masked(&self) -> Self {
         let mut c = self.clone();
         c.redis_url = pipeline::queue::mask_redis_url(&c.redis_url);
+        if !c.platform_api_key.is_empty() {
+            c.platform_api_key = "****".into();
+        }
         c
     }
 
@@ -128,6 +140,18 @@ impl WorkerConfig {
                 .unwrap_or_else(|| ".".into());
             home.join(".cache/companion-worker/models")
         })
+    }
+
+    pub fn platform_client(&self) -> anyhow::Result<Option<pipeline::platform::PlatformClient>> {
+        let Some(url) = &self.platform_url else {
+            return Ok(None);
+        };
+        let cfg = pipeline::platform::PlatformConfig {
+            base_url: url.clone(),
+            api_key: self.platform_api_key.clone(),
+            ..Default::default()
+        };
+        Ok(Some(pipeline::platform::PlatformClient::new(cfg)?))
     }
 
     pub fn queue_config(&self) -> QueueConfig {

@@ -6,6 +6,7 @@ mod config;
 mod memory;
 mod serve;
 mod speech;
+mod stream;
 
 use std::sync::Arc;
 
@@ -95,6 +96,7 @@ async fn run_embedded(
                     seed,
                     chrono::Utc::now().fixed_offset(),
                     &|| false,
+                    &mut |_, _| {},
                 )
                 .0
             })

@@ -7,13 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, FixedOffset};
+use futures::StreamExt;
 use pipeline::memory_contract::MemoryCondenseJob;
+use pipeline::platform::PlatformClient;
 use pipeline::queue::{unique_worker_name, Consumer, Lease, Outcome, RedisQueue};
 use pipeline::{ChatRespondJob, JobKind, JobState};
 use serde_json::Value;
+use tokio::sync::broadcast;
 
 use crate::chat::{seed_from_job_id, ChatEngine, Usage};
 use crate::config::WorkerConfig;
+use crate::stream::StreamRun;
 
 /// Runs a job's input to an outcome. Bad input fails at once (never
 /// retried).
@@ -24,13 +28,14 @@ pub fn run_job(
     seed: u64,
     clock: DateTime<FixedOffset>,
     cancelled: &dyn Fn() -> bool,
+    on_text: &mut dyn FnMut(usize, &str),
 ) -> (Outcome, Usage) {
     let ran = match kind {
         JobKind::Chat => ChatRespondJob::parse(input)
             .map_err(|e| format!("invalid input: {e}"))
             .and_then(|job| {
                 engine
-                    .respond(&job, seed, clock, cancelled)
+                    .respond(&job, seed, clock, cancelled, on_text)
                     .map(|(o, u)| (serde_json::to_value(o).expect("output serializes"), u))
                     .map_err(|e| e.to_string())
             }),
@@ -41,6 +46,9 @@ pub fn run_job(
                     .map(|(o, u)| (serde_json::to_value(o).expect("output serializes"), u))
                     .map_err(|e| e.to_string())
             }),
+        JobKind::ChatStream => {
+            Err("streamed chat runs on the Redis worker (it needs the platform API)".into())
+        }
     };
     match ran {
         Ok((output, usage)) => (Outcome::Completed(output), usage),
@@ -53,6 +61,8 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
     let queue = RedisQueue::connect(&cfg.redis_url, cfg.queue_config()).await?;
     let name = unique_worker_name("worker");
     let mut consumer = queue.consumer(&JobKind::ALL, &name).await?;
+    let platform = cfg.platform_client()?;
+    let stops = spawn_stop_relay(&queue);
     let heartbeat = consumer.spawn_heartbeat();
     tracing::info!(worker = %name, "waiting for jobs");
 
@@ -82,7 +92,13 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
         };
         let Some(lease) = lease else { continue };
         let drain = Duration::from_secs(cfg.drain_timeout_s);
-        run_lease(&engine, &consumer, lease, &stopping, drain).await?;
+        let ctx = RunContext {
+            engine: engine.clone(),
+            platform: platform.clone(),
+            history_messages: cfg.history_messages,
+            stops: stops.subscribe(),
+        };
+        run_lease(ctx, &consumer, lease, &stopping, drain).await?;
     }
     heartbeat.abort();
     consumer.deregister().await?;
@@ -90,8 +106,39 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a run needs besides its lease.
+struct RunContext {
+    engine: Arc<ChatEngine>,
+    platform: Option<PlatformClient>,
+    history_messages: usize,
+    /// Ids of jobs whose stop was requested (a streaming client went away).
+    stops: broadcast::Receiver<String>,
+}
+
+/// Relays `{ns}:stops` (pub/sub) into a broadcast channel, reconnecting.
+fn spawn_stop_relay(queue: &RedisQueue) -> broadcast::Sender<String> {
+    let (tx, _) = broadcast::channel(256);
+    let (client, channel, out) = (queue.client().clone(), queue.stops_channel(), tx.clone());
+    tokio::spawn(async move {
+        loop {
+            if let Ok(mut pubsub) = client.get_async_pubsub().await {
+                if pubsub.subscribe(&channel).await.is_ok() {
+                    let mut messages = pubsub.on_message();
+                    while let Some(msg) = messages.next().await {
+                        if let Ok(id) = msg.get_payload::<String>() {
+                            let _ = out.send(id);
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    tx
+}
+
 async fn run_lease(
-    engine: &Arc<ChatEngine>,
+    mut ctx: RunContext,
     consumer: &Consumer,
     lease: Lease,
     stopping: &AtomicBool,
@@ -100,20 +147,61 @@ async fn run_lease(
     let id = lease.record.id.clone();
     tracing::info!(job = %id, attempt = lease.attempt, "job started");
     let cancel = Arc::new(AtomicBool::new(false));
-    let mut task = {
-        let (engine, cancel, input) = (engine.clone(), cancel.clone(), lease.record.input.clone());
-        let kind = lease.record.kind;
-        let seed = seed_from_job_id(&id);
-        // The job's clock is its submission time, so a re-run renders the
-        // same {{time}} and {{date}}.
-        let clock = DateTime::from_timestamp_millis(lease.record.created_ms as i64)
-            .unwrap_or_default()
-            .fixed_offset();
-        tokio::task::spawn_blocking(move || {
-            run_job(&engine, kind, &input, seed, clock, &|| {
-                cancel.load(Ordering::Relaxed)
-            })
+    // Text deltas go to the job's token stream (for /stream/{id} and the
+    // streamed chat route) as they come.
+    let (deltas, mut delta_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    let pump = {
+        let (queue, id) = (consumer.queue().clone(), id.clone());
+        tokio::spawn(async move {
+            while let Some(first) = delta_rx.recv().await {
+                let mut batch = vec![first];
+                while let Ok(more) = delta_rx.try_recv() {
+                    batch.push(more);
+                }
+                if let Err(e) = queue.publish_tokens(&id, &batch).await {
+                    tracing::warn!(job = %id, error = %e, "publishing tokens failed");
+                }
+            }
         })
+    };
+    let seed = seed_from_job_id(&id);
+    // The job's clock is its submission time, so a re-run renders the same
+    // {{time}} and {{date}}.
+    let clock = DateTime::from_timestamp_millis(lease.record.created_ms as i64)
+        .unwrap_or_default()
+        .fixed_offset();
+    let input = lease.record.input.clone();
+    let mut task = match lease.record.kind {
+        JobKind::ChatStream => tokio::spawn(
+            StreamRun {
+                engine: ctx.engine.clone(),
+                platform: ctx.platform.clone(),
+                history_messages: ctx.history_messages,
+                job_id: id.clone(),
+                input,
+                seed,
+                clock,
+                cancel: cancel.clone(),
+                deltas,
+            }
+            .run(),
+        ),
+        kind => {
+            let (engine, cancel) = (ctx.engine.clone(), cancel.clone());
+            tokio::task::spawn_blocking(move || {
+                run_job(
+                    &engine,
+                    kind,
+                    &input,
+                    seed,
+                    clock,
+                    &|| cancel.load(Ordering::Relaxed),
+                    &mut |i, d| {
+                        let _ = deltas.send((i, d.to_string()));
+                    },
+                )
+            })
+        }
     };
     let timeout = Duration::from_millis(lease.record.policy.execution_timeout_ms);
     let deadline = tokio::time::Instant::now() + timeout;
@@ -126,6 +214,12 @@ async fn run_lease(
             _ = tokio::time::sleep_until(deadline), if !timed_out => {
                 timed_out = true;
                 cancel.store(true, Ordering::Relaxed);
+            }
+            stop = ctx.stops.recv() => {
+                if matches!(stop, Ok(ref stopped) if *stopped == id) {
+                    tracing::info!(job = %id, "stop requested: ending generation");
+                    cancel.store(true, Ordering::Relaxed);
+                }
             }
             _ = check.tick() => {
                 // Cancelled by the shim (state no longer IN_PROGRESS)?
@@ -169,7 +263,10 @@ async fn run_lease(
             ("decode_ms", usage.decode_ms),
         ])
         .await?;
+    let _ = pump.await;
+    let final_state = JobState::parse(state).unwrap_or(JobState::Failed);
     let written = consumer.finish(lease, outcome).await?;
+    consumer.queue().publish_end(&id, final_state).await?;
     tracing::info!(job = %id, state, written, "job finished");
     Ok(())
 }

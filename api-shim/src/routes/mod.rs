@@ -4,3 +4,4 @@ pub mod health;
 pub mod jobs;
 pub mod memory;
 pub mod openapi;
+pub mod stream;

@@ -86,6 +86,21 @@ pub trait TextGeneration: Send + Sync {
         n: usize,
         params: &SamplingParams,
         cancelled: &dyn Fn() -> bool,
+    ) -> Result<Generation, ModelError> {
+        self.generate_streaming(prompt, n, params, cancelled, &mut |_, _| {})
+    }
+
+    /// As [`TextGeneration::generate`], handing each option's new text to
+    /// `on_text(option, delta)` as it is produced. Deltas are whole UTF-8
+    /// characters; their concatenation is the option's final text (leading
+    /// and trailing whitespace held back).
+    fn generate_streaming(
+        &self,
+        prompt: &str,
+        n: usize,
+        params: &SamplingParams,
+        cancelled: &dyn Fn() -> bool,
+        on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<Generation, ModelError>;
 }
 
@@ -185,6 +200,33 @@ struct Sequence {
     tokens: Vec<u32>,
     sampler: LogitsProcessor,
     stop: Option<StopReason>,
+    /// Bytes of the (trimmed) text already handed out.
+    emitted: usize,
+}
+
+impl GgufChatModel {
+    /// Hands out the text a sequence gained: only once it decodes to whole
+    /// characters (no U+FFFD from a split UTF-8 sequence), without the
+    /// leading and trailing whitespace the final text is trimmed of.
+    fn emit_delta(
+        &self,
+        seq: &mut Sequence,
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<(), ModelError> {
+        let text = self
+            .tokenizer
+            .decode(&seq.tokens, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(());
+        }
+        let visible = text.trim();
+        if visible.len() > seq.emitted && visible.is_char_boundary(seq.emitted) {
+            on_text(seq.option, &visible[seq.emitted..]);
+            seq.emitted = visible.len();
+        }
+        Ok(())
+    }
 }
 
 impl TextGeneration for GgufChatModel {
@@ -204,12 +246,13 @@ impl TextGeneration for GgufChatModel {
         Ok(self.encode(text)?.len())
     }
 
-    fn generate(
+    fn generate_streaming(
         &self,
         prompt: &str,
         n: usize,
         params: &SamplingParams,
         cancelled: &dyn Fn() -> bool,
+        on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<Generation, ModelError> {
         if n == 0 {
             return Err(ModelError::Invalid("at least one option is needed".into()));
@@ -254,6 +297,7 @@ impl TextGeneration for GgufChatModel {
                     sampling.clone(),
                 ),
                 stop: None,
+                emitted: 0,
             })
             .collect();
         let decode_started = Instant::now();
@@ -285,6 +329,7 @@ impl TextGeneration for GgufChatModel {
                     if seq.tokens.len() >= max_new {
                         seq.stop = Some(StopReason::MaxTokens);
                     }
+                    self.emit_delta(seq, on_text)?;
                 }
                 next.push(token);
             }

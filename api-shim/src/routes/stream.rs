@@ -1,0 +1,271 @@
+//! Token streams: `POST /v1/instances/{instance_id}/chat/stream` (seed 000
+//! "Stream chat response": the reply as plain-text chunks) and
+//! `GET /stream/{id}` (Server-Sent Events of any job's text as it is
+//! generated).
+//!
+//! Both relay the job's Redis token stream, which the worker fills as it
+//! generates. Deltas are whole UTF-8 characters, so no chunk splits one. A
+//! plain-text client that goes away makes the shim request a stop: the
+//! worker ends generation within one token step and still saves what it
+//! generated.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawPathParams, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::Response;
+use futures::Stream;
+use pipeline::queue::{RedisQueue, TokenEvent};
+use pipeline::{JobKind, JobState, RunRequest};
+use redis::aio::MultiplexedConnection;
+use serde_json::json;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::routes::jobs::body_or_error;
+use crate::startup::AppState;
+
+const READ_BLOCK: Duration = Duration::from_millis(500);
+
+/// Requests a stop when dropped before the stream ended: the client left.
+struct StopOnDrop {
+    queue: RedisQueue,
+    id: String,
+    ended: bool,
+}
+
+impl StopOnDrop {
+    /// The stream reached its end: nothing to stop.
+    fn disarm(mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if !self.ended {
+            let (queue, id) = (self.queue.clone(), self.id.clone());
+            tracing::info!(job = %id, "stream client went away: requesting a stop");
+            tokio::spawn(async move {
+                if let Err(e) = queue.request_stop(&id, "client disconnected").await {
+                    tracing::warn!(job = %id, error = %e, "stop request failed");
+                }
+            });
+        }
+    }
+}
+
+/// Reads a job's token events in order, ending at its End event (or when the
+/// job is over and no more events come).
+struct TokenReader {
+    queue: RedisQueue,
+    conn: MultiplexedConnection,
+    id: String,
+    after: String,
+    pending: VecDeque<TokenEvent>,
+    done: bool,
+}
+
+impl TokenReader {
+    async fn new(state: &AppState, id: &str) -> Result<Self, ApiError> {
+        let conn = state
+            .queue
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(|e| ApiError::from(pipeline::PipelineError::from(e)))?;
+        Ok(Self {
+            queue: state.queue.clone(),
+            conn,
+            id: id.to_string(),
+            after: "0".into(),
+            pending: VecDeque::new(),
+            done: false,
+        })
+    }
+
+    /// The next event; None once the stream is over.
+    async fn next(&mut self) -> Result<Option<TokenEvent>, pipeline::PipelineError> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                if matches!(e, TokenEvent::End { .. }) {
+                    self.done = true;
+                }
+                return Ok(Some(e));
+            }
+            if self.done {
+                return Ok(None);
+            }
+            let events = self
+                .queue
+                .read_tokens(&mut self.conn, &self.id, &self.after, READ_BLOCK)
+                .await?;
+            if let Some((last, _)) = events.last() {
+                self.after = last.clone();
+            }
+            if events.is_empty() {
+                // Ended without an End event (cancelled, expired, taken over)?
+                if let Some(rec) = self.queue.get(&self.id).await? {
+                    if rec.state.is_terminal() && rec.state != JobState::Completed {
+                        self.pending.push_back(TokenEvent::End {
+                            state: rec.state.as_str().into(),
+                        });
+                    }
+                }
+            }
+            self.pending.extend(events.into_iter().map(|(_, e)| e));
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct StreamBody {
+    content: serde_json::Value,
+    #[serde(default)]
+    medium: Option<serde_json::Value>,
+    #[serde(default)]
+    skin_id: Option<serde_json::Value>,
+}
+
+pub async fn chat_stream(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(instance_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_or_error(body)?;
+    let parsed: StreamBody = serde_json::from_slice(&body).map_err(|e| {
+        let status = if e.is_syntax() || e.is_eof() {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::UNPROCESSABLE_ENTITY
+        };
+        let field = e
+            .to_string()
+            .split('`')
+            .nth(1)
+            .filter(|_| e.to_string().starts_with("missing field"))
+            .unwrap_or("body")
+            .to_string();
+        ApiError::input(status, &pipeline::InputError::new(field, e.to_string()))
+    })?;
+    let input = json!({
+        "instance_id": instance_id, "content": parsed.content,
+        "medium": parsed.medium, "skin_id": parsed.skin_id,
+    });
+    let envelope = json!({ "input": input }).to_string();
+    let req = RunRequest::parse(JobKind::ChatStream, envelope.as_bytes()).map_err(|e| {
+        let mut err = ApiError::from(e);
+        if let Some(f) = err.field.take() {
+            let f = f.strip_prefix("input.").unwrap_or(&f).to_string();
+            err.message = format!("{f}: {}", err.rule.clone().unwrap_or_default());
+            err.field = Some(f);
+        }
+        err
+    })?;
+    let rec = state.queue.enqueue(&req, &caller.owner).await?;
+    state
+        .metrics
+        .jobs_submitted
+        .with_label_values(&[JobKind::ChatStream.as_str()])
+        .inc();
+    let mut reader = TokenReader::new(&state, &rec.id).await?;
+    // Hold the answer until the first event, so a job that fails before
+    // producing anything gets an error status instead of an empty 200.
+    let first = reader.next().await?;
+    if let Some(TokenEvent::End { state: st }) = &first {
+        if st != JobState::Completed.as_str() {
+            let error = state
+                .queue
+                .get(&rec.id)
+                .await?
+                .and_then(|r| r.error)
+                .unwrap_or_default();
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("chat job {} ended {st}: {error}", rec.id),
+            ));
+        }
+    }
+    let guard = StopOnDrop {
+        queue: state.queue.clone(),
+        id: rec.id.clone(),
+        ended: false,
+    };
+    let stream = futures::stream::unfold(
+        (reader, first, guard),
+        |(mut reader, mut first, guard)| async move {
+            loop {
+                let event = match first.take() {
+                    Some(e) => Some(e),
+                    None => reader.next().await.ok().flatten(),
+                };
+                match event {
+                    Some(TokenEvent::Text { option: 0, text }) => {
+                        return Some((
+                            Ok::<Bytes, Infallible>(Bytes::from(text)),
+                            (reader, None, guard),
+                        ))
+                    }
+                    Some(TokenEvent::Text { .. }) => continue,
+                    Some(TokenEvent::End { .. }) | None => {
+                        guard.disarm();
+                        return None;
+                    }
+                }
+            }
+        },
+    );
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header("x-job-id", rec.id.as_str())
+        .body(Body::from_stream(stream))
+        .expect("valid response"))
+}
+
+/// `GET /stream/{id}`: Server-Sent Events — `output` events
+/// `{"option", "text"}` as text is generated, then one `completed` event
+/// `{"id", "status"}`.
+pub async fn sse(
+    State(state): State<AppState>,
+    caller: Caller,
+    raw: RawPathParams,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let id = raw
+        .iter()
+        .find(|(k, _)| *k == "id")
+        .map(|(_, v)| v.to_string())
+        .unwrap_or_default();
+    match state.queue.get(&id).await? {
+        Some(rec) if rec.owner == caller.owner => {}
+        _ => return Err(ApiError::not_found(&id)),
+    }
+    let reader = TokenReader::new(&state, &id).await?;
+    let stream =
+        futures::stream::unfold((reader, false), move |(mut reader, finished)| async move {
+            if finished {
+                return None;
+            }
+            match reader.next().await {
+                Ok(Some(TokenEvent::Text { option, text })) => {
+                    let ev = Event::default()
+                        .event("output")
+                        .data(json!({"option": option, "text": text}).to_string());
+                    Some((Ok(ev), (reader, false)))
+                }
+                Ok(Some(TokenEvent::End { state })) => {
+                    let ev = Event::default()
+                        .event("completed")
+                        .data(json!({"id": reader.id, "status": state}).to_string());
+                    Some((Ok(ev), (reader, true)))
+                }
+                Ok(None) | Err(_) => None,
+            }
+        });
+    Ok(Sse::new(stream).keep_alive(axum::response::sse::KeepAlive::default()))
+}

@@ -1,0 +1,95 @@
+//! The streamed chat job (seed 000 "Stream chat response"): a user message to
+//! an activity instance, answered token by token.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::InputError;
+
+pub const MAX_MESSAGE_CHARS: usize = 20_000;
+
+#[derive(Debug, Deserialize)]
+struct StreamWire {
+    instance_id: String,
+    content: String,
+    #[serde(default)]
+    medium: Option<String>,
+    #[serde(default)]
+    skin_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatStreamJob {
+    pub instance_id: String,
+    pub content: String,
+    /// `text` unless said otherwise.
+    pub medium: String,
+    /// Passed through to the saved messages (XP scoping).
+    pub skin_id: Option<String>,
+}
+
+impl ChatStreamJob {
+    pub fn parse(input: &Value) -> Result<Self, InputError> {
+        let w: StreamWire = serde_path_to_error::deserialize(input).map_err(|e| {
+            crate::field_error("input", &e.path().to_string(), e.into_inner().to_string())
+        })?;
+        if w.instance_id.trim().is_empty() {
+            return Err(InputError::new("input.instance_id", "must not be empty"));
+        }
+        if w.content.trim().is_empty() {
+            return Err(InputError::new("input.content", "must not be empty"));
+        }
+        if w.content.chars().count() > MAX_MESSAGE_CHARS {
+            return Err(InputError::new(
+                "input.content",
+                format!("must be at most {MAX_MESSAGE_CHARS} characters"),
+            ));
+        }
+        let medium = w.medium.unwrap_or_else(|| "text".into());
+        if !matches!(medium.as_str(), "text" | "audio" | "image" | "video") {
+            return Err(InputError::new(
+                "input.medium",
+                "must be text, audio, image or video",
+            ));
+        }
+        Ok(Self {
+            instance_id: w.instance_id,
+            content: w.content,
+            medium,
+            skin_id: w.skin_id,
+        })
+    }
+}
+
+/// The output of a streamed chat job: the assistant's whole reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatStreamOutput {
+    pub content: String,
+    /// The client went away before the end: generation stopped early.
+    pub partial: bool,
+    pub user_message: Value,
+    pub assistant_message: Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_and_names_broken_fields() {
+        let j = ChatStreamJob::parse(&json!({"instance_id": "i", "content": "hi", "skin_id": "s"}))
+            .unwrap();
+        assert_eq!(
+            (j.medium.as_str(), j.skin_id.as_deref()),
+            ("text", Some("s"))
+        );
+        let e = ChatStreamJob::parse(&json!({"instance_id": "i", "content": " "})).unwrap_err();
+        assert_eq!(e.field, "input.content");
+        let e = ChatStreamJob::parse(&json!({"instance_id": "i", "content": "x", "medium": "fax"}))
+            .unwrap_err();
+        assert_eq!(e.field, "input.medium");
+        let e = ChatStreamJob::parse(&json!({"content": "x"})).unwrap_err();
+        assert_eq!(e.field, "input.instance_id");
+    }
+}

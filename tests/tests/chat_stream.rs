@@ -1,0 +1,217 @@
+//! Streamed chat end to end: shim route → Redis → worker (real model, context
+//! from a platform fixture) → token stream → chunked response, and the
+//! messages saved to the platform once.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use common::platform::{PlatformFixture, PLATFORM_KEY};
+use common::*;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+fn worker_env<'a>(
+    platform: &'a PlatformFixture,
+    extra: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut env = vec![
+        ("PLATFORM_URL", platform.url.as_str()),
+        ("PLATFORM_API_KEY", PLATFORM_KEY),
+    ];
+    env.extend_from_slice(extra);
+    env
+}
+
+async fn open_stream(api: &Api, body: Value) -> reqwest::Response {
+    api.http
+        .post(format!("{}/v1/instances/inst-1/chat/stream", api.base))
+        .bearer_auth(API_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_relays_chunks_while_generating_and_saves_both_messages_once() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let platform = PlatformFixture::start().await;
+    // The platform fails twice before answering: the job still succeeds.
+    platform.state.fail_instance.store(2, Ordering::SeqCst);
+    let _worker = start_worker(
+        &redis,
+        &worker_env(
+            &platform,
+            &[("MAX_NEW_TOKENS", "60"), ("IGNORE_EOS", "true")],
+        ),
+    );
+    let api = Api::new(&shim);
+
+    let resp = open_stream(
+        &api,
+        json!({"content": "What are you doing tonight?", "medium": "text", "skin_id": "skin-7"}),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(
+        resp.headers()
+            .get("transfer-encoding")
+            .map(|v| v.to_str().unwrap()),
+        Some("chunked")
+    );
+    let job_id = resp.headers()["x-job-id"].to_str().unwrap().to_string();
+    let mut chunks: Vec<String> = Vec::new();
+    let mut first_chunk_at = None;
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.unwrap();
+        first_chunk_at.get_or_insert_with(|| pipeline::now_ms());
+        // Every chunk is valid UTF-8 on its own: no character is split.
+        chunks.push(String::from_utf8(chunk.to_vec()).expect("chunk is whole UTF-8"));
+    }
+    let text: String = chunks.concat();
+    assert!(chunks.len() >= 5, "{} chunks", chunks.len());
+    assert!(!text.trim().is_empty());
+
+    let status = api.wait_terminal(&job_id).await;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    assert_eq!(status["output"]["content"], text.as_str());
+    assert_eq!(status["output"]["partial"], false);
+    // The first bytes reached us while the model was still generating.
+    let rec = pipeline::queue::RedisQueue::connect(&redis.url, Default::default())
+        .await
+        .unwrap();
+    let finished = rec
+        .get(&job_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .finished_ms
+        .unwrap();
+    assert!(
+        first_chunk_at.unwrap() + 300 < finished,
+        "first chunk {first_chunk_at:?}, job finished {finished}"
+    );
+
+    let saved = platform.saved();
+    assert_eq!(saved.len(), 2, "{saved:?}");
+    assert_eq!(
+        saved[0].0.as_deref(),
+        Some(format!("{job_id}:user").as_str())
+    );
+    assert_eq!(
+        saved[0].1,
+        json!({"role": "user", "medium": "text", "content": "What are you doing tonight?", "skin_id": "skin-7"})
+    );
+    assert_eq!(
+        saved[1].1,
+        json!({"role": "assistant", "medium": "text", "content": text, "skin_id": "skin-7"})
+    );
+    assert_eq!(
+        platform.state.instance_hits.load(Ordering::SeqCst),
+        3,
+        "two 500s, then the answer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_stops_generation_and_saves_the_partial_reply() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let platform = PlatformFixture::start().await;
+    let _worker = start_worker(
+        &redis,
+        &worker_env(
+            &platform,
+            &[("MAX_NEW_TOKENS", "3000"), ("IGNORE_EOS", "true")],
+        ),
+    );
+    let api = Api::new(&shim);
+
+    let resp = open_stream(&api, json!({"content": "Tell me a long story."})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let job_id = resp.headers()["x-job-id"].to_str().unwrap().to_string();
+    let mut body = resp.bytes_stream();
+    let mut received = String::new();
+    for _ in 0..3 {
+        received.push_str(std::str::from_utf8(&body.next().await.unwrap().unwrap()).unwrap());
+    }
+    let left_at = Instant::now();
+    drop(body);
+
+    let status = api.wait_terminal(&job_id).await;
+    assert!(
+        left_at.elapsed() < Duration::from_secs(20),
+        "generation went on after the disconnect"
+    );
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    assert_eq!(status["output"]["partial"], true);
+    let content = status["output"]["content"].as_str().unwrap();
+    assert!(content.starts_with(&received), "{received:?} / {content:?}");
+    assert!(content.split_whitespace().count() < 1500, "stopped early");
+    let saved = platform.saved();
+    assert_eq!(saved.len(), 2, "saved once each: {saved:?}");
+    assert_eq!(saved[1].1["partial"], true);
+    assert_eq!(saved[1].1["content"], content);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_stream_requests_and_sse_of_a_run_job() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let platform = PlatformFixture::start().await;
+    let _worker = start_worker(&redis, &worker_env(&platform, &[]));
+    let api = Api::new(&shim);
+    for (body, field) in [
+        (json!({"content": "  "}), "content"),
+        (json!({"content": "hi", "medium": "fax"}), "medium"),
+        (json!({"medium": "text"}), "content"),
+    ] {
+        let resp = open_stream(&api, body).await;
+        assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!(err["field"], field, "{err}");
+    }
+
+    // Server-Sent Events of a job started with /run.
+    let (_, accepted) = api
+        .post(
+            "/run",
+            Some(API_KEY),
+            seed_file("multiple_options.json").to_string(),
+        )
+        .await;
+    let id = accepted["id"].as_str().unwrap();
+    let resp = api
+        .http
+        .get(format!("{}/stream/{id}", api.base))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let sse = resp.text().await.unwrap();
+    let mut per_option = vec![String::new(); 3];
+    for data in sse.split("\n\n").filter(|e| e.contains("event: output")) {
+        let line = data.lines().find(|l| l.starts_with("data: ")).unwrap();
+        let v: Value = serde_json::from_str(&line[6..]).unwrap();
+        per_option[v["option"].as_u64().unwrap() as usize].push_str(v["text"].as_str().unwrap());
+    }
+    assert!(sse.contains("event: completed"), "{sse}");
+    let status = api.status(id).await;
+    let options = status["output"]["messages"][1]["options"]
+        .as_array()
+        .unwrap();
+    for (i, o) in options.iter().enumerate() {
+        assert_eq!(o["text"].as_str().unwrap(), per_option[i], "option {i}");
+    }
+}

@@ -1,0 +1,184 @@
+//! The streamed chat job: context fetched from the platform by instance id,
+//! the reply generated token by token into the job's token stream, and both
+//! messages saved to the platform once (idempotency keys `{job}:user` and
+//! `{job}:assistant`), whether or not the client stayed.
+//!
+//! A client that disconnects makes the shim request a stop: generation ends
+//! within one token step and the reply generated so far is saved with
+//! `"partial": true` in the "Create message" body (the platform may store or
+//! ignore the flag; the content is what was streamed).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use chrono::{DateTime, FixedOffset};
+use models::text::StopReason;
+use models::SamplingParams;
+use pipeline::platform::PlatformClient;
+use pipeline::queue::Outcome;
+use pipeline::stream_contract::{ChatStreamJob, ChatStreamOutput};
+use prompts::macros::Gender;
+use prompts::{HistoryMessage, Persona, RenderedCharacter, Role};
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::chat::{ChatEngine, JobError, Usage};
+
+pub struct StreamRun {
+    pub engine: Arc<ChatEngine>,
+    pub platform: Option<PlatformClient>,
+    pub history_messages: usize,
+    pub job_id: String,
+    pub input: Value,
+    pub seed: u64,
+    pub clock: DateTime<FixedOffset>,
+    pub cancel: Arc<AtomicBool>,
+    pub deltas: UnboundedSender<(usize, String)>,
+}
+
+fn persona_of(v: &Value) -> Persona {
+    Persona {
+        name: v["name"].as_str().unwrap_or_default().to_string(),
+        gender: Gender::parse(v["gender"].as_str().unwrap_or_default()),
+        description: v["description"].as_str().unwrap_or_default().to_string(),
+    }
+}
+
+impl StreamRun {
+    pub async fn run(self) -> (Outcome, Usage) {
+        match self.run_inner().await {
+            Ok((output, usage)) => (
+                Outcome::Completed(serde_json::to_value(output).expect("output serializes")),
+                usage,
+            ),
+            Err(e) => (Outcome::Failed(e.to_string()), Usage::default()),
+        }
+    }
+
+    async fn run_inner(self) -> Result<(ChatStreamOutput, Usage), JobError> {
+        let job = ChatStreamJob::parse(&self.input)
+            .map_err(|e| JobError::new(format!("invalid input: {e}")))?;
+        let platform = self.platform.as_ref().ok_or_else(|| {
+            JobError::new("streamed chat needs the platform API: set PLATFORM_URL and PLATFORM_API_KEY on the worker")
+        })?;
+        let pe = |e: pipeline::platform::PlatformError| JobError::new(e.to_string());
+        let instance = platform
+            .instance(&job.instance_id, None)
+            .await
+            .map_err(pe)?;
+        let character = RenderedCharacter::from_activity(&instance)
+            .map_err(|e| JobError::new(e.to_string()))?;
+        let persona = platform
+            .default_persona()
+            .await
+            .map_err(pe)?
+            .map(|p| persona_of(&p));
+        let earlier = platform
+            .recent_messages(&job.instance_id, self.history_messages)
+            .await
+            .map_err(pe)?;
+        let mut history: Vec<HistoryMessage> = earlier
+            .iter()
+            .filter_map(|m| {
+                let role = match m["role"].as_str()? {
+                    "user" => Role::User,
+                    "assistant" | "bot" | "character" => Role::Assistant,
+                    _ => return None,
+                };
+                Some(HistoryMessage {
+                    role,
+                    text: m["content"].as_str().unwrap_or_default().to_string(),
+                })
+            })
+            .collect();
+        let new_chat = history.is_empty();
+        history.push(HistoryMessage {
+            role: Role::User,
+            text: job.content.clone(),
+        });
+        let (prompt, _) = self.engine.render_prompt(
+            &character,
+            persona.as_ref(),
+            &history,
+            new_chat,
+            self.seed,
+            self.clock,
+        )?;
+
+        let (engine, cancel, deltas, seed) = (
+            self.engine.clone(),
+            self.cancel.clone(),
+            self.deltas.clone(),
+            self.seed,
+        );
+        let generation = tokio::task::spawn_blocking(move || {
+            let params = SamplingParams {
+                seed,
+                ..engine.sampling().clone()
+            };
+            engine.model().generate_streaming(
+                &prompt,
+                1,
+                &params,
+                &|| cancel.load(Ordering::Relaxed),
+                &mut |i, d| {
+                    let _ = deltas.send((i, d.to_string()));
+                },
+            )
+        })
+        .await
+        .map_err(|e| JobError::new(format!("generation task: {e}")))?
+        .map_err(|e| JobError::new(format!("text generation failed: {e}")))?;
+        let option =
+            generation
+                .options
+                .into_iter()
+                .next()
+                .unwrap_or(models::text::GeneratedOption {
+                    text: String::new(),
+                    tokens: 0,
+                    stop: StopReason::Cancelled,
+                });
+        let partial = option.stop == StopReason::Cancelled;
+        let usage = Usage {
+            prompt_tokens: generation.prompt_tokens as u64,
+            generated_tokens: option.tokens as u64,
+            prefill_ms: (generation.prefill_secs * 1000.0) as u64,
+            decode_ms: (generation.decode_secs * 1000.0) as u64,
+        };
+        let skin = job.skin_id.as_deref();
+        let user_message = platform
+            .create_message(
+                &job.instance_id,
+                "user",
+                &job.medium,
+                &job.content,
+                skin,
+                false,
+                &format!("{}:user", self.job_id),
+            )
+            .await
+            .map_err(pe)?;
+        let assistant_message = platform
+            .create_message(
+                &job.instance_id,
+                "assistant",
+                "text",
+                &option.text,
+                skin,
+                partial,
+                &format!("{}:assistant", self.job_id),
+            )
+            .await
+            .map_err(pe)?;
+        Ok((
+            ChatStreamOutput {
+                content: option.text,
+                partial,
+                user_message,
+                assistant_message,
+            },
+            usage,
+        ))
+    }
+}

@@ -254,6 +254,31 @@ impl PlatformClient {
         Ok(out)
     }
 
+    /// The memory scratchpad of a companion chat ("Get memory scratchpad"),
+    /// or None when there is none (404 or empty).
+    pub async fn scratchpad(&self, companion_id: &str) -> Result<Option<String>, PlatformError> {
+        let query = reqwest::Url::parse_with_params(
+            "http://query.invalid/",
+            &[("companion_id", companion_id)],
+        )
+        .map_err(|e| PlatformError::Shape {
+            path: companion_id.into(),
+            message: e.to_string(),
+        })?;
+        let path = format!(
+            "/v1/memory/scratchpad?{}",
+            query.query().unwrap_or_default()
+        );
+        match self.get(&path, None).await {
+            Ok(v) => Ok(v["content"]
+                .as_str()
+                .map(str::to_owned)
+                .filter(|c| !c.trim().is_empty())),
+            Err(e) if e.status() == Some(404) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Saves a message ("Create message"); `idempotency_key` makes retries
     /// save it once; `partial` marks a reply cut short by a disconnect.
     pub async fn create_message(

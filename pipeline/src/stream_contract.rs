@@ -69,6 +69,10 @@ pub struct ChatStreamOutput {
     pub partial: bool,
     pub user_message: Value,
     pub assistant_message: Value,
+    /// Words of the memory scratchpad the prompt included (condensed to the
+    /// worker's MEMORY_MAX_WORDS when longer); absent without a scratchpad.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_words: Option<u32>,
 }
 
 #[cfg(test)]

@@ -42,11 +42,21 @@ async fn stream_relays_chunks_while_generating_and_saves_both_messages_once() {
     let platform = PlatformFixture::start().await;
     // The platform fails twice before answering: the job still succeeds.
     platform.state.fail_instance.store(2, Ordering::SeqCst);
+    // A long scratchpad: condensed to MEMORY_MAX_WORDS for the prompt.
+    let pad = seed_file("memory_condense.json")["input"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    *platform.state.scratchpad.lock().unwrap() = Some(pad);
     let _worker = start_worker(
         &redis,
         &worker_env(
             &platform,
-            &[("MAX_NEW_TOKENS", "60"), ("IGNORE_EOS", "true")],
+            &[
+                ("MAX_NEW_TOKENS", "60"),
+                ("IGNORE_EOS", "true"),
+                ("MEMORY_MAX_WORDS", "60"),
+            ],
         ),
     );
     let api = Api::new(&shim);
@@ -82,6 +92,9 @@ async fn stream_relays_chunks_while_generating_and_saves_both_messages_once() {
     assert_eq!(status["status"], "COMPLETED", "{status}");
     assert_eq!(status["output"]["content"], text.as_str());
     assert_eq!(status["output"]["partial"], false);
+    let memory_words = status["output"]["memory_words"].as_u64().unwrap();
+    assert!((1..=60).contains(&memory_words), "{memory_words}");
+    assert_eq!(platform.state.scratchpad_hits.load(Ordering::SeqCst), 1);
     // The first bytes reached us while the model was still generating.
     let rec = pipeline::queue::RedisQueue::connect(&redis.url, Default::default())
         .await
@@ -157,6 +170,10 @@ async fn client_disconnect_stops_generation_and_saves_the_partial_reply() {
     let saved = platform.saved();
     assert_eq!(saved.len(), 2, "saved once each: {saved:?}");
     assert_eq!(saved[1].1["partial"], true);
+    assert!(
+        status["output"].get("memory_words").is_none(),
+        "no scratchpad, no memory"
+    );
     assert_eq!(saved[1].1["content"], content);
 }
 

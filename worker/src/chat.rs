@@ -93,6 +93,7 @@ impl ChatEngine {
         &self,
         character: &prompts::RenderedCharacter,
         persona: Option<&prompts::Persona>,
+        memory: Option<&str>,
         history: &[HistoryMessage],
         new_chat: bool,
         seed: u64,
@@ -102,7 +103,7 @@ impl ChatEngine {
         let parts = PromptParts {
             character,
             persona,
-            memory: None,
+            memory,
             history,
             lorebooks: &[],
             default_system_prompt: None,
@@ -164,7 +165,7 @@ impl ChatEngine {
         }
         let new_chat = !job.messages.iter().any(|m| m.is_processed);
         let (prompt, report) =
-            self.render_prompt(&character, None, &history, new_chat, seed, clock)?;
+            self.render_prompt(&character, None, None, &history, new_chat, seed, clock)?;
         Ok(PreparedChat {
             prompt,
             resolved_texts,

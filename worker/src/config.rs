@@ -117,6 +117,9 @@ pub struct WorkerConfig {
     /// Recent messages a streamed chat's prompt reads.
     #[arg(long, env = "HISTORY_MESSAGES", default_value_t = 40)]
     pub history_messages: usize,
+    /// Words of memory scratchpad a streamed chat's prompt includes; longer ones are condensed first.
+    #[arg(long, env = "MEMORY_MAX_WORDS", default_value_t = 150)]
+    pub memory_max_words: u32,
     /// Seconds a SIGTERM waits for the running job before leaving it to others.
     #[arg(long, env = "DRAIN_TIMEOUT_S", default_value_t = 120)]
     pub drain_timeout_s: u64,

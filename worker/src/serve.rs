@@ -96,6 +96,7 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
             engine: engine.clone(),
             platform: platform.clone(),
             history_messages: cfg.history_messages,
+            memory_max_words: cfg.memory_max_words,
             stops: stops.subscribe(),
         };
         run_lease(ctx, &consumer, lease, &stopping, drain).await?;
@@ -111,6 +112,7 @@ struct RunContext {
     engine: Arc<ChatEngine>,
     platform: Option<PlatformClient>,
     history_messages: usize,
+    memory_max_words: u32,
     /// Ids of jobs whose stop was requested (a streaming client went away).
     stops: broadcast::Receiver<String>,
 }
@@ -177,6 +179,7 @@ async fn run_lease(
                 engine: ctx.engine.clone(),
                 platform: ctx.platform.clone(),
                 history_messages: ctx.history_messages,
+                memory_max_words: ctx.memory_max_words,
                 job_id: id.clone(),
                 input,
                 seed,

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use chrono::{DateTime, FixedOffset};
 use models::text::StopReason;
 use models::SamplingParams;
+use pipeline::memory_contract::MemoryCondenseJob;
 use pipeline::platform::PlatformClient;
 use pipeline::queue::Outcome;
 use pipeline::stream_contract::{ChatStreamJob, ChatStreamOutput};
@@ -28,6 +29,7 @@ pub struct StreamRun {
     pub engine: Arc<ChatEngine>,
     pub platform: Option<PlatformClient>,
     pub history_messages: usize,
+    pub memory_max_words: u32,
     pub job_id: String,
     pub input: Value,
     pub seed: u64,
@@ -96,9 +98,32 @@ impl StreamRun {
             role: Role::User,
             text: job.content.clone(),
         });
+        // The scratchpad, condensed when longer than the prompt may spend.
+        let mut usage = Usage::default();
+        let memory = match platform.scratchpad(&job.instance_id).await.map_err(pe)? {
+            None => None,
+            Some(pad) => {
+                let engine = self.engine.clone();
+                let condense = MemoryCondenseJob {
+                    content: pad,
+                    max_words: self.memory_max_words,
+                    hint: None,
+                    version: None,
+                };
+                let seed = self.seed;
+                let (out, u) = tokio::task::spawn_blocking(move || {
+                    crate::memory::condense(&engine, &condense, seed, &|| false)
+                })
+                .await
+                .map_err(|e| JobError::new(format!("condense task: {e}")))??;
+                usage = u;
+                Some(out)
+            }
+        };
         let (prompt, _) = self.engine.render_prompt(
             &character,
             persona.as_ref(),
+            memory.as_ref().map(|m| m.content.as_str()),
             &history,
             new_chat,
             self.seed,
@@ -140,12 +165,10 @@ impl StreamRun {
                     stop: StopReason::Cancelled,
                 });
         let partial = option.stop == StopReason::Cancelled;
-        let usage = Usage {
-            prompt_tokens: generation.prompt_tokens as u64,
-            generated_tokens: option.tokens as u64,
-            prefill_ms: (generation.prefill_secs * 1000.0) as u64,
-            decode_ms: (generation.decode_secs * 1000.0) as u64,
-        };
+        usage.prompt_tokens += generation.prompt_tokens as u64;
+        usage.generated_tokens += option.tokens as u64;
+        usage.prefill_ms += (generation.prefill_secs * 1000.0) as u64;
+        usage.decode_ms += (generation.decode_secs * 1000.0) as u64;
         let skin = job.skin_id.as_deref();
         let user_message = platform
             .create_message(
@@ -177,6 +200,7 @@ impl StreamRun {
                 partial,
                 user_message,
                 assistant_message,
+                memory_words: memory.map(|m| m.word_count),
             },
             usage,
         ))

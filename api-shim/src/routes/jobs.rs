@@ -195,12 +195,20 @@ pub async fn cancel(
     let params = path_params(&raw);
     kind_of(&params)?;
     let id = params.get("id").cloned().unwrap_or_default();
-    owned(&state, &caller, &id).await?;
+    let before = owned(&state, &caller, &id).await?.state;
     let st = state
         .queue
         .cancel(&id, "cancelled by the client")
         .await?
         .ok_or_else(|| ApiError::not_found(&id))?;
+    if before == pipeline::JobState::InProgress {
+        // The worker stops generating at its next token instead of at its
+        // next state check.
+        state
+            .queue
+            .request_stop(&id, "cancelled by the client")
+            .await?;
+    }
     Ok(Json(json!({"id": id, "status": st.as_str()})))
 }
 

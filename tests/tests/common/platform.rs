@@ -19,6 +19,9 @@ pub struct Platform {
     pub instance_hits: AtomicUsize,
     /// (idempotency key, body) of every saved message.
     pub saved: Mutex<Vec<(Option<String>, Value)>>,
+    /// The memory scratchpad of every companion; None answers 404.
+    pub scratchpad: Mutex<Option<String>>,
+    pub scratchpad_hits: AtomicUsize,
 }
 
 pub struct PlatformFixture {
@@ -92,6 +95,25 @@ async fn save(
     )
 }
 
+async fn scratchpad(
+    State(p): State<Arc<Platform>>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> (StatusCode, Json<Value>) {
+    p.scratchpad_hits.fetch_add(1, Ordering::SeqCst);
+    match (p.scratchpad.lock().unwrap().clone(), q.get("companion_id")) {
+        (Some(content), Some(_)) => (
+            StatusCode::OK,
+            Json(
+                json!({"id": "sp1", "content": content, "version": 4, "type": "companion", "updated_at": "2026-11-20T10:00:00Z"}),
+            ),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "no scratchpad"})),
+        ),
+    }
+}
+
 async fn personas() -> Json<Value> {
     Json(
         json!({"data": [{"id": "p1", "name": "Sam", "gender": "female", "description": "{{user}} is a nurse.", "is_default": true}]}),
@@ -105,6 +127,7 @@ impl PlatformFixture {
             .route("/v1/instances/{id}", get(instance))
             .route("/v1/instances/{id}/messages", get(messages).post(save))
             .route("/v1/personas", get(personas))
+            .route("/v1/memory/scratchpad", get(scratchpad))
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

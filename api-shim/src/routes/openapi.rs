@@ -8,7 +8,7 @@ fn job_routes(prefix: &str, tag: &str) -> Vec<(String, Value)> {
     let mut params = vec![];
     if prefix.contains("{endpoint_id}") {
         params.push(json!({"name": "endpoint_id", "in": "path", "required": true,
-            "description": "names the job kind: chat or memory", "schema": {"type": "string", "enum": ["chat", "memory"]}}));
+            "description": "names the job kind: chat, memory or chat_stream", "schema": {"type": "string", "enum": ["chat", "memory", "chat_stream"]}}));
     }
     let with_id = {
         let mut p = params.clone();
@@ -87,6 +87,28 @@ pub async fn openapi() -> Json<Value> {
             "422": {"description": "a rule broken", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
             "502": {"description": "the condense job failed", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
         }
+    }}));
+    paths.insert("/v1/instances/{instance_id}/chat/stream".into(), json!({"post": {
+        "tags": ["chat"], "summary": "Send a user message and stream the reply as plain-text chunks",
+        "description": "Context (instance snapshot, default persona, recent messages, memory scratchpad) comes from the platform API. When the stream closes, the user and assistant messages have been saved; a client that disconnects stops generation and the partial reply is saved with \"partial\": true.",
+        "security": [{"bearer": []}],
+        "parameters": [{"name": "instance_id", "in": "path", "required": true, "schema": {"type": "string"}}],
+        "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["content"], "properties": {
+            "content": {"type": "string"}, "medium": {"type": "string", "enum": ["text", "audio", "image", "video"], "default": "text"},
+            "skin_id": {"type": "string"}}}}}},
+        "responses": {
+            "200": {"description": "chunked reply; header x-job-id names the job", "content": {"text/plain; charset=utf-8": {"schema": {"type": "string"}}}},
+            "401": {"description": "missing or unknown API key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            "422": {"description": "a rule broken", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            "502": {"description": "the job failed before any text", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        }
+    }}));
+    paths.insert("/stream/{id}".into(), json!({"get": {
+        "tags": ["jobs"], "summary": "Server-Sent Events of a job's text: `output` {option, text} events, then `completed` {id, status}",
+        "security": [{"bearer": []}],
+        "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "event stream", "content": {"text/event-stream": {}}},
+                      "404": {"description": "no such job for this key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}
     }}));
     paths.insert("/health".into(), json!({"get": {"tags": ["ops"], "summary": "Jobs by state, workers seen, callbacks pending and dead-lettered", "responses": {"200": {"description": "OK"}}}}));
     paths.insert("/metrics".into(), json!({"get": {"tags": ["ops"], "summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}}));

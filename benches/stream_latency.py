@@ -1,0 +1,95 @@
+"""Time to first streamed byte and the gaps between chunks at the shim.
+
+Started by benches/stream_latency.sh, which runs redis-server, api-shim, a
+worker and this file's platform fixture. Prints JSON.
+"""
+
+import http.server
+import json
+import sys
+import threading
+import time
+import urllib.request
+
+
+class Platform(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _json(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path.startswith("/v1/instances/") and "/messages" in self.path:
+            self._json(200, {"data": [
+                {"role": "assistant", "medium": "text", "content": "Great! You?"},
+                {"role": "user", "medium": "text", "content": "How are you doing?"},
+            ], "next_cursor": None})
+        elif self.path.startswith("/v1/instances/"):
+            self._json(200, {"id": "inst-1", "snapshot_title": "Luna",
+                             "snapshot_description": "{{char}} is a cheerful barista.",
+                             "snapshot_personality": "warm", "snapshot_scenario": "Evening chat."})
+        elif self.path.startswith("/v1/personas"):
+            self._json(200, {"data": [{"name": "Sam", "gender": "female", "is_default": True}]})
+        else:
+            self._json(404, {"error": "not found"})
+
+    def do_POST(self):
+        length = int(self.headers.get("content-length", 0))
+        self.rfile.read(length)
+        self._json(201, {"id": "m"})
+
+
+def serve_platform(port):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Platform)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+
+def measure(shim, key, runs):
+    ttfb, gaps, chunks, totals = [], [], [], []
+    for i in range(runs):
+        req = urllib.request.Request(
+            f"{shim}/v1/instances/inst-1/chat/stream",
+            data=json.dumps({"content": f"What are you doing tonight? ({i})"}).encode(),
+            headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+        )
+        start = time.perf_counter()
+        last = None
+        n = 0
+        with urllib.request.urlopen(req) as resp:
+            while True:
+                chunk = resp.read1(65536)
+                if not chunk:
+                    break
+                now = time.perf_counter()
+                if last is None:
+                    ttfb.append(now - start)
+                else:
+                    gaps.append(now - last)
+                last = now
+                n += 1
+        totals.append(time.perf_counter() - start)
+        chunks.append(n)
+    gaps.sort()
+    return {
+        "runs": runs,
+        "ttfb_ms_mean": 1000 * sum(ttfb) / len(ttfb),
+        "gap_ms_median": 1000 * gaps[len(gaps) // 2] if gaps else None,
+        "gap_ms_p90": 1000 * gaps[int(len(gaps) * 0.9)] if gaps else None,
+        "chunks_mean": sum(chunks) / len(chunks),
+        "seconds_per_reply": sum(totals) / len(totals),
+    }
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "platform":
+        serve_platform(int(sys.argv[2]))
+        while True:
+            time.sleep(3600)
+    else:
+        print(json.dumps(measure(sys.argv[2], sys.argv[3], int(sys.argv[4]))))

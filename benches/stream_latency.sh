@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Streamed chat latency at the shim (time to first byte, gaps between
+# chunks) with the default model, next to the model's own per-token time
+# (text_bench), all release builds on this machine, in one run.
+#   benches/stream_latency.sh [RUNS] [REPLY_TOKENS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-10}
+TOKENS=${2:-48}
+cargo build --release -p api-shim -p worker -p benches >/dev/null 2>&1
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+RP=$(free_port); SP=$(free_port); PP=$(free_port)
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+redis-server --port "$RP" --save "" --appendonly no >/dev/null & pids+=($!)
+python3 benches/stream_latency.py platform "$PP" & pids+=($!)
+export REDIS_URL=redis://127.0.0.1:$RP SHIM_API_KEYS=bench WEBHOOK_SECRET=whsec_YmVuY2gtYmVuY2gtYmVuY2g= LOG=warn
+SHIM_BIND=127.0.0.1:$SP ./target/release/api-shim & pids+=($!)
+PLATFORM_URL=http://127.0.0.1:$PP MAX_NEW_TOKENS=$TOKENS IGNORE_EOS=true ./target/release/worker & pids+=($!)
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$SP/health" | grep -q '"idle":1' && break; sleep 0.2; done
+STREAM=$(python3 benches/stream_latency.py measure "http://127.0.0.1:$SP" bench "$RUNS")
+MODEL=$(./target/release/text_bench 256 "$TOKENS" 1 3 2>/dev/null)
+python3 - "$STREAM" "$MODEL" <<'PY'
+import json, sys
+s, m = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+per_token = 1000 / m["tg_tok_s"]
+print(f"time to first byte at the shim:  {s['ttfb_ms_mean']:.0f} ms (mean of {s['runs']})")
+print(f"gap between chunks:              {s['gap_ms_median']:.1f} ms median, {s['gap_ms_p90']:.1f} ms p90")
+print(f"model's own time per token:      {per_token:.1f} ms ({m['tg_tok_s']:.1f} tok/s); prefill of {m['prompt_tokens']} tokens {1000 * m['prompt_tokens'] / m['pp_tok_s']:.0f} ms")
+print(f"pipeline's added gap per chunk:  {s['gap_ms_median'] - per_token:+.1f} ms")
+PY

@@ -14,12 +14,14 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 redis-server --port "$RP" --save "" --appendonly no >/dev/null & pids+=($!)
 python3 benches/stream_latency.py platform "$PP" & pids+=($!)
+for _ in $(seq 100); do redis-cli -p "$RP" ping >/dev/null 2>&1 && break; sleep 0.1; done
 export REDIS_URL=redis://127.0.0.1:$RP SHIM_API_KEYS=bench WEBHOOK_SECRET=whsec_YmVuY2gtYmVuY2gtYmVuY2g= LOG=warn
 SHIM_BIND=127.0.0.1:$SP ./target/release/api-shim & pids+=($!)
 PLATFORM_URL=http://127.0.0.1:$PP MAX_NEW_TOKENS=$TOKENS IGNORE_EOS=true ./target/release/worker & pids+=($!)
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$SP/health" | grep -q '"idle":1' && break; sleep 0.2; done
 STREAM=$(python3 benches/stream_latency.py measure "http://127.0.0.1:$SP" bench "$RUNS")
-MODEL=$(./target/release/text_bench 256 "$TOKENS" 1 3 2>/dev/null)
+# A prompt about as long as the streamed chat's (~120 tokens).
+MODEL=$(./target/release/text_bench 128 "$TOKENS" 1 3 2>/dev/null)
 python3 - "$STREAM" "$MODEL" <<'PY'
 import json, sys
 s, m = json.loads(sys.argv[1]), json.loads(sys.argv[2])

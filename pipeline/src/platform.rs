@@ -70,6 +70,18 @@ impl PlatformError {
     }
 }
 
+/// A message to save ("Create message").
+#[derive(Debug, Clone, Copy)]
+pub struct NewMessage<'a> {
+    pub role: &'a str,
+    pub medium: &'a str,
+    pub content: &'a str,
+    /// Passed through (XP scoping).
+    pub skin_id: Option<&'a str>,
+    /// A reply cut short by a disconnect.
+    pub partial: bool,
+}
+
 #[derive(Clone)]
 pub struct PlatformClient {
     http: reqwest::Client,
@@ -284,18 +296,15 @@ impl PlatformClient {
     pub async fn create_message(
         &self,
         instance_id: &str,
-        role: &str,
-        medium: &str,
-        content: &str,
-        skin_id: Option<&str>,
-        partial: bool,
+        message: &NewMessage<'_>,
         idempotency_key: &str,
     ) -> Result<Value, PlatformError> {
-        let mut body = json!({"role": role, "medium": medium, "content": content});
-        if let Some(s) = skin_id {
+        let mut body =
+            json!({"role": message.role, "medium": message.medium, "content": message.content});
+        if let Some(s) = message.skin_id {
             body["skin_id"] = json!(s);
         }
-        if partial {
+        if message.partial {
             body["partial"] = json!(true);
         }
         self.send(

@@ -16,6 +16,21 @@ struct StreamWire {
     medium: Option<String>,
     #[serde(default)]
     skin_id: Option<String>,
+    #[serde(default)]
+    context: Option<StreamContext>,
+}
+
+/// Context a job may carry inline instead of having the worker fetch it;
+/// each part given wins over fetching that part.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct StreamContext {
+    /// The instance snapshot (seed 000 field names).
+    pub instance: Option<Value>,
+    pub persona: Option<Value>,
+    /// Earlier messages, oldest first (`role`, `medium`, `content`).
+    pub messages: Option<Vec<Value>>,
+    pub scratchpad: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -26,6 +41,7 @@ pub struct ChatStreamJob {
     pub medium: String,
     /// Passed through to the saved messages (XP scoping).
     pub skin_id: Option<String>,
+    pub context: StreamContext,
 }
 
 impl ChatStreamJob {
@@ -57,6 +73,7 @@ impl ChatStreamJob {
             content: w.content,
             medium,
             skin_id: w.skin_id,
+            context: w.context.unwrap_or_default(),
         })
     }
 }

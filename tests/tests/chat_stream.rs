@@ -80,7 +80,7 @@ async fn stream_relays_chunks_while_generating_and_saves_both_messages_once() {
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.unwrap();
-        first_chunk_at.get_or_insert_with(|| pipeline::now_ms());
+        first_chunk_at.get_or_insert_with(pipeline::now_ms);
         // Every chunk is valid UTF-8 on its own: no character is split.
         chunks.push(String::from_utf8(chunk.to_vec()).expect("chunk is whole UTF-8"));
     }
@@ -231,4 +231,42 @@ async fn bad_stream_requests_and_sse_of_a_run_job() {
     for (i, o) in options.iter().enumerate() {
         assert_eq!(o["text"].as_str().unwrap(), per_option[i], "option {i}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_context_wins_over_fetching() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let platform = PlatformFixture::start().await;
+    // The platform's instance route would fail every time: it must not be asked.
+    platform.state.fail_instance.store(1_000, Ordering::SeqCst);
+    let _worker = start_worker(&redis, &worker_env(&platform, &[]));
+    let api = Api::new(&shim);
+    let body = json!({"input": {
+        "instance_id": "inst-9", "content": "Hi there!",
+        "context": {
+            "instance": {"snapshot_title": "Mia", "snapshot_description": "{{char}} runs a bookshop."},
+            "persona": {"name": "Alex", "gender": "male"},
+            "messages": [{"role": "assistant", "content": "Welcome to the shop!"}],
+            "scratchpad": "Alex likes mystery novels."
+        }
+    }});
+    let (code, done) = api
+        .post(
+            "/v2/chat_stream/runsync?wait=120000",
+            Some(API_KEY),
+            body.to_string(),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    assert!(!done["output"]["content"].as_str().unwrap().is_empty());
+    assert_eq!(done["output"]["memory_words"], 4);
+    assert_eq!(platform.state.instance_hits.load(Ordering::SeqCst), 0);
+    assert_eq!(platform.state.scratchpad_hits.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        platform.saved().len(),
+        2,
+        "messages are still saved to the platform"
+    );
 }

@@ -229,30 +229,23 @@ async fn default_persona_and_idempotent_message_save() {
     let (base, f) = start().await;
     let c = client(&base, "platform-key");
     let p = c.default_persona().await.unwrap().unwrap();
+    let hello = pipeline::platform::NewMessage {
+        role: "assistant",
+        medium: "text",
+        content: "Hello!",
+        skin_id: Some("skin-9"),
+        partial: false,
+    };
     assert_eq!(
         (p["name"].as_str(), p["gender"].as_str()),
         (Some("Sam"), Some("female"))
     );
-    c.create_message(
-        "inst-1",
-        "assistant",
-        "text",
-        "Hello!",
-        Some("skin-9"),
-        "job-1:assistant",
-    )
-    .await
-    .unwrap();
-    c.create_message(
-        "inst-1",
-        "assistant",
-        "text",
-        "Hello!",
-        Some("skin-9"),
-        "job-1:assistant",
-    )
-    .await
-    .unwrap();
+    c.create_message("inst-1", &hello, "job-1:assistant")
+        .await
+        .unwrap();
+    c.create_message("inst-1", &hello, "job-1:assistant")
+        .await
+        .unwrap();
     let saved = f.saved.lock().unwrap();
     assert_eq!(saved.len(), 1, "the same idempotency key saves once");
     assert_eq!(

@@ -35,6 +35,18 @@ pub struct ChatEngine {
     tts: Option<Arc<dyn TextToSpeech>>,
 }
 
+/// What a chat prompt is made of.
+pub struct ChatContext<'a> {
+    pub character: &'a prompts::RenderedCharacter,
+    pub persona: Option<&'a prompts::Persona>,
+    pub memory: Option<&'a str>,
+    /// Oldest first, the new message last.
+    pub history: &'a [HistoryMessage],
+    pub new_chat: bool,
+    pub seed: u64,
+    pub clock: DateTime<FixedOffset>,
+}
+
 /// What a job cost the model, for the fleet's metrics.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
@@ -91,25 +103,19 @@ impl ChatEngine {
     /// tokens) and renders them with the model's chat template.
     pub fn render_prompt(
         &self,
-        character: &prompts::RenderedCharacter,
-        persona: Option<&prompts::Persona>,
-        memory: Option<&str>,
-        history: &[HistoryMessage],
-        new_chat: bool,
-        seed: u64,
-        clock: DateTime<FixedOffset>,
+        chat: &ChatContext<'_>,
     ) -> Result<(String, PromptReport), JobError> {
         let counter = ModelTokens(self.model.as_ref());
         let parts = PromptParts {
-            character,
-            persona,
-            memory,
-            history,
+            character: chat.character,
+            persona: chat.persona,
+            memory: chat.memory,
+            history: chat.history,
             lorebooks: &[],
             default_system_prompt: None,
-            new_chat,
-            clock,
-            seed,
+            new_chat: chat.new_chat,
+            clock: chat.clock,
+            seed: chat.seed,
             budget: self
                 .model
                 .context_length()
@@ -164,8 +170,15 @@ impl ChatEngine {
             });
         }
         let new_chat = !job.messages.iter().any(|m| m.is_processed);
-        let (prompt, report) =
-            self.render_prompt(&character, None, None, &history, new_chat, seed, clock)?;
+        let (prompt, report) = self.render_prompt(&ChatContext {
+            character: &character,
+            persona: None,
+            memory: None,
+            history: &history,
+            new_chat,
+            seed,
+            clock,
+        })?;
         Ok(PreparedChat {
             prompt,
             resolved_texts,

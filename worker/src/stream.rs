@@ -15,7 +15,7 @@ use chrono::{DateTime, FixedOffset};
 use models::text::StopReason;
 use models::SamplingParams;
 use pipeline::memory_contract::MemoryCondenseJob;
-use pipeline::platform::PlatformClient;
+use pipeline::platform::{NewMessage, PlatformClient};
 use pipeline::queue::Outcome;
 use pipeline::stream_contract::{ChatStreamJob, ChatStreamOutput};
 use prompts::macros::Gender;
@@ -23,7 +23,7 @@ use prompts::{HistoryMessage, Persona, RenderedCharacter, Role};
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::chat::{ChatEngine, JobError, Usage};
+use crate::chat::{ChatContext, ChatEngine, JobError, Usage};
 
 pub struct StreamRun {
     pub engine: Arc<ChatEngine>,
@@ -64,21 +64,32 @@ impl StreamRun {
             JobError::new("streamed chat needs the platform API: set PLATFORM_URL and PLATFORM_API_KEY on the worker")
         })?;
         let pe = |e: pipeline::platform::PlatformError| JobError::new(e.to_string());
-        let instance = platform
-            .instance(&job.instance_id, None)
-            .await
-            .map_err(pe)?;
+        // Context the job carries inline wins over fetching it.
+        let ctx = &job.context;
+        let instance = match &ctx.instance {
+            Some(i) => i.clone(),
+            None => platform
+                .instance(&job.instance_id, None)
+                .await
+                .map_err(pe)?,
+        };
         let character = RenderedCharacter::from_activity(&instance)
             .map_err(|e| JobError::new(e.to_string()))?;
-        let persona = platform
-            .default_persona()
-            .await
-            .map_err(pe)?
-            .map(|p| persona_of(&p));
-        let earlier = platform
-            .recent_messages(&job.instance_id, self.history_messages)
-            .await
-            .map_err(pe)?;
+        let persona = match &ctx.persona {
+            Some(p) => Some(persona_of(p)),
+            None => platform
+                .default_persona()
+                .await
+                .map_err(pe)?
+                .map(|p| persona_of(&p)),
+        };
+        let earlier = match &ctx.messages {
+            Some(m) => m.clone(),
+            None => platform
+                .recent_messages(&job.instance_id, self.history_messages)
+                .await
+                .map_err(pe)?,
+        };
         let mut history: Vec<HistoryMessage> = earlier
             .iter()
             .filter_map(|m| {
@@ -100,7 +111,11 @@ impl StreamRun {
         });
         // The scratchpad, condensed when longer than the prompt may spend.
         let mut usage = Usage::default();
-        let memory = match platform.scratchpad(&job.instance_id).await.map_err(pe)? {
+        let scratchpad = match &ctx.scratchpad {
+            Some(s) => Some(s.clone()).filter(|s| !s.trim().is_empty()),
+            None => platform.scratchpad(&job.instance_id).await.map_err(pe)?,
+        };
+        let memory = match scratchpad {
             None => None,
             Some(pad) => {
                 let engine = self.engine.clone();
@@ -120,15 +135,15 @@ impl StreamRun {
                 Some(out)
             }
         };
-        let (prompt, _) = self.engine.render_prompt(
-            &character,
-            persona.as_ref(),
-            memory.as_ref().map(|m| m.content.as_str()),
-            &history,
+        let (prompt, _) = self.engine.render_prompt(&ChatContext {
+            character: &character,
+            persona: persona.as_ref(),
+            memory: memory.as_ref().map(|m| m.content.as_str()),
+            history: &history,
             new_chat,
-            self.seed,
-            self.clock,
-        )?;
+            seed: self.seed,
+            clock: self.clock,
+        })?;
 
         let (engine, cancel, deltas, seed) = (
             self.engine.clone(),
@@ -173,11 +188,13 @@ impl StreamRun {
         let user_message = platform
             .create_message(
                 &job.instance_id,
-                "user",
-                &job.medium,
-                &job.content,
-                skin,
-                false,
+                &NewMessage {
+                    role: "user",
+                    medium: &job.medium,
+                    content: &job.content,
+                    skin_id: skin,
+                    partial: false,
+                },
                 &format!("{}:user", self.job_id),
             )
             .await
@@ -185,11 +202,13 @@ impl StreamRun {
         let assistant_message = platform
             .create_message(
                 &job.instance_id,
-                "assistant",
-                "text",
-                &option.text,
-                skin,
-                partial,
+                &NewMessage {
+                    role: "assistant",
+                    medium: "text",
+                    content: &option.text,
+                    skin_id: skin,
+                    partial,
+                },
                 &format!("{}:assistant", self.job_id),
             )
             .await

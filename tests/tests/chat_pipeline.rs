@@ -98,6 +98,7 @@ async fn multiple_options_seed_round_trips_with_signed_callback() {
     let metrics = api
         .http
         .get(format!("{}/metrics", api.base))
+        .bearer_auth(API_KEY)
         .send()
         .await
         .unwrap()
@@ -321,7 +322,15 @@ async fn bad_requests_get_clear_4xx_and_nothing_is_queued() {
     let (code, _) = api.get("/status/no-such-job", Some(API_KEY)).await;
     assert_eq!(code, StatusCode::NOT_FOUND);
 
-    let (code, doc) = api.get("/openapi.json", None).await;
+    let (code, _) = api.get("/openapi.json", None).await;
+    assert_eq!(
+        code,
+        StatusCode::UNAUTHORIZED,
+        "every route but /health needs a key"
+    );
+    let (code, _) = api.get("/metrics", None).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let (code, doc) = api.get("/openapi.json", Some(API_KEY)).await;
     assert_eq!(code, StatusCode::OK);
     for p in [
         "/run",

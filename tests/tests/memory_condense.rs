@@ -56,6 +56,7 @@ async fn condense_keeps_hinted_facts_within_max_words() {
     let metrics = || async {
         api.http
             .get(format!("{}/metrics", api.base))
+            .bearer_auth(API_KEY)
             .send()
             .await
             .unwrap()

@@ -8,6 +8,7 @@ use prometheus::{Encoder, TextEncoder};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::startup::AppState;
 
@@ -63,7 +64,10 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
     })))
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+pub async fn metrics(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<impl IntoResponse, ApiError> {
     let s = snapshot(&state).await?;
     for st in pipeline::JobState::ALL {
         let n = s.counts.get(st.as_str()).copied().unwrap_or(0).max(0);

@@ -67,7 +67,7 @@ fn job_routes(prefix: &str, tag: &str) -> Vec<(String, Value)> {
     ]
 }
 
-pub async fn openapi() -> Json<Value> {
+pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
     let mut paths = serde_json::Map::new();
     for (p, v) in job_routes("", "jobs")
         .into_iter()
@@ -111,7 +111,7 @@ pub async fn openapi() -> Json<Value> {
                       "404": {"description": "no such job for this key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}
     }}));
     paths.insert("/health".into(), json!({"get": {"tags": ["ops"], "summary": "Jobs by state, workers seen, callbacks pending and dead-lettered", "responses": {"200": {"description": "OK"}}}}));
-    paths.insert("/metrics".into(), json!({"get": {"tags": ["ops"], "summary": "Prometheus metrics", "responses": {"200": {"description": "OK"}}}}));
+    paths.insert("/metrics".into(), json!({"get": {"tags": ["ops"], "summary": "Prometheus metrics", "security": [{"bearer": []}], "responses": {"200": {"description": "OK"}}}}));
     Json(json!({
         "openapi": "3.1.0",
         "info": {"title": "companion worker api-shim", "version": env!("CARGO_PKG_VERSION"),

@@ -34,6 +34,23 @@ impl ApiError {
         }
     }
 
+    /// An input error of a native route, whose body is the input itself:
+    /// fields are named from the body's root (`max_words`, not
+    /// `input.max_words`).
+    pub fn native_input(e: RequestError) -> Self {
+        let mut err = Self::from(e);
+        if let Some(field) = err.field.take() {
+            let field = match field.strip_prefix("input.") {
+                Some(f) => f.to_string(),
+                None if field == "input" => "body".to_string(),
+                None => field,
+            };
+            err.message = format!("{field}: {}", err.rule.clone().unwrap_or_default());
+            err.field = Some(field);
+        }
+        err
+    }
+
     pub fn not_found(id: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

@@ -53,6 +53,28 @@ pub fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiEr
     })
 }
 
+/// The body of a native route (`/v1/...`), which is the job's input itself:
+/// a JSON object, which `complete` may add path parameters to.
+pub fn native_input(
+    body: &[u8],
+    complete: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::input(
+            StatusCode::BAD_REQUEST,
+            &pipeline::InputError::new("body", format!("must be valid JSON ({e})")),
+        )
+    })?;
+    let Value::Object(mut input) = value else {
+        return Err(ApiError::input(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &pipeline::InputError::new("body", "must be a JSON object"),
+        ));
+    };
+    complete(&mut input);
+    Ok(input)
+}
+
 /// RunPod's status body.
 pub fn status_body(rec: &JobRecord) -> Value {
     let mut body = json!({

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::routes::jobs::{body_or_error, wait_until_done};
+use crate::routes::jobs::{body_or_error, native_input, wait_until_done};
 use crate::startup::AppState;
 
 pub async fn condense(
@@ -22,27 +22,12 @@ pub async fn condense(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let body = body_or_error(body)?;
-    let input: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::input(
-            StatusCode::BAD_REQUEST,
-            &pipeline::InputError::new("body", format!("must be valid JSON ({e})")),
-        )
-    })?;
-    let envelope = json!({ "input": input }).to_string();
-    // The body is the input itself: name fields from the body's root.
-    let req = RunRequest::parse(JobKind::Memory, envelope.as_bytes()).map_err(|e| {
-        let mut err = ApiError::from(e);
-        if let Some(field) = err.field.take() {
-            let field = match field.strip_prefix("input.") {
-                Some(f) => f.to_string(),
-                None if field == "input" => "body".to_string(),
-                None => field,
-            };
-            err.message = format!("{field}: {}", err.rule.clone().unwrap_or_default());
-            err.field = Some(field);
-        }
-        err
-    })?;
+    let input = native_input(&body, |_| {})?;
+    let req = RunRequest::parse(
+        JobKind::Memory,
+        json!({ "input": input }).to_string().as_bytes(),
+    )
+    .map_err(ApiError::native_input)?;
     let mut events = state.events.subscribe();
     let rec = state.queue.enqueue(&req, &caller.owner).await?;
     state

@@ -27,7 +27,7 @@ use serde_json::json;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::routes::jobs::body_or_error;
+use crate::routes::jobs::{body_or_error, native_input};
 use crate::startup::AppState;
 
 const READ_BLOCK: Duration = Duration::from_millis(500);
@@ -108,28 +108,41 @@ impl TokenReader {
             if let Some((last, _)) = events.last() {
                 self.after = last.clone();
             }
-            if events.is_empty() {
-                // Ended without an End event (cancelled, expired, taken over)?
+            let quiet = events.is_empty();
+            self.pending.extend(events.into_iter().map(|(_, e)| e));
+            if quiet {
+                // Over without an End event (cancelled, expired, or its
+                // worker died after writing the result)? Every delta was
+                // written before the result, so after one last look the
+                // stream is complete.
                 if let Some(rec) = self.queue.get(&self.id).await? {
-                    if rec.state.is_terminal() && rec.state != JobState::Completed {
-                        self.pending.push_back(TokenEvent::End {
-                            state: rec.state.as_str().into(),
-                        });
+                    if rec.state.is_terminal() {
+                        let rest = self
+                            .queue
+                            .read_tokens(
+                                &mut self.conn,
+                                &self.id,
+                                &self.after,
+                                Duration::from_millis(1),
+                            )
+                            .await?;
+                        if let Some((last, _)) = rest.last() {
+                            self.after = last.clone();
+                        }
+                        let ended = rest
+                            .iter()
+                            .any(|(_, e)| matches!(e, TokenEvent::End { .. }));
+                        self.pending.extend(rest.into_iter().map(|(_, e)| e));
+                        if !ended {
+                            self.pending.push_back(TokenEvent::End {
+                                state: rec.state.as_str().into(),
+                            });
+                        }
                     }
                 }
             }
-            self.pending.extend(events.into_iter().map(|(_, e)| e));
         }
     }
-}
-
-#[derive(serde::Deserialize)]
-struct StreamBody {
-    content: serde_json::Value,
-    #[serde(default)]
-    medium: Option<serde_json::Value>,
-    #[serde(default)]
-    skin_id: Option<serde_json::Value>,
 }
 
 pub async fn chat_stream(
@@ -139,35 +152,14 @@ pub async fn chat_stream(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_or_error(body)?;
-    let parsed: StreamBody = serde_json::from_slice(&body).map_err(|e| {
-        let status = if e.is_syntax() || e.is_eof() {
-            StatusCode::BAD_REQUEST
-        } else {
-            StatusCode::UNPROCESSABLE_ENTITY
-        };
-        let field = e
-            .to_string()
-            .split('`')
-            .nth(1)
-            .filter(|_| e.to_string().starts_with("missing field"))
-            .unwrap_or("body")
-            .to_string();
-        ApiError::input(status, &pipeline::InputError::new(field, e.to_string()))
+    let input = native_input(&body, |input| {
+        input.insert("instance_id".into(), json!(instance_id));
     })?;
-    let input = json!({
-        "instance_id": instance_id, "content": parsed.content,
-        "medium": parsed.medium, "skin_id": parsed.skin_id,
-    });
-    let envelope = json!({ "input": input }).to_string();
-    let req = RunRequest::parse(JobKind::ChatStream, envelope.as_bytes()).map_err(|e| {
-        let mut err = ApiError::from(e);
-        if let Some(f) = err.field.take() {
-            let f = f.strip_prefix("input.").unwrap_or(&f).to_string();
-            err.message = format!("{f}: {}", err.rule.clone().unwrap_or_default());
-            err.field = Some(f);
-        }
-        err
-    })?;
+    let req = RunRequest::parse(
+        JobKind::ChatStream,
+        json!({ "input": input }).to_string().as_bytes(),
+    )
+    .map_err(ApiError::native_input)?;
     let rec = state.queue.enqueue(&req, &caller.owner).await?;
     state
         .metrics

@@ -14,7 +14,83 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+/// An activity instance: the character snapshot a chat runs on (seed 000
+/// field names; fields the pipeline does not read are kept in `extra`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Instance {
+    pub id: Option<String>,
+    pub snapshot_title: Option<String>,
+    pub snapshot_description: Option<String>,
+    pub snapshot_personality: Option<String>,
+    pub snapshot_scenario: Option<String>,
+    pub snapshot_example_dialogue: Option<String>,
+    pub snapshot_first_message: Option<String>,
+    pub snapshot_alternate_greetings: Option<Vec<String>>,
+    pub snapshot_system_prompt: Option<String>,
+    pub snapshot_post_history_instructions: Option<String>,
+    pub snapshot_lorebook_ids: Option<Vec<String>>,
+    pub assigned_voice_id: Option<String>,
+    pub status: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A published activity (the character before it is instanced).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Activity {
+    pub id: Option<String>,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub personality: Option<String>,
+    pub scenario: Option<String>,
+    pub example_dialogue: Option<String>,
+    pub first_message: Option<String>,
+    pub system_prompt: Option<String>,
+    pub post_history_instructions: Option<String>,
+    pub anime_skin_id: Option<String>,
+    pub realistic_skin_id: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Persona {
+    pub id: Option<String>,
+    pub name: Option<String>,
+    /// For pronouns.
+    pub gender: Option<String>,
+    pub description: Option<String>,
+    /// anime | realistic
+    pub style_preference: Option<String>,
+    pub is_default: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Skin {
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub gender: Option<String>,
+    pub style: Option<String>,
+    pub cover_photo_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Message {
+    pub id: Option<Value>,
+    pub role: String,
+    pub medium: Option<String>,
+    pub content: Option<String>,
+    pub created_at: Option<Value>,
+}
 
 #[derive(Debug, Clone)]
 pub struct PlatformConfig {
@@ -203,22 +279,41 @@ impl PlatformClient {
         Ok(v)
     }
 
-    pub async fn instance(&self, id: &str, version: Option<&str>) -> Result<Value, PlatformError> {
-        self.get(&format!("/v1/instances/{id}"), version).await
+    async fn get_typed<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        version: Option<&str>,
+    ) -> Result<T, PlatformError> {
+        typed(path, self.get(path, version).await?)
     }
 
-    pub async fn activity(&self, id: &str, version: Option<&str>) -> Result<Value, PlatformError> {
-        self.get(&format!("/v1/activities/{id}"), version).await
+    pub async fn instance(
+        &self,
+        id: &str,
+        version: Option<&str>,
+    ) -> Result<Instance, PlatformError> {
+        self.get_typed(&format!("/v1/instances/{id}"), version)
+            .await
     }
 
-    pub async fn skin(&self, id: &str, version: Option<&str>) -> Result<Value, PlatformError> {
-        self.get(&format!("/v1/skins/{id}"), version).await
+    pub async fn activity(
+        &self,
+        id: &str,
+        version: Option<&str>,
+    ) -> Result<Activity, PlatformError> {
+        self.get_typed(&format!("/v1/activities/{id}"), version)
+            .await
+    }
+
+    pub async fn skin(&self, id: &str, version: Option<&str>) -> Result<Skin, PlatformError> {
+        self.get_typed(&format!("/v1/skins/{id}"), version).await
     }
 
     /// The user's default persona (`is_default`), if any.
-    pub async fn default_persona(&self) -> Result<Option<Value>, PlatformError> {
+    pub async fn default_persona(&self) -> Result<Option<Persona>, PlatformError> {
         let list = self.get("/v1/personas", None).await?;
-        Ok(items(&list).into_iter().find(|p| p["is_default"] == true))
+        let personas: Vec<Persona> = typed("/v1/personas", Value::Array(items(&list)))?;
+        Ok(personas.into_iter().find(|p| p.is_default == Some(true)))
     }
 
     /// Up to `limit` most recent messages of an instance, oldest first,
@@ -227,7 +322,7 @@ impl PlatformClient {
         &self,
         instance_id: &str,
         limit: usize,
-    ) -> Result<Vec<Value>, PlatformError> {
+    ) -> Result<Vec<Message>, PlatformError> {
         let mut out: Vec<Value> = Vec::new();
         let mut cursor: Option<String> = None;
         while out.len() < limit {
@@ -263,7 +358,7 @@ impl PlatformClient {
         }
         out.truncate(limit);
         out.reverse();
-        Ok(out)
+        typed("messages", Value::Array(out))
     }
 
     /// The memory scratchpad of a companion chat ("Get memory scratchpad"),
@@ -315,6 +410,13 @@ impl PlatformClient {
         )
         .await
     }
+}
+
+fn typed<T: DeserializeOwned>(path: &str, v: Value) -> Result<T, PlatformError> {
+    serde_json::from_value(v).map_err(|e| PlatformError::Shape {
+        path: path.into(),
+        message: e.to_string(),
+    })
 }
 
 /// The list in a page: `data`, `items` or `messages`, or the page itself.

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::platform::{Instance, Message, Persona};
 use crate::InputError;
 
 pub const MAX_MESSAGE_CHARS: usize = 20_000;
@@ -26,10 +27,10 @@ struct StreamWire {
 #[serde(default)]
 pub struct StreamContext {
     /// The instance snapshot (seed 000 field names).
-    pub instance: Option<Value>,
-    pub persona: Option<Value>,
+    pub instance: Option<Instance>,
+    pub persona: Option<Persona>,
     /// Earlier messages, oldest first (`role`, `medium`, `content`).
-    pub messages: Option<Vec<Value>>,
+    pub messages: Option<Vec<Message>>,
     pub scratchpad: Option<String>,
 }
 

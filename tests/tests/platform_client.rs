@@ -151,7 +151,12 @@ async fn retries_5xx_then_succeeds_and_caches_by_version() {
     f.fail_instance.store(2, Ordering::SeqCst);
     let c = client(&base, "platform-key");
     let inst = c.instance("inst-1", Some("v1")).await.unwrap();
-    assert_eq!(inst["snapshot_title"], "Luna");
+    assert_eq!(inst.snapshot_title.as_deref(), Some("Luna"));
+    assert_eq!(inst.assigned_voice_id.as_deref(), Some("joe"));
+    assert_eq!(
+        inst.extra["created_at"], "2026-11-01T00:00:00Z",
+        "other fields are kept"
+    );
     assert_eq!(f.hits.lock().unwrap()["instance"], 3, "two 500s, then 200");
     // A burst of jobs of one chat fetches once.
     for _ in 0..5 {
@@ -162,7 +167,8 @@ async fn retries_5xx_then_succeeds_and_caches_by_version() {
     c.instance("inst-1", Some("v2")).await.unwrap();
     assert_eq!(f.hits.lock().unwrap()["instance"], 4);
     // The snapshot is a character for the prompt.
-    let character = prompts::RenderedCharacter::from_activity(&inst).unwrap();
+    let character =
+        prompts::RenderedCharacter::from_activity(&serde_json::to_value(&inst).unwrap()).unwrap();
     assert_eq!(
         (character.name.as_str(), character.scenario.as_str()),
         ("Luna", "")
@@ -204,10 +210,7 @@ async fn recent_messages_follow_the_cursor_oldest_first() {
     let (base, f) = start().await;
     let c = client(&base, "platform-key");
     let msgs = c.recent_messages("inst-1", 5).await.unwrap();
-    let contents: Vec<&str> = msgs
-        .iter()
-        .map(|m| m["content"].as_str().unwrap())
-        .collect();
+    let contents: Vec<&str> = msgs.iter().map(|m| m.content.as_deref().unwrap()).collect();
     assert_eq!(
         contents,
         [
@@ -220,7 +223,8 @@ async fn recent_messages_follow_the_cursor_oldest_first() {
     );
     let all = c.recent_messages("inst-1", 50).await.unwrap();
     assert_eq!(all.len(), 7);
-    assert_eq!(all[0]["content"], "message 0");
+    assert_eq!(all[0].content.as_deref(), Some("message 0"));
+    assert_eq!(all[0].role, "user");
     assert!(f.hits.lock().unwrap()["messages"] >= 2);
 }
 
@@ -237,7 +241,7 @@ async fn default_persona_and_idempotent_message_save() {
         partial: false,
     };
     assert_eq!(
-        (p["name"].as_str(), p["gender"].as_str()),
+        (p.name.as_deref(), p.gender.as_deref()),
         (Some("Sam"), Some("female"))
     );
     c.create_message("inst-1", &hello, "job-1:assistant")

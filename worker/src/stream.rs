@@ -38,11 +38,11 @@ pub struct StreamRun {
     pub deltas: UnboundedSender<(usize, String)>,
 }
 
-fn persona_of(v: &Value) -> Persona {
+fn persona_of(p: &pipeline::platform::Persona) -> Persona {
     Persona {
-        name: v["name"].as_str().unwrap_or_default().to_string(),
-        gender: Gender::parse(v["gender"].as_str().unwrap_or_default()),
-        description: v["description"].as_str().unwrap_or_default().to_string(),
+        name: p.name.clone().unwrap_or_default(),
+        gender: Gender::parse(p.gender.as_deref().unwrap_or_default()),
+        description: p.description.clone().unwrap_or_default(),
     }
 }
 
@@ -73,6 +73,7 @@ impl StreamRun {
                 .await
                 .map_err(pe)?,
         };
+        let instance = serde_json::to_value(&instance).expect("instance serializes");
         let character = RenderedCharacter::from_activity(&instance)
             .map_err(|e| JobError::new(e.to_string()))?;
         let persona = match &ctx.persona {
@@ -93,14 +94,14 @@ impl StreamRun {
         let mut history: Vec<HistoryMessage> = earlier
             .iter()
             .filter_map(|m| {
-                let role = match m["role"].as_str()? {
+                let role = match m.role.as_str() {
                     "user" => Role::User,
                     "assistant" | "bot" | "character" => Role::Assistant,
                     _ => return None,
                 };
                 Some(HistoryMessage {
                     role,
-                    text: m["content"].as_str().unwrap_or_default().to_string(),
+                    text: m.content.clone().unwrap_or_default(),
                 })
             })
             .collect();

@@ -632,6 +632,23 @@ impl RedisQueue {
         Ok(out)
     }
 
+    /// Bytes of text already in job `id`'s token stream, by option (what an
+    /// earlier run of the job streamed before its worker died).
+    pub async fn streamed_bytes(&self, id: &str) -> Result<Vec<usize>, PipelineError> {
+        let reply: redis::streams::StreamRangeReply =
+            self.conn.clone().xrange_all(self.tokens_key(id)).await?;
+        let mut bytes: Vec<usize> = Vec::new();
+        for e in reply.ids {
+            if let (Some(option), Some(text)) = (e.get::<usize>("o"), e.get::<String>("t")) {
+                if bytes.len() <= option {
+                    bytes.resize(option + 1, 0);
+                }
+                bytes[option] += text.len();
+            }
+        }
+        Ok(bytes)
+    }
+
     /// Asks the worker running job `id` to stop generating now (a streaming
     /// client went away). The job still finishes, with what it generated.
     pub async fn request_stop(&self, id: &str, reason: &str) -> Result<(), PipelineError> {

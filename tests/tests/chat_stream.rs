@@ -270,3 +270,36 @@ async fn inline_context_wins_over_fetching() {
         "messages are still saved to the platform"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_mid_stream_is_continued_by_another_without_repeating_text() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let platform = PlatformFixture::start().await;
+    let slow = [("MAX_NEW_TOKENS", "150"), ("IGNORE_EOS", "true")];
+    let mut first = start_worker(&redis, &worker_env(&platform, &slow));
+    let api = Api::new(&shim);
+
+    let resp = open_stream(&api, json!({"content": "Tell me about your day."})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let job_id = resp.headers()["x-job-id"].to_str().unwrap().to_string();
+    let mut body = resp.bytes_stream();
+    let mut text = String::new();
+    for _ in 0..5 {
+        text.push_str(std::str::from_utf8(&body.next().await.unwrap().unwrap()).unwrap());
+    }
+    first.kill();
+    let _second = start_worker(&redis, &worker_env(&platform, &slow));
+    while let Some(chunk) = body.next().await {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+
+    let status = api.wait_terminal(&job_id).await;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    assert_eq!(status["output"]["partial"], false);
+    // The second run regenerated the same reply and streamed only the rest.
+    assert_eq!(status["output"]["content"], text.as_str());
+    let saved = platform.saved();
+    assert_eq!(saved.len(), 2, "{saved:?}");
+    assert_eq!(saved[1].1["content"], text.as_str());
+}

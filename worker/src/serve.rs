@@ -107,6 +107,28 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The part of `text` (the next delta of `option`) not streamed by an
+/// earlier run; `streamed[option]` counts down the bytes left to skip.
+fn skip_streamed(streamed: &mut [usize], option: usize, text: String) -> Option<(usize, String)> {
+    let Some(left) = streamed.get_mut(option).filter(|l| **l > 0) else {
+        return Some((option, text));
+    };
+    if text.len() <= *left {
+        *left -= text.len();
+        return None;
+    }
+    let cut = *left;
+    *left = 0;
+    // Deltas are whole characters, so the earlier run's end falls between
+    // two of them; if it does not (a different text), send the delta whole.
+    let rest = if text.is_char_boundary(cut) {
+        text[cut..].to_string()
+    } else {
+        text
+    };
+    Some((option, rest))
+}
+
 /// What a run needs besides its lease.
 struct RunContext {
     engine: Arc<ChatEngine>,
@@ -152,6 +174,13 @@ async fn run_lease(
     // Text deltas go to the job's token stream (for /stream/{id} and the
     // streamed chat route) as they come.
     let (deltas, mut delta_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    // A re-run after a crash regenerates the same text (same prompt, same
+    // seed): what the first run already streamed is not streamed again.
+    let mut streamed = if lease.attempt > 1 {
+        consumer.queue().streamed_bytes(&id).await?
+    } else {
+        Vec::new()
+    };
     let pump = {
         let (queue, id) = (consumer.queue().clone(), id.clone());
         tokio::spawn(async move {
@@ -160,6 +189,10 @@ async fn run_lease(
                 while let Ok(more) = delta_rx.try_recv() {
                     batch.push(more);
                 }
+                let batch: Vec<(usize, String)> = batch
+                    .into_iter()
+                    .filter_map(|(option, text)| skip_streamed(&mut streamed, option, text))
+                    .collect();
                 if let Err(e) = queue.publish_tokens(&id, &batch).await {
                     tracing::warn!(job = %id, error = %e, "publishing tokens failed");
                 }
@@ -272,4 +305,29 @@ async fn run_lease(
     consumer.queue().publish_end(&id, final_state).await?;
     tracing::info!(job = %id, state, written, "job finished");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skip_streamed;
+
+    #[test]
+    fn a_rerun_skips_what_was_streamed_and_keeps_the_rest() {
+        let mut streamed = vec![7, 0];
+        let out: Vec<_> = [(0, "Hello"), (1, "Hi"), (0, " wor"), (0, "ld!")]
+            .into_iter()
+            .filter_map(|(o, t)| skip_streamed(&mut streamed, o, t.to_string()))
+            .collect();
+        // "Hello w" (7 bytes) went out before the crash.
+        let expected: Vec<(usize, String)> =
+            vec![(1, "Hi".into()), (0, "or".into()), (0, "ld!".into())];
+        assert_eq!(out, expected);
+        assert_eq!(streamed, vec![0, 0]);
+        // Not on a character boundary: the delta goes whole.
+        let mut streamed = vec![1];
+        assert_eq!(
+            skip_streamed(&mut streamed, 0, "é".into()),
+            Some((0, "é".to_string()))
+        );
+    }
 }

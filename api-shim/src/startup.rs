@@ -92,7 +92,7 @@ fn job_routes() -> Router<AppState> {
         .route("/cancel/{id}", post(jobs::cancel))
         .route("/retry/{id}", post(jobs::retry))
         .route("/purge-queue", post(jobs::purge_queue))
-        .route("/stream/{id}", get(stream::sse))
+        .route("/stream/{id}", get(stream::stream_route))
 }
 
 pub fn router(state: AppState) -> Router {

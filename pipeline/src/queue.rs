@@ -632,6 +632,37 @@ impl RedisQueue {
         Ok(out)
     }
 
+    /// The token events of job `id` since the previous poll (RunPod's polled
+    /// `/stream/{id}`): a cursor per job remembers how far polls have read.
+    pub async fn poll_tokens(&self, id: &str) -> Result<Vec<TokenEvent>, PipelineError> {
+        let mut conn = self.conn.clone();
+        let cursor_key = self.key(&format!("stream-cursor:{id}"));
+        let after: Option<String> = conn.get(&cursor_key).await?;
+        let start = match &after {
+            Some(a) => format!("({a}"),
+            None => "-".into(),
+        };
+        let reply: redis::streams::StreamRangeReply = conn
+            .xrange_count(self.tokens_key(id), &start, "+", 1000)
+            .await?;
+        if let Some(last) = reply.ids.last() {
+            let _: () = conn
+                .set_ex(&cursor_key, &last.id, TOKEN_STREAM_TTL_SECS as u64)
+                .await?;
+        }
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|e| match e.get::<String>("end") {
+                Some(state) => TokenEvent::End { state },
+                None => TokenEvent::Text {
+                    option: e.get::<usize>("o").unwrap_or(0),
+                    text: e.get::<String>("t").unwrap_or_default(),
+                },
+            })
+            .collect())
+    }
+
     /// Bytes of text already in job `id`'s token stream, by option (what an
     /// earlier run of the job streamed before its worker died).
     pub async fn streamed_bytes(&self, id: &str) -> Result<Vec<usize>, PipelineError> {

@@ -20,6 +20,9 @@ job = endpoint.run(request)
 first_status = job.status()
 async_output = job.output(timeout=180)
 final_status = job.status()
+streamed_job = endpoint.run(request)
+streamed = "".join(streamed_job.stream())
+streamed_output = streamed_job.output(timeout=180)
 health = endpoint.health()
 purged = endpoint.purge_queue()
 
@@ -29,6 +32,8 @@ print(json.dumps({
     "first_status": first_status,
     "async_output": async_output,
     "final_status": final_status,
+    "streamed": streamed,
+    "streamed_output": streamed_output,
     "health": health,
     "purged": purged,
 }))

@@ -208,6 +208,7 @@ async fn bad_stream_requests_and_sse_of_a_run_job() {
         .http
         .get(format!("{}/stream/{id}", api.base))
         .bearer_auth(API_KEY)
+        .header("accept", "text/event-stream")
         .send()
         .await
         .unwrap();

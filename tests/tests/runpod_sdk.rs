@@ -55,6 +55,10 @@ async fn runpod_python_sdk_works_against_the_shim() {
         ["IN_QUEUE", "IN_PROGRESS", "COMPLETED"].contains(&got["first_status"].as_str().unwrap())
     );
     assert_eq!(got["final_status"], "COMPLETED");
-    assert_eq!(got["health"]["jobs"]["completed"], 2);
+    // Job.stream() polls /stream/{id}: the chunks make up the first option.
+    let first_option = &got["streamed_output"]["messages"][1]["options"][0]["text"];
+    assert!(!got["streamed"].as_str().unwrap().is_empty());
+    assert_eq!(&got["streamed"], first_option);
+    assert_eq!(got["health"]["jobs"]["completed"], 3);
     assert_eq!(got["purged"]["status"], "completed");
 }

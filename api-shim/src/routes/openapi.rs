@@ -104,10 +104,10 @@ pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
         }
     }}));
     paths.insert("/stream/{id}".into(), json!({"get": {
-        "tags": ["jobs"], "summary": "Server-Sent Events of a job's text: `output` {option, text} events, then `completed` {id, status}",
+        "tags": ["jobs"], "summary": "A job's text as it is generated: Server-Sent Events with Accept: text/event-stream (`output` {option, text}, then `completed` {id, status}); otherwise RunPod's polled JSON {id, status, stream: [{output}]} with the text since the last poll",
         "security": [{"bearer": []}],
         "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
-        "responses": {"200": {"description": "event stream", "content": {"text/event-stream": {}}},
+        "responses": {"200": {"description": "event stream, or the polled JSON", "content": {"text/event-stream": {}, "application/json": {}}},
                       "404": {"description": "no such job for this key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}
     }}));
     paths.insert("/health".into(), json!({"get": {"tags": ["ops"], "summary": "Jobs by state, workers seen, callbacks pending and dead-lettered", "responses": {"200": {"description": "OK"}}}}));

@@ -18,7 +18,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, RawPathParams, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, Sse};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use pipeline::queue::{RedisQueue, TokenEvent};
 use pipeline::{JobKind, JobState, RunRequest};
@@ -220,10 +220,51 @@ pub async fn chat_stream(
         .expect("valid response"))
 }
 
-/// `GET /stream/{id}`: Server-Sent Events — `output` events
-/// `{"option", "text"}` as text is generated, then one `completed` event
-/// `{"id", "status"}`.
-pub async fn sse(
+/// `GET /stream/{id}`: with `Accept: text/event-stream`, Server-Sent Events
+/// (see [`sse`]); otherwise RunPod's polled form, `{"id", "status",
+/// "stream": [{"output": text}]}` with the text produced since the previous
+/// poll, which RunPod's SDKs read with `Job.stream()`.
+pub async fn stream_route(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: axum::http::HeaderMap,
+    raw: RawPathParams,
+) -> Result<Response, ApiError> {
+    let wants_events = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"));
+    if wants_events {
+        return Ok(sse(State(state), caller, raw).await?.into_response());
+    }
+    let id = raw
+        .iter()
+        .find(|(k, _)| *k == "id")
+        .map(|(_, v)| v.to_string())
+        .unwrap_or_default();
+    let rec = match state.queue.get(&id).await? {
+        Some(rec) if rec.owner == caller.owner => rec,
+        _ => return Err(ApiError::not_found(&id)),
+    };
+    let chunks: Vec<serde_json::Value> = state
+        .queue
+        .poll_tokens(&id)
+        .await?
+        .into_iter()
+        .filter_map(|e| match e {
+            TokenEvent::Text { option: 0, text } => Some(json!({ "output": text })),
+            _ => None,
+        })
+        .collect();
+    Ok(
+        axum::Json(json!({"id": id, "status": rec.state.as_str(), "stream": chunks}))
+            .into_response(),
+    )
+}
+
+/// Server-Sent Events — `output` events `{"option", "text"}` as text is
+/// generated, then one `completed` event `{"id", "status"}`.
+async fn sse(
     State(state): State<AppState>,
     caller: Caller,
     raw: RawPathParams,

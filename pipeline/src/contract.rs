@@ -250,8 +250,18 @@ pub struct OutputMessage {
     pub text: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audio_file_id: Option<String>,
+    /// The spoken reply's URL, when the worker stores media (S3 / CDN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<Vec<ResponseOption>>,
+}
+
+/// The spoken reply: base64 audio, and its URL when it was also stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyAudio {
+    pub base64: String,
+    pub url: Option<String>,
 }
 
 /// The `output` of a chat job.
@@ -272,7 +282,7 @@ impl ChatRespondOutput {
         job: &ChatRespondJob,
         resolved_texts: &[String],
         options: Vec<String>,
-        audio: Option<String>,
+        audio: Option<ReplyAudio>,
     ) -> Self {
         let mut messages: Vec<OutputMessage> = job
             .new_messages()
@@ -282,6 +292,7 @@ impl ChatRespondOutput {
                 kind: m.kind,
                 text: text.clone(),
                 audio_file_id: m.audio_file_id.clone(),
+                audio_url: None,
                 options: None,
             })
             .collect();
@@ -295,6 +306,7 @@ impl ChatRespondOutput {
             kind,
             text: options.first().cloned().unwrap_or_default(),
             audio_file_id: audio.as_ref().map(|_| RESPONSE_AUDIO_KEY.to_string()),
+            audio_url: audio.as_ref().and_then(|a| a.url.clone()),
             options: Some(
                 options
                     .into_iter()
@@ -304,7 +316,7 @@ impl ChatRespondOutput {
         });
         let mut audio_files = BTreeMap::new();
         if let Some(a) = audio {
-            audio_files.insert(RESPONSE_AUDIO_KEY.to_string(), a);
+            audio_files.insert(RESPONSE_AUDIO_KEY.to_string(), a.base64);
         }
         Self {
             messages,

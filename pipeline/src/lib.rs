@@ -8,6 +8,7 @@
 //!   Streams with consumer groups, leases kept alive by heartbeats, attempt
 //!   caps, cancellation, retry and purge, and the event channel.
 //! - [`stream_contract`]: the streamed chat job.
+//! - [`media_store`]: S3-compatible or local-directory media storage.
 //! - [`platform`]: the platform API client (context by id, messages).
 //! - [`webhook`]: Standard Webhooks signing and the delivery schedule.
 //! - [`memory_contract`]: the memory condense job's request and response.
@@ -16,6 +17,7 @@
 pub mod contract;
 pub mod envelope;
 pub mod inprocess;
+pub mod media_store;
 pub mod memory_contract;
 pub mod platform;
 pub mod queue;

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use base64::Engine;
 use chrono::{DateTime, FixedOffset};
 use models::{SamplingParams, TextGeneration};
+use pipeline::contract::ReplyAudio;
 use pipeline::contract::{ChatMessage, MessageType, Originator};
+use pipeline::media_store::{media_key, MediaStore};
 use pipeline::{ChatRespondJob, ChatRespondOutput};
 use prompts::{
     assemble, CharacterCard, ChatTemplate, HistoryMessage, PromptParts, PromptReport, Role,
@@ -33,6 +35,9 @@ pub struct ChatEngine {
     templates_dir: PathBuf,
     sampling: SamplingParams,
     tts: Option<Arc<dyn TextToSpeech>>,
+    /// Where spoken replies are also stored (S3), with the tenant of keys.
+    media: Option<Arc<MediaStore>>,
+    media_tenant: String,
 }
 
 /// What a chat prompt is made of.
@@ -88,7 +93,16 @@ impl ChatEngine {
             templates_dir,
             sampling,
             tts,
+            media: None,
+            media_tenant: "default".into(),
         })
+    }
+
+    /// Also store spoken replies in `store`, under keys of `tenant`.
+    pub fn with_media(mut self, store: Option<MediaStore>, tenant: String) -> Self {
+        self.media = store.map(Arc::new);
+        self.media_tenant = tenant;
+        self
     }
 
     pub fn model(&self) -> &dyn TextGeneration {
@@ -215,6 +229,7 @@ impl ChatEngine {
     pub fn respond(
         &self,
         job: &ChatRespondJob,
+        job_id: &str,
         seed: u64,
         clock: DateTime<FixedOffset>,
         cancelled: &dyn Fn() -> bool,
@@ -260,7 +275,26 @@ impl ChatEngine {
                 let wav = tts
                     .synthesize(options.first().map(String::as_str).unwrap_or_default())
                     .map_err(|e| JobError::new(format!("text-to-speech failed: {e}")))?;
-                Some(base64::engine::general_purpose::STANDARD.encode(wav))
+                let url = match &self.media {
+                    Some(store) => {
+                        let key = media_key(
+                            &self.media_tenant,
+                            chrono::Utc::now(),
+                            job_id,
+                            "response.wav",
+                        );
+                        // A blocking-pool thread: wait for the upload here.
+                        let stored = tokio::runtime::Handle::current()
+                            .block_on(store.put(&key, wav.clone(), "audio/wav"))
+                            .map_err(|e| JobError::new(e.to_string()))?;
+                        Some(stored.url)
+                    }
+                    None => None,
+                };
+                Some(ReplyAudio {
+                    base64: base64::engine::general_purpose::STANDARD.encode(wav),
+                    url,
+                })
             }
             _ => None,
         };

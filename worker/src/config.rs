@@ -120,6 +120,27 @@ pub struct WorkerConfig {
     /// Words of memory scratchpad a streamed chat's prompt includes; longer ones are condensed first.
     #[arg(long, env = "MEMORY_MAX_WORDS", default_value_t = 150)]
     pub memory_max_words: u32,
+    /// S3 bucket for media (spoken replies); unset: media is not uploaded.
+    #[arg(long, env = "S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// S3-compatible endpoint (MinIO, R2, s3s); unset: AWS.
+    #[arg(long, env = "S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    #[arg(long, env = "S3_ACCESS_KEY_ID", default_value = "")]
+    pub s3_access_key_id: String,
+    #[arg(long, env = "S3_SECRET_ACCESS_KEY", default_value = "")]
+    pub s3_secret_access_key: String,
+    /// Path-style addressing (endpoint/bucket/key).
+    #[arg(long, env = "S3_FORCE_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub s3_force_path_style: bool,
+    /// Public URL prefix of the media bucket (a CDN).
+    #[arg(long, env = "MEDIA_CDN_BASE_URL")]
+    pub media_cdn_base_url: Option<String>,
+    /// First part of media keys: {tenant}/{yyyy}/{mm}/{job_id}/{name}.
+    #[arg(long, env = "MEDIA_TENANT", default_value = "default")]
+    pub media_tenant: String,
     /// Seconds a SIGTERM waits for the running job before leaving it to others.
     #[arg(long, env = "DRAIN_TIMEOUT_S", default_value_t = 120)]
     pub drain_timeout_s: u64,
@@ -132,6 +153,9 @@ impl WorkerConfig {
         c.redis_url = pipeline::queue::mask_redis_url(&c.redis_url);
         if !c.platform_api_key.is_empty() {
             c.platform_api_key = "****".into();
+        }
+        if !c.s3_secret_access_key.is_empty() {
+            c.s3_secret_access_key = "****".into();
         }
         c
     }
@@ -202,11 +226,23 @@ impl WorkerConfig {
             ignore_eos: self.ignore_eos,
             ..SamplingParams::default()
         };
-        ChatEngine::new(
+        let media = self.s3_bucket.as_ref().map(|bucket| {
+            pipeline::media_store::MediaStore::s3(pipeline::media_store::S3Settings {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                bucket: bucket.clone(),
+                access_key_id: self.s3_access_key_id.clone(),
+                secret_access_key: self.s3_secret_access_key.clone(),
+                force_path_style: self.s3_force_path_style,
+                cdn_base_url: self.media_cdn_base_url.clone(),
+            })
+        });
+        Ok(ChatEngine::new(
             Arc::new(model),
             self.character_templates_dir.clone(),
             sampling,
             self.tts()?,
-        )
+        )?
+        .with_media(media, self.media_tenant.clone()))
     }
 }

@@ -87,10 +87,11 @@ async fn run_embedded(
     let worker = tokio::spawn(async move {
         while let Some(job) = consumer.next().await {
             let engine = engine.clone();
-            let (input, kind) = (job.input.clone(), job.kind);
+            let (input, kind, job_id) = (job.input.clone(), job.kind, job.id.clone());
             let outcome = tokio::task::spawn_blocking(move || {
                 serve::run_job(
                     &engine,
+                    &job_id,
                     kind,
                     &input,
                     seed,

@@ -21,8 +21,10 @@ use crate::stream::StreamRun;
 
 /// Runs a job's input to an outcome. Bad input fails at once (never
 /// retried).
+#[allow(clippy::too_many_arguments)]
 pub fn run_job(
     engine: &ChatEngine,
+    job_id: &str,
     kind: JobKind,
     input: &Value,
     seed: u64,
@@ -35,7 +37,7 @@ pub fn run_job(
             .map_err(|e| format!("invalid input: {e}"))
             .and_then(|job| {
                 engine
-                    .respond(&job, seed, clock, cancelled, on_text)
+                    .respond(&job, job_id, seed, clock, cancelled, on_text)
                     .map(|(o, u)| (serde_json::to_value(o).expect("output serializes"), u))
                     .map_err(|e| e.to_string())
             }),
@@ -223,10 +225,11 @@ async fn run_lease(
             .run(),
         ),
         kind => {
-            let (engine, cancel) = (ctx.engine.clone(), cancel.clone());
+            let (engine, cancel, job_id) = (ctx.engine.clone(), cancel.clone(), id.clone());
             tokio::task::spawn_blocking(move || {
                 run_job(
                     &engine,
+                    &job_id,
                     kind,
                     &input,
                     seed,

@@ -354,3 +354,99 @@ pub fn seed_file(name: &str) -> Value {
     let raw = std::fs::read_to_string(repo_root().join("examples").join(name)).unwrap();
     serde_json::from_str(&raw).unwrap()
 }
+
+/// A real S3-compatible server (`s3s-fs`, installed by scripts/setup) over a
+/// fresh directory, with one bucket.
+pub struct S3Server {
+    pub proc: Proc,
+    pub endpoint: String,
+    pub bucket: String,
+    pub dir: tempfile::TempDir,
+}
+
+pub const S3_KEY: &str = "test-access";
+pub const S3_SECRET: &str = "test-secret-key";
+
+impl S3Server {
+    pub async fn start() -> Self {
+        let bin = std::env::var_os("S3S_FS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo/bin/s3s-fs")
+            });
+        assert!(
+            bin.exists(),
+            "{} is missing: scripts/setup installs s3s-fs",
+            bin.display()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(bin)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--access-key",
+                S3_KEY,
+                "--secret-key",
+                S3_SECRET,
+            ])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(log_file("s3s-fs"))
+            .spawn()
+            .unwrap();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "s3s-fs did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let server = Self {
+            proc: Proc {
+                child,
+                name: "s3s-fs".into(),
+            },
+            endpoint,
+            bucket: "media".into(),
+            dir,
+        };
+        server
+            .client()
+            .create_bucket()
+            .bucket(&server.bucket)
+            .send()
+            .await
+            .unwrap();
+        server
+    }
+
+    pub fn client(&self) -> aws_sdk_s3::Client {
+        let cfg = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                S3_KEY, S3_SECRET, None, None, "test",
+            ))
+            .build();
+        aws_sdk_s3::Client::from_conf(cfg)
+    }
+
+    pub async fn get(&self, key: &str) -> Vec<u8> {
+        let obj = self
+            .client()
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        obj.body.collect().await.unwrap().into_bytes().to_vec()
+    }
+}

@@ -548,6 +548,18 @@ pub enum TokenEvent {
     End { state: String },
 }
 
+impl TokenEvent {
+    fn from_entry(e: &redis::streams::StreamId) -> Self {
+        match e.get::<String>("end") {
+            Some(state) => TokenEvent::End { state },
+            None => TokenEvent::Text {
+                option: e.get::<usize>("o").unwrap_or(0),
+                text: e.get::<String>("t").unwrap_or_default(),
+            },
+        }
+    }
+}
+
 /// How long a token stream is kept after its last event.
 const TOKEN_STREAM_TTL_SECS: i64 = 3600;
 
@@ -619,13 +631,7 @@ impl RedisQueue {
         let mut out = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for e in key.ids {
-                let event = match e.get::<String>("end") {
-                    Some(state) => TokenEvent::End { state },
-                    None => TokenEvent::Text {
-                        option: e.get::<usize>("o").unwrap_or(0),
-                        text: e.get::<String>("t").unwrap_or_default(),
-                    },
-                };
+                let event = TokenEvent::from_entry(&e);
                 out.push((e.id, event));
             }
         }
@@ -653,13 +659,7 @@ impl RedisQueue {
         Ok(reply
             .ids
             .into_iter()
-            .map(|e| match e.get::<String>("end") {
-                Some(state) => TokenEvent::End { state },
-                None => TokenEvent::Text {
-                    option: e.get::<usize>("o").unwrap_or(0),
-                    text: e.get::<String>("t").unwrap_or_default(),
-                },
-            })
+            .map(|e| TokenEvent::from_entry(&e))
             .collect())
     }
 

@@ -95,16 +95,7 @@ async fn multiple_options_seed_round_trips_with_signed_callback() {
     assert!(status["executionTime"].as_u64().unwrap() > 0);
 
     // Prometheus: job states and the fleet's model totals.
-    let metrics = api
-        .http
-        .get(format!("{}/metrics", api.base))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     let value = |name: &str| -> f64 {
         metrics
             .lines()

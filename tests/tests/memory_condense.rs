@@ -53,17 +53,7 @@ async fn condense_keeps_hinted_facts_within_max_words() {
 
     // A scratchpad already within the budget comes back as it is, with no
     // model call.
-    let metrics = || async {
-        api.http
-            .get(format!("{}/metrics", api.base))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let metrics = || api.metrics();
     let before = prompt_tokens_total(&metrics().await);
     let tiny = json!({"content": "Sam likes tea. ", "max_words": 80});
     let (code, out) = api

@@ -95,6 +95,19 @@ pub fn status_body(rec: &JobRecord) -> Value {
     body
 }
 
+/// The job a `/…/{id}` route names (under a known endpoint), if the caller
+/// owns it.
+pub async fn owned_job(
+    state: &AppState,
+    caller: &Caller,
+    raw: &RawPathParams,
+) -> Result<JobRecord, ApiError> {
+    let params = path_params(raw);
+    kind_of(&params)?;
+    let id = params.get("id").cloned().unwrap_or_default();
+    owned(state, caller, &id).await
+}
+
 async fn owned(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord, ApiError> {
     match state.queue.get(id).await? {
         Some(rec) if rec.owner == caller.owner => Ok(rec),
@@ -202,10 +215,7 @@ pub async fn status(
     caller: Caller,
     raw: RawPathParams,
 ) -> Result<Json<Value>, ApiError> {
-    let params = path_params(&raw);
-    kind_of(&params)?;
-    let id = params.get("id").cloned().unwrap_or_default();
-    let rec = owned(&state, &caller, &id).await?;
+    let rec = owned_job(&state, &caller, &raw).await?;
     Ok(Json(status_body(&rec)))
 }
 
@@ -214,10 +224,8 @@ pub async fn cancel(
     caller: Caller,
     raw: RawPathParams,
 ) -> Result<Json<Value>, ApiError> {
-    let params = path_params(&raw);
-    kind_of(&params)?;
-    let id = params.get("id").cloned().unwrap_or_default();
-    let before = owned(&state, &caller, &id).await?.state;
+    let rec = owned_job(&state, &caller, &raw).await?;
+    let (id, before) = (rec.id, rec.state);
     let st = state
         .queue
         .cancel(&id, "cancelled by the client")
@@ -239,10 +247,7 @@ pub async fn retry(
     caller: Caller,
     raw: RawPathParams,
 ) -> Result<Json<Value>, ApiError> {
-    let params = path_params(&raw);
-    kind_of(&params)?;
-    let id = params.get("id").cloned().unwrap_or_default();
-    owned(&state, &caller, &id).await?;
+    let id = owned_job(&state, &caller, &raw).await?.id;
     match state.queue.retry(&id).await? {
         RetryOutcome::Requeued => Ok(Json(json!({"id": id, "status": "IN_QUEUE"}))),
         RetryOutcome::NotFound => Err(ApiError::not_found(&id)),

@@ -27,7 +27,7 @@ use serde_json::json;
 
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::routes::jobs::{body_or_error, native_input};
+use crate::routes::jobs::{body_or_error, native_input, owned_job};
 use crate::startup::AppState;
 
 const READ_BLOCK: Duration = Duration::from_millis(500);
@@ -237,15 +237,8 @@ pub async fn stream_route(
     if wants_events {
         return Ok(sse(State(state), caller, raw).await?.into_response());
     }
-    let id = raw
-        .iter()
-        .find(|(k, _)| *k == "id")
-        .map(|(_, v)| v.to_string())
-        .unwrap_or_default();
-    let rec = match state.queue.get(&id).await? {
-        Some(rec) if rec.owner == caller.owner => rec,
-        _ => return Err(ApiError::not_found(&id)),
-    };
+    let rec = owned_job(&state, &caller, &raw).await?;
+    let id = rec.id.clone();
     let chunks: Vec<serde_json::Value> = state
         .queue
         .poll_tokens(&id)
@@ -269,15 +262,7 @@ async fn sse(
     caller: Caller,
     raw: RawPathParams,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let id = raw
-        .iter()
-        .find(|(k, _)| *k == "id")
-        .map(|(_, v)| v.to_string())
-        .unwrap_or_default();
-    match state.queue.get(&id).await? {
-        Some(rec) if rec.owner == caller.owner => {}
-        _ => return Err(ApiError::not_found(&id)),
-    }
+    let id = owned_job(&state, &caller, &raw).await?.id;
     let reader = TokenReader::new(&state, &id).await?;
     let stream =
         futures::stream::unfold((reader, false), move |(mut reader, finished)| async move {

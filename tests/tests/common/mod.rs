@@ -248,6 +248,19 @@ impl Api {
         (status, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let resp = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        resp.text().await.unwrap()
+    }
+
     pub async fn status(&self, id: &str) -> Value {
         let (code, body) = self.get(&format!("/status/{id}"), Some(API_KEY)).await;
         assert_eq!(code, StatusCode::OK, "{body}");

@@ -200,11 +200,18 @@ impl CallbackSender {
                 "reason": if gone { "the receiver answered 410 Gone" } else { "retries exhausted" },
                 "dead_ms": now_ms(),
             });
-            let _: i64 = conn
+            // One transaction: a delivery is either pending or parked, never
+            // both nor neither.
+            let _: () = redis::pipe()
+                .atomic()
                 .lpush(self.queue.dead_letters_key(), dead.to_string())
+                .ignore()
+                .zrem(self.queue.callbacks_due_key(), id)
+                .ignore()
+                .del(&cb_key)
+                .ignore()
+                .query_async(&mut conn)
                 .await?;
-            let _: i64 = conn.zrem(self.queue.callbacks_due_key(), id).await?;
-            let _: i64 = conn.del(&cb_key).await?;
             return Ok(());
         }
         let planned = self.cfg.schedule[attempts];

@@ -11,6 +11,7 @@
 
 pub mod device;
 pub mod registry;
+pub mod speech;
 pub mod text;
 
 pub use text::{Generation, GgufChatModel, LoadOptions, SamplingParams, TextGeneration};

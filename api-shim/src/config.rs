@@ -43,6 +43,9 @@ pub struct ShimConfig {
     /// Hours a finished job record is kept.
     #[arg(long, env = "RESULT_TTL_HOURS", default_value_t = 48)]
     pub result_ttl_hours: u64,
+    /// Largest audio message a chat job may carry, in decoded bytes (422 over it).
+    #[arg(long, env = "MAX_AUDIO_BYTES", default_value_t = pipeline::contract::DEFAULT_MAX_AUDIO_BYTES)]
+    pub max_audio_bytes: usize,
 }
 
 impl ShimConfig {

@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cfg = config::ShimConfig::parse();
+    pipeline::contract::set_max_audio_bytes(cfg.max_audio_bytes);
     tracing::info!(config = ?cfg.masked(), "api-shim starting");
     let bind = cfg.bind.clone();
     let (app, _state) = startup::build(cfg).await?;

@@ -59,6 +59,9 @@ struct ChatInputWire {
     generate_audio: Option<bool>,
     #[serde(default)]
     num_options: Option<i64>,
+    /// The instance's `assigned_voice_id` (platform API), for spoken replies.
+    #[serde(default)]
+    voice_id: Option<String>,
 }
 
 /// A message of the conversation, in request order.
@@ -83,6 +86,37 @@ pub struct ChatRespondJob {
     pub character_params: Map<String, Value>,
     pub generate_audio: bool,
     pub num_options: u8,
+    /// Voice for the spoken reply; the worker's default when absent.
+    pub voice_id: Option<String>,
+}
+
+static MAX_AUDIO_BYTES: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_AUDIO_BYTES);
+
+/// The default largest recording a chat job may carry (decoded bytes).
+pub const DEFAULT_MAX_AUDIO_BYTES: usize = 8 * 1024 * 1024;
+
+/// Sets the largest recording [`ChatRespondJob::parse`] accepts (the shim's
+/// and the worker's `MAX_AUDIO_BYTES`).
+pub fn set_max_audio_bytes(n: usize) {
+    MAX_AUDIO_BYTES.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn max_audio_bytes() -> usize {
+    MAX_AUDIO_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Whether `b` starts like a container or stream the worker decodes: RIFF
+/// WAVE, MP3 (ID3 tag or frame sync), raw ADTS AAC, Ogg, Matroska/WebM
+/// (EBML), MP4/M4A (`ftyp`), FLAC.
+pub fn looks_like_audio(b: &[u8]) -> bool {
+    (b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WAVE")
+        || b.starts_with(b"ID3")
+        || (b.len() >= 2 && b[0] == 0xFF && (b[1] & 0xE0) == 0xE0)
+        || b.starts_with(b"OggS")
+        || b.starts_with(&[0x1A, 0x45, 0xDF, 0xA3])
+        || (b.len() >= 8 && &b[4..8] == b"ftyp")
+        || b.starts_with(b"fLaC")
 }
 
 fn err(field: impl Into<String>, rule: impl Into<String>) -> InputError {
@@ -121,15 +155,32 @@ impl ChatRespondJob {
             )
         })?;
         let audio_files = wire.audio_files.unwrap_or_default();
+        let max_audio = max_audio_bytes();
         for (key, data) in &audio_files {
-            if !data.is_empty()
-                && base64::engine::general_purpose::STANDARD
-                    .decode(data.as_bytes())
-                    .is_err()
-            {
+            if data.is_empty() {
+                continue;
+            }
+            let field = format!("input.audio_files.{key}");
+            // base64 is 4 characters for 3 bytes: refuse before decoding.
+            if data.len() / 4 * 3 > max_audio + 2 {
                 return Err(err(
-                    format!("input.audio_files.{key}"),
-                    "must be base64-encoded audio",
+                    field,
+                    format!("must be at most {max_audio} bytes of audio once decoded"),
+                ));
+            }
+            let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(data.as_bytes()) else {
+                return Err(err(field, "must be base64-encoded audio"));
+            };
+            if bytes.len() > max_audio {
+                return Err(err(
+                    field,
+                    format!("must be at most {max_audio} bytes of audio once decoded"),
+                ));
+            }
+            if !looks_like_audio(&bytes) {
+                return Err(err(
+                    field,
+                    "must be a wav, mp3, ogg (vorbis or opus), webm, m4a/aac or flac recording",
                 ));
             }
         }
@@ -149,6 +200,7 @@ impl ChatRespondJob {
             character_params: wire.character_params.unwrap_or_default(),
             generate_audio,
             num_options,
+            voice_id: wire.voice_id.filter(|v| !v.is_empty()),
         })
     }
 
@@ -420,5 +472,28 @@ mod tests {
                 "audio_files": {}
             })
         );
+    }
+
+    #[test]
+    fn recordings_must_be_audio_and_within_the_size_limit() {
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let job = |data: String| {
+            json!({
+                "messages": [{"id": 1, "type": "audio", "originator": "user", "audio_file_id": "a", "is_processed": false}],
+                "audio_files": {"a": data},
+                "character": "github:org/luna"
+            })
+        };
+        let mut wav = b"RIFF\0\0\0\0WAVEfmt ".to_vec();
+        wav.resize(64, 0);
+        assert!(ChatRespondJob::parse(&job(b64(&wav))).is_ok());
+        assert!(ChatRespondJob::parse(&job(b64(b"OggS\0\x02rest"))).is_ok());
+        let e = ChatRespondJob::parse(&job(b64(b"hello, not audio"))).unwrap_err();
+        assert_eq!(e.field, "input.audio_files.a");
+        assert!(e.rule.contains("wav, mp3"), "{}", e.rule);
+        let mut big = b"fLaC".to_vec();
+        big.resize(DEFAULT_MAX_AUDIO_BYTES + 1, 0);
+        let e = ChatRespondJob::parse(&job(b64(&big))).unwrap_err();
+        assert!(e.rule.contains("at most"), "{}", e.rule);
     }
 }

@@ -15,7 +15,7 @@ use prompts::{
     TokenCounter,
 };
 
-use crate::speech::TextToSpeech;
+use crate::speech::{TextToSpeech, Transcriber};
 
 /// A job that cannot succeed as submitted. The worker fails it at once:
 /// running it again would give the same error.
@@ -35,6 +35,7 @@ pub struct ChatEngine {
     templates_dir: PathBuf,
     sampling: SamplingParams,
     tts: Option<Arc<dyn TextToSpeech>>,
+    stt: Option<Arc<Transcriber>>,
     /// Where spoken replies are also stored (S3), with the tenant of keys.
     media: Option<Arc<MediaStore>>,
     media_tenant: String,
@@ -93,9 +94,16 @@ impl ChatEngine {
             templates_dir,
             sampling,
             tts,
+            stt: None,
             media: None,
             media_tenant: "default".into(),
         })
+    }
+
+    /// Transcribe audio messages with `stt`.
+    pub fn with_stt(mut self, stt: Option<Transcriber>) -> Self {
+        self.stt = stt.map(Arc::new);
+        self
     }
 
     /// Also store spoken replies in `store`, under keys of `tenant`.
@@ -211,15 +219,21 @@ impl ChatEngine {
                     .get(key)
                     .map(String::as_str)
                     .unwrap_or_default();
+                let id = m.id.as_ref().map(|v| v.to_string()).unwrap_or_default();
                 if audio.is_empty() {
                     // The seed's first example: an empty recording is empty text.
-                    Ok(String::new())
-                } else {
-                    Err(JobError::new(format!(
-                        "message {}: speech-to-text is not configured on this worker, so audio messages with audio cannot be transcribed",
-                        m.id.as_ref().map(|v| v.to_string()).unwrap_or_default()
-                    )))
+                    return Ok(String::new());
                 }
+                let Some(stt) = &self.stt else {
+                    return Err(JobError::new(format!(
+                        "message {id}: speech-to-text is not configured on this worker (STT_BACKEND=none), so audio messages with audio cannot be transcribed"
+                    )));
+                };
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(audio.as_bytes())
+                    .map_err(|_| JobError::new(format!("message {id}: audio_files.{key} is not base64")))?;
+                stt.transcribe(&bytes)
+                    .map_err(|e| JobError::new(format!("message {id}: audio_files.{key}: {e}")))
             }
         }
     }
@@ -237,7 +251,7 @@ impl ChatEngine {
     ) -> Result<(ChatRespondOutput, Usage), JobError> {
         if job.generate_audio && self.tts.is_none() {
             return Err(JobError::new(
-                "generate_audio: text-to-speech is not configured on this worker (install espeak-ng or set TTS_BACKEND)",
+                "generate_audio: text-to-speech is not configured on this worker (TTS_BACKEND=none)",
             ));
         }
         let prepared = self.prepare(job, seed, clock)?;
@@ -272,27 +286,27 @@ impl ChatEngine {
         let options: Vec<String> = generation.options.into_iter().map(|o| o.text).collect();
         let audio = match (&self.tts, job.generate_audio) {
             (Some(tts), true) => {
-                let wav = tts
-                    .synthesize(options.first().map(String::as_str).unwrap_or_default())
+                let spoken = tts
+                    .synthesize(
+                        options.first().map(String::as_str).unwrap_or_default(),
+                        job.voice_id.as_deref(),
+                    )
                     .map_err(|e| JobError::new(format!("text-to-speech failed: {e}")))?;
+                tracing::info!(seconds = spoken.seconds, bytes = spoken.bytes.len(), format = spoken.format.extension(), "reply spoken");
                 let url = match &self.media {
                     Some(store) => {
-                        let key = media_key(
-                            &self.media_tenant,
-                            chrono::Utc::now(),
-                            job_id,
-                            "response.wav",
-                        );
+                        let name = format!("response.{}", spoken.format.extension());
+                        let key = media_key(&self.media_tenant, chrono::Utc::now(), job_id, &name);
                         // A blocking-pool thread: wait for the upload here.
                         let stored = tokio::runtime::Handle::current()
-                            .block_on(store.put(&key, wav.clone(), "audio/wav"))
+                            .block_on(store.put(&key, spoken.bytes.clone(), spoken.format.content_type()))
                             .map_err(|e| JobError::new(e.to_string()))?;
                         Some(stored.url)
                     }
                     None => None,
                 };
                 Some(ReplyAudio {
-                    base64: base64::engine::general_purpose::STANDARD.encode(wav),
+                    base64: base64::engine::general_purpose::STANDARD.encode(&spoken.bytes),
                     url,
                 })
             }

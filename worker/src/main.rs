@@ -29,6 +29,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     tracing::info!(config = ?cli.config.masked(), "worker starting");
+    pipeline::contract::set_max_audio_bytes(cli.config.max_audio_bytes);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve::serve(cli.config).await,
         Command::Run { job, kind, seed } => {
@@ -37,8 +38,25 @@ async fn main() -> anyhow::Result<()> {
             run_embedded(cli.config, kind, &job, seed).await
         }
         Command::FetchModels => {
+            // Every default model: the text model, Whisper (converted once),
+            // ONNX Runtime, espeak-ng data and the Piper voices.
             let path = cli.config.resolve_text_model().await?;
             println!("{}", path.display());
+            if cli.config.stt_backend == "whisper" {
+                let dir = models::speech::whisper::resolve_whisper(
+                    &cli.config.whisper_model,
+                    &cli.config.models_dir(),
+                )
+                .await?;
+                println!("{}", dir.display());
+            }
+            if cli.config.tts_backend == "piper" {
+                let voices = cli.config.voice_registry().await?;
+                for id in voices.ids() {
+                    voices.voice(Some(&id)).await?;
+                    println!("voice {id}");
+                }
+            }
             Ok(())
         }
         Command::RenderPrompt { job, explain, seed } => {

@@ -1,25 +1,97 @@
-//! Text-to-speech for `generate_audio`.
-//!
-//! The first backend is the espeak-ng synthesizer (Debian `espeak-ng`), run as
-//! a process that writes a WAV to stdout: real speech, no model files. Piper
-//! voices on ONNX Runtime replace it as the default when they land.
+//! Speech for chat jobs: replies spoken by Piper voices (or espeak-ng as a
+//! fallback backend), audio messages transcribed by Whisper.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
-pub trait TextToSpeech: Send + Sync {
-    /// A WAV file speaking `text`.
-    fn synthesize(&self, text: &str) -> Result<Vec<u8>, String>;
+use models::speech::audio::{self, AudioFormat, Pcm};
+use models::speech::piper::{SynthesisConfig, VoiceRegistry};
+use models::speech::whisper::{TranscribeOptions, Whisper};
+
+/// A spoken reply, encoded.
+pub struct SpokenAudio {
+    pub bytes: Vec<u8>,
+    pub format: AudioFormat,
+    pub seconds: f64,
 }
 
+pub trait TextToSpeech: Send + Sync {
+    /// `text` spoken by `voice` (the instance's `assigned_voice_id`; the
+    /// backend's default when `None` or unknown).
+    fn synthesize(&self, text: &str, voice: Option<&str>) -> Result<SpokenAudio, String>;
+}
+
+fn encoded(pcm: &Pcm, format: AudioFormat) -> Result<SpokenAudio, String> {
+    Ok(SpokenAudio {
+        bytes: audio::encode(pcm, format).map_err(|e| e.to_string())?,
+        format,
+        seconds: pcm.seconds(),
+    })
+}
+
+/// Piper voices on ONNX Runtime, synthesized sentence by sentence.
+pub struct PiperTts {
+    voices: Arc<VoiceRegistry>,
+    format: AudioFormat,
+    config: SynthesisConfig,
+    handle: tokio::runtime::Handle,
+}
+
+impl PiperTts {
+    pub fn new(voices: VoiceRegistry, format: AudioFormat, config: SynthesisConfig) -> Self {
+        Self {
+            voices: Arc::new(voices),
+            format,
+            config,
+            handle: tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl TextToSpeech for PiperTts {
+    fn synthesize(&self, text: &str, voice: Option<&str>) -> Result<SpokenAudio, String> {
+        // Called on a blocking-pool thread: a voice not yet loaded is loaded
+        // (and fetched) here.
+        let voice = self
+            .handle
+            .block_on(self.voices.voice(voice))
+            .map_err(|e| e.to_string())?;
+        let started = std::time::Instant::now();
+        let mut samples = Vec::new();
+        let mut first = None;
+        voice
+            .synthesize_each(text, &self.config, |pcm| {
+                first.get_or_insert_with(|| started.elapsed());
+                samples.extend(pcm.samples);
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
+        let pcm = Pcm {
+            samples,
+            sample_rate: voice.config.sample_rate,
+        };
+        tracing::info!(
+            seconds = pcm.seconds(),
+            first_sentence_ms = first.map(|d| d.as_millis() as u64),
+            total_ms = started.elapsed().as_millis() as u64,
+            "spoken"
+        );
+        encoded(&pcm, self.format)
+    }
+}
+
+/// espeak-ng as a process (no model files), for machines without the Piper
+/// voice.
 pub struct EspeakNg {
     program: String,
     voice: String,
+    format: AudioFormat,
 }
 
 impl EspeakNg {
     /// Finds the program; None when it is not installed.
-    pub fn detect(program: &str, voice: &str) -> Option<Self> {
+    pub fn detect(program: &str, voice: &str, format: AudioFormat) -> Option<Self> {
         let ok = Command::new(program)
             .arg("--version")
             .stdout(Stdio::null())
@@ -30,12 +102,11 @@ impl EspeakNg {
         ok.then(|| Self {
             program: program.into(),
             voice: voice.into(),
+            format,
         })
     }
-}
 
-impl TextToSpeech for EspeakNg {
-    fn synthesize(&self, text: &str) -> Result<Vec<u8>, String> {
+    fn wav(&self, text: &str) -> Result<Vec<u8>, String> {
         // Text goes through stdin, never the command line.
         let mut child = Command::new(&self.program)
             .args(["-v", &self.voice, "--stdout", "--stdin"])
@@ -59,6 +130,71 @@ impl TextToSpeech for EspeakNg {
             ));
         }
         Ok(fix_streamed_wav_sizes(out.stdout))
+    }
+}
+
+impl TextToSpeech for EspeakNg {
+    fn synthesize(&self, text: &str, _voice: Option<&str>) -> Result<SpokenAudio, String> {
+        let pcm = audio::decode(&self.wav(text)?, f64::INFINITY).map_err(|e| e.to_string())?;
+        encoded(&pcm, self.format)
+    }
+}
+
+/// Why an audio message has no transcript.
+#[derive(Debug, thiserror::Error)]
+pub enum TranscribeError {
+    #[error("{0}")]
+    Audio(#[from] audio::AudioError),
+    #[error("the recording is {bytes} bytes; the limit is {max}")]
+    TooBig { bytes: usize, max: usize },
+    #[error("speech-to-text failed: {0}")]
+    Model(String),
+}
+
+/// Whisper with its limits.
+pub struct Transcriber {
+    whisper: Whisper,
+    language: Option<String>,
+    max_seconds: f64,
+    max_bytes: usize,
+}
+
+impl Transcriber {
+    pub fn new(whisper: Whisper, language: Option<String>, max_seconds: f64, max_bytes: usize) -> Self {
+        Self {
+            whisper,
+            language,
+            max_seconds,
+            max_bytes,
+        }
+    }
+
+    /// A recording (any common format) → its transcript; silence is `""`.
+    pub fn transcribe(&self, recording: &[u8]) -> Result<String, TranscribeError> {
+        if recording.len() > self.max_bytes {
+            return Err(TranscribeError::TooBig {
+                bytes: recording.len(),
+                max: self.max_bytes,
+            });
+        }
+        let started = std::time::Instant::now();
+        let pcm = audio::decode_to(recording, 16_000, self.max_seconds)?;
+        let opts = TranscribeOptions {
+            language: self.language.clone(),
+        };
+        let t = self
+            .whisper
+            .transcribe(&pcm.samples, &opts)
+            .map_err(|e| TranscribeError::Model(e.to_string()))?;
+        tracing::info!(
+            audio_s = pcm.seconds(),
+            ms = started.elapsed().as_millis() as u64,
+            language = t.language.as_deref().unwrap_or(""),
+            windows = t.windows,
+            silent = t.silent_windows,
+            "transcribed"
+        );
+        Ok(t.text)
     }
 }
 

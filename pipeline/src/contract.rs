@@ -168,7 +168,8 @@ impl ChatRespondJob {
                     format!("must be at most {max_audio} bytes of audio once decoded"),
                 ));
             }
-            let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(data.as_bytes()) else {
+            let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(data.as_bytes())
+            else {
                 return Err(err(field, "must be base64-encoded audio"));
             };
             if bytes.len() > max_audio {

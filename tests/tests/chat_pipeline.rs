@@ -141,7 +141,10 @@ fn wav_facts(wav: &[u8]) -> (u32, u16, u16, usize) {
 async fn audio_seed_round_trips_with_spoken_reply() {
     let redis = Redis::start();
     let shim = Shim::start(&redis, &[]).await;
-    let _worker = start_worker(&redis, &[("TTS_BACKEND", "espeak-ng")]);
+    let _worker = start_worker(
+        &redis,
+        &[("TTS_BACKEND", "piper"), ("TTS_DETERMINISTIC", "true")],
+    );
     let api = Api::new(&shim);
 
     let (code, body) = api
@@ -418,4 +421,145 @@ async fn callback_is_dead_lettered_after_the_last_try() {
         2,
         "no try after the last one"
     );
+}
+
+/// Whisper base from the model cache (scripts/test fetched it).
+fn whisper() -> models::speech::whisper::Whisper {
+    let dir = std::path::PathBuf::from(std::env::var("HOME").unwrap())
+        .join(".cache/companion-worker/models");
+    let path = tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(models::speech::whisper::resolve_whisper(
+            models::speech::whisper::DEFAULT_WHISPER_MODEL,
+            &dir,
+        ))
+    })
+    .unwrap();
+    models::speech::whisper::Whisper::load(&path, &candle_core::Device::Cpu).unwrap()
+}
+
+fn words_of(s: &str) -> Vec<String> {
+    s.split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|w| !w.is_empty())
+        .map(|w| w.to_lowercase())
+        .collect()
+}
+
+/// The seed's first example with a real spoken recording (the Piper voice, sent as
+/// browser-style WebM/Opus): the echoed audio message carries its transcript;
+/// the spoken reply (MP3 here) decodes, lasts a plausible time and
+/// transcribes back to the reply's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoken_message_is_transcribed_and_the_reply_is_spoken() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let _worker = start_worker(
+        &redis,
+        &[
+            ("TTS_BACKEND", "piper"),
+            ("STT_BACKEND", "whisper"),
+            ("TTS_FORMAT", "mp3"),
+            ("TTS_DETERMINISTIC", "true"),
+        ],
+    );
+    let api = Api::new(&shim);
+    let dir = tempfile::tempdir().unwrap();
+    let wav = dir.path().join("msg.wav");
+    let webm = dir.path().join("msg.webm");
+    let models_dir = std::path::PathBuf::from(std::env::var("HOME").unwrap())
+        .join(".cache/companion-worker/models");
+    let voices = models::speech::piper::VoiceRegistry::new(
+        [(
+            "joe".to_string(),
+            models::speech::piper::DEFAULT_VOICE.to_string(),
+        )]
+        .into(),
+        "joe",
+        models::speech::piper::DEFAULT_ONNXRUNTIME,
+        models::speech::piper::DEFAULT_ESPEAK_DATA,
+        &models_dir,
+        0,
+    )
+    .await
+    .unwrap();
+    let voice = voices.voice(None).await.unwrap();
+    let spoken = voice
+        .synthesize(
+            "I would love to go to the cinema tonight.",
+            &models::speech::piper::SynthesisConfig::deterministic(),
+        )
+        .unwrap();
+    std::fs::write(
+        &wav,
+        models::speech::audio::encode(&spoken, models::speech::audio::AudioFormat::Wav).unwrap(),
+    )
+    .unwrap();
+    assert!(std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y", "-i"])
+        .arg(&wav)
+        .args(["-c:a", "libopus", "-b:a", "32k"])
+        .arg(&webm)
+        .status()
+        .unwrap()
+        .success());
+    let mut job = seed_file("audio_reply.json");
+    job["input"]["audio_files"]["msg1"] =
+        json!(base64::engine::general_purpose::STANDARD.encode(std::fs::read(&webm).unwrap()));
+    let (code, body) = api
+        .post("/runsync?wait=180000", Some(API_KEY), job.to_string())
+        .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "COMPLETED", "{body}");
+    let messages = body["output"]["messages"].as_array().unwrap();
+    let heard = words_of(messages[2]["text"].as_str().unwrap());
+    for w in ["cinema", "tonight"] {
+        assert!(
+            heard.contains(&w.to_string()),
+            "{w:?} not in {:?}",
+            messages[2]["text"]
+        );
+    }
+    assert_eq!(messages[2]["audio_file_id"], "msg1");
+
+    let reply = messages[3]["text"].as_str().unwrap();
+    let mp3 = base64::engine::general_purpose::STANDARD
+        .decode(body["output"]["audio_files"]["response"].as_str().unwrap())
+        .unwrap();
+    assert!(
+        mp3.starts_with(b"ID3") || (mp3[0] == 0xFF && mp3[1] & 0xE0 == 0xE0),
+        "not an MP3"
+    );
+    let pcm = models::speech::audio::decode_to(&mp3, 16000, 120.0).unwrap();
+    let words = words_of(reply);
+    let secs = pcm.seconds();
+    assert!(
+        secs > 0.15 * words.len() as f64 && secs < 1.0 * words.len() as f64 + 2.0,
+        "{secs} s for {reply:?}"
+    );
+    let back = whisper()
+        .transcribe(
+            &pcm.samples,
+            &models::speech::whisper::TranscribeOptions::default(),
+        )
+        .unwrap();
+    let back = words_of(&back.text);
+    let long: Vec<&String> = words.iter().filter(|w| w.len() >= 4).collect();
+    let found = long.iter().filter(|w| back.contains(w)).count();
+    assert!(
+        found * 2 >= long.len(),
+        "reply {reply:?} came back as {back:?}"
+    );
+}
+
+/// Garbage in an audio message is refused at the door, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_that_is_not_audio_is_a_422() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let api = Api::new(&shim);
+    let mut job = seed_file("audio_reply.json");
+    job["input"]["audio_files"]["msg1"] =
+        json!(base64::engine::general_purpose::STANDARD.encode(b"definitely not a recording"));
+    let (code, body) = api.post("/run", Some(API_KEY), job.to_string()).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["field"], "input.audio_files.msg1", "{body}");
 }

@@ -231,7 +231,9 @@ impl ChatEngine {
                 };
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(audio.as_bytes())
-                    .map_err(|_| JobError::new(format!("message {id}: audio_files.{key} is not base64")))?;
+                    .map_err(|_| {
+                        JobError::new(format!("message {id}: audio_files.{key} is not base64"))
+                    })?;
                 stt.transcribe(&bytes)
                     .map_err(|e| JobError::new(format!("message {id}: audio_files.{key}: {e}")))
             }
@@ -292,14 +294,23 @@ impl ChatEngine {
                         job.voice_id.as_deref(),
                     )
                     .map_err(|e| JobError::new(format!("text-to-speech failed: {e}")))?;
-                tracing::info!(seconds = spoken.seconds, bytes = spoken.bytes.len(), format = spoken.format.extension(), "reply spoken");
+                tracing::info!(
+                    seconds = spoken.seconds,
+                    bytes = spoken.bytes.len(),
+                    format = spoken.format.extension(),
+                    "reply spoken"
+                );
                 let url = match &self.media {
                     Some(store) => {
                         let name = format!("response.{}", spoken.format.extension());
                         let key = media_key(&self.media_tenant, chrono::Utc::now(), job_id, &name);
                         // A blocking-pool thread: wait for the upload here.
                         let stored = tokio::runtime::Handle::current()
-                            .block_on(store.put(&key, spoken.bytes.clone(), spoken.format.content_type()))
+                            .block_on(store.put(
+                                &key,
+                                spoken.bytes.clone(),
+                                spoken.format.content_type(),
+                            ))
                             .map_err(|e| JobError::new(e.to_string()))?;
                         Some(stored.url)
                     }

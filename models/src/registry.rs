@@ -82,6 +82,18 @@ impl ModelSource {
     }
 }
 
+/// `MODELS_DIR`, or `~/.cache/companion-worker/models`.
+pub fn default_models_dir() -> PathBuf {
+    std::env::var_os("MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| ".".into())
+                .join(".cache/companion-worker/models")
+        })
+}
+
 /// Turns a spec into a local file, fetching it into `models_dir` if needed.
 pub async fn resolve_model(spec: &str, models_dir: &Path) -> Result<PathBuf, ModelError> {
     match ModelSource::parse(spec)? {

@@ -13,11 +13,7 @@ use models::speech::piper::{self, PiperVoice, SynthesisConfig, VoiceRegistry};
 use models::speech::whisper::{resolve_whisper, TranscribeOptions, Whisper, DEFAULT_WHISPER_MODEL};
 
 fn models_dir() -> PathBuf {
-    std::env::var_os("MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/companion-worker/models")
-        })
+    models::registry::default_models_dir()
 }
 
 fn rt() -> &'static tokio::runtime::Runtime {

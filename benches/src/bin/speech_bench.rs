@@ -4,7 +4,6 @@
 //!
 //! speech_bench TEXT_FILE AUDIO_FILE RUNS
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use models::speech::audio::decode_to;
@@ -17,11 +16,7 @@ async fn main() -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args[1])?;
     let recording = std::fs::read(&args[2])?;
     let runs: usize = args.get(3).map(|r| r.parse()).transpose()?.unwrap_or(3);
-    let models_dir = std::env::var_os("MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/companion-worker/models")
-        });
+    let models_dir = models::registry::default_models_dir();
 
     let voices = VoiceRegistry::new(
         [("joe".to_string(), piper::DEFAULT_VOICE.to_string())].into(),

@@ -17,13 +17,14 @@ command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cm
 
 LLAMA_BENCH=$(ls "$PEERS"/llama_cpp_python-*/vendor/llama.cpp/build/bin/llama-bench 2>/dev/null | tail -1 || true)
 if [ -z "$LLAMA_BENCH" ]; then
-  read -r NAME URL < <(curl -fsS -H 'Accept: application/vnd.pypi.simple.v1+json' https://pypi.org/simple/llama-cpp-python/ | python3 -c '
-import json, re, sys
-files = [f for f in json.load(sys.stdin)["files"] if f["filename"].endswith(".tar.gz") and not f.get("yanked")]
-files.sort(key=lambda f: tuple(int(p) for p in re.findall(r"\d+", f["filename"])))
-print(files[-1]["filename"], files[-1]["url"])')
-  echo "fetching $NAME" >&2
-  curl -fsSL "$URL" | tar -xz -C "$PEERS"
+  # The newest sdist, through pip (the operator's index configuration).
+  DL=$(mktemp -d)
+  python3 -m pip download -q --no-deps --no-binary=:all: -d "$DL" llama-cpp-python >&2
+  SDIST=$(ls "$DL"/llama_cpp_python-*.tar.gz | tail -1)
+  NAME=$(basename "$SDIST")
+  echo "unpacking $NAME" >&2
+  tar -xzf "$SDIST" -C "$PEERS"
+  rm -rf "$DL"
   SRC="$PEERS/${NAME%.tar.gz}/vendor/llama.cpp"
   cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null

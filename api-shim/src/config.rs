@@ -43,6 +43,12 @@ pub struct ShimConfig {
     /// Hours a finished job record is kept.
     #[arg(long, env = "RESULT_TTL_HOURS", default_value_t = 48)]
     pub result_ttl_hours: u64,
+    /// Parked callbacks kept in the dead-letter list (the oldest are dropped).
+    #[arg(long, env = "CALLBACK_DEAD_LETTER_MAX", default_value_t = 1000)]
+    pub callback_dead_letter_max: usize,
+    /// Seconds a SIGTERM waits for open requests and streams before the shim exits.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
+    pub shutdown_timeout_s: u64,
     /// Largest audio message a chat job may carry, in decoded bytes (422 over it).
     #[arg(long, env = "MAX_AUDIO_BYTES", default_value_t = pipeline::contract::DEFAULT_MAX_AUDIO_BYTES)]
     pub max_audio_bytes: usize,
@@ -61,6 +67,7 @@ impl ShimConfig {
             schedule,
             timeout,
             lease: timeout * 3,
+            dead_letter_max: self.callback_dead_letter_max,
         })
     }
 

@@ -13,6 +13,10 @@ pub struct ApiError {
     pub message: String,
     pub field: Option<String>,
     pub rule: Option<String>,
+    /// Seconds for a `Retry-After` header (503 while Redis is down).
+    pub retry_after: Option<u64>,
+    /// Keys merged into the JSON body.
+    pub extra: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -22,6 +26,8 @@ impl ApiError {
             message: message.into(),
             field: None,
             rule: None,
+            retry_after: None,
+            extra: None,
         }
     }
 
@@ -31,6 +37,8 @@ impl ApiError {
             message: e.to_string(),
             field: Some(e.field.clone()),
             rule: Some(e.rule.clone()),
+            retry_after: None,
+            extra: None,
         }
     }
 
@@ -70,11 +78,17 @@ impl From<RequestError> for ApiError {
 
 impl From<PipelineError> for ApiError {
     fn from(e: PipelineError) -> Self {
+        if pipeline::queue::is_unavailable(&e) {
+            tracing::warn!(error = %e, "the job store is unavailable");
+            let mut err = Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the job store (Redis) is unavailable; retry shortly",
+            );
+            err.retry_after = Some(1);
+            return err;
+        }
         tracing::error!(error = %e, "pipeline error");
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the job store is unavailable: {e}"),
-        )
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error in the job store")
     }
 }
 
@@ -87,6 +101,18 @@ impl IntoResponse for ApiError {
         if let Some(r) = self.rule {
             body["rule"] = json!(r);
         }
-        (self.status, Json(body)).into_response()
+        if let Some(serde_json::Value::Object(extra)) = self.extra {
+            for (k, v) in extra {
+                body[k] = v;
+            }
+        }
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+        resp
     }
 }

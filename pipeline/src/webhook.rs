@@ -6,9 +6,14 @@
 //! Delivery state lives in Redis, so a restarted shim carries on: the due
 //! set `{ns}:callbacks:due` (score: when), one hash `{ns}:cb:{id}` per pending
 //! callback (the body and webhook-id fixed at the first try, so every retry
-//! is byte-identical), and the dead-letter list `{ns}:callbacks:dead`. A
-//! delivery is leased by pushing its due time ahead before the POST; a shim
-//! that dies mid-POST leaves it due again after the lease.
+//! is byte-identical), and the dead-letter list `{ns}:callbacks:dead`
+//! (capped). A delivery is leased by pushing its due time ahead before the
+//! POST; a shim that dies mid-POST leaves it due again after the lease.
+//!
+//! The script that ends a job creates its delivery with a fresh webhook id;
+//! every later write of a delivery (its body, the next try, parking, the
+//! final removal) happens only while that webhook id is still the job's, so
+//! a delivery of an old run (before a `/retry`) never touches the new one.
 
 use std::time::Duration;
 
@@ -54,6 +59,8 @@ pub struct WebhookConfig {
     pub timeout: Duration,
     /// How long a delivery in flight is leased before another try may start.
     pub lease: Duration,
+    /// Parked callbacks kept (the oldest are dropped past it).
+    pub dead_letter_max: usize,
 }
 
 /// The callback body of a finished job.
@@ -79,6 +86,7 @@ pub struct CallbackSender {
     http: reqwest::Client,
     signer: std::sync::Arc<Webhook>,
     cfg: WebhookConfig,
+    settle_script: std::sync::Arc<redis::Script>,
 }
 
 /// Leases up to ARGV[3] due ids: their score moves to now + lease.
@@ -86,6 +94,33 @@ const LUA_LEASE_DUE: &str = r#"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id) end
 return ids
+"#;
+
+/// KEYS: callback hash, due set, dead letters. ARGV: id, webhook id, mode
+/// (`body` body | `retry` attempts last_error when | `park` letter max |
+/// `done` | `stale`). Writes only while the webhook id is the job's.
+const LUA_SETTLE: &str = r#"
+if ARGV[3] == 'stale' then
+  if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) end
+  return 1
+end
+if redis.call('HGET', KEYS[1], 'webhook_id') ~= ARGV[2] then return 0 end
+if ARGV[3] == 'body' then
+  redis.call('HSET', KEYS[1], 'body', ARGV[4])
+  return 1
+end
+if ARGV[3] == 'retry' then
+  redis.call('HSET', KEYS[1], 'attempts', ARGV[4], 'last_error', ARGV[5])
+  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[1])
+  return 1
+end
+if ARGV[3] == 'park' then
+  redis.call('LPUSH', KEYS[3], ARGV[4])
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[5]) - 1)
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
 "#;
 
 impl CallbackSender {
@@ -105,6 +140,7 @@ impl CallbackSender {
             http,
             signer: std::sync::Arc::new(signer),
             cfg,
+            settle_script: std::sync::Arc::new(redis::Script::new(LUA_SETTLE)),
         })
     }
 
@@ -112,7 +148,7 @@ impl CallbackSender {
     pub async fn lease_due(&self, max: usize) -> Result<Vec<String>, PipelineError> {
         let now = now_ms();
         let ids: Vec<String> = redis::Script::new(LUA_LEASE_DUE)
-            .key(self.queue.callbacks_due_key())
+            .key(self.queue.keys().callbacks_due())
             .arg(now)
             .arg(now + self.cfg.lease.as_millis() as u64)
             .arg(max)
@@ -121,37 +157,60 @@ impl CallbackSender {
         Ok(ids)
     }
 
+    /// Writes delivery `webhook_id` of job `id` as `mode` says, if it is
+    /// still the job's delivery; whether it was.
+    async fn settle(
+        &self,
+        id: &str,
+        webhook_id: &str,
+        mode: &str,
+        args: &[String],
+    ) -> Result<bool, PipelineError> {
+        let keys = self.queue.keys();
+        let mut inv = self.settle_script.prepare_invoke();
+        inv.key(keys.callback(id))
+            .key(keys.callbacks_due())
+            .key(keys.dead_letters())
+            .arg(id)
+            .arg(webhook_id)
+            .arg(mode);
+        for a in args {
+            inv.arg(a);
+        }
+        let done: i32 = inv.invoke_async(&mut self.queue.connection()).await?;
+        Ok(done == 1)
+    }
+
     /// One try at delivering the callback of job `id`; schedules the next try
     /// or parks it in the dead-letter list.
     pub async fn deliver(&self, id: &str) -> Result<(), PipelineError> {
-        let mut conn = self.queue.connection();
-        let cb_key = self.queue.callback_key(id);
-        let mut cb: std::collections::HashMap<String, String> = conn.hgetall(&cb_key).await?;
-        if !cb.contains_key("body") {
-            let Some(rec) = self.queue.get(id).await? else {
-                tracing::warn!(job = %id, "callback dropped: the job record is gone");
-                let _: i64 = conn.zrem(self.queue.callbacks_due_key(), id).await?;
-                return Ok(());
-            };
-            let Some(url) = rec.webhook.clone() else {
-                let _: i64 = conn.zrem(self.queue.callbacks_due_key(), id).await?;
-                return Ok(());
-            };
-            let body = callback_body(id, rec.state, rec.output.as_ref(), rec.error.as_deref());
-            let msg_id = format!("msg_{id}_{}", rec.finished_ms.unwrap_or(0));
-            cb = [
-                ("body", body),
-                ("url", url),
-                ("webhook_id", msg_id),
-                ("attempts", "0".to_string()),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-            let pairs: Vec<(&String, &String)> = cb.iter().collect();
-            let _: () = conn.hset_multiple(&cb_key, &pairs).await?;
-        }
-        let (body, url, msg_id) = (&cb["body"], &cb["url"], &cb["webhook_id"]);
+        let cb: std::collections::HashMap<String, String> = self
+            .queue
+            .connection()
+            .hgetall(self.queue.keys().callback(id))
+            .await?;
+        let (Some(msg_id), Some(url)) = (cb.get("webhook_id"), cb.get("url")) else {
+            // A due entry without a delivery (the job was retried since).
+            self.settle(id, "", "stale", &[]).await?;
+            return Ok(());
+        };
+        let body = match cb.get("body") {
+            Some(b) => b.clone(),
+            None => {
+                // Fixed at the first try, so every retry is byte-identical.
+                let Some(rec) = self.queue.get(id).await? else {
+                    tracing::warn!(job = %id, "callback dropped: the job record is gone");
+                    self.settle(id, msg_id, "done", &[]).await?;
+                    return Ok(());
+                };
+                let body =
+                    callback_body(id, rec.state, rec.output.as_ref(), rec.error.as_deref());
+                if !self.settle(id, msg_id, "body", &[body.clone()]).await? {
+                    return Ok(());
+                }
+                body
+            }
+        };
         let attempts: usize = cb.get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0) + 1;
         let ts = (now_ms() / 1000) as i64;
         let signature = self
@@ -182,8 +241,7 @@ impl CallbackSender {
         };
         if status.is_some_and(|s| (200..300).contains(&s)) {
             tracing::info!(job = %id, attempts, "callback delivered");
-            let _: i64 = conn.zrem(self.queue.callbacks_due_key(), id).await?;
-            let _: i64 = conn.del(&cb_key).await?;
+            self.settle(id, msg_id, "done", &[]).await?;
             return Ok(());
         }
         let last = match (status, &error) {
@@ -200,37 +258,32 @@ impl CallbackSender {
                 "reason": if gone { "the receiver answered 410 Gone" } else { "retries exhausted" },
                 "dead_ms": now_ms(),
             });
-            // One transaction: a delivery is either pending or parked, never
+            // One script: a delivery is either pending or parked, never
             // both nor neither.
-            let _: () = redis::pipe()
-                .atomic()
-                .lpush(self.queue.dead_letters_key(), dead.to_string())
-                .ignore()
-                .zrem(self.queue.callbacks_due_key(), id)
-                .ignore()
-                .del(&cb_key)
-                .ignore()
-                .query_async(&mut conn)
-                .await?;
+            self.settle(
+                id,
+                msg_id,
+                "park",
+                &[dead.to_string(), self.cfg.dead_letter_max.max(1).to_string()],
+            )
+            .await?;
             return Ok(());
         }
         let planned = self.cfg.schedule[attempts];
         // ±10 % jitter so a fleet's retries do not arrive together.
         let jitter = rand::thread_rng().gen_range(0.9..1.1);
         let wait = planned.mul_f64(jitter).max(retry_after.unwrap_or_default());
-        let _: () = conn
-            .hset_multiple(
-                &cb_key,
-                &[("attempts", attempts.to_string()), ("last_error", last)],
-            )
-            .await?;
-        let _: i64 = conn
-            .zadd(
-                self.queue.callbacks_due_key(),
-                id,
-                now_ms() + wait.as_millis() as u64,
-            )
-            .await?;
+        self.settle(
+            id,
+            msg_id,
+            "retry",
+            &[
+                attempts.to_string(),
+                last,
+                (now_ms() + wait.as_millis() as u64).to_string(),
+            ],
+        )
+        .await?;
         Ok(())
     }
 
@@ -239,7 +292,7 @@ impl CallbackSender {
         let raw: Vec<String> = self
             .queue
             .connection()
-            .lrange(self.queue.dead_letters_key(), 0, max - 1)
+            .lrange(self.queue.keys().dead_letters(), 0, max - 1)
             .await?;
         Ok(raw
             .iter()

@@ -423,6 +423,48 @@ async fn callback_is_dead_lettered_after_the_last_try() {
     );
 }
 
+/// The dead-letter list keeps `CALLBACK_DEAD_LETTER_MAX` letters, newest
+/// first: it cannot grow without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_list_is_capped() {
+    let redis = Redis::start();
+    let shim = Shim::start(
+        &redis,
+        &[("WEBHOOK_RETRY_SCHEDULE", "0s"), ("CALLBACK_DEAD_LETTER_MAX", "1")],
+    )
+    .await;
+    let _worker = start_worker(&redis, &[]);
+    let receiver = Receiver::start(usize::MAX).await;
+    let api = Api::new(&shim);
+    let mut body = seed_file("multiple_options.json");
+    body["input"]["character"] = json!("github:nobody/missing");
+    let mut ids = vec![];
+    for _ in 0..2 {
+        let (_, accepted) = api
+            .post("/run", Some(API_KEY), with_webhook(body.clone(), &receiver.url))
+            .await;
+        let id = accepted["id"].as_str().unwrap().to_string();
+        api.wait_terminal(&id).await;
+        ids.push(id);
+    }
+    receiver.wait_for(2, Duration::from_secs(60)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let (_, h) = api.get("/health", None).await;
+        if h["callbacks"]["pending"] == 0
+            && h["callbacks"]["recentDeadLetters"][0]["job_id"] == json!(ids[1])
+        {
+            break h;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never parked: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(health["callbacks"]["deadLettered"], 1, "{health}");
+}
+
 /// Whisper base from the model cache (scripts/test fetched it).
 fn whisper() -> models::speech::whisper::Whisper {
     let dir = std::path::PathBuf::from(std::env::var("HOME").unwrap())

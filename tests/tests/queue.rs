@@ -6,8 +6,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::Redis;
-use pipeline::queue::{Outcome, QueueConfig, RedisQueue, RetryOutcome};
+use pipeline::queue::{Finished, LeaseGuard, Outcome, QueueConfig, RedisQueue, RetryOutcome, TokenEvent};
 use pipeline::{JobKind, JobState, Policy, RunRequest};
+use redis::AsyncCommands;
 use serde_json::json;
 
 fn request(policy: Policy) -> RunRequest {
@@ -82,10 +83,13 @@ async fn backlog_of_10000_jobs_drains() {
     let mut consumer = q.consumer(&[JobKind::Chat], "drainer").await.unwrap();
     let mut done = 0;
     while let Some(lease) = consumer.next(Duration::from_millis(500)).await.unwrap() {
-        assert!(consumer
-            .finish(lease, Outcome::Completed(json!({})))
-            .await
-            .unwrap());
+        assert_eq!(
+            consumer
+                .finish(&lease, Outcome::Completed(json!({})))
+                .await
+                .unwrap(),
+            Finished::Written
+        );
         done += 1;
     }
     assert_eq!(done, n);
@@ -116,7 +120,7 @@ async fn normal_lane_goes_before_low_priority() {
     while let Some(lease) = consumer.next(Duration::from_millis(200)).await.unwrap() {
         order.push(lease.record.id.clone());
         consumer
-            .finish(lease, Outcome::Completed(json!({})))
+            .finish(&lease, Outcome::Completed(json!({})))
             .await
             .unwrap();
     }
@@ -180,10 +184,13 @@ async fn cancelled_job_is_never_run_and_cancel_is_final() {
         q.cancel(&rec.id, "").await.unwrap(),
         Some(JobState::Cancelled)
     );
-    assert!(!consumer
-        .finish(lease, Outcome::Completed(json!({"late": true})))
-        .await
-        .unwrap());
+    assert_eq!(
+        consumer
+            .finish(&lease, Outcome::Completed(json!({"late": true})))
+            .await
+            .unwrap(),
+        Finished::AlreadySettled
+    );
     let after = q.get(&rec.id).await.unwrap().unwrap();
     assert_eq!((after.state, after.output), (JobState::Cancelled, None));
 }
@@ -200,7 +207,7 @@ async fn retry_requeues_failed_jobs_only_with_fresh_attempts() {
         .unwrap()
         .unwrap();
     consumer
-        .finish(lease, Outcome::Failed("boom".into()))
+        .finish(&lease, Outcome::Failed("boom".into()))
         .await
         .unwrap();
     assert_eq!(q.retry(&rec.id).await.unwrap(), RetryOutcome::Requeued);
@@ -217,7 +224,7 @@ async fn retry_requeues_failed_jobs_only_with_fresh_attempts() {
         .unwrap();
     assert_eq!(lease.attempt, 1);
     consumer
-        .finish(lease, Outcome::Completed(json!({})))
+        .finish(&lease, Outcome::Completed(json!({})))
         .await
         .unwrap();
     assert_eq!(
@@ -280,9 +287,239 @@ async fn heartbeats_keep_a_long_job_with_its_worker() {
     // B looks for orphans for three idle windows while A keeps heartbeating.
     let mut b = q.consumer(&[JobKind::Chat], "b").await.unwrap();
     assert!(b.next(Duration::from_millis(1500)).await.unwrap().is_none());
-    assert!(a
-        .finish(lease, Outcome::Completed(json!({})))
+    assert_eq!(
+        a.finish(&lease, Outcome::Completed(json!({})))
+            .await
+            .unwrap(),
+        Finished::Written
+    );
+    beat.abort();
+}
+
+/// Every event of job `id`'s token stream, in order.
+async fn token_events(q: &RedisQueue, id: &str) -> Vec<TokenEvent> {
+    let mut conn = q.blocking_connection().await.unwrap();
+    q.read_tokens(&mut conn, id, "0", Duration::from_millis(1))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect()
+}
+
+fn text(t: &str) -> TokenEvent {
+    TokenEvent::Text {
+        option: 0,
+        text: t.into(),
+    }
+}
+
+fn end(state: &str) -> TokenEvent {
+    TokenEvent::End {
+        state: state.into(),
+    }
+}
+
+/// A worker that stalls past its lease (SIGSTOP, GC, swap) and wakes up
+/// after another worker took its job over: its heartbeat does not pull the
+/// entry back, its tokens and its result are refused, and the job ends once,
+/// with the new holder's result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_lost_its_lease_writes_nothing() {
+    let redis = Redis::start();
+    let q = queue(&redis, fast_cfg(3)).await;
+    let rec = q.enqueue(&request(Policy::default()), "o").await.unwrap();
+    let mut a = q.consumer(&[JobKind::Chat], "a").await.unwrap();
+    let stale = a.next(Duration::from_millis(500)).await.unwrap().unwrap();
+    let stale_guard = LeaseGuard::new(&q, &stale);
+    assert!(stale_guard.publish_tokens(&[(0, "Hel".into())]).await.unwrap());
+    // A stalls (no heartbeats); B takes the job over.
+    let mut b = q.consumer(&[JobKind::Chat], "b").await.unwrap();
+    let lease = b
+        .next(Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("taken over");
+    assert_eq!((lease.attempt, lease.run), (2, 2));
+    let guard = LeaseGuard::new(&q, &lease);
+    // A wakes up: its heartbeat finds the entry gone to B and marks the run lost.
+    a.beat().await.unwrap();
+    assert!(stale.is_lost() && stale_guard.is_lost());
+    assert!(!stale_guard.holds().await.unwrap());
+    assert!(!stale_guard
+        .publish_tokens(&[(0, "lo from the stale run".into())])
         .await
         .unwrap());
-    beat.abort();
+    // B still holds the entry after A's heartbeat: B's own heartbeat keeps it.
+    b.beat().await.unwrap();
+    assert!(!lease.is_lost() && guard.holds().await.unwrap());
+    assert!(guard.publish_tokens(&[(0, "lo!".into())]).await.unwrap());
+    assert_eq!(
+        a.finish(&stale, Outcome::Completed(json!({"by": "a"})))
+            .await
+            .unwrap(),
+        Finished::LeaseLost
+    );
+    assert_eq!(
+        b.finish(&lease, Outcome::Completed(json!({"by": "b"})))
+            .await
+            .unwrap(),
+        Finished::Written
+    );
+    let after = q.get(&rec.id).await.unwrap().unwrap();
+    assert_eq!(after.state, JobState::Completed);
+    assert_eq!(after.output, Some(json!({"by": "b"})));
+    assert_eq!(
+        token_events(&q, &rec.id).await,
+        vec![text("Hel"), text("lo!"), end("COMPLETED")]
+    );
+}
+
+/// A cancelled running job's token stream ends with CANCELLED (written by
+/// the cancel itself), and the run's later tokens are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_job_ends_its_stream_with_cancelled() {
+    let redis = Redis::start();
+    let q = queue(&redis, QueueConfig::default()).await;
+    let rec = q.enqueue(&request(Policy::default()), "o").await.unwrap();
+    let mut consumer = q.consumer(&[JobKind::Chat], "w").await.unwrap();
+    let lease = consumer
+        .next(Duration::from_millis(500))
+        .await
+        .unwrap()
+        .unwrap();
+    let guard = LeaseGuard::new(&q, &lease);
+    assert!(guard.publish_tokens(&[(0, "Hi".into())]).await.unwrap());
+    q.cancel(&rec.id, "by the client").await.unwrap();
+    assert!(!guard.publish_tokens(&[(0, " there".into())]).await.unwrap());
+    assert!(!guard.is_lost(), "cancelled is not taken over");
+    assert_eq!(
+        consumer
+            .finish(&lease, Outcome::Completed(json!({})))
+            .await
+            .unwrap(),
+        Finished::AlreadySettled
+    );
+    assert_eq!(
+        token_events(&q, &rec.id).await,
+        vec![text("Hi"), end("CANCELLED")]
+    );
+}
+
+/// `/retry` starts from a clean token stream and a new callback delivery: the
+/// old run's text, end event and webhook id are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_starts_from_a_clean_token_stream_and_callback() {
+    let redis = Redis::start();
+    let q = queue(&redis, QueueConfig::default()).await;
+    let mut req = request(Policy::default());
+    req.webhook = Some("http://127.0.0.1:9/hook".into());
+    let rec = q.enqueue(&req, "o").await.unwrap();
+    let mut consumer = q.consumer(&[JobKind::Chat], "w").await.unwrap();
+    let lease = consumer
+        .next(Duration::from_millis(500))
+        .await
+        .unwrap()
+        .unwrap();
+    let guard = LeaseGuard::new(&q, &lease);
+    assert!(guard.publish_tokens(&[(0, "old".into())]).await.unwrap());
+    consumer
+        .finish(&lease, Outcome::Failed("boom".into()))
+        .await
+        .unwrap();
+    let mut conn = redis.conn().await;
+    let cb_key = q.keys().callback(&rec.id);
+    let old_hook: String = conn.hget(&cb_key, "webhook_id").await.unwrap();
+    assert_eq!(
+        token_events(&q, &rec.id).await,
+        vec![text("old"), end("FAILED")]
+    );
+
+    assert_eq!(q.retry(&rec.id).await.unwrap(), RetryOutcome::Requeued);
+    assert!(token_events(&q, &rec.id).await.is_empty());
+    let exists: bool = conn.exists(&cb_key).await.unwrap();
+    assert!(!exists, "the old run's delivery is gone");
+
+    let lease = consumer
+        .next(Duration::from_millis(500))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((lease.attempt, lease.run), (1, 2));
+    let guard = LeaseGuard::new(&q, &lease);
+    assert!(guard.publish_tokens(&[(0, "new".into())]).await.unwrap());
+    consumer
+        .finish(&lease, Outcome::Completed(json!({"ok": true})))
+        .await
+        .unwrap();
+    assert_eq!(
+        token_events(&q, &rec.id).await,
+        vec![text("new"), end("COMPLETED")]
+    );
+    let new_hook: String = conn.hget(&cb_key, "webhook_id").await.unwrap();
+    assert_ne!(new_hook, old_hook);
+}
+
+/// A draining worker hands its job back: the attempt it spent is returned
+/// and another worker takes the job at once, not after the lease window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handed_back_job_runs_elsewhere_at_once_with_its_attempt_returned() {
+    let redis = Redis::start();
+    // A 10 s lease window: a takeover could not explain a pickup within 1 s.
+    let q = queue(
+        &redis,
+        QueueConfig {
+            heartbeat: Duration::from_secs(2),
+            missed_heartbeats: 5,
+            ..QueueConfig::default()
+        },
+    )
+    .await;
+    let rec = q.enqueue(&request(Policy::default()), "o").await.unwrap();
+    let mut a = q.consumer(&[JobKind::Chat], "a").await.unwrap();
+    let lease = a.next(Duration::from_millis(500)).await.unwrap().unwrap();
+    let mut b = q.consumer(&[JobKind::Chat], "b").await.unwrap();
+    assert!(a.release(&lease).await.unwrap());
+    let handed = q.get(&rec.id).await.unwrap().unwrap();
+    assert_eq!((handed.state, handed.attempts), (JobState::InQueue, 0));
+    let started = Instant::now();
+    let again = b
+        .next(Duration::from_secs(1))
+        .await
+        .unwrap()
+        .expect("picked up at once");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!((again.record.id, again.attempt), (rec.id.clone(), 1));
+    // The released run cannot write any more.
+    assert_eq!(
+        a.finish(&lease, Outcome::Completed(json!({})))
+            .await
+            .unwrap(),
+        Finished::LeaseLost
+    );
+}
+
+/// Redis restarted without persistence: the consumer group is gone. The
+/// consumer creates it again instead of failing with NOGROUP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_consumer_group_is_created_again() {
+    let redis = Redis::start();
+    let q = queue(&redis, fast_cfg(3)).await;
+    let mut consumer = q.consumer(&[JobKind::Chat], "w").await.unwrap();
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    assert!(consumer
+        .next(Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_none());
+    let rec = q.enqueue(&request(Policy::default()), "o").await.unwrap();
+    let lease = consumer
+        .next(Duration::from_secs(2))
+        .await
+        .unwrap()
+        .expect("read after the group came back");
+    assert_eq!(lease.record.id, rec.id);
 }

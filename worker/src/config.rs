@@ -194,7 +194,11 @@ pub struct WorkerConfig {
     /// First part of media keys: {tenant}/{yyyy}/{mm}/{job_id}/{name}.
     #[arg(long, env = "MEDIA_TENANT", default_value = "default")]
     pub media_tenant: String,
-    /// Seconds a SIGTERM waits for the running job before leaving it to others.
+    /// Job kinds this worker takes, comma-separated (chat, memory,
+    /// chat_stream); empty: every kind its models serve.
+    #[arg(long, env = "WORKER_KINDS", value_delimiter = ',')]
+    pub worker_kinds: Vec<String>,
+    /// Seconds a SIGTERM waits for the running job before handing it back to the queue.
     #[arg(long, env = "DRAIN_TIMEOUT_S", default_value_t = 120)]
     pub drain_timeout_s: u64,
 }
@@ -214,12 +218,34 @@ impl WorkerConfig {
     }
 
     pub fn models_dir(&self) -> PathBuf {
-        self.models_dir.clone().unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| ".".into());
-            home.join(".cache/companion-worker/models")
-        })
+        self.models_dir
+            .clone()
+            .unwrap_or_else(models::registry::default_models_dir)
+    }
+
+    /// The kinds this worker takes: `WORKER_KINDS`, or every kind the text
+    /// model serves (all of today's kinds).
+    pub fn worker_kinds(&self) -> anyhow::Result<Vec<pipeline::JobKind>> {
+        let named: Vec<&str> = self
+            .worker_kinds
+            .iter()
+            .map(|k| k.trim())
+            .filter(|k| !k.is_empty())
+            .collect();
+        if named.is_empty() {
+            return Ok(pipeline::JobKind::ALL.to_vec());
+        }
+        let mut kinds = Vec::new();
+        for k in named {
+            let kind = pipeline::JobKind::parse(k).ok_or_else(|| {
+                let known: Vec<&str> = pipeline::JobKind::ALL.iter().map(|k| k.as_str()).collect();
+                anyhow::anyhow!("WORKER_KINDS: unknown kind {k:?}; kinds: {}", known.join(", "))
+            })?;
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        Ok(kinds)
     }
 
     pub fn platform_client(&self) -> anyhow::Result<Option<pipeline::platform::PlatformClient>> {

@@ -34,7 +34,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve => serve::serve(cli.config).await,
         Command::Run { job, kind, seed } => {
             let kind = JobKind::parse(&kind)
-                .ok_or_else(|| anyhow::anyhow!("--kind {kind:?}: expected chat or memory"))?;
+                .ok_or_else(|| {
+                    let known: Vec<&str> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
+                    anyhow::anyhow!("--kind {kind:?}: expected one of {}", known.join(", "))
+                })?;
             run_embedded(cli.config, kind, &job, seed).await
         }
         Command::FetchModels => {

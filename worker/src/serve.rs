@@ -1,6 +1,9 @@
 //! The Redis consume loop: one job at a time per worker (one model, one
-//! device), cancellation and execution timeouts noticed between tokens,
-//! graceful drain on SIGTERM.
+//! device), of the kinds in `WORKER_KINDS`; cancellation noticed between
+//! tokens; the execution timeout enforced (a run that does not stop in time
+//! is abandoned); every write fenced by the run's lease; Redis outages
+//! waited out; on SIGTERM, a drain that hands the running job back at the
+//! deadline without spending an attempt.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,7 +13,7 @@ use chrono::{DateTime, FixedOffset};
 use futures::StreamExt;
 use pipeline::memory_contract::MemoryCondenseJob;
 use pipeline::platform::PlatformClient;
-use pipeline::queue::{unique_worker_name, Consumer, Lease, Outcome, RedisQueue};
+use pipeline::queue::{is_unavailable, unique_worker_name, Consumer, Lease, LeaseGuard, Outcome, RedisQueue};
 use pipeline::{ChatRespondJob, JobKind, JobState};
 use serde_json::Value;
 use tokio::sync::broadcast;
@@ -58,28 +61,51 @@ pub fn run_job(
     }
 }
 
+/// Exponential backoff for Redis outages: 100 ms doubling to 2 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(Duration::from_millis(100))
+    }
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(2));
+    }
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(100);
+    }
+}
+
 pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
+    let kinds = cfg.worker_kinds()?;
     let engine = Arc::new(cfg.chat_engine().await?);
-    let queue = RedisQueue::connect(&cfg.redis_url, cfg.queue_config()).await?;
+    let queue = RedisQueue::connect_with_retry(&cfg.redis_url, cfg.queue_config()).await?;
+    queue.warn_if_not_persistent().await;
     let name = unique_worker_name("worker");
-    let mut consumer = queue.consumer(&JobKind::ALL, &name).await?;
+    let mut backoff = Backoff::new();
+    let mut consumer = loop {
+        match queue.consumer(&kinds, &name).await {
+            Ok(c) => break c,
+            Err(e) if is_unavailable(&e) => {
+                tracing::warn!(error = %e, "Redis unavailable at start; retrying");
+                backoff.wait().await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let platform = cfg.platform_client()?;
     let stops = spawn_stop_relay(&queue);
     let heartbeat = consumer.spawn_heartbeat();
-    tracing::info!(worker = %name, "waiting for jobs");
+    let kind_names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+    tracing::info!(worker = %name, kinds = ?kind_names, "waiting for jobs");
 
-    let stop = Arc::new(tokio::sync::Notify::new());
     let stopping = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(tokio::sync::Notify::new());
     {
         let (stop, stopping) = (stop.clone(), stopping.clone());
         tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+            pipeline::shutdown_signal().await;
             tracing::info!("stop requested: finishing the running job, taking no new ones");
             stopping.store(true, Ordering::SeqCst);
             stop.notify_waiters();
@@ -89,11 +115,20 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
     let poll = Duration::from_millis(cfg.heartbeat_ms.max(50));
     while !stopping.load(Ordering::SeqCst) {
         let lease = tokio::select! {
-            lease = consumer.next(poll) => lease?,
+            lease = consumer.next(poll) => lease,
             _ = stop.notified() => break,
         };
-        let Some(lease) = lease else { continue };
-        let drain = Duration::from_secs(cfg.drain_timeout_s);
+        let lease = match lease {
+            Ok(Some(lease)) => lease,
+            Ok(None) => continue,
+            Err(e) => {
+                // Redis down or restarting: keep trying, never exit.
+                tracing::warn!(error = %e, "reading the queue failed; retrying");
+                backoff.wait().await;
+                continue;
+            }
+        };
+        backoff.reset();
         let ctx = RunContext {
             engine: engine.clone(),
             platform: platform.clone(),
@@ -101,10 +136,13 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
             memory_max_words: cfg.memory_max_words,
             stops: stops.subscribe(),
         };
-        run_lease(ctx, &consumer, lease, &stopping, drain).await?;
+        let drain = Duration::from_secs(cfg.drain_timeout_s);
+        run_lease(ctx, &consumer, lease, &stopping, drain).await;
     }
     heartbeat.abort();
-    consumer.deregister().await?;
+    if let Err(e) = consumer.deregister().await {
+        tracing::warn!(error = %e, "leaving the worker list failed (the entry expires by itself)");
+    }
     tracing::info!("worker stopped");
     Ok(())
 }
@@ -144,7 +182,7 @@ struct RunContext {
 /// Relays `{ns}:stops` (pub/sub) into a broadcast channel, reconnecting.
 fn spawn_stop_relay(queue: &RedisQueue) -> broadcast::Sender<String> {
     let (tx, _) = broadcast::channel(256);
-    let (client, channel, out) = (queue.client().clone(), queue.stops_channel(), tx.clone());
+    let (client, channel, out) = (queue.client().clone(), queue.keys().stops(), tx.clone());
     tokio::spawn(async move {
         loop {
             if let Ok(mut pubsub) = client.get_async_pubsub().await {
@@ -163,28 +201,62 @@ fn spawn_stop_relay(queue: &RedisQueue) -> broadcast::Sender<String> {
     tx
 }
 
+/// Retries `op` while Redis is unavailable, until it succeeds, fails for
+/// another reason, or `give_up` says the result no longer matters.
+async fn with_redis_retry<T, F, Fut>(what: &str, give_up: impl Fn() -> bool, mut op: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, pipeline::PipelineError>>,
+{
+    let mut backoff = Backoff::new();
+    loop {
+        match op().await {
+            Ok(v) => return Some(v),
+            Err(e) if is_unavailable(&e) && !give_up() => {
+                tracing::warn!(error = %e, "{what}: Redis unavailable, retrying");
+                backoff.wait().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "{what} failed");
+                return None;
+            }
+        }
+    }
+}
+
+/// How a run's wait ended.
+enum RunEnd {
+    Done(Outcome, Usage),
+    /// Another worker holds the job now: write nothing.
+    LeaseLost,
+    /// The worker is stopping and the drain deadline passed: hand it back.
+    HandBack,
+}
+
 async fn run_lease(
     mut ctx: RunContext,
     consumer: &Consumer,
     lease: Lease,
     stopping: &AtomicBool,
     drain: Duration,
-) -> anyhow::Result<()> {
+) {
     let id = lease.record.id.clone();
-    tracing::info!(job = %id, attempt = lease.attempt, "job started");
+    tracing::info!(job = %id, attempt = lease.attempt, run = lease.run, "job started");
+    let queue = consumer.queue().clone();
+    let guard = LeaseGuard::new(&queue, &lease);
     let cancel = Arc::new(AtomicBool::new(false));
     // Text deltas go to the job's token stream (for /stream/{id} and the
-    // streamed chat route) as they come.
+    // streamed chat route) as they come, only while this run holds the job.
     let (deltas, mut delta_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
-    // A re-run after a crash regenerates the same text (same prompt, same
-    // seed): what the first run already streamed is not streamed again.
-    let mut streamed = if lease.attempt > 1 {
-        consumer.queue().streamed_bytes(&id).await?
-    } else {
-        Vec::new()
-    };
+    // A run after a crash or a hand-back regenerates the same text (same
+    // prompt, same seed): what an earlier run already streamed is skipped.
+    let mut streamed = with_redis_retry("reading the token stream", || guard.is_lost(), || {
+        queue.streamed_bytes(&id)
+    })
+    .await
+    .unwrap_or_default();
     let pump = {
-        let (queue, id) = (consumer.queue().clone(), id.clone());
+        let (guard, cancel) = (guard.clone(), cancel.clone());
         tokio::spawn(async move {
             while let Some(first) = delta_rx.recv().await {
                 let mut batch = vec![first];
@@ -195,8 +267,15 @@ async fn run_lease(
                     .into_iter()
                     .filter_map(|(option, text)| skip_streamed(&mut streamed, option, text))
                     .collect();
-                if let Err(e) = queue.publish_tokens(&id, &batch).await {
-                    tracing::warn!(job = %id, error = %e, "publishing tokens failed");
+                let sent = with_redis_retry("publishing tokens", || guard.is_lost(), || {
+                    guard.publish_tokens(&batch)
+                })
+                .await;
+                if sent != Some(true) {
+                    // Refused: the job was settled or taken over. Stop the
+                    // run; nothing more goes out.
+                    cancel.store(true, Ordering::Relaxed);
+                    break;
                 }
             }
         })
@@ -221,6 +300,7 @@ async fn run_lease(
                 clock,
                 cancel: cancel.clone(),
                 deltas,
+                fence: guard.clone(),
             }
             .run(),
         ),
@@ -244,15 +324,33 @@ async fn run_lease(
     };
     let timeout = Duration::from_millis(lease.record.policy.execution_timeout_ms);
     let deadline = tokio::time::Instant::now() + timeout;
+    // A run told to stop gets this long to end by itself before it is
+    // abandoned (its result, if any, is never written).
+    const GRACE: Duration = Duration::from_secs(2);
+    let mut abandon_at: Option<tokio::time::Instant> = None;
     let mut drain_deadline: Option<tokio::time::Instant> = None;
     let mut timed_out = false;
     let mut check = tokio::time::interval(Duration::from_millis(200));
-    let (outcome, usage) = loop {
+    let end = loop {
         tokio::select! {
-            done = &mut task => break done.unwrap_or_else(|e| (Outcome::Failed(format!("worker task panicked: {e}")), Usage::default())),
+            done = &mut task => {
+                let (outcome, usage) = done.unwrap_or_else(|e| {
+                    (Outcome::Failed(format!("the job's handler panicked: {e}")), Usage::default())
+                });
+                break if guard.is_lost() { RunEnd::LeaseLost } else { RunEnd::Done(outcome, usage) };
+            }
             _ = tokio::time::sleep_until(deadline), if !timed_out => {
                 timed_out = true;
                 cancel.store(true, Ordering::Relaxed);
+                abandon_at = Some(tokio::time::Instant::now() + GRACE);
+            }
+            _ = async { tokio::time::sleep_until(abandon_at.expect("guarded")).await }, if abandon_at.is_some() => {
+                // A hard timeout: whatever the run awaits (a hung upload or
+                // platform call, a step that never checks the flag), the
+                // job ends now.
+                task.abort();
+                tracing::warn!(job = %id, "the run did not stop in time: abandoned");
+                break RunEnd::Done(Outcome::Failed(String::new()), Usage::default());
             }
             stop = ctx.stops.recv() => {
                 if matches!(stop, Ok(ref stopped) if *stopped == id) {
@@ -261,21 +359,44 @@ async fn run_lease(
                 }
             }
             _ = check.tick() => {
-                // Cancelled by the shim (state no longer IN_PROGRESS)?
-                if consumer.state_of(&id).await? != Some(JobState::InProgress) {
+                if guard.is_lost() {
                     cancel.store(true, Ordering::Relaxed);
+                    task.abort();
+                    break RunEnd::LeaseLost;
+                }
+                // Cancelled by the shim (state no longer IN_PROGRESS)?
+                if let Ok(st) = consumer.state_of(&id).await {
+                    if st != Some(JobState::InProgress) {
+                        cancel.store(true, Ordering::Relaxed);
+                    }
                 }
                 if stopping.load(Ordering::SeqCst) {
                     let d = *drain_deadline.get_or_insert_with(|| tokio::time::Instant::now() + drain);
                     if tokio::time::Instant::now() >= d {
-                        // Exiting stops the heartbeats: another worker takes
-                        // the job over once its entry is idle.
-                        tracing::warn!(job = %id, "drain timeout: leaving the job to another worker");
-                        std::process::exit(0);
+                        cancel.store(true, Ordering::Relaxed);
+                        task.abort();
+                        break RunEnd::HandBack;
                     }
                 }
             }
         }
+    };
+    let (outcome, usage) = match end {
+        RunEnd::LeaseLost => {
+            tracing::warn!(job = %id, run = lease.run, "lease lost: another worker runs this job; nothing written");
+            pump.abort();
+            return;
+        }
+        RunEnd::HandBack => {
+            pump.abort();
+            let released = with_redis_retry("handing the job back", || guard.is_lost(), || {
+                consumer.release(&lease)
+            })
+            .await;
+            tracing::warn!(job = %id, released = ?released, "drain deadline: job handed back to the queue (its attempt returned)");
+            return;
+        }
+        RunEnd::Done(outcome, usage) => (outcome, usage),
     };
     let outcome = if timed_out {
         Outcome::TimedOut(format!(
@@ -290,24 +411,25 @@ async fn run_lease(
         Outcome::Failed(_) => "FAILED",
         Outcome::TimedOut(_) => "TIMED_OUT",
     };
+    // Every delta is written before the result (the end event follows it).
+    let _ = pump.await;
     // Totals first: once the result is written, callbacks and /status may
     // be read, and the metrics should already count this run.
-    consumer
-        .queue()
-        .add_worker_stats(&[
-            (state, 1),
-            ("prompt_tokens", usage.prompt_tokens),
-            ("generated_tokens", usage.generated_tokens),
-            ("prefill_ms", usage.prefill_ms),
-            ("decode_ms", usage.decode_ms),
-        ])
-        .await?;
-    let _ = pump.await;
-    let final_state = JobState::parse(state).unwrap_or(JobState::Failed);
-    let written = consumer.finish(lease, outcome).await?;
-    consumer.queue().publish_end(&id, final_state).await?;
-    tracing::info!(job = %id, state, written, "job finished");
-    Ok(())
+    let stats = [
+        (state, 1),
+        ("prompt_tokens", usage.prompt_tokens),
+        ("generated_tokens", usage.generated_tokens),
+        ("prefill_ms", usage.prefill_ms),
+        ("decode_ms", usage.decode_ms),
+    ];
+    if !guard.is_lost() {
+        with_redis_retry("adding run totals", || guard.is_lost(), || queue.add_worker_stats(&stats)).await;
+    }
+    let finished = with_redis_retry("writing the result", || guard.is_lost(), || {
+        consumer.finish(&lease, outcome.clone())
+    })
+    .await;
+    tracing::info!(job = %id, state, finished = ?finished, "job finished");
 }
 
 #[cfg(test)]

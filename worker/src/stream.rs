@@ -16,7 +16,7 @@ use models::text::StopReason;
 use models::SamplingParams;
 use pipeline::memory_contract::MemoryCondenseJob;
 use pipeline::platform::{NewMessage, PlatformClient};
-use pipeline::queue::Outcome;
+use pipeline::queue::{LeaseGuard, Outcome};
 use pipeline::stream_contract::{ChatStreamJob, ChatStreamOutput};
 use prompts::macros::Gender;
 use prompts::{HistoryMessage, Persona, RenderedCharacter, Role};
@@ -36,6 +36,9 @@ pub struct StreamRun {
     pub clock: DateTime<FixedOffset>,
     pub cancel: Arc<AtomicBool>,
     pub deltas: UnboundedSender<(usize, String)>,
+    /// The run's lease: the platform sees a save only from the run that
+    /// holds the job.
+    pub fence: LeaseGuard,
 }
 
 fn persona_of(p: &pipeline::platform::Persona) -> Persona {
@@ -47,6 +50,18 @@ fn persona_of(p: &pipeline::platform::Persona) -> Persona {
 }
 
 impl StreamRun {
+    /// Fails the run when another run holds the job now (or it was
+    /// cancelled): nothing more reaches the platform.
+    async fn check_lease(&self) -> Result<(), JobError> {
+        match self.fence.holds().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(JobError::new(
+                "this run no longer holds the job (taken over or cancelled): nothing saved",
+            )),
+            Err(e) => Err(JobError::new(format!("checking the job's lease: {e}"))),
+        }
+    }
+
     pub async fn run(self) -> (Outcome, Usage) {
         match self.run_inner().await {
             Ok((output, usage)) => (
@@ -186,6 +201,7 @@ impl StreamRun {
         usage.prefill_ms += (generation.prefill_secs * 1000.0) as u64;
         usage.decode_ms += (generation.decode_secs * 1000.0) as u64;
         let skin = job.skin_id.as_deref();
+        self.check_lease().await?;
         let user_message = platform
             .create_message(
                 &job.instance_id,
@@ -200,6 +216,7 @@ impl StreamRun {
             )
             .await
             .map_err(pe)?;
+        self.check_lease().await?;
         let assistant_message = platform
             .create_message(
                 &job.instance_id,

@@ -1,11 +1,14 @@
-//! `/health` (jobs by state, workers seen, callbacks) and `/metrics`.
+//! `/health` (Redis, jobs by state and by kind, workers seen, callbacks)
+//! and `/metrics`.
 
 use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use prometheus::{Encoder, TextEncoder};
 use redis::AsyncCommands;
+use pipeline::JobKind;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
@@ -14,38 +17,71 @@ use crate::startup::AppState;
 
 struct Snapshot {
     counts: std::collections::HashMap<String, i64>,
-    idle: usize,
-    running: usize,
+    fleet: pipeline::queue::FleetView,
+    kinds: Vec<(JobKind, pipeline::queue::KindQueue)>,
     pending_callbacks: u64,
     dead_callbacks: u64,
 }
 
 async fn snapshot(state: &AppState) -> Result<Snapshot, ApiError> {
     let counts = state.queue.counts().await?;
-    let (idle, running) = state.queue.workers().await?;
+    let fleet = state.queue.workers().await?;
+    let mut kinds = Vec::new();
+    for kind in JobKind::ALL {
+        kinds.push((kind, state.queue.kind_queue(kind).await?));
+    }
     let mut conn = state.queue.connection();
+    let keys = state.queue.keys();
     let pending_callbacks: u64 = conn
-        .zcard(state.queue.callbacks_due_key())
+        .zcard(keys.callbacks_due())
         .await
         .map_err(pipeline::PipelineError::from)?;
     let dead_callbacks: u64 = conn
-        .llen(state.queue.dead_letters_key())
+        .llen(keys.dead_letters())
         .await
         .map_err(pipeline::PipelineError::from)?;
     Ok(Snapshot {
         counts,
-        idle,
-        running,
+        fleet,
+        kinds,
         pending_callbacks,
         dead_callbacks,
     })
 }
 
+/// Liveness and load. While Redis is down: 503 with `"redis": "down"`.
 pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let s = snapshot(&state).await?;
+    let s = match snapshot(&state).await {
+        Ok(s) => s,
+        Err(mut e) => {
+            if e.status == StatusCode::SERVICE_UNAVAILABLE {
+                e.message = "redis is down: jobs can be neither queued nor read".into();
+                e.field = None;
+                e.extra = Some(json!({"redis": "down"}));
+            }
+            return Err(e);
+        }
+    };
     let c = |k: &str| s.counts.get(k).copied().unwrap_or(0).max(0);
     let dead = state.callbacks.dead_letters(20).await?;
+    // Per kind: what waits, what runs, and how many live workers take it
+    // (a kind with jobs and no workers needs a worker started).
+    let kinds: serde_json::Map<String, Value> = s
+        .kinds
+        .iter()
+        .map(|(kind, q)| {
+            (
+                kind.as_str().to_string(),
+                json!({
+                    "inQueue": q.queued,
+                    "inProgress": q.running,
+                    "workers": s.fleet.by_kind.get(kind.as_str()).copied().unwrap_or(0),
+                }),
+            )
+        })
+        .collect();
     Ok(Json(json!({
+        "redis": "up",
         "jobs": {
             "completed": c("COMPLETED"),
             "failed": c("FAILED"),
@@ -55,7 +91,8 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
             "cancelled": c("CANCELLED"),
             "timedOut": c("TIMED_OUT"),
         },
-        "workers": {"idle": s.idle, "running": s.running},
+        "workers": {"idle": s.fleet.idle, "running": s.fleet.running},
+        "kinds": kinds,
         "callbacks": {
             "pending": s.pending_callbacks,
             "deadLettered": s.dead_callbacks,
@@ -77,12 +114,21 @@ pub async fn metrics(
         .metrics
         .workers
         .with_label_values(&["idle"])
-        .set(s.idle as i64);
+        .set(s.fleet.idle as i64);
     state
         .metrics
         .workers
         .with_label_values(&["running"])
-        .set(s.running as i64);
+        .set(s.fleet.running as i64);
+    for (kind, q) in &s.kinds {
+        let k = kind.as_str();
+        let m = &state.metrics;
+        m.kind_jobs.with_label_values(&[k, "queued"]).set(q.queued as i64);
+        m.kind_jobs.with_label_values(&[k, "running"]).set(q.running as i64);
+        m.kind_workers
+            .with_label_values(&[k])
+            .set(s.fleet.by_kind.get(k).copied().unwrap_or(0) as i64);
+    }
     state
         .metrics
         .callbacks

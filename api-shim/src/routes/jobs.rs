@@ -176,14 +176,18 @@ pub async fn runsync(
 }
 
 /// Waits up to `wait` for job `id` to reach a terminal state and returns its
-/// record (as it stands when the wait ends). Subscribe to `events` before
-/// submitting, so a fast job's end is not missed.
+/// record as it stands when the wait ends (read again then, never the copy
+/// from before the wait). Subscribe to `events` before submitting, so a fast
+/// job's end is not missed. The record is re-read after every wake (its
+/// event, a relay reconnect, a lagged channel) and at least every second, so
+/// an event lost while the relay reconnected costs at most a second.
 pub async fn wait_until_done(
     state: &AppState,
     id: &str,
     events: &mut tokio::sync::broadcast::Receiver<String>,
     wait: Duration,
 ) -> Result<JobRecord, ApiError> {
+    const RECHECK: Duration = Duration::from_secs(1);
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let current = state
@@ -191,18 +195,19 @@ pub async fn wait_until_done(
             .get(id)
             .await?
             .ok_or_else(|| ApiError::not_found(id))?;
-        if current.state.is_terminal() {
+        if current.state.is_terminal() || tokio::time::Instant::now() >= deadline {
             return Ok(current);
         }
+        let wake = deadline.min(tokio::time::Instant::now() + RECHECK);
         loop {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Err(_) => return Ok(current),
-                Ok(Ok(done)) if done == id => break,
+            match tokio::time::timeout_at(wake, events.recv()).await {
+                // The recheck or the deadline: read again.
+                Err(_) => break,
+                Ok(Ok(done)) if done == id || done == crate::startup::RESYNC => break,
                 Ok(Ok(_)) => continue,
-                // Lagged: re-read the record; Closed: the event feed is gone, poll once more.
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
-                    tokio::time::sleep_until(deadline).await;
+                    tokio::time::sleep_until(wake).await;
                     break;
                 }
             }

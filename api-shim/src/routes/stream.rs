@@ -22,7 +22,7 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use pipeline::queue::{RedisQueue, TokenEvent};
 use pipeline::{JobKind, JobState, RunRequest};
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionManager;
 use serde_json::json;
 
 use crate::auth::Caller;
@@ -31,6 +31,8 @@ use crate::routes::jobs::{body_or_error, native_input, owned_job};
 use crate::startup::AppState;
 
 const READ_BLOCK: Duration = Duration::from_millis(500);
+/// How long a stream waits for Redis to come back before it ends.
+const REDIS_OUTAGE_GRACE: Duration = Duration::from_secs(30);
 
 /// Requests a stop when dropped before the stream ended: the client left.
 struct StopOnDrop {
@@ -64,7 +66,9 @@ impl Drop for StopOnDrop {
 /// job is over and no more events come).
 struct TokenReader {
     queue: RedisQueue,
-    conn: MultiplexedConnection,
+    conn: ConnectionManager,
+    /// Set when the shim shuts down: the stream ends cleanly.
+    shutdown: tokio::sync::watch::Receiver<bool>,
     id: String,
     after: String,
     pending: VecDeque<TokenEvent>,
@@ -73,15 +77,11 @@ struct TokenReader {
 
 impl TokenReader {
     async fn new(state: &AppState, id: &str) -> Result<Self, ApiError> {
-        let conn = state
-            .queue
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|e| ApiError::from(pipeline::PipelineError::from(e)))?;
+        let conn = state.queue.blocking_connection().await?;
         Ok(Self {
             queue: state.queue.clone(),
             conn,
+            shutdown: state.shutdown.clone(),
             id: id.to_string(),
             after: "0".into(),
             pending: VecDeque::new(),
@@ -89,9 +89,33 @@ impl TokenReader {
         })
     }
 
-    /// The next event; None once the stream is over.
+    /// The next event; None once the stream is over (or the shim shuts
+    /// down). While Redis is unreachable it keeps trying for
+    /// [`REDIS_OUTAGE_GRACE`], so a Redis restart does not cut streams.
     async fn next(&mut self) -> Result<Option<TokenEvent>, pipeline::PipelineError> {
+        let mut outage_since: Option<tokio::time::Instant> = None;
         loop {
+            match self.next_once().await {
+                Err(e) if pipeline::queue::is_unavailable(&e) => {
+                    let since = *outage_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() > REDIS_OUTAGE_GRACE {
+                        return Err(e);
+                    }
+                    tracing::warn!(job = %self.id, error = %e, "token stream: Redis unavailable, retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn next_once(&mut self) -> Result<Option<TokenEvent>, pipeline::PipelineError> {
+        loop {
+            if *self.shutdown.borrow() {
+                self.done = true;
+                self.pending.clear();
+                return Ok(None);
+            }
             if let Some(e) = self.pending.pop_front() {
                 if matches!(e, TokenEvent::End { .. }) {
                     self.done = true;
@@ -205,6 +229,9 @@ pub async fn chat_stream(
                         ))
                     }
                     Some(TokenEvent::Text { .. }) => continue,
+                    // The end, the shim shutting down, or Redis gone for
+                    // good: the worker goes on and saves the whole reply,
+                    // so no stop is requested.
                     Some(TokenEvent::End { .. }) | None => {
                         guard.disarm();
                         return None;

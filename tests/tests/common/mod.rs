@@ -95,22 +95,52 @@ impl Drop for Proc {
 pub struct Redis {
     pub proc: Proc,
     pub url: String,
+    port: u16,
+    /// Data folder of a persistent server (AOF on), kept across restarts.
+    dir: Option<PathBuf>,
 }
 
 impl Redis {
+    /// A throwaway server: no persistence.
     pub fn start() -> Self {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        Self::spawn(free_port(), None)
+    }
+
+    /// A server with AOF on (`appendfsync always`) in `dir`, so a restart
+    /// keeps every job, as the README tells operators to configure.
+    pub fn start_persistent(dir: &std::path::Path) -> Self {
+        Self::spawn(free_port(), Some(dir.to_path_buf()))
+    }
+
+    /// Kills the server (no clean shutdown) and starts it again on the same
+    /// port and data folder.
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        *self = Self::spawn(self.port, self.dir.clone());
+    }
+
+    /// Stops the server until `start_again`.
+    pub fn stop(&mut self) {
+        self.proc.kill();
+    }
+
+    pub fn start_again(&mut self) {
+        *self = Self::spawn(self.port, self.dir.clone());
+    }
+
+    fn spawn(port: u16, dir: Option<PathBuf>) -> Self {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""]);
+        match &dir {
+            Some(d) => {
+                cmd.args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                    .arg(d);
+            }
+            None => {
+                cmd.args(["--appendonly", "no"]);
+            }
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -135,6 +165,8 @@ impl Redis {
                 name: "redis".into(),
             },
             url,
+            port,
+            dir,
         }
     }
 
@@ -154,9 +186,14 @@ pub struct Shim {
 
 impl Shim {
     pub async fn start(redis: &Redis, env: &[(&str, &str)]) -> Self {
+        Self::start_url(&redis.url, env).await
+    }
+
+    /// A shim on the Redis at `redis_url`, which need not be up yet.
+    pub async fn start_url(redis_url: &str, env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let mut cmd = Command::new(binary("api-shim"));
-        cmd.env("REDIS_URL", &redis.url)
+        cmd.env("REDIS_URL", redis_url)
             .env("SHIM_BIND", format!("127.0.0.1:{port}"))
             .env("SHIM_API_KEYS", format!("{API_KEY},{OTHER_KEY}"))
             .env("WEBHOOK_SECRET", WEBHOOK_SECRET)
@@ -289,6 +326,40 @@ impl Api {
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// The text of each option as `GET /stream/{id}` (SSE) replays it,
+    /// and the final state of its `completed` event.
+    pub async fn sse_texts(&self, id: &str) -> (Vec<String>, String) {
+        let sse = self
+            .http
+            .get(format!("{}/stream/{id}", self.base))
+            .bearer_auth(API_KEY)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let mut per_option: Vec<String> = Vec::new();
+        let mut end = String::new();
+        for event in sse.split("\n\n") {
+            let Some(line) = event.lines().find(|l| l.starts_with("data: ")) else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(&line[6..]).unwrap();
+            if event.contains("event: output") {
+                let i = v["option"].as_u64().unwrap() as usize;
+                if per_option.len() <= i {
+                    per_option.resize(i + 1, String::new());
+                }
+                per_option[i].push_str(v["text"].as_str().unwrap());
+            } else if event.contains("event: completed") {
+                end = v["status"].as_str().unwrap_or_default().to_string();
+            }
+        }
+        (per_option, end)
     }
 
     pub async fn wait_terminal(&self, id: &str) -> Value {

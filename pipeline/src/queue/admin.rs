@@ -1,0 +1,183 @@
+//! The shim's side of the queue: enqueue, read, cancel, retry, purge, counts.
+
+use std::collections::HashMap;
+
+use redis::AsyncCommands;
+
+use super::keys::GROUP;
+use super::{JobRecord, RedisQueue};
+use crate::{JobKind, JobState, PipelineError, RunRequest};
+
+/// What `retry` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOutcome {
+    Requeued,
+    NotRetryable(JobState),
+    NotFound,
+}
+
+/// Queued and held jobs of one kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KindQueue {
+    /// Entries no worker has read yet.
+    pub queued: u64,
+    /// Entries a worker holds (running, or read and about to run).
+    pub running: u64,
+}
+
+impl RedisQueue {
+    /// Stores a new job and queues it on its kind's lane.
+    pub async fn enqueue(&self, req: &RunRequest, owner: &str) -> Result<JobRecord, PipelineError> {
+        self.ensure_groups(req.kind).await?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut fields: Vec<(&str, String)> = vec![
+            ("id", id.clone()),
+            ("kind", req.kind.as_str().into()),
+            ("owner", owner.into()),
+            ("state", JobState::InQueue.as_str().into()),
+            ("input", req.input.to_string()),
+            (
+                "policy",
+                serde_json::to_string(&req.policy).expect("policy serializes"),
+            ),
+            ("attempts", "0".into()),
+            ("run", "0".into()),
+            ("max_attempts", self.cfg.max_attempts.to_string()),
+        ];
+        if let Some(w) = &req.webhook {
+            fields.push(("webhook", w.clone()));
+        }
+        let mut inv = self.scripts.enqueue.prepare_invoke();
+        for k in self.terminal_keys(&id) {
+            inv.key(k);
+        }
+        inv.key(self.keys.lane(req.kind, req.policy.low_priority))
+            .arg(&id)
+            .arg(self.keys.events())
+            .arg(req.policy.ttl_ms);
+        for (k, v) in &fields {
+            inv.arg(*k).arg(v);
+        }
+        let _: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
+        self.get(&id).await?.ok_or_else(|| {
+            PipelineError::Other(format!("job {id} vanished right after it was stored"))
+        })
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Option<JobRecord>, PipelineError> {
+        let h: HashMap<String, String> = self.conn.clone().hgetall(self.keys.job(id)).await?;
+        if h.is_empty() {
+            return Ok(None);
+        }
+        JobRecord::from_hash(id, h).map(Some)
+    }
+
+    /// Cancels a queued or running job; the state after (None: no such job).
+    /// A running job's token stream ends with CANCELLED here; its worker
+    /// notices and writes nothing more.
+    pub async fn cancel(&self, id: &str, reason: &str) -> Result<Option<JobState>, PipelineError> {
+        self.cancel_inner(id, false, reason).await
+    }
+
+    async fn cancel_inner(
+        &self,
+        id: &str,
+        only_if_queued: bool,
+        reason: &str,
+    ) -> Result<Option<JobState>, PipelineError> {
+        let mut inv = self.scripts.cancel.prepare_invoke();
+        for k in self.terminal_keys(id) {
+            inv.key(k);
+        }
+        let st: Option<String> = inv
+            .arg(id)
+            .arg(self.keys.events())
+            .arg(self.result_ttl_ms())
+            .arg(if only_if_queued { "1" } else { "0" })
+            .arg(reason)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(st.and_then(|s| JobState::parse(&s)))
+    }
+
+    /// Puts a FAILED or TIMED_OUT job back in its queue with fresh attempts,
+    /// a clean token stream and no callback state of the old run.
+    pub async fn retry(&self, id: &str) -> Result<RetryOutcome, PipelineError> {
+        let Some(rec) = self.get(id).await? else {
+            return Ok(RetryOutcome::NotFound);
+        };
+        self.ensure_groups(rec.kind).await?;
+        let mut inv = self.scripts.retry.prepare_invoke();
+        for k in self.terminal_keys(id) {
+            inv.key(k);
+        }
+        let done: i32 = inv
+            .key(self.keys.lane(rec.kind, rec.policy.low_priority))
+            .key(self.keys.stream_cursor(id))
+            .arg(id)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(if done == 1 {
+            RetryOutcome::Requeued
+        } else {
+            RetryOutcome::NotRetryable(rec.state)
+        })
+    }
+
+    /// Cancels every queued job of `kind` that `owner` submitted; how many.
+    pub async fn purge_queue(&self, kind: JobKind, owner: &str) -> Result<usize, PipelineError> {
+        let mut purged = 0;
+        let mut conn = self.conn.clone();
+        for stream in self.keys.lanes(kind) {
+            let mut start = "-".to_string();
+            loop {
+                let reply: redis::streams::StreamRangeReply =
+                    conn.xrange_count(&stream, &start, "+", 500).await?;
+                let Some(last) = reply.ids.last() else { break };
+                start = format!("({}", last.id);
+                for entry in &reply.ids {
+                    let Some(id) = entry.get::<String>("job") else {
+                        continue;
+                    };
+                    let owned: Option<String> = conn.hget(self.keys.job(&id), "owner").await?;
+                    if owned.as_deref() == Some(owner)
+                        && self
+                            .cancel_inner(&id, true, "purged from the queue")
+                            .await?
+                            == Some(JobState::Cancelled)
+                    {
+                        purged += 1;
+                    }
+                }
+            }
+        }
+        Ok(purged)
+    }
+
+    /// Jobs by state, plus `retried`.
+    pub async fn counts(&self) -> Result<HashMap<String, i64>, PipelineError> {
+        Ok(self.conn.clone().hgetall(self.keys.counts()).await?)
+    }
+
+    /// Queued and held entries of `kind`'s lanes. Settled entries are
+    /// deleted, so a lane's length is what waits plus what is held (pending).
+    pub async fn kind_queue(&self, kind: JobKind) -> Result<KindQueue, PipelineError> {
+        let mut out = KindQueue::default();
+        let mut conn = self.conn.clone();
+        for stream in self.keys.lanes(kind) {
+            let len: u64 = conn.xlen(&stream).await?;
+            let pending: Result<redis::streams::StreamPendingReply, _> =
+                conn.xpending(&stream, GROUP).await;
+            let held = match pending {
+                Ok(p) => p.count() as u64,
+                // No group yet (nothing was ever queued, or Redis restarted
+                // without persistence).
+                Err(e) if e.code() == Some("NOGROUP") => 0,
+                Err(e) => return Err(e.into()),
+            };
+            out.queued += len.saturating_sub(held);
+            out.running += held;
+        }
+        Ok(out)
+    }
+}

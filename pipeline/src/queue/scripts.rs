@@ -1,0 +1,208 @@
+//! Every state change of a job is one Lua script, so a record is never
+//! half-written. Times come from Redis `TIME` (one clock for the fleet), and
+//! every key is passed in by the caller ([`super::keys`]).
+//!
+//! Key order shared by the scripts that can end a job:
+//! `KEYS[1]` record, `KEYS[2]` counts, `KEYS[3]` callbacks due, `KEYS[4]`
+//! the job's callback hash, `KEYS[5]` the job's token stream; `ARGV[1]` the
+//! job id, `ARGV[2]` the events channel.
+
+use redis::Script;
+
+/// Shared helpers: the Redis clock and the move to a terminal state (counts,
+/// finish time, expiry, callback, the token stream's end event, the event).
+const LUA_PRELUDE: &str = r#"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function terminal(from, to, ttl)
+  local now = now_ms()
+  redis.call('HINCRBY', KEYS[2], from, -1)
+  redis.call('HINCRBY', KEYS[2], to, 1)
+  redis.call('HSET', KEYS[1], 'state', to, 'finished_ms', now)
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+  local hook = redis.call('HGET', KEYS[1], 'webhook')
+  if hook then
+    -- A new terminal state means a new delivery: any older one is dropped,
+    -- and its webhook id no longer matches (see the callback scripts).
+    redis.call('DEL', KEYS[4])
+    -- The end time and the run: unique to this terminal state even when
+    -- two fall in one millisecond (a retried job that expires again).
+    local run = redis.call('HGET', KEYS[1], 'run') or '0'
+    redis.call('HSET', KEYS[4], 'url', hook, 'webhook_id', 'msg_' .. ARGV[1] .. '_' .. now .. '_' .. run, 'attempts', 0)
+    redis.call('ZADD', KEYS[3], now, ARGV[1])
+  end
+  redis.call('XADD', KEYS[5], '*', 'end', to)
+  redis.call('EXPIRE', KEYS[5], 3600)
+  redis.call('PUBLISH', ARGV[2], ARGV[1])
+end
+"#;
+
+/// KEYS[6] lane. ARGV: id, events, ttl_ms, then field pairs. Creates the
+/// record (created and expiry times from the Redis clock) and queues it.
+const LUA_ENQUEUE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local now = now_ms()
+local ttl = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], 'created_ms', now, 'expires_ms', now + ttl)
+redis.call('HINCRBY', KEYS[2], 'IN_QUEUE', 1)
+redis.call('XADD', KEYS[6], '*', 'job', ARGV[1])
+return now
+"#;
+
+/// ARGV: id, events, worker, result ttl. Returns {verdict, attempt, run}:
+/// a run's lease token is the record's `run`, bumped here and never reset, so
+/// a worker that lost its lease can be told apart from the holder.
+const LUA_CLAIM: &str = r#"
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return {'gone', 0, 0} end
+if st ~= 'IN_QUEUE' and st ~= 'IN_PROGRESS' then return {'skip', 0, 0} end
+local now = now_ms()
+local ttl = tonumber(ARGV[4])
+local expires = tonumber(redis.call('HGET', KEYS[1], 'expires_ms') or '0')
+if st == 'IN_QUEUE' and expires > 0 and now > expires then
+  redis.call('HSET', KEYS[1], 'error', 'the job waited longer than its policy.ttl before a worker was free')
+  terminal(st, 'TIMED_OUT', ttl)
+  return {'expired', 0, 0}
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local run = redis.call('HINCRBY', KEYS[1], 'run', 1)
+local max = tonumber(redis.call('HGET', KEYS[1], 'max_attempts') or '1')
+if attempt > max then
+  redis.call('HSET', KEYS[1], 'error', 'the worker running this job stopped (crash, kill or lost heartbeat) on each of its ' .. max .. ' attempts')
+  terminal(st, 'FAILED', ttl)
+  return {'exhausted', attempt, run}
+end
+if st == 'IN_QUEUE' then
+  redis.call('HINCRBY', KEYS[2], 'IN_QUEUE', -1)
+  redis.call('HINCRBY', KEYS[2], 'IN_PROGRESS', 1)
+end
+redis.call('HSET', KEYS[1], 'state', 'IN_PROGRESS', 'worker', ARGV[3], 'started_ms', now)
+return {'run', attempt, run}
+"#;
+
+/// KEYS[6] lane. ARGV: id, events, ttl, to_state, field, payload, run,
+/// group, entry. Returns 1 written, 0 already settled (cancelled), -1 the
+/// lease was lost (nothing touched).
+const LUA_FINISH: &str = r#"
+if redis.call('HGET', KEYS[1], 'run') ~= ARGV[7] then return -1 end
+redis.call('XACK', KEYS[6], ARGV[8], ARGV[9])
+redis.call('XDEL', KEYS[6], ARGV[9])
+local st = redis.call('HGET', KEYS[1], 'state')
+if st ~= 'IN_PROGRESS' then return 0 end
+redis.call('HSET', KEYS[1], ARGV[5], ARGV[6])
+terminal(st, ARGV[4], tonumber(ARGV[3]))
+return 1
+"#;
+
+/// ARGV: id, events, ttl, only_if_queued, reason. Returns the state after.
+const LUA_CANCEL: &str = r#"
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return false end
+if st == 'IN_QUEUE' or (st == 'IN_PROGRESS' and ARGV[4] == '0') then
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[5]) end
+  terminal(st, 'CANCELLED', tonumber(ARGV[3]))
+  return 'CANCELLED'
+end
+return st
+"#;
+
+/// KEYS[6] lane, KEYS[7] poll cursor. ARGV: id. Puts a FAILED or TIMED_OUT
+/// job back with fresh attempts, a clean token stream and no callback state,
+/// so nothing of the old run reaches the new one.
+const LUA_RETRY: &str = r#"
+local st = redis.call('HGET', KEYS[1], 'state')
+if st ~= 'FAILED' and st ~= 'TIMED_OUT' then return 0 end
+local policy = cjson.decode(redis.call('HGET', KEYS[1], 'policy'))
+redis.call('HDEL', KEYS[1], 'error', 'output', 'started_ms', 'finished_ms', 'worker', 'stop_requested')
+redis.call('HSET', KEYS[1], 'state', 'IN_QUEUE', 'attempts', 0, 'expires_ms', now_ms() + policy['ttl'])
+redis.call('PERSIST', KEYS[1])
+redis.call('HINCRBY', KEYS[2], st, -1)
+redis.call('HINCRBY', KEYS[2], 'IN_QUEUE', 1)
+redis.call('HINCRBY', KEYS[2], 'retried', 1)
+redis.call('DEL', KEYS[4], KEYS[5], KEYS[7])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('XADD', KEYS[6], '*', 'job', ARGV[1])
+return 1
+"#;
+
+/// KEYS[1] record, KEYS[2] counts, KEYS[3] lane. ARGV: id, run, group,
+/// entry. A draining worker hands its job back: the attempt it spent is
+/// returned, the job is queued again at once (no queue expiry: it already
+/// waited its turn). Returns 1, or 0 when the lease was lost.
+const LUA_RELEASE: &str = r#"
+if redis.call('HGET', KEYS[1], 'run') ~= ARGV[2] then return 0 end
+redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
+redis.call('XDEL', KEYS[3], ARGV[4])
+if redis.call('HGET', KEYS[1], 'state') ~= 'IN_PROGRESS' then return 1 end
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('HSET', KEYS[1], 'state', 'IN_QUEUE', 'expires_ms', 0)
+redis.call('HDEL', KEYS[1], 'worker', 'started_ms')
+redis.call('HINCRBY', KEYS[2], 'IN_PROGRESS', -1)
+redis.call('HINCRBY', KEYS[2], 'IN_QUEUE', 1)
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
+return 1
+"#;
+
+/// KEYS[1] lane, KEYS[2] record. ARGV: group, entry, consumer, run (0: not
+/// claimed yet). Keeps an entry this consumer still holds (resets its idle
+/// time); 0 when another consumer took it over or the job's run moved on.
+const LUA_HEARTBEAT: &str = r#"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+if ARGV[4] ~= '0' and redis.call('HGET', KEYS[2], 'run') ~= ARGV[4] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
+return 1
+"#;
+
+/// KEYS[1] record, KEYS[2] token stream. ARGV: run, then (option, text)
+/// pairs. Appends deltas only for the current run of a running job.
+const LUA_TOKENS: &str = r#"
+if redis.call('HGET', KEYS[1], 'state') ~= 'IN_PROGRESS' or redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then
+  return 0
+end
+for i = 2, #ARGV, 2 do
+  redis.call('XADD', KEYS[2], '*', 'o', ARGV[i], 't', ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[2], 3600)
+return 1
+"#;
+
+/// KEYS[1] record. ARGV: run. 1 while that run holds the job.
+const LUA_HOLDS: &str = r#"
+if redis.call('HGET', KEYS[1], 'state') == 'IN_PROGRESS' and redis.call('HGET', KEYS[1], 'run') == ARGV[1] then
+  return 1
+end
+return 0
+"#;
+
+pub(crate) struct Scripts {
+    pub enqueue: Script,
+    pub claim: Script,
+    pub finish: Script,
+    pub cancel: Script,
+    pub retry: Script,
+    pub release: Script,
+    pub heartbeat: Script,
+    pub tokens: Script,
+    pub holds: Script,
+}
+
+impl Scripts {
+    pub fn new() -> Self {
+        let with_prelude = |body: &str| Script::new(&format!("{LUA_PRELUDE}\n{body}"));
+        Self {
+            enqueue: with_prelude(LUA_ENQUEUE),
+            claim: with_prelude(LUA_CLAIM),
+            finish: with_prelude(LUA_FINISH),
+            cancel: with_prelude(LUA_CANCEL),
+            retry: with_prelude(LUA_RETRY),
+            release: Script::new(LUA_RELEASE),
+            heartbeat: Script::new(LUA_HEARTBEAT),
+            tokens: Script::new(LUA_TOKENS),
+            holds: Script::new(LUA_HOLDS),
+        }
+    }
+}

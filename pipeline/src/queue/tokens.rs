@@ -1,0 +1,124 @@
+//! Each job's token stream `{ns}:tokens:{id}`: text deltas by option as the
+//! worker generates them, then one end event with the job's final state
+//! (written by the script that ended the job). Also stop requests.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use redis::AsyncCommands;
+
+use super::keys::TOKEN_STREAM_TTL_SECS;
+use super::RedisQueue;
+use crate::PipelineError;
+
+/// One event of a job's token stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenEvent {
+    /// New text of option `option`.
+    Text { option: usize, text: String },
+    /// The job ended in this state; no events follow.
+    End { state: String },
+}
+
+impl TokenEvent {
+    fn from_entry(e: &redis::streams::StreamId) -> Self {
+        match e.get::<String>("end") {
+            Some(state) => TokenEvent::End { state },
+            None => TokenEvent::Text {
+                option: e.get::<usize>("o").unwrap_or(0),
+                text: e.get::<String>("t").unwrap_or_default(),
+            },
+        }
+    }
+}
+
+impl RedisQueue {
+    /// Events after entry `after` ("0" from the start), waiting up to
+    /// `block`. `conn` must be a connection of its own: the read blocks it.
+    pub async fn read_tokens(
+        &self,
+        conn: &mut ConnectionManager,
+        id: &str,
+        after: &str,
+        block: Duration,
+    ) -> Result<Vec<(String, TokenEvent)>, PipelineError> {
+        let opts = StreamReadOptions::default()
+            .count(256)
+            .block(block.as_millis().max(1) as usize);
+        let reply: Option<StreamReadReply> = conn
+            .xread_options(&[self.keys.tokens(id)], &[after], &opts)
+            .await?;
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for e in key.ids {
+                let event = TokenEvent::from_entry(&e);
+                out.push((e.id, event));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The token events of job `id` since the previous poll (RunPod's polled
+    /// `/stream/{id}`): a cursor per job remembers how far polls have read.
+    pub async fn poll_tokens(&self, id: &str) -> Result<Vec<TokenEvent>, PipelineError> {
+        let mut conn = self.conn.clone();
+        let cursor_key = self.keys.stream_cursor(id);
+        let after: Option<String> = conn.get(&cursor_key).await?;
+        let start = match &after {
+            Some(a) => format!("({a}"),
+            None => "-".into(),
+        };
+        let reply: redis::streams::StreamRangeReply = conn
+            .xrange_count(self.keys.tokens(id), &start, "+", 1000)
+            .await?;
+        if let Some(last) = reply.ids.last() {
+            let _: () = conn
+                .set_ex(&cursor_key, &last.id, TOKEN_STREAM_TTL_SECS)
+                .await?;
+        }
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|e| TokenEvent::from_entry(&e))
+            .collect())
+    }
+
+    /// Bytes of text already in job `id`'s token stream, by option (what an
+    /// earlier run of the job streamed before its worker died or handed it
+    /// back).
+    pub async fn streamed_bytes(&self, id: &str) -> Result<Vec<usize>, PipelineError> {
+        let reply: redis::streams::StreamRangeReply =
+            self.conn.clone().xrange_all(self.keys.tokens(id)).await?;
+        let mut bytes: Vec<usize> = Vec::new();
+        for e in reply.ids {
+            if let (Some(option), Some(text)) = (e.get::<usize>("o"), e.get::<String>("t")) {
+                if bytes.len() <= option {
+                    bytes.resize(option + 1, 0);
+                }
+                bytes[option] += text.len();
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Asks the worker running job `id` to stop generating now (a streaming
+    /// client went away). The job still finishes, with what it generated.
+    pub async fn request_stop(&self, id: &str, reason: &str) -> Result<(), PipelineError> {
+        let mut pipe = redis::pipe();
+        pipe.hset(self.keys.job(id), "stop_requested", reason)
+            .ignore();
+        pipe.publish(self.keys.stops(), id).ignore();
+        let _: () = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Why a stop was requested for job `id`, if one was.
+    pub async fn stop_requested(&self, id: &str) -> Result<Option<String>, PipelineError> {
+        Ok(self
+            .conn
+            .clone()
+            .hget(self.keys.job(id), "stop_requested")
+            .await?)
+    }
+}

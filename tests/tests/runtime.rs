@@ -1,0 +1,288 @@
+//! The job runtime under faults, with the real binaries and a real
+//! redis-server: a stalled worker fenced off, Redis restarted mid-job, a
+//! shim started before Redis, workers that take only their kinds, a drain
+//! that hands the running job back, `/runsync` answering the current state.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use common::*;
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+
+async fn submit(api: &Api, path: &str, body: Value) -> String {
+    let (code, accepted) = api.post(path, Some(API_KEY), body.to_string()).await;
+    assert_eq!(code, StatusCode::OK, "{accepted}");
+    accepted["id"].as_str().unwrap().to_string()
+}
+
+async fn record_field(redis: &Redis, id: &str, field: &str) -> Option<String> {
+    redis
+        .conn()
+        .await
+        .hget(format!("cw:job:{id}"), field)
+        .await
+        .unwrap()
+}
+
+/// Waits until `n` workers are registered (idle or running).
+async fn wait_workers(api: &Api, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let (_, h) = api.get("/health", None).await;
+        let live = h["workers"]["idle"].as_u64().unwrap_or(0)
+            + h["workers"]["running"].as_u64().unwrap_or(0);
+        if live >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} workers never registered: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until job `id` has streamed at least `n` deltas.
+async fn wait_streamed(redis: &Redis, id: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let len: usize = redis
+            .conn()
+            .await
+            .xlen(format!("cw:tokens:{id}"))
+            .await
+            .unwrap();
+        if len >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "job {id} streamed {len} deltas");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn signal(proc: &Proc, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(proc.child.id().to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig}");
+}
+
+fn ran_on(status: &Value, proc: &Proc) -> bool {
+    status["workerId"]
+        .as_str()
+        .is_some_and(|w| w.contains(&format!("-{}-", proc.child.id())))
+}
+
+/// The text of every option of a finished chat job.
+fn option_texts(status: &Value) -> Vec<String> {
+    status["output"]["messages"][1]["options"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A worker stopped (SIGSTOP) past its lease while running a job, then
+/// resumed after another worker took the job over: the job ends once, with
+/// the second run's result, its token stream holds every character once,
+/// and the stalled worker lives on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_worker_resumed_after_a_takeover_writes_nothing() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let api = Api::new(&shim);
+    let slow = [("MAX_NEW_TOKENS", "200"), ("IGNORE_EOS", "true")];
+    let mut a = start_worker(&redis, &slow);
+    wait_workers(&api, 1).await;
+    let id = submit(&api, "/run", seed_file("multiple_options.json")).await;
+    wait_streamed(&redis, &id, 6).await;
+    assert!(ran_on(&api.status(&id).await, &a));
+    let b = start_worker(&redis, &slow);
+    wait_workers(&api, 2).await;
+    signal(&a, "STOP");
+    // The lease window is 200 ms × 5: B takes the job over.
+    let taken = api
+        .wait_for(&id, Duration::from_secs(60), |s| ran_on(s, &b))
+        .await;
+    assert_eq!(taken["status"], "IN_PROGRESS", "{taken}");
+    signal(&a, "CONT");
+    let done = api.wait_terminal(&id).await;
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    assert!(ran_on(&done, &b), "{done}");
+    assert_eq!(record_field(&redis, &id, "attempts").await.as_deref(), Some("2"));
+    let (streamed, end) = api.sse_texts(&id).await;
+    assert_eq!(end, "COMPLETED");
+    assert_eq!(streamed, option_texts(&done), "no delta twice, none lost");
+    assert!(
+        a.child.try_wait().unwrap().is_none(),
+        "losing a lease is not a crash"
+    );
+}
+
+/// Redis killed and started again (AOF on) while a job runs: the shim
+/// answers 503 with `Retry-After` meanwhile and `/health` says Redis is
+/// down; the worker keeps its job and finishes it once Redis is back; both
+/// binaries carry on without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_mid_job_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start_persistent(dir.path());
+    let shim = Shim::start(&redis, &[]).await;
+    let api = Api::new(&shim);
+    let worker = start_worker(&redis, &[("MAX_NEW_TOKENS", "150"), ("IGNORE_EOS", "true")]);
+    wait_workers(&api, 1).await;
+    let id = submit(&api, "/run", seed_file("multiple_options.json")).await;
+    wait_streamed(&redis, &id, 4).await;
+
+    redis.stop();
+    let resp = api
+        .http
+        .get(format!("{}/status/{id}", api.base))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("unavailable"), "{body}");
+    let (code, health) = api.get("/health", None).await;
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(health["redis"], "down", "{health}");
+    // Redis stays away for a while, as a real restart would.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis.start_again();
+
+    let done = api.wait_terminal(&id).await;
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    assert_eq!(
+        record_field(&redis, &id, "attempts").await.as_deref(),
+        Some("1"),
+        "the worker kept its job"
+    );
+    let (streamed, end) = api.sse_texts(&id).await;
+    assert_eq!(end, "COMPLETED");
+    assert_eq!(streamed, option_texts(&done));
+    let (code, health) = api.get("/health", None).await;
+    assert_eq!((code, &health["redis"]), (StatusCode::OK, &json!("up")));
+    // Both binaries work on: a new job runs to the end.
+    let next = submit(&api, "/run", seed_file("multiple_options.json")).await;
+    assert_eq!(api.wait_terminal(&next).await["status"], "COMPLETED");
+    assert!(worker.child.id() > 0);
+}
+
+/// A shim started before Redis waits for it instead of exiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shim_waits_for_redis_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start_persistent(dir.path());
+    redis.stop();
+    let url = redis.url.clone();
+    let shim = tokio::spawn(async move { Shim::start_url(&url, &[]).await });
+    // The shim is up and retrying before Redis comes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!shim.is_finished());
+    redis.start_again();
+    let shim = shim.await.unwrap();
+    let api = Api::new(&shim);
+    let (code, health) = api.get("/health", None).await;
+    assert_eq!((code, &health["redis"]), (StatusCode::OK, &json!("up")));
+}
+
+/// `WORKER_KINDS`: a memory-only worker never takes a chat job, and
+/// `/health` shows the chat job waiting with no worker for its kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_takes_only_its_kinds() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let api = Api::new(&shim);
+    let _memory_only = start_worker(&redis, &[("WORKER_KINDS", "memory")]);
+    wait_workers(&api, 1).await;
+    let chat = submit(&api, "/run", seed_file("multiple_options.json")).await;
+    let memory = submit(&api, "/v2/memory/run", seed_file("memory_condense.json")).await;
+    assert_eq!(api.wait_terminal(&memory).await["status"], "COMPLETED");
+    assert_eq!(api.status(&chat).await["status"], "IN_QUEUE");
+    let (_, health) = api.get("/health", None).await;
+    assert_eq!(
+        health["kinds"]["chat"],
+        json!({"inQueue": 1, "inProgress": 0, "workers": 0}),
+        "{health}"
+    );
+    assert_eq!(health["kinds"]["memory"]["workers"], 1, "{health}");
+    let metrics = api.metrics().await;
+    assert!(
+        metrics.contains("shim_kind_workers{kind=\"chat\"} 0"),
+        "{metrics}"
+    );
+    // A worker for chat comes: the waiting job runs.
+    let _chat_worker = start_worker(&redis, &[("WORKER_KINDS", "chat")]);
+    assert_eq!(api.wait_terminal(&chat).await["status"], "COMPLETED");
+    assert_eq!(record_field(&redis, &chat, "attempts").await.as_deref(), Some("1"));
+}
+
+/// SIGTERM on a busy worker with `DRAIN_TIMEOUT_S=1`: at the deadline the
+/// job is handed back, another worker starts it within a second of the
+/// first one's exit, and no attempt is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_the_running_job_back_at_the_drain_deadline() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let api = Api::new(&shim);
+    let slow = [
+        ("MAX_NEW_TOKENS", "2000"),
+        ("IGNORE_EOS", "true"),
+        ("DRAIN_TIMEOUT_S", "1"),
+    ];
+    let mut a = start_worker(&redis, &slow);
+    wait_workers(&api, 1).await;
+    let id = submit(&api, "/run", seed_file("multiple_options.json")).await;
+    api.wait_for(&id, Duration::from_secs(60), |s| ran_on(s, &a))
+        .await;
+    let b = start_worker(&redis, &[("MAX_NEW_TOKENS", "8")]);
+    wait_workers(&api, 2).await;
+    let status = a.terminate();
+    let exited = Instant::now();
+    assert!(status.success(), "a drained worker exits cleanly: {status:?}");
+    let moved = api
+        .wait_for(&id, Duration::from_secs(30), |s| ran_on(s, &b))
+        .await;
+    let delay = exited.elapsed();
+    assert!(
+        delay < Duration::from_secs(1),
+        "the job ran elsewhere {delay:?} after the exit: {moved}"
+    );
+    let done = api.wait_terminal(&id).await;
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    assert_eq!(
+        record_field(&redis, &id, "attempts").await.as_deref(),
+        Some("1"),
+        "the handed-back run spent no attempt"
+    );
+}
+
+/// `/runsync` that runs out of time answers the job's state at that moment
+/// (here IN_PROGRESS), not the IN_QUEUE it read before waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runsync_answers_the_state_when_its_wait_ends() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let api = Api::new(&shim);
+    let _w = start_worker(&redis, &[("MAX_NEW_TOKENS", "2000"), ("IGNORE_EOS", "true")]);
+    wait_workers(&api, 1).await;
+    let (code, body) = api
+        .post(
+            "/runsync?wait=1000",
+            Some(API_KEY),
+            seed_file("multiple_options.json").to_string(),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(body["status"], "IN_PROGRESS", "{body}");
+    let id = body["id"].as_str().unwrap();
+    api.post(&format!("/cancel/{id}"), Some(API_KEY), "").await;
+}

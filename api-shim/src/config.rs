@@ -50,7 +50,7 @@ pub struct ShimConfig {
     #[arg(long, env = "SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
     pub shutdown_timeout_s: u64,
     /// Largest audio message a chat job may carry, in decoded bytes (422 over it).
-    #[arg(long, env = "MAX_AUDIO_BYTES", default_value_t = pipeline::contract::DEFAULT_MAX_AUDIO_BYTES)]
+    #[arg(long, env = "MAX_AUDIO_BYTES", default_value_t = pipeline::jobs::chat::DEFAULT_MAX_AUDIO_BYTES)]
     pub max_audio_bytes: usize,
 }
 

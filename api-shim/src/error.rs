@@ -14,9 +14,9 @@ pub struct ApiError {
     pub field: Option<String>,
     pub rule: Option<String>,
     /// Seconds for a `Retry-After` header (503 while Redis is down).
-    pub retry_after: Option<u64>,
+    pub retry_after: Option<u32>,
     /// Keys merged into the JSON body.
-    pub extra: Option<serde_json::Value>,
+    pub extra: Option<Box<serde_json::Value>>,
 }
 
 impl ApiError {
@@ -88,7 +88,10 @@ impl From<PipelineError> for ApiError {
             return err;
         }
         tracing::error!(error = %e, "pipeline error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error in the job store")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error in the job store",
+        )
     }
 }
 
@@ -101,7 +104,7 @@ impl IntoResponse for ApiError {
         if let Some(r) = self.rule {
             body["rule"] = json!(r);
         }
-        if let Some(serde_json::Value::Object(extra)) = self.extra {
+        if let Some(serde_json::Value::Object(extra)) = self.extra.map(|b| *b) {
             for (k, v) in extra {
                 body[k] = v;
             }

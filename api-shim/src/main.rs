@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cfg = config::ShimConfig::parse();
-    pipeline::contract::set_max_audio_bytes(cfg.max_audio_bytes);
+    pipeline::jobs::chat::set_max_audio_bytes(cfg.max_audio_bytes);
     tracing::info!(config = ?cfg.masked(), "api-shim starting");
     let bind = cfg.bind.clone();
     let deadline = std::time::Duration::from_secs(cfg.shutdown_timeout_s);

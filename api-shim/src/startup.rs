@@ -7,7 +7,6 @@ use std::time::Duration;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
-use futures::StreamExt;
 use pipeline::queue::{QueueConfig, RedisQueue};
 use pipeline::webhook::CallbackSender;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
@@ -57,7 +56,10 @@ impl Metrics {
         registry.register(Box::new(callbacks.clone()))?;
         registry.register(Box::new(worker_totals.clone()))?;
         let kind_jobs = IntGaugeVec::new(
-            Opts::new("shim_kind_jobs", "Jobs of each kind waiting (queued) or held by a worker (running)"),
+            Opts::new(
+                "shim_kind_jobs",
+                "Jobs of each kind waiting (queued) or held by a worker (running)",
+            ),
             &["kind", "state"],
         )?;
         let kind_workers = IntGaugeVec::new(
@@ -134,38 +136,6 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Sent on the event channel after the relay (re)subscribed: every waiter
-/// re-reads its record.
-pub const RESYNC: &str = "";
-
-/// Relays `{ns}:events` (pub/sub) into a broadcast channel, reconnecting.
-fn spawn_event_relay(client: redis::Client, channel: String, tx: broadcast::Sender<String>) {
-    tokio::spawn(async move {
-        loop {
-            match client.get_async_pubsub().await {
-                Ok(mut pubsub) => {
-                    if let Err(e) = pubsub.subscribe(&channel).await {
-                        tracing::warn!(error = %e, "subscribing to job events failed");
-                    } else {
-                        // Events published while the relay was away are
-                        // lost: wake every waiter to re-read its record.
-                        let _ = tx.send(RESYNC.to_string());
-                        let mut stream = pubsub.on_message();
-                        while let Some(msg) = stream.next().await {
-                            if let Ok(id) = msg.get_payload::<String>() {
-                                let _ = tx.send(id);
-                            }
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "job event connection failed"),
-            }
-            // Anyone waiting re-reads records on Lagged; tell them to.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
-}
-
 pub async fn build(cfg: ShimConfig) -> anyhow::Result<(Router, AppState)> {
     let keys = ApiKeys::new(&cfg.api_keys);
     if keys.is_empty() {
@@ -182,12 +152,9 @@ pub async fn build(cfg: ShimConfig) -> anyhow::Result<(Router, AppState)> {
     )
     .await?;
     queue.warn_if_not_persistent().await;
-    let (events, _) = broadcast::channel(1024);
-    spawn_event_relay(
-        queue.client().clone(),
-        queue.keys().events(),
-        events.clone(),
-    );
+    // Ids of jobs that reached a terminal state (and RESYNC after a
+    // reconnect), for /runsync, condense and the callback loop.
+    let events = queue.spawn_relay(queue.keys().events());
     let callbacks = CallbackSender::new(queue.clone(), cfg.webhook()?)?;
     tokio::spawn(
         callbacks

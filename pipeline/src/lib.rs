@@ -1,31 +1,29 @@
 //! The job pipeline shared by the api-shim and the worker.
 //!
-//! - [`contract`]: the chat job's request and response (seed 003), valid by
-//!   construction.
+//! - [`jobs`]: one contract per job kind (typed input parsed once, valid by
+//!   construction; typed output; input schema) and the table of kinds: the
+//!   chat job (seed 003), streamed chat, memory condense.
 //! - [`envelope`]: the RunPod-style body around a job (`input`, `webhook`,
-//!   `policy`), job kinds and states.
+//!   `policy`) and job states.
 //! - [`queue`]: jobs in Redis: records, per-kind priority lanes on Redis
 //!   Streams with consumer groups, leases kept alive by heartbeats, attempt
 //!   caps, cancellation, retry and purge, and the event channel.
-//! - [`stream_contract`]: the streamed chat job.
 //! - [`media_store`]: S3-compatible or local-directory media storage.
 //! - [`platform`]: the platform API client (context by id, messages).
 //! - [`webhook`]: Standard Webhooks signing and the delivery schedule.
-//! - [`memory_contract`]: the memory condense job's request and response.
 //! - [`inprocess`]: an in-process queue for the embedded mode (no Redis).
 
-pub mod contract;
 pub mod envelope;
 pub mod inprocess;
+pub mod jobs;
 pub mod media_store;
-pub mod memory_contract;
 pub mod platform;
 pub mod queue;
-pub mod stream_contract;
 pub mod webhook;
 
-pub use contract::{ChatRespondJob, ChatRespondOutput};
-pub use envelope::{JobKind, JobState, Policy, RunRequest};
+pub use envelope::{JobState, Policy, RunRequest};
+pub use jobs::chat::{ChatRespondJob, ChatRespondOutput};
+pub use jobs::{Job, JobContract, JobKind};
 
 /// A request that breaks a rule: which field, and what the rule is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]

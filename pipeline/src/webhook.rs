@@ -203,9 +203,11 @@ impl CallbackSender {
                     self.settle(id, msg_id, "done", &[]).await?;
                     return Ok(());
                 };
-                let body =
-                    callback_body(id, rec.state, rec.output.as_ref(), rec.error.as_deref());
-                if !self.settle(id, msg_id, "body", &[body.clone()]).await? {
+                let body = callback_body(id, rec.state, rec.output.as_ref(), rec.error.as_deref());
+                if !self
+                    .settle(id, msg_id, "body", std::slice::from_ref(&body))
+                    .await?
+                {
                     return Ok(());
                 }
                 body
@@ -264,7 +266,10 @@ impl CallbackSender {
                 id,
                 msg_id,
                 "park",
-                &[dead.to_string(), self.cfg.dead_letter_max.max(1).to_string()],
+                &[
+                    dead.to_string(),
+                    self.cfg.dead_letter_max.max(1).to_string(),
+                ],
             )
             .await?;
             return Ok(());

@@ -430,7 +430,10 @@ async fn the_dead_letter_list_is_capped() {
     let redis = Redis::start();
     let shim = Shim::start(
         &redis,
-        &[("WEBHOOK_RETRY_SCHEDULE", "0s"), ("CALLBACK_DEAD_LETTER_MAX", "1")],
+        &[
+            ("WEBHOOK_RETRY_SCHEDULE", "0s"),
+            ("CALLBACK_DEAD_LETTER_MAX", "1"),
+        ],
     )
     .await;
     let _worker = start_worker(&redis, &[]);
@@ -441,7 +444,11 @@ async fn the_dead_letter_list_is_capped() {
     let mut ids = vec![];
     for _ in 0..2 {
         let (_, accepted) = api
-            .post("/run", Some(API_KEY), with_webhook(body.clone(), &receiver.url))
+            .post(
+                "/run",
+                Some(API_KEY),
+                with_webhook(body.clone(), &receiver.url),
+            )
             .await;
         let id = accepted["id"].as_str().unwrap().to_string();
         api.wait_terminal(&id).await;
@@ -456,10 +463,7 @@ async fn the_dead_letter_list_is_capped() {
         {
             break h;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never parked: {h}"
-        );
+        assert!(std::time::Instant::now() < deadline, "never parked: {h}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(health["callbacks"]["deadLettered"], 1, "{health}");

@@ -6,18 +6,21 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::Redis;
-use pipeline::queue::{Finished, LeaseGuard, Outcome, QueueConfig, RedisQueue, RetryOutcome, TokenEvent};
+use pipeline::queue::{
+    Finished, LeaseGuard, Outcome, QueueConfig, RedisQueue, RetryOutcome, TokenEvent,
+};
 use pipeline::{JobKind, JobState, Policy, RunRequest};
 use redis::AsyncCommands;
 use serde_json::json;
 
 fn request(policy: Policy) -> RunRequest {
-    RunRequest {
-        kind: JobKind::Chat,
-        input: json!({"messages": [], "character": "github:a/b"}),
-        webhook: None,
-        policy,
-    }
+    let body = json!({
+        "input": {"messages": [{"id": 1, "type": "text", "text": "hi", "is_processed": false}], "character": "github:a/b"},
+    });
+    let mut req = RunRequest::parse(JobKind::Chat, body.to_string().as_bytes()).unwrap();
+    // Policies past what a client may ask for (a 1 ms ttl) are set here.
+    req.policy = policy;
+    req
 }
 
 async fn queue(redis: &Redis, cfg: QueueConfig) -> RedisQueue {
@@ -316,7 +319,7 @@ fn text(t: &str) -> TokenEvent {
 
 fn end(state: &str) -> TokenEvent {
     TokenEvent::End {
-        state: state.into(),
+        state: JobState::parse(state).unwrap(),
     }
 }
 
@@ -332,7 +335,10 @@ async fn a_worker_that_lost_its_lease_writes_nothing() {
     let mut a = q.consumer(&[JobKind::Chat], "a").await.unwrap();
     let stale = a.next(Duration::from_millis(500)).await.unwrap().unwrap();
     let stale_guard = LeaseGuard::new(&q, &stale);
-    assert!(stale_guard.publish_tokens(&[(0, "Hel".into())]).await.unwrap());
+    assert!(stale_guard
+        .publish_tokens(&[(0, "Hel".into())])
+        .await
+        .unwrap());
     // A stalls (no heartbeats); B takes the job over.
     let mut b = q.consumer(&[JobKind::Chat], "b").await.unwrap();
     let lease = b

@@ -38,7 +38,10 @@ async fn wait_workers(api: &Api, n: u64) {
         if live >= n {
             return;
         }
-        assert!(Instant::now() < deadline, "{n} workers never registered: {h}");
+        assert!(
+            Instant::now() < deadline,
+            "{n} workers never registered: {h}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -114,7 +117,10 @@ async fn a_stalled_worker_resumed_after_a_takeover_writes_nothing() {
     let done = api.wait_terminal(&id).await;
     assert_eq!(done["status"], "COMPLETED", "{done}");
     assert!(ran_on(&done, &b), "{done}");
-    assert_eq!(record_field(&redis, &id, "attempts").await.as_deref(), Some("2"));
+    assert_eq!(
+        record_field(&redis, &id, "attempts").await.as_deref(),
+        Some("2")
+    );
     let (streamed, end) = api.sse_texts(&id).await;
     assert_eq!(end, "COMPLETED");
     assert_eq!(streamed, option_texts(&done), "no delta twice, none lost");
@@ -150,7 +156,10 @@ async fn a_redis_restart_mid_job_loses_nothing() {
     assert_eq!(resp.status().as_u16(), 503);
     assert!(resp.headers().contains_key("retry-after"));
     let body: Value = resp.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("unavailable"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("unavailable"),
+        "{body}"
+    );
     let (code, health) = api.get("/health", None).await;
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(health["redis"], "down", "{health}");
@@ -222,7 +231,10 @@ async fn a_worker_takes_only_its_kinds() {
     // A worker for chat comes: the waiting job runs.
     let _chat_worker = start_worker(&redis, &[("WORKER_KINDS", "chat")]);
     assert_eq!(api.wait_terminal(&chat).await["status"], "COMPLETED");
-    assert_eq!(record_field(&redis, &chat, "attempts").await.as_deref(), Some("1"));
+    assert_eq!(
+        record_field(&redis, &chat, "attempts").await.as_deref(),
+        Some("1")
+    );
 }
 
 /// SIGTERM on a busy worker with `DRAIN_TIMEOUT_S=1`: at the deadline the
@@ -247,7 +259,10 @@ async fn sigterm_hands_the_running_job_back_at_the_drain_deadline() {
     wait_workers(&api, 2).await;
     let status = a.terminate();
     let exited = Instant::now();
-    assert!(status.success(), "a drained worker exits cleanly: {status:?}");
+    assert!(
+        status.success(),
+        "a drained worker exits cleanly: {status:?}"
+    );
     let moved = api
         .wait_for(&id, Duration::from_secs(30), |s| ran_on(s, &b))
         .await;
@@ -272,7 +287,10 @@ async fn runsync_answers_the_state_when_its_wait_ends() {
     let redis = Redis::start();
     let shim = Shim::start(&redis, &[]).await;
     let api = Api::new(&shim);
-    let _w = start_worker(&redis, &[("MAX_NEW_TOKENS", "2000"), ("IGNORE_EOS", "true")]);
+    let _w = start_worker(
+        &redis,
+        &[("MAX_NEW_TOKENS", "2000"), ("IGNORE_EOS", "true")],
+    );
     wait_workers(&api, 1).await;
     let (code, body) = api
         .post(

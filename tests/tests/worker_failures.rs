@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use common::*;
 use pipeline::queue::{QueueConfig, RedisQueue};
-use pipeline::{JobKind, Policy, RunRequest};
+use pipeline::{JobKind, Policy};
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 
@@ -103,13 +103,11 @@ async fn bad_input_fails_once_and_is_never_retried() {
         .await
         .unwrap();
     let rec = q
-        .enqueue(
-            &RunRequest {
-                kind: JobKind::Chat,
-                input: json!({"messages": [], "character": "github:partner/character", "num_options": 99}),
-                webhook: None,
-                policy: Policy::default(),
-            },
+        .enqueue_input(
+            JobKind::Chat,
+            &json!({"messages": [], "character": "github:partner/character", "num_options": 99}),
+            None,
+            &Policy::default(),
             &pipeline::owner_fingerprint(API_KEY),
         )
         .await

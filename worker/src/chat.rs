@@ -6,8 +6,8 @@ use std::sync::Arc;
 use base64::Engine;
 use chrono::{DateTime, FixedOffset};
 use models::{SamplingParams, TextGeneration};
-use pipeline::contract::ReplyAudio;
-use pipeline::contract::{ChatMessage, MessageType, Originator};
+use pipeline::jobs::chat::ReplyAudio;
+use pipeline::jobs::chat::{ChatMessage, MessageType, Originator};
 use pipeline::media_store::{media_key, MediaStore};
 use pipeline::{ChatRespondJob, ChatRespondOutput};
 use prompts::{
@@ -60,6 +60,16 @@ pub struct Usage {
     pub generated_tokens: u64,
     pub prefill_ms: u64,
     pub decode_ms: u64,
+}
+
+impl Usage {
+    /// Adds what one generation cost (the one place its counts are read).
+    pub fn add(&mut self, g: &models::text::Generation) {
+        self.prompt_tokens += g.prompt_tokens as u64;
+        self.generated_tokens += g.options.iter().map(|o| o.tokens as u64).sum::<u64>();
+        self.prefill_ms += (g.prefill_secs * 1000.0) as u64;
+        self.decode_ms += (g.decode_secs * 1000.0) as u64;
+    }
 }
 
 /// The prompt of a job and the texts of its new messages, as resolved.
@@ -214,10 +224,10 @@ impl ChatEngine {
             MessageType::Audio if m.is_processed => Ok(m.text.clone().unwrap_or_default()),
             MessageType::Audio => {
                 let key = m.audio_file_id.as_deref().unwrap_or_default();
-                let audio = job
+                let audio: &[u8] = job
                     .audio_files
                     .get(key)
-                    .map(String::as_str)
+                    .map(|b| b.as_slice())
                     .unwrap_or_default();
                 let id = m.id.as_ref().map(|v| v.to_string()).unwrap_or_default();
                 if audio.is_empty() {
@@ -229,12 +239,8 @@ impl ChatEngine {
                         "message {id}: speech-to-text is not configured on this worker (STT_BACKEND=none), so audio messages with audio cannot be transcribed"
                     )));
                 };
-                let bytes = base64::engine::general_purpose::STANDARD
-                    .decode(audio.as_bytes())
-                    .map_err(|_| {
-                        JobError::new(format!("message {id}: audio_files.{key} is not base64"))
-                    })?;
-                stt.transcribe(&bytes)
+                // Decoded from base64 once, when the job was parsed.
+                stt.transcribe(audio)
                     .map_err(|e| JobError::new(format!("message {id}: audio_files.{key}: {e}")))
             }
         }
@@ -279,12 +285,8 @@ impl ChatEngine {
             options = generation.options.len(),
             "generated"
         );
-        let usage = Usage {
-            prompt_tokens: generation.prompt_tokens as u64,
-            generated_tokens: generation.options.iter().map(|o| o.tokens as u64).sum(),
-            prefill_ms: (generation.prefill_secs * 1000.0) as u64,
-            decode_ms: (generation.decode_secs * 1000.0) as u64,
-        };
+        let mut usage = Usage::default();
+        usage.add(&generation);
         let options: Vec<String> = generation.options.into_iter().map(|o| o.text).collect();
         let audio = match (&self.tts, job.generate_audio) {
             (Some(tts), true) => {

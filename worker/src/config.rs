@@ -159,7 +159,7 @@ pub struct WorkerConfig {
     #[arg(long, env = "MAX_AUDIO_SECONDS", default_value_t = 300.0)]
     pub max_audio_seconds: f64,
     /// Largest audio message, in bytes (decoded from base64).
-    #[arg(long, env = "MAX_AUDIO_BYTES", default_value_t = pipeline::contract::DEFAULT_MAX_AUDIO_BYTES)]
+    #[arg(long, env = "MAX_AUDIO_BYTES", default_value_t = pipeline::jobs::chat::DEFAULT_MAX_AUDIO_BYTES)]
     pub max_audio_bytes: usize,
     /// Platform API base URL (streamed chat fetches context and saves messages there).
     #[arg(long, env = "PLATFORM_URL")]
@@ -223,8 +223,8 @@ impl WorkerConfig {
             .unwrap_or_else(models::registry::default_models_dir)
     }
 
-    /// The kinds this worker takes: `WORKER_KINDS`, or every kind the text
-    /// model serves (all of today's kinds).
+    /// The kinds this worker takes: `WORKER_KINDS`, or every kind its
+    /// models serve.
     pub fn worker_kinds(&self) -> anyhow::Result<Vec<pipeline::JobKind>> {
         let named: Vec<&str> = self
             .worker_kinds
@@ -232,15 +232,21 @@ impl WorkerConfig {
             .map(|k| k.trim())
             .filter(|k| !k.is_empty())
             .collect();
+        let served = crate::handlers::served_kinds();
         if named.is_empty() {
-            return Ok(pipeline::JobKind::ALL.to_vec());
+            return Ok(served);
         }
         let mut kinds = Vec::new();
         for k in named {
             let kind = pipeline::JobKind::parse(k).ok_or_else(|| {
-                let known: Vec<&str> = pipeline::JobKind::ALL.iter().map(|k| k.as_str()).collect();
-                anyhow::anyhow!("WORKER_KINDS: unknown kind {k:?}; kinds: {}", known.join(", "))
+                anyhow::anyhow!(
+                    "WORKER_KINDS: unknown kind {k:?}; kinds: {}",
+                    pipeline::JobKind::names()
+                )
             })?;
+            if !served.contains(&kind) {
+                anyhow::bail!("WORKER_KINDS: this worker's models cannot serve {k:?}");
+            }
             if !kinds.contains(&kind) {
                 kinds.push(kind);
             }

@@ -3,6 +3,7 @@
 
 mod chat;
 mod config;
+mod handlers;
 mod memory;
 mod serve;
 mod speech;
@@ -29,15 +30,13 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     tracing::info!(config = ?cli.config.masked(), "worker starting");
-    pipeline::contract::set_max_audio_bytes(cli.config.max_audio_bytes);
+    pipeline::jobs::chat::set_max_audio_bytes(cli.config.max_audio_bytes);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve::serve(cli.config).await,
         Command::Run { job, kind, seed } => {
-            let kind = JobKind::parse(&kind)
-                .ok_or_else(|| {
-                    let known: Vec<&str> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
-                    anyhow::anyhow!("--kind {kind:?}: expected one of {}", known.join(", "))
-                })?;
+            let kind = JobKind::parse(&kind).ok_or_else(|| {
+                anyhow::anyhow!("--kind {kind:?}: expected one of {}", JobKind::names())
+            })?;
             run_embedded(cli.config, kind, &job, seed).await
         }
         Command::FetchModels => {
@@ -89,7 +88,8 @@ fn read_job_input(path: &std::path::Path) -> anyhow::Result<serde_json::Value> {
 }
 
 /// The embedded default: no Redis, no S3. The job goes through an in-process
-/// queue to an in-process worker and the output is printed.
+/// queue to an in-process worker (the same handlers as the Redis worker) and
+/// the output is printed.
 async fn run_embedded(
     cfg: WorkerConfig,
     kind: JobKind,
@@ -98,36 +98,35 @@ async fn run_embedded(
 ) -> anyhow::Result<()> {
     let input = read_job_input(path)?;
     let body = serde_json::json!({ "input": input }).to_string();
-    RunRequest::parse(kind, body.as_bytes()).map_err(|e| match e {
+    let request = RunRequest::parse(kind, body.as_bytes()).map_err(|e| match e {
         RequestError::Malformed(e) | RequestError::Invalid(e) => {
             anyhow::anyhow!("invalid job: {e}")
         }
     })?;
-    let engine = Arc::new(cfg.chat_engine().await?);
+    let services = Arc::new(handlers::Services {
+        engine: Arc::new(cfg.chat_engine().await?),
+        platform: cfg.platform_client()?,
+        history_messages: cfg.history_messages,
+        memory_max_words: cfg.memory_max_words,
+    });
     let (queue, mut consumer) = memory_queue();
     let worker = tokio::spawn(async move {
-        while let Some(job) = consumer.next().await {
-            let engine = engine.clone();
-            let (input, kind, job_id) = (job.input.clone(), job.kind, job.id.clone());
-            let outcome = tokio::task::spawn_blocking(move || {
-                serve::run_job(
-                    &engine,
-                    &job_id,
-                    kind,
-                    &input,
-                    seed,
-                    chrono::Utc::now().fixed_offset(),
-                    &|| false,
-                    &mut |_, _| {},
-                )
-                .0
-            })
-            .await
-            .unwrap_or_else(|e| Outcome::Failed(format!("worker task panicked: {e}")));
-            job.finish(outcome);
+        while let Some(queued) = consumer.next().await {
+            let (deltas, _) = tokio::sync::mpsc::unbounded_channel();
+            let ctx = handlers::RunCtx {
+                job_id: queued.id.clone(),
+                seed,
+                clock: chrono::Utc::now().fixed_offset(),
+                cancel: Arc::default(),
+                deltas,
+                fence: None,
+                services: services.clone(),
+            };
+            let (outcome, _) = handlers::run(queued.job.clone(), ctx).await;
+            queued.finish(outcome);
         }
     });
-    let (id, done) = queue.submit(kind, input);
+    let (id, done) = queue.submit(request.job);
     tracing::info!(job = %id, "queued in-process");
     let outcome = done.await.context("the in-process worker stopped")?;
     drop(queue);

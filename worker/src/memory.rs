@@ -11,7 +11,7 @@
 //! come back as they are, without a model call.
 
 use models::SamplingParams;
-use pipeline::memory_contract::{MemoryCondenseJob, MemoryCondenseOutput};
+use pipeline::jobs::memory::{MemoryCondenseJob, MemoryCondenseOutput};
 use prompts::memory::{condense_turns, cut_to_words, fact_tokens, select_sentences, word_count};
 
 use crate::chat::{ChatEngine, JobError, Usage};
@@ -73,10 +73,7 @@ pub fn condense(
             .model()
             .generate(&prompt, 1, &params, cancelled)
             .map_err(|e| JobError::new(format!("text generation failed: {e}")))?;
-        usage.prompt_tokens += g.prompt_tokens as u64;
-        usage.generated_tokens += g.options.iter().map(|o| o.tokens as u64).sum::<u64>();
-        usage.prefill_ms += (g.prefill_secs * 1000.0) as u64;
-        usage.decode_ms += (g.decode_secs * 1000.0) as u64;
+        usage.add(&g);
         let answer = g
             .options
             .into_iter()

@@ -9,57 +9,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, FixedOffset};
-use futures::StreamExt;
-use pipeline::memory_contract::MemoryCondenseJob;
-use pipeline::platform::PlatformClient;
-use pipeline::queue::{is_unavailable, unique_worker_name, Consumer, Lease, LeaseGuard, Outcome, RedisQueue};
-use pipeline::{ChatRespondJob, JobKind, JobState};
-use serde_json::Value;
+use chrono::DateTime;
+use pipeline::queue::{
+    is_unavailable, unique_worker_name, Consumer, Lease, LeaseGuard, Outcome, RedisQueue,
+};
+use pipeline::{Job, JobState};
 use tokio::sync::broadcast;
 
-use crate::chat::{seed_from_job_id, ChatEngine, Usage};
+use crate::chat::{seed_from_job_id, Usage};
 use crate::config::WorkerConfig;
-use crate::stream::StreamRun;
-
-/// Runs a job's input to an outcome. Bad input fails at once (never
-/// retried).
-#[allow(clippy::too_many_arguments)]
-pub fn run_job(
-    engine: &ChatEngine,
-    job_id: &str,
-    kind: JobKind,
-    input: &Value,
-    seed: u64,
-    clock: DateTime<FixedOffset>,
-    cancelled: &dyn Fn() -> bool,
-    on_text: &mut dyn FnMut(usize, &str),
-) -> (Outcome, Usage) {
-    let ran = match kind {
-        JobKind::Chat => ChatRespondJob::parse(input)
-            .map_err(|e| format!("invalid input: {e}"))
-            .and_then(|job| {
-                engine
-                    .respond(&job, job_id, seed, clock, cancelled, on_text)
-                    .map(|(o, u)| (serde_json::to_value(o).expect("output serializes"), u))
-                    .map_err(|e| e.to_string())
-            }),
-        JobKind::Memory => MemoryCondenseJob::parse(input)
-            .map_err(|e| format!("invalid input: {e}"))
-            .and_then(|job| {
-                crate::memory::condense(engine, &job, seed, cancelled)
-                    .map(|(o, u)| (serde_json::to_value(o).expect("output serializes"), u))
-                    .map_err(|e| e.to_string())
-            }),
-        JobKind::ChatStream => {
-            Err("streamed chat runs on the Redis worker (it needs the platform API)".into())
-        }
-    };
-    match ran {
-        Ok((output, usage)) => (Outcome::Completed(output), usage),
-        Err(e) => (Outcome::Failed(e), Usage::default()),
-    }
-}
+use crate::handlers::{self, RunCtx, Services};
 
 /// Exponential backoff for Redis outages: 100 ms doubling to 2 s.
 struct Backoff(Duration);
@@ -79,7 +38,12 @@ impl Backoff {
 
 pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
     let kinds = cfg.worker_kinds()?;
-    let engine = Arc::new(cfg.chat_engine().await?);
+    let services = Arc::new(Services {
+        engine: Arc::new(cfg.chat_engine().await?),
+        platform: cfg.platform_client()?,
+        history_messages: cfg.history_messages,
+        memory_max_words: cfg.memory_max_words,
+    });
     let queue = RedisQueue::connect_with_retry(&cfg.redis_url, cfg.queue_config()).await?;
     queue.warn_if_not_persistent().await;
     let name = unique_worker_name("worker");
@@ -94,8 +58,8 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
             Err(e) => return Err(e.into()),
         }
     };
-    let platform = cfg.platform_client()?;
-    let stops = spawn_stop_relay(&queue);
+    // Ids of jobs whose stop was requested (a streaming client went away).
+    let stops = queue.spawn_relay(queue.keys().stops());
     let heartbeat = consumer.spawn_heartbeat();
     let kind_names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
     tracing::info!(worker = %name, kinds = ?kind_names, "waiting for jobs");
@@ -129,15 +93,16 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
             }
         };
         backoff.reset();
-        let ctx = RunContext {
-            engine: engine.clone(),
-            platform: platform.clone(),
-            history_messages: cfg.history_messages,
-            memory_max_words: cfg.memory_max_words,
-            stops: stops.subscribe(),
-        };
         let drain = Duration::from_secs(cfg.drain_timeout_s);
-        run_lease(ctx, &consumer, lease, &stopping, drain).await;
+        run_lease(
+            &services,
+            stops.subscribe(),
+            &consumer,
+            lease,
+            &stopping,
+            drain,
+        )
+        .await;
     }
     heartbeat.abort();
     if let Err(e) = consumer.deregister().await {
@@ -167,38 +132,6 @@ fn skip_streamed(streamed: &mut [usize], option: usize, text: String) -> Option<
         text
     };
     Some((option, rest))
-}
-
-/// What a run needs besides its lease.
-struct RunContext {
-    engine: Arc<ChatEngine>,
-    platform: Option<PlatformClient>,
-    history_messages: usize,
-    memory_max_words: u32,
-    /// Ids of jobs whose stop was requested (a streaming client went away).
-    stops: broadcast::Receiver<String>,
-}
-
-/// Relays `{ns}:stops` (pub/sub) into a broadcast channel, reconnecting.
-fn spawn_stop_relay(queue: &RedisQueue) -> broadcast::Sender<String> {
-    let (tx, _) = broadcast::channel(256);
-    let (client, channel, out) = (queue.client().clone(), queue.keys().stops(), tx.clone());
-    tokio::spawn(async move {
-        loop {
-            if let Ok(mut pubsub) = client.get_async_pubsub().await {
-                if pubsub.subscribe(&channel).await.is_ok() {
-                    let mut messages = pubsub.on_message();
-                    while let Some(msg) = messages.next().await {
-                        if let Ok(id) = msg.get_payload::<String>() {
-                            let _ = out.send(id);
-                        }
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
-    tx
 }
 
 /// Retries `op` while Redis is unavailable, until it succeeds, fails for
@@ -234,7 +167,8 @@ enum RunEnd {
 }
 
 async fn run_lease(
-    mut ctx: RunContext,
+    services: &Arc<Services>,
+    mut stops: broadcast::Receiver<String>,
     consumer: &Consumer,
     lease: Lease,
     stopping: &AtomicBool,
@@ -250,9 +184,11 @@ async fn run_lease(
     let (deltas, mut delta_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
     // A run after a crash or a hand-back regenerates the same text (same
     // prompt, same seed): what an earlier run already streamed is skipped.
-    let mut streamed = with_redis_retry("reading the token stream", || guard.is_lost(), || {
-        queue.streamed_bytes(&id)
-    })
+    let mut streamed = with_redis_retry(
+        "reading the token stream",
+        || guard.is_lost(),
+        || queue.streamed_bytes(&id),
+    )
     .await
     .unwrap_or_default();
     let pump = {
@@ -267,9 +203,11 @@ async fn run_lease(
                     .into_iter()
                     .filter_map(|(option, text)| skip_streamed(&mut streamed, option, text))
                     .collect();
-                let sent = with_redis_retry("publishing tokens", || guard.is_lost(), || {
-                    guard.publish_tokens(&batch)
-                })
+                let sent = with_redis_retry(
+                    "publishing tokens",
+                    || guard.is_lost(),
+                    || guard.publish_tokens(&batch),
+                )
                 .await;
                 if sent != Some(true) {
                     // Refused: the job was settled or taken over. Stop the
@@ -286,40 +224,26 @@ async fn run_lease(
     let clock = DateTime::from_timestamp_millis(lease.record.created_ms as i64)
         .unwrap_or_default()
         .fixed_offset();
-    let input = lease.record.input.clone();
-    let mut task = match lease.record.kind {
-        JobKind::ChatStream => tokio::spawn(
-            StreamRun {
-                engine: ctx.engine.clone(),
-                platform: ctx.platform.clone(),
-                history_messages: ctx.history_messages,
-                memory_max_words: ctx.memory_max_words,
-                job_id: id.clone(),
-                input,
-                seed,
-                clock,
-                cancel: cancel.clone(),
-                deltas,
-                fence: guard.clone(),
-            }
-            .run(),
-        ),
-        kind => {
-            let (engine, cancel, job_id) = (ctx.engine.clone(), cancel.clone(), id.clone());
-            tokio::task::spawn_blocking(move || {
-                run_job(
-                    &engine,
-                    &job_id,
-                    kind,
-                    &input,
-                    seed,
-                    clock,
-                    &|| cancel.load(Ordering::Relaxed),
-                    &mut |i, d| {
-                        let _ = deltas.send((i, d.to_string()));
-                    },
-                )
-            })
+    // The typed job, parsed once in this process; bad input fails at once
+    // and is never retried.
+    let ctx = RunCtx {
+        job_id: id.clone(),
+        seed,
+        clock,
+        cancel: cancel.clone(),
+        deltas,
+        fence: Some(guard.clone()),
+        services: services.clone(),
+    };
+    let mut task = match Job::parse(lease.record.kind, &lease.record.input) {
+        Ok(job) => tokio::spawn(handlers::run(job, ctx)),
+        Err(e) => {
+            drop(ctx);
+            let failed = (
+                Outcome::Failed(format!("invalid input: {e}")),
+                Usage::default(),
+            );
+            tokio::spawn(async move { failed })
         }
     };
     let timeout = Duration::from_millis(lease.record.policy.execution_timeout_ms);
@@ -352,7 +276,7 @@ async fn run_lease(
                 tracing::warn!(job = %id, "the run did not stop in time: abandoned");
                 break RunEnd::Done(Outcome::Failed(String::new()), Usage::default());
             }
-            stop = ctx.stops.recv() => {
+            stop = stops.recv() => {
                 if matches!(stop, Ok(ref stopped) if *stopped == id) {
                     tracing::info!(job = %id, "stop requested: ending generation");
                     cancel.store(true, Ordering::Relaxed);
@@ -389,9 +313,11 @@ async fn run_lease(
         }
         RunEnd::HandBack => {
             pump.abort();
-            let released = with_redis_retry("handing the job back", || guard.is_lost(), || {
-                consumer.release(&lease)
-            })
+            let released = with_redis_retry(
+                "handing the job back",
+                || guard.is_lost(),
+                || consumer.release(&lease),
+            )
             .await;
             tracing::warn!(job = %id, released = ?released, "drain deadline: job handed back to the queue (its attempt returned)");
             return;
@@ -423,11 +349,18 @@ async fn run_lease(
         ("decode_ms", usage.decode_ms),
     ];
     if !guard.is_lost() {
-        with_redis_retry("adding run totals", || guard.is_lost(), || queue.add_worker_stats(&stats)).await;
+        with_redis_retry(
+            "adding run totals",
+            || guard.is_lost(),
+            || queue.add_worker_stats(&stats),
+        )
+        .await;
     }
-    let finished = with_redis_retry("writing the result", || guard.is_lost(), || {
-        consumer.finish(&lease, outcome.clone())
-    })
+    let finished = with_redis_retry(
+        "writing the result",
+        || guard.is_lost(),
+        || consumer.finish(&lease, outcome.clone()),
+    )
     .await;
     tracing::info!(job = %id, state, finished = ?finished, "job finished");
 }

@@ -14,13 +14,12 @@ use std::sync::Arc;
 use chrono::{DateTime, FixedOffset};
 use models::text::StopReason;
 use models::SamplingParams;
-use pipeline::memory_contract::MemoryCondenseJob;
+use pipeline::jobs::chat_stream::{ChatStreamJob, ChatStreamOutput};
+use pipeline::jobs::memory::MemoryCondenseJob;
 use pipeline::platform::{NewMessage, PlatformClient};
-use pipeline::queue::{LeaseGuard, Outcome};
-use pipeline::stream_contract::{ChatStreamJob, ChatStreamOutput};
+use pipeline::queue::LeaseGuard;
 use prompts::macros::Gender;
 use prompts::{HistoryMessage, Persona, RenderedCharacter, Role};
-use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::chat::{ChatContext, ChatEngine, JobError, Usage};
@@ -31,14 +30,14 @@ pub struct StreamRun {
     pub history_messages: usize,
     pub memory_max_words: u32,
     pub job_id: String,
-    pub input: Value,
+    pub job: ChatStreamJob,
     pub seed: u64,
     pub clock: DateTime<FixedOffset>,
     pub cancel: Arc<AtomicBool>,
     pub deltas: UnboundedSender<(usize, String)>,
     /// The run's lease: the platform sees a save only from the run that
-    /// holds the job.
-    pub fence: LeaseGuard,
+    /// holds the job (None in the embedded mode, which has no queue).
+    pub fence: Option<LeaseGuard>,
 }
 
 fn persona_of(p: &pipeline::platform::Persona) -> Persona {
@@ -53,7 +52,10 @@ impl StreamRun {
     /// Fails the run when another run holds the job now (or it was
     /// cancelled): nothing more reaches the platform.
     async fn check_lease(&self) -> Result<(), JobError> {
-        match self.fence.holds().await {
+        let Some(fence) = &self.fence else {
+            return Ok(());
+        };
+        match fence.holds().await {
             Ok(true) => Ok(()),
             Ok(false) => Err(JobError::new(
                 "this run no longer holds the job (taken over or cancelled): nothing saved",
@@ -62,19 +64,8 @@ impl StreamRun {
         }
     }
 
-    pub async fn run(self) -> (Outcome, Usage) {
-        match self.run_inner().await {
-            Ok((output, usage)) => (
-                Outcome::Completed(serde_json::to_value(output).expect("output serializes")),
-                usage,
-            ),
-            Err(e) => (Outcome::Failed(e.to_string()), Usage::default()),
-        }
-    }
-
-    async fn run_inner(self) -> Result<(ChatStreamOutput, Usage), JobError> {
-        let job = ChatStreamJob::parse(&self.input)
-            .map_err(|e| JobError::new(format!("invalid input: {e}")))?;
+    pub async fn run(self) -> Result<(ChatStreamOutput, Usage), JobError> {
+        let job = &self.job;
         let platform = self.platform.as_ref().ok_or_else(|| {
             JobError::new("streamed chat needs the platform API: set PLATFORM_URL and PLATFORM_API_KEY on the worker")
         })?;
@@ -185,6 +176,7 @@ impl StreamRun {
         .await
         .map_err(|e| JobError::new(format!("generation task: {e}")))?
         .map_err(|e| JobError::new(format!("text generation failed: {e}")))?;
+        usage.add(&generation);
         let option =
             generation
                 .options
@@ -196,10 +188,6 @@ impl StreamRun {
                     stop: StopReason::Cancelled,
                 });
         let partial = option.stop == StopReason::Cancelled;
-        usage.prompt_tokens += generation.prompt_tokens as u64;
-        usage.generated_tokens += option.tokens as u64;
-        usage.prefill_ms += (generation.prefill_secs * 1000.0) as u64;
-        usage.decode_ms += (generation.decode_secs * 1000.0) as u64;
         let skin = job.skin_id.as_deref();
         self.check_lease().await?;
         let user_message = platform

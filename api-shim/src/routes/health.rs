@@ -6,9 +6,9 @@ use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
+use pipeline::JobKind;
 use prometheus::{Encoder, TextEncoder};
 use redis::AsyncCommands;
-use pipeline::JobKind;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
@@ -57,7 +57,7 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
             if e.status == StatusCode::SERVICE_UNAVAILABLE {
                 e.message = "redis is down: jobs can be neither queued nor read".into();
                 e.field = None;
-                e.extra = Some(json!({"redis": "down"}));
+                e.extra = Some(Box::new(json!({"redis": "down"})));
             }
             return Err(e);
         }
@@ -123,8 +123,12 @@ pub async fn metrics(
     for (kind, q) in &s.kinds {
         let k = kind.as_str();
         let m = &state.metrics;
-        m.kind_jobs.with_label_values(&[k, "queued"]).set(q.queued as i64);
-        m.kind_jobs.with_label_values(&[k, "running"]).set(q.running as i64);
+        m.kind_jobs
+            .with_label_values(&[k, "queued"])
+            .set(q.queued as i64);
+        m.kind_jobs
+            .with_label_values(&[k, "running"])
+            .set(q.running as i64);
         m.kind_workers
             .with_label_values(&[k])
             .set(s.fleet.by_kind.get(k).copied().unwrap_or(0) as i64);

@@ -23,10 +23,9 @@ fn kind_of(params: &HashMap<String, String>) -> Result<JobKind, ApiError> {
     match params.get("endpoint_id") {
         None => Ok(JobKind::Chat),
         Some(e) => JobKind::parse(e).ok_or_else(|| {
-            let known: Vec<&str> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!("no endpoint {e:?}; endpoints: {}", known.join(", ")),
+                format!("no endpoint {e:?}; endpoints: {}", JobKind::names()),
             )
         }),
     }
@@ -203,7 +202,7 @@ pub async fn wait_until_done(
             match tokio::time::timeout_at(wake, events.recv()).await {
                 // The recheck or the deadline: read again.
                 Err(_) => break,
-                Ok(Ok(done)) if done == id || done == crate::startup::RESYNC => break,
+                Ok(Ok(done)) if done == id || done == pipeline::queue::RESYNC => break,
                 Ok(Ok(_)) => continue,
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {

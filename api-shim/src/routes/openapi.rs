@@ -1,14 +1,16 @@
 //! `GET /openapi.json`: the shim's routes, bodies and errors.
 
 use axum::Json;
+use pipeline::JobKind;
 use serde_json::{json, Value};
 
 fn job_routes(prefix: &str, tag: &str) -> Vec<(String, Value)> {
     let id = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}});
     let mut params = vec![];
     if prefix.contains("{endpoint_id}") {
+        let kinds: Vec<&str> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
         params.push(json!({"name": "endpoint_id", "in": "path", "required": true,
-            "description": "names the job kind: chat, memory or chat_stream", "schema": {"type": "string", "enum": ["chat", "memory", "chat_stream"]}}));
+            "description": format!("names the job kind: {}", JobKind::names()), "schema": {"type": "string", "enum": kinds}}));
     }
     let with_id = {
         let mut p = params.clone();
@@ -78,7 +80,7 @@ pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
     paths.insert("/v1/memory/condense".into(), json!({"post": {
         "tags": ["memory"], "summary": "Condense a memory scratchpad to max_words (synchronous)",
         "security": [{"bearer": []}],
-        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MemoryCondense"}}}},
+        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MemoryInput"}}}},
         "responses": {
             "200": {"description": "condensed", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MemoryCondensed"}}}},
             "202": {"description": "still running after the wait; poll /v2/memory/status/{id}", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobAccepted"}}}},
@@ -112,7 +114,12 @@ pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
     }}));
     paths.insert("/health".into(), json!({"get": {"tags": ["ops"], "summary": "Jobs by state, workers seen, callbacks pending and dead-lettered", "responses": {"200": {"description": "OK"}}}}));
     paths.insert("/metrics".into(), json!({"get": {"tags": ["ops"], "summary": "Prometheus metrics", "security": [{"bearer": []}], "responses": {"200": {"description": "OK"}}}}));
-    Json(json!({
+    // One input schema per kind, from its contract.
+    let input_refs: Vec<Value> = JobKind::ALL
+        .iter()
+        .map(|k| json!({"$ref": format!("#/components/schemas/{}", input_schema_name(*k))}))
+        .collect();
+    let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "companion worker api-shim", "version": env!("CARGO_PKG_VERSION"),
                  "description": "RunPod-serverless-compatible job API. Callbacks are signed per Standard Webhooks."},
@@ -123,41 +130,42 @@ pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
                 "Error": {"type": "object", "required": ["error"], "properties": {
                     "error": {"type": "string"}, "field": {"type": "string"}, "rule": {"type": "string"}}},
                 "RunRequest": {"type": "object", "required": ["input"], "properties": {
-                    "input": {"$ref": "#/components/schemas/ChatInput"},
+                    "input": {"oneOf": input_refs, "description": "the input of the kind the route names (chat on the bare routes)"},
                     "webhook": {"type": "string", "format": "uri"},
                     "policy": {"type": "object", "properties": {
                         "executionTimeout": {"type": "integer", "minimum": 5000, "maximum": 604800000},
                         "ttl": {"type": "integer", "minimum": 10000, "maximum": 604800000},
                         "lowPriority": {"type": "boolean"}}}}},
-                "ChatInput": {"type": "object", "required": ["messages", "character"], "properties": {
-                    "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["is_processed"], "properties": {
-                        "id": {"type": ["integer", "string"]},
-                        "type": {"type": "string", "enum": ["text", "audio"]},
-                        "originator": {"type": "string", "enum": ["bot", "user"]},
-                        "text": {"type": ["string", "null"]},
-                        "audio_file_id": {"type": "string"},
-                        "is_processed": {"type": "boolean"}}}},
-                    "audio_files": {"type": "object", "additionalProperties": {"type": "string", "contentEncoding": "base64"}},
-                    "character": {"type": "string", "pattern": "^github:[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$"},
-                    "character_params": {"type": "object"},
-                    "generate_audio": {"type": "boolean", "description": "must be false when num_options > 1"},
-                    "num_options": {"type": "integer", "minimum": 1, "maximum": 8, "default": 1}}},
                 "JobAccepted": {"type": "object", "properties": {"id": {"type": "string"}, "status": {"$ref": "#/components/schemas/JobState"}}},
                 "JobState": {"type": "string", "enum": ["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]},
                 "JobStatus": {"type": "object", "required": ["id", "status"], "properties": {
                     "id": {"type": "string"}, "status": {"$ref": "#/components/schemas/JobState"},
                     "delayTime": {"type": "integer"}, "executionTime": {"type": "integer"},
                     "output": {"type": "object"}, "error": {"type": "string"}, "workerId": {"type": "string"}}},
-                "MemoryCondense": {"type": "object", "required": ["content", "max_words"], "properties": {
-                    "content": {"type": "string", "maxLength": 200000},
-                    "max_words": {"type": "integer", "minimum": 1, "maximum": 10000},
-                    "hint": {"type": "string", "description": "what to keep first"},
-                    "version": {"type": ["integer", "string"], "description": "echoed back"}}},
                 "MemoryCondensed": {"type": "object", "required": ["content", "word_count"], "properties": {
                     "content": {"type": "string"}, "word_count": {"type": "integer"},
                     "version": {"type": ["integer", "string"]}}},
                 "Purged": {"type": "object", "properties": {"removed": {"type": "integer"}, "status": {"type": "string"}}}
             }
         }
-    }))
+    });
+    for kind in JobKind::ALL {
+        doc["components"]["schemas"][input_schema_name(kind)] = kind.input_schema();
+    }
+    Json(doc)
+}
+
+/// `chat_stream` → `ChatStreamInput`.
+fn input_schema_name(kind: JobKind) -> String {
+    let camel: String = kind
+        .as_str()
+        .split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    format!("{camel}Input")
 }

@@ -158,9 +158,7 @@ impl TokenReader {
                             .any(|(_, e)| matches!(e, TokenEvent::End { .. }));
                         self.pending.extend(rest.into_iter().map(|(_, e)| e));
                         if !ended {
-                            self.pending.push_back(TokenEvent::End {
-                                state: rec.state.as_str().into(),
-                            });
+                            self.pending.push_back(TokenEvent::End { state: rec.state });
                         }
                     }
                 }
@@ -195,7 +193,7 @@ pub async fn chat_stream(
     // producing anything gets an error status instead of an empty 200.
     let first = reader.next().await?;
     if let Some(TokenEvent::End { state: st }) = &first {
-        if st != JobState::Completed.as_str() {
+        if *st != JobState::Completed {
             let error = state
                 .queue
                 .get(&rec.id)
@@ -204,7 +202,7 @@ pub async fn chat_stream(
                 .unwrap_or_default();
             return Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
-                format!("chat job {} ended {st}: {error}", rec.id),
+                format!("chat job {} ended {}: {error}", rec.id, st.as_str()),
             ));
         }
     }
@@ -306,7 +304,7 @@ async fn sse(
                 Ok(Some(TokenEvent::End { state })) => {
                     let ev = Event::default()
                         .event("completed")
-                        .data(json!({"id": reader.id, "status": state}).to_string());
+                        .data(json!({"id": reader.id, "status": state.as_str()}).to_string());
                     Some((Ok(ev), (reader, true)))
                 }
                 Ok(None) | Err(_) => None,

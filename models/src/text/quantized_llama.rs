@@ -8,7 +8,7 @@
 //! after the prefill and shrink as sequences finish.
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
@@ -359,9 +359,4 @@ fn causal_mask(seq: usize, pos: usize, device: &Device) -> Result<Tensor> {
         .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0. }))
         .collect();
     Tensor::from_vec(mask, (seq, total), device)
-}
-
-/// Index of the largest value of each row of `(batch, vocab)` logits.
-pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    logits.argmax(D::Minus1)?.to_vec1::<u32>()
 }

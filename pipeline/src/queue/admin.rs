@@ -28,33 +28,54 @@ pub struct KindQueue {
 impl RedisQueue {
     /// Stores a new job and queues it on its kind's lane.
     pub async fn enqueue(&self, req: &RunRequest, owner: &str) -> Result<JobRecord, PipelineError> {
-        self.ensure_groups(req.kind).await?;
+        self.enqueue_input(
+            req.kind,
+            &req.input,
+            req.webhook.as_deref(),
+            &req.policy,
+            owner,
+        )
+        .await
+    }
+
+    /// Stores `input` as a job of `kind` as it is, unchecked: [`Self::enqueue`]
+    /// takes a parsed request; this exists for tests that must store input
+    /// no shim would accept (to show the worker refuses it).
+    pub async fn enqueue_input(
+        &self,
+        kind: JobKind,
+        input: &serde_json::Value,
+        webhook: Option<&str>,
+        policy: &crate::Policy,
+        owner: &str,
+    ) -> Result<JobRecord, PipelineError> {
+        self.ensure_groups(kind).await?;
         let id = uuid::Uuid::new_v4().to_string();
         let mut fields: Vec<(&str, String)> = vec![
             ("id", id.clone()),
-            ("kind", req.kind.as_str().into()),
+            ("kind", kind.as_str().into()),
             ("owner", owner.into()),
             ("state", JobState::InQueue.as_str().into()),
-            ("input", req.input.to_string()),
+            ("input", input.to_string()),
             (
                 "policy",
-                serde_json::to_string(&req.policy).expect("policy serializes"),
+                serde_json::to_string(policy).expect("policy serializes"),
             ),
             ("attempts", "0".into()),
             ("run", "0".into()),
             ("max_attempts", self.cfg.max_attempts.to_string()),
         ];
-        if let Some(w) = &req.webhook {
-            fields.push(("webhook", w.clone()));
+        if let Some(w) = webhook {
+            fields.push(("webhook", w.to_string()));
         }
         let mut inv = self.scripts.enqueue.prepare_invoke();
         for k in self.terminal_keys(&id) {
             inv.key(k);
         }
-        inv.key(self.keys.lane(req.kind, req.policy.low_priority))
+        inv.key(self.keys.lane(kind, policy.low_priority))
             .arg(&id)
             .arg(self.keys.events())
-            .arg(req.policy.ttl_ms);
+            .arg(policy.ttl_ms);
         for (k, v) in &fields {
             inv.arg(*k).arg(v);
         }

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply,
+};
 
 use super::keys::GROUP;
 use super::{JobRecord, Outcome, RedisQueue};
@@ -22,7 +24,9 @@ struct Held {
     lost: Arc<AtomicBool>,
 }
 
-type HeldMap = Arc<Mutex<HashMap<(String, String), Held>>>;
+/// (lane, entry id).
+type EntryKey = (String, String);
+type HeldMap = Arc<Mutex<HashMap<EntryKey, Held>>>;
 
 /// A job this worker may run now, and the lease that fences its writes.
 #[derive(Debug, Clone)]
@@ -211,7 +215,14 @@ impl Consumer {
     /// it still holds, so nobody takes them over; entries taken over by
     /// another worker are dropped and their runs told they lost the lease.
     pub async fn beat(&self) -> Result<(), PipelineError> {
-        heartbeat(&self.queue, &self.name, &self.kinds, &self.held, &self.running).await
+        heartbeat(
+            &self.queue,
+            &self.name,
+            &self.kinds,
+            &self.held,
+            &self.running,
+        )
+        .await
     }
 
     /// Heartbeats every `heartbeat` until the returned handle is aborted.
@@ -534,9 +545,12 @@ impl Consumer {
 
     /// The job's current state (to notice a cancel while it runs).
     pub async fn state_of(&self, id: &str) -> Result<Option<JobState>, PipelineError> {
-        let st: Option<String> =
-            redis::AsyncCommands::hget(&mut self.queue.connection(), self.queue.keys.job(id), "state")
-                .await?;
+        let st: Option<String> = redis::AsyncCommands::hget(
+            &mut self.queue.connection(),
+            self.queue.keys.job(id),
+            "state",
+        )
+        .await?;
         Ok(st.and_then(|s| JobState::parse(&s)))
     }
 
@@ -586,17 +600,24 @@ async fn heartbeat(
     queue: &RedisQueue,
     name: &str,
     kinds: &[JobKind],
-    held: &Mutex<HashMap<(String, String), Held>>,
+    held: &Mutex<HashMap<EntryKey, Held>>,
     running: &Mutex<Option<String>>,
 ) -> Result<(), PipelineError> {
     let mut conn = queue.connection();
-    let entries: Vec<((String, String), String, u64, Arc<AtomicBool>)> = held
+    let entries: Vec<(EntryKey, Held)> = held
         .lock()
         .expect("not poisoned")
         .iter()
-        .map(|(k, h)| (k.clone(), h.job.clone(), h.run, h.lost.clone()))
+        .map(|(k, h)| {
+            let copy = Held {
+                job: h.job.clone(),
+                run: h.run,
+                lost: h.lost.clone(),
+            };
+            (k.clone(), copy)
+        })
         .collect();
-    for ((stream, entry), job, run, lost) in entries {
+    for ((stream, entry), Held { job, run, lost }) in entries {
         let kept: Result<i32, _> = queue
             .scripts
             .heartbeat

@@ -115,7 +115,10 @@ impl RedisQueue {
         };
         let mut removed = 0;
         for c in consumers {
-            let field = |k: &str| c.get(k).and_then(|v| redis::from_redis_value::<u64>(v).ok());
+            let field = |k: &str| {
+                c.get(k)
+                    .and_then(|v| redis::from_redis_value::<u64>(v).ok())
+            };
             let name: Option<String> = c.get("name").and_then(|v| redis::from_redis_value(v).ok());
             let (Some(name), Some(pending), Some(idle)) = (name, field("pending"), field("idle"))
             else {

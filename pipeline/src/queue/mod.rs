@@ -56,6 +56,10 @@ use crate::{JobKind, PipelineError};
 use keys::GROUP;
 use scripts::Scripts;
 
+/// What [`RedisQueue::spawn_relay`] sends after each (re)subscribe: never a
+/// job id.
+pub const RESYNC: &str = "";
+
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
     /// Key prefix, so several deployments (or tests) can share one Redis.
@@ -126,7 +130,10 @@ pub fn is_unavailable(e: &PipelineError) -> bool {
                 || r.is_timeout()
                 || r.is_connection_dropped()
                 || r.is_connection_refusal()
-                || matches!(r.kind(), redis::ErrorKind::BusyLoadingError | redis::ErrorKind::TryAgain)
+                || matches!(
+                    r.kind(),
+                    redis::ErrorKind::BusyLoadingError | redis::ErrorKind::TryAgain
+                )
         }
         _ => false,
     }
@@ -236,6 +243,41 @@ impl RedisQueue {
             }
         }
         Ok(())
+    }
+
+    /// Relays pub/sub `channel` into a broadcast channel, resubscribing
+    /// after any disconnect (a Redis restart). After each (re)subscribe it
+    /// sends [`RESYNC`]: messages published while the relay was away are
+    /// lost, so whoever waits on one should look again at what it waits for.
+    pub fn spawn_relay(&self, channel: String) -> tokio::sync::broadcast::Sender<String> {
+        let (tx, _) = tokio::sync::broadcast::channel(1024);
+        let (client, out) = (self.client.clone(), tx.clone());
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            loop {
+                match client.get_async_pubsub().await {
+                    Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                        Ok(()) => {
+                            let _ = out.send(RESYNC.to_string());
+                            let mut messages = pubsub.on_message();
+                            while let Some(msg) = messages.next().await {
+                                if let Ok(payload) = msg.get_payload::<String>() {
+                                    let _ = out.send(payload);
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, channel = %channel, "subscribing failed")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, channel = %channel, "pub/sub connection failed")
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        tx
     }
 
     fn result_ttl_ms(&self) -> u64 {

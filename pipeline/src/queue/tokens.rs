@@ -10,7 +10,7 @@ use redis::AsyncCommands;
 
 use super::keys::TOKEN_STREAM_TTL_SECS;
 use super::RedisQueue;
-use crate::PipelineError;
+use crate::{JobState, PipelineError};
 
 /// One event of a job's token stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,13 +18,16 @@ pub enum TokenEvent {
     /// New text of option `option`.
     Text { option: usize, text: String },
     /// The job ended in this state; no events follow.
-    End { state: String },
+    End { state: JobState },
 }
 
 impl TokenEvent {
     fn from_entry(e: &redis::streams::StreamId) -> Self {
         match e.get::<String>("end") {
-            Some(state) => TokenEvent::End { state },
+            Some(state) => TokenEvent::End {
+                // Written by the job-ending scripts, always a state name.
+                state: JobState::parse(&state).unwrap_or(JobState::Failed),
+            },
             None => TokenEvent::Text {
                 option: e.get::<usize>("o").unwrap_or(0),
                 text: e.get::<String>("t").unwrap_or_default(),

@@ -130,7 +130,14 @@ impl Redis {
 
     fn spawn(port: u16, dir: Option<PathBuf>) -> Self {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""]);
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]);
         match &dir {
             Some(d) => {
                 cmd.args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
@@ -384,6 +391,8 @@ pub struct Received {
 pub struct Receiver {
     pub url: String,
     pub got: Arc<Mutex<Vec<Received>>>,
+    /// While set, every request is answered 503 (the receiver is "down").
+    pub down: Arc<std::sync::atomic::AtomicBool>,
     notify: Arc<Notify>,
 }
 
@@ -391,14 +400,21 @@ impl Receiver {
     pub async fn start(fail_first: usize) -> Self {
         let got: Arc<Mutex<Vec<Received>>> = Arc::default();
         let notify = Arc::new(Notify::new());
-        let (g, n) = (got.clone(), notify.clone());
+        let down: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let (g, n, d) = (got.clone(), notify.clone(), down.clone());
         let app = Router::new().route(
             "/hook",
             post(move |headers: HeaderMap, body: Bytes| {
-                let (g, n) = (g.clone(), n.clone());
+                let (g, n, d) = (g.clone(), n.clone(), d.clone());
                 async move {
                     let mut list = g.lock().unwrap();
-                    let code = if list.len() < fail_first { 500 } else { 200 };
+                    let code = if d.load(std::sync::atomic::Ordering::SeqCst) {
+                        503
+                    } else if list.len() < fail_first {
+                        500
+                    } else {
+                        200
+                    };
                     list.push(Received {
                         headers,
                         body,
@@ -413,7 +429,12 @@ impl Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        Self { url, got, notify }
+        Self {
+            url,
+            got,
+            down,
+            notify,
+        }
     }
 
     /// Waits (bounded) until `n` requests have arrived; returns them all.

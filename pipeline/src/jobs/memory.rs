@@ -72,6 +72,23 @@ pub struct MemoryCondenseOutput {
     pub version: Option<Value>,
 }
 
+impl super::JobContract for MemoryCondenseJob {
+    const KIND: super::JobKind = super::JobKind::Memory;
+    type Output = MemoryCondenseOutput;
+
+    fn parse(input: &Value) -> Result<Self, InputError> {
+        MemoryCondenseJob::parse(input)
+    }
+
+    fn input_schema() -> Value {
+        serde_json::json!({"type": "object", "required": ["content", "max_words"], "properties": {
+            "content": {"type": "string", "maxLength": MAX_SCRATCHPAD_CHARS},
+            "max_words": {"type": "integer", "minimum": 1, "maximum": MAX_WORDS_LIMIT},
+            "hint": {"type": "string", "description": "what to keep first"},
+            "version": {"type": ["integer", "string"], "description": "echoed back"}}})
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

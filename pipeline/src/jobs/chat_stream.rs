@@ -93,6 +93,29 @@ pub struct ChatStreamOutput {
     pub memory_words: Option<u32>,
 }
 
+impl super::JobContract for ChatStreamJob {
+    const KIND: super::JobKind = super::JobKind::ChatStream;
+    type Output = ChatStreamOutput;
+
+    fn parse(input: &Value) -> Result<Self, InputError> {
+        ChatStreamJob::parse(input)
+    }
+
+    fn input_schema() -> Value {
+        serde_json::json!({
+            "type": "object",
+            "required": ["instance_id", "content"],
+            "properties": {
+                "instance_id": {"type": "string"},
+                "content": {"type": "string", "maxLength": MAX_MESSAGE_CHARS},
+                "medium": {"type": "string"},
+                "skin_id": {"type": "string"},
+                "context": {"type": "object", "description": "inline instance, persona, messages, scratchpad: each wins over fetching it"}
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -81,7 +81,9 @@ pub struct ChatMessage {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatRespondJob {
     pub messages: Vec<ChatMessage>,
-    pub audio_files: BTreeMap<String, String>,
+    /// The recordings, decoded from base64 once, here (empty for an empty
+    /// string, as the seed's first example sends).
+    pub audio_files: BTreeMap<String, std::sync::Arc<Vec<u8>>>,
     pub character: TemplateRef,
     pub character_params: Map<String, Value>,
     pub generate_audio: bool,
@@ -154,10 +156,12 @@ impl ChatRespondJob {
                 "must be a template reference like github:OWNER/NAME",
             )
         })?;
-        let audio_files = wire.audio_files.unwrap_or_default();
+        let encoded = wire.audio_files.unwrap_or_default();
         let max_audio = max_audio_bytes();
-        for (key, data) in &audio_files {
+        let mut audio_files = BTreeMap::new();
+        for (key, data) in &encoded {
             if data.is_empty() {
+                audio_files.insert(key.clone(), std::sync::Arc::new(Vec::new()));
                 continue;
             }
             let field = format!("input.audio_files.{key}");
@@ -184,6 +188,7 @@ impl ChatRespondJob {
                     "must be a wav, mp3, ogg (vorbis or opus), webm, m4a/aac or flac recording",
                 ));
             }
+            audio_files.insert(key.clone(), std::sync::Arc::new(bytes));
         }
         if wire.messages.is_empty() {
             return Err(err("input.messages", "must hold at least one message"));
@@ -214,7 +219,7 @@ impl ChatRespondJob {
 fn validate_message(
     i: usize,
     m: MessageWire,
-    audio_files: &BTreeMap<String, String>,
+    audio_files: &BTreeMap<String, std::sync::Arc<Vec<u8>>>,
 ) -> Result<ChatMessage, InputError> {
     let at = |f: &str| format!("input.messages[{i}].{f}");
     let is_processed = m.is_processed.ok_or_else(|| {
@@ -375,6 +380,32 @@ impl ChatRespondOutput {
             messages,
             audio_files,
         }
+    }
+}
+
+impl super::JobContract for ChatRespondJob {
+    const KIND: super::JobKind = super::JobKind::Chat;
+    type Output = ChatRespondOutput;
+
+    fn parse(input: &Value) -> Result<Self, InputError> {
+        ChatRespondJob::parse(input)
+    }
+
+    fn input_schema() -> Value {
+        serde_json::json!({"type": "object", "required": ["messages", "character"], "properties": {
+            "messages": {"type": "array", "minItems": 1, "items": {"type": "object", "required": ["is_processed"], "properties": {
+                "id": {"type": ["integer", "string"]},
+                "type": {"type": "string", "enum": ["text", "audio"]},
+                "originator": {"type": "string", "enum": ["bot", "user"]},
+                "text": {"type": ["string", "null"]},
+                "audio_file_id": {"type": "string"},
+                "is_processed": {"type": "boolean"}}}},
+            "audio_files": {"type": "object", "additionalProperties": {"type": "string", "contentEncoding": "base64"}},
+            "character": {"type": "string", "pattern": "^github:[A-Za-z0-9._-]+/[A-Za-z0-9._-]+$"},
+            "character_params": {"type": "object"},
+            "generate_audio": {"type": "boolean", "description": "must be false when num_options > 1"},
+            "num_options": {"type": "integer", "minimum": 1, "maximum": MAX_OPTIONS, "default": 1},
+            "voice_id": {"type": "string", "description": "the instance's assigned_voice_id"}}})
     }
 }
 

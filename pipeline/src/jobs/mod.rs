@@ -1,0 +1,104 @@
+//! Job kinds: one contract module per kind (its typed input, parsed once
+//! and valid by construction, its typed output, its input schema) and the
+//! table that names them all.
+//!
+//! Adding a kind: a contract file here implementing [`JobContract`], a
+//! variant in [`JobKind`] and [`Job`] with its line in each `match` below,
+//! and a handler file in the worker (see the README's "Adding a job kind").
+
+pub mod chat;
+pub mod chat_stream;
+pub mod memory;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::InputError;
+use chat::ChatRespondJob;
+use chat_stream::ChatStreamJob;
+use memory::MemoryCondenseJob;
+
+/// One kind's contract.
+pub trait JobContract: Sized + Send + 'static {
+    /// The kind this contract belongs to.
+    const KIND: JobKind;
+    /// What a finished job's `output` holds.
+    type Output: Serialize;
+    /// Parses and checks a job's `input`; errors name the field from
+    /// `input.` and the rule.
+    fn parse(input: &Value) -> Result<Self, InputError>;
+    /// JSON Schema of `input`, for the OpenAPI document.
+    fn input_schema() -> Value;
+}
+
+/// The table of kinds: their names on the wire (`/v2/{kind}/…`,
+/// `WORKER_KINDS`, the queue's lanes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Chat,
+    Memory,
+    ChatStream,
+}
+
+impl JobKind {
+    pub const ALL: [JobKind; 3] = [JobKind::Chat, JobKind::Memory, JobKind::ChatStream];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Chat => "chat",
+            JobKind::Memory => "memory",
+            JobKind::ChatStream => "chat_stream",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// The kind's input schema.
+    pub fn input_schema(self) -> Value {
+        match self {
+            JobKind::Chat => ChatRespondJob::input_schema(),
+            JobKind::Memory => MemoryCondenseJob::input_schema(),
+            JobKind::ChatStream => ChatStreamJob::input_schema(),
+        }
+    }
+
+    /// Every kind's name, for messages.
+    pub fn names() -> String {
+        Self::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A job of any kind, parsed once: what the shim validated and the worker's
+/// handlers take.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Job {
+    Chat(Box<ChatRespondJob>),
+    Memory(MemoryCondenseJob),
+    ChatStream(Box<ChatStreamJob>),
+}
+
+impl Job {
+    /// Parses `input` as a job of `kind`.
+    pub fn parse(kind: JobKind, input: &Value) -> Result<Self, InputError> {
+        Ok(match kind {
+            JobKind::Chat => Job::Chat(Box::new(ChatRespondJob::parse(input)?)),
+            JobKind::Memory => Job::Memory(MemoryCondenseJob::parse(input)?),
+            JobKind::ChatStream => Job::ChatStream(Box::new(ChatStreamJob::parse(input)?)),
+        })
+    }
+
+    pub fn kind(&self) -> JobKind {
+        match self {
+            Job::Chat(_) => JobKind::Chat,
+            Job::Memory(_) => JobKind::Memory,
+            Job::ChatStream(_) => JobKind::ChatStream,
+        }
+    }
+}

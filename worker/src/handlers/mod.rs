@@ -1,0 +1,100 @@
+//! One handler per job kind behind one trait, one context struct with what
+//! a run needs, and the table from kind to handler ([`run`]).
+//!
+//! A handler gets its kind's typed job (parsed once, when the worker read
+//! the record) and returns its kind's typed output; the runtime around it
+//! (`serve.rs`, or the embedded mode) owns leases, timeouts, the token
+//! stream and the result.
+
+mod chat;
+mod chat_stream;
+mod memory;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use chrono::{DateTime, FixedOffset};
+use pipeline::platform::PlatformClient;
+use pipeline::queue::{LeaseGuard, Outcome};
+use pipeline::{Job, JobContract, JobKind};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::chat::{ChatEngine, JobError, Usage};
+
+/// What every run may use, shared by all runs of a worker.
+pub struct Services {
+    pub engine: Arc<ChatEngine>,
+    /// The platform API (context by id, message saves), when configured.
+    pub platform: Option<PlatformClient>,
+    /// Recent messages a streamed chat's prompt reads.
+    pub history_messages: usize,
+    /// Words of memory scratchpad a streamed chat's prompt includes.
+    pub memory_max_words: u32,
+}
+
+/// One run of one job.
+pub struct RunCtx {
+    pub job_id: String,
+    /// Sampling seed (from the job id, so a re-run repeats the text).
+    pub seed: u64,
+    /// The job's clock: its submission time.
+    pub clock: DateTime<FixedOffset>,
+    /// Set when the run must stop (cancel, timeout, lost lease, drain).
+    pub cancel: Arc<AtomicBool>,
+    /// Text deltas by option, for the job's token stream.
+    pub deltas: UnboundedSender<(usize, String)>,
+    /// The run's lease (None in the embedded mode): writes outside Redis
+    /// (platform saves, uploads) check it first.
+    pub fence: Option<LeaseGuard>,
+    pub services: Arc<Services>,
+}
+
+impl RunCtx {
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+/// A kind's handler.
+pub trait Handler {
+    type Job: JobContract;
+    fn run(
+        job: Self::Job,
+        ctx: RunCtx,
+    ) -> impl Future<Output = Result<(<Self::Job as JobContract>::Output, Usage), JobError>> + Send;
+}
+
+/// The kinds this worker's models can serve (every kind needs only the text
+/// model today).
+pub fn served_kinds() -> Vec<JobKind> {
+    JobKind::ALL.to_vec()
+}
+
+/// The table: runs `job` with its kind's handler.
+pub async fn run(job: Job, ctx: RunCtx) -> (Outcome, Usage) {
+    match job {
+        Job::Chat(job) => finish::<chat::ChatHandler>(*job, ctx).await,
+        Job::Memory(job) => finish::<memory::MemoryHandler>(job, ctx).await,
+        Job::ChatStream(job) => finish::<chat_stream::ChatStreamHandler>(*job, ctx).await,
+    }
+}
+
+async fn finish<H: Handler>(job: H::Job, ctx: RunCtx) -> (Outcome, Usage) {
+    match H::run(job, ctx).await {
+        Ok((output, usage)) => (
+            Outcome::Completed(serde_json::to_value(output).expect("output serializes")),
+            usage,
+        ),
+        Err(e) => (Outcome::Failed(e.0), Usage::default()),
+    }
+}
+
+/// Runs blocking model work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, JobError> + Send + 'static,
+) -> Result<T, JobError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| JobError::new(format!("the job's model task stopped: {e}")))?
+}

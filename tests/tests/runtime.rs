@@ -304,3 +304,42 @@ async fn runsync_answers_the_state_when_its_wait_ends() {
     let id = body["id"].as_str().unwrap();
     api.post(&format!("/cancel/{id}"), Some(API_KEY), "").await;
 }
+
+/// `WORKER_CONCURRENCY=chat=2`: one worker runs two chat jobs at once (two
+/// slots sharing its model), each fenced and finished on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_runs_as_many_jobs_of_a_kind_as_its_concurrency_says() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let api = Api::new(&shim);
+    let w = start_worker(
+        &redis,
+        &[
+            ("WORKER_CONCURRENCY", "chat=2"),
+            ("MAX_NEW_TOKENS", "120"),
+            ("IGNORE_EOS", "true"),
+        ],
+    );
+    wait_workers(&api, 3).await;
+    let a = submit(&api, "/run", seed_file("multiple_options.json")).await;
+    let b = submit(&api, "/run", seed_file("multiple_options.json")).await;
+    // Both run at once on the one worker process.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (sa, sb) = (api.status(&a).await, api.status(&b).await);
+        if sa["status"] == "IN_PROGRESS" && sb["status"] == "IN_PROGRESS" {
+            assert!(ran_on(&sa, &w) && ran_on(&sb, &w), "{sa} {sb}");
+            assert_ne!(sa["workerId"], sb["workerId"], "two slots");
+            break;
+        }
+        assert!(
+            sa["status"] != "COMPLETED" && sb["status"] != "COMPLETED",
+            "one finished before the other started: {sa} {sb}"
+        );
+        assert!(Instant::now() < deadline, "{sa} {sb}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in [a, b] {
+        assert_eq!(api.wait_terminal(&id).await["status"], "COMPLETED");
+    }
+}

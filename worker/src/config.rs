@@ -198,6 +198,10 @@ pub struct WorkerConfig {
     /// chat_stream); empty: every kind its models serve.
     #[arg(long, env = "WORKER_KINDS", value_delimiter = ',')]
     pub worker_kinds: Vec<String>,
+    /// Jobs of a kind run at once, as KIND=N pairs (chat=2): each kind named
+    /// gets N slots of its own; the other kinds share one slot.
+    #[arg(long, env = "WORKER_CONCURRENCY", value_delimiter = ',')]
+    pub worker_concurrency: Vec<String>,
     /// Seconds a SIGTERM waits for the running job before handing it back to the queue.
     #[arg(long, env = "DRAIN_TIMEOUT_S", default_value_t = 120)]
     pub drain_timeout_s: u64,
@@ -221,6 +225,55 @@ impl WorkerConfig {
         self.models_dir
             .clone()
             .unwrap_or_else(models::registry::default_models_dir)
+    }
+
+    /// The consume loops (slots) and the kinds each takes: `N` slots of
+    /// their own for each `KIND=N` of `WORKER_CONCURRENCY`, one shared slot
+    /// for the other kinds of `kinds`.
+    pub fn slots(
+        &self,
+        kinds: &[pipeline::JobKind],
+    ) -> anyhow::Result<Vec<Vec<pipeline::JobKind>>> {
+        let mut slots = Vec::new();
+        let mut own = Vec::new();
+        for pair in self
+            .worker_concurrency
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+        {
+            let (k, n) = pair.split_once('=').ok_or_else(|| {
+                anyhow::anyhow!("WORKER_CONCURRENCY entry {pair:?}: expected KIND=N")
+            })?;
+            let kind = pipeline::JobKind::parse(k.trim()).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "WORKER_CONCURRENCY: unknown kind {k:?}; kinds: {}",
+                    pipeline::JobKind::names()
+                )
+            })?;
+            let n: usize = n
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=64).contains(n))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("WORKER_CONCURRENCY {pair:?}: N must be between 1 and 64")
+                })?;
+            if !kinds.contains(&kind) {
+                anyhow::bail!("WORKER_CONCURRENCY names {k:?}, which this worker does not take (WORKER_KINDS)");
+            }
+            if own.contains(&kind) {
+                anyhow::bail!("WORKER_CONCURRENCY names {k:?} twice");
+            }
+            own.push(kind);
+            slots.extend(std::iter::repeat_n(vec![kind], n));
+        }
+        let shared: Vec<pipeline::JobKind> =
+            kinds.iter().copied().filter(|k| !own.contains(k)).collect();
+        if !shared.is_empty() {
+            slots.push(shared);
+        }
+        Ok(slots)
     }
 
     /// The kinds this worker takes: `WORKER_KINDS`, or every kind its

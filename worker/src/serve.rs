@@ -1,5 +1,5 @@
-//! The Redis consume loop: one job at a time per worker (one model, one
-//! device), of the kinds in `WORKER_KINDS`; cancellation noticed between
+//! The Redis consume loops: one job at a time per slot (one slot for the
+//! kinds in `WORKER_KINDS`, or more as `WORKER_CONCURRENCY` says); cancellation noticed between
 //! tokens; the execution timeout enforced (a run that does not stop in time
 //! is abandoned); every write fenced by the run's lease; Redis outages
 //! waited out; on SIGTERM, a drain that hands the running job back at the
@@ -13,7 +13,7 @@ use chrono::DateTime;
 use pipeline::queue::{
     is_unavailable, unique_worker_name, Consumer, Lease, LeaseGuard, Outcome, RedisQueue,
 };
-use pipeline::{Job, JobState};
+use pipeline::{Job, JobKind, JobState};
 use tokio::sync::broadcast;
 
 use crate::chat::{seed_from_job_id, Usage};
@@ -38,6 +38,7 @@ impl Backoff {
 
 pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
     let kinds = cfg.worker_kinds()?;
+    let slots = cfg.slots(&kinds)?;
     let services = Arc::new(Services {
         engine: Arc::new(cfg.chat_engine().await?),
         platform: cfg.platform_client()?,
@@ -46,23 +47,8 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
     });
     let queue = RedisQueue::connect_with_retry(&cfg.redis_url, cfg.queue_config()).await?;
     queue.warn_if_not_persistent().await;
-    let name = unique_worker_name("worker");
-    let mut backoff = Backoff::new();
-    let mut consumer = loop {
-        match queue.consumer(&kinds, &name).await {
-            Ok(c) => break c,
-            Err(e) if is_unavailable(&e) => {
-                tracing::warn!(error = %e, "Redis unavailable at start; retrying");
-                backoff.wait().await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
     // Ids of jobs whose stop was requested (a streaming client went away).
     let stops = queue.spawn_relay(queue.keys().stops());
-    let heartbeat = consumer.spawn_heartbeat();
-    let kind_names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
-    tracing::info!(worker = %name, kinds = ?kind_names, "waiting for jobs");
 
     let stopping = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -70,46 +56,95 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
         let (stop, stopping) = (stop.clone(), stopping.clone());
         tokio::spawn(async move {
             pipeline::shutdown_signal().await;
-            tracing::info!("stop requested: finishing the running job, taking no new ones");
+            tracing::info!("stop requested: finishing the running jobs, taking no new ones");
             stopping.store(true, Ordering::SeqCst);
             stop.notify_waiters();
         });
     }
-
-    let poll = Duration::from_millis(cfg.heartbeat_ms.max(50));
-    while !stopping.load(Ordering::SeqCst) {
-        let lease = tokio::select! {
-            lease = consumer.next(poll) => lease,
-            _ = stop.notified() => break,
+    let mut loops = tokio::task::JoinSet::new();
+    for (i, slot_kinds) in slots.into_iter().enumerate() {
+        let slot = Slot {
+            name: unique_worker_name(&format!("worker{i}")),
+            kinds: slot_kinds,
+            services: services.clone(),
+            queue: queue.clone(),
+            stops: stops.clone(),
+            stopping: stopping.clone(),
+            stop: stop.clone(),
+            poll: Duration::from_millis(cfg.heartbeat_ms.max(50)),
+            drain: Duration::from_secs(cfg.drain_timeout_s),
         };
-        let lease = match lease {
-            Ok(Some(lease)) => lease,
-            Ok(None) => continue,
-            Err(e) => {
-                // Redis down or restarting: keep trying, never exit.
-                tracing::warn!(error = %e, "reading the queue failed; retrying");
-                backoff.wait().await;
-                continue;
-            }
-        };
-        backoff.reset();
-        let drain = Duration::from_secs(cfg.drain_timeout_s);
-        run_lease(
-            &services,
-            stops.subscribe(),
-            &consumer,
-            lease,
-            &stopping,
-            drain,
-        )
-        .await;
+        loops.spawn(slot.consume());
     }
-    heartbeat.abort();
-    if let Err(e) = consumer.deregister().await {
-        tracing::warn!(error = %e, "leaving the worker list failed (the entry expires by itself)");
+    while let Some(done) = loops.join_next().await {
+        done??;
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// One consume loop: one job at a time of its kinds, under its own
+/// consumer name (a worker runs one per slot of `WORKER_CONCURRENCY`).
+struct Slot {
+    name: String,
+    kinds: Vec<JobKind>,
+    services: Arc<Services>,
+    queue: RedisQueue,
+    stops: broadcast::Sender<String>,
+    stopping: Arc<AtomicBool>,
+    stop: Arc<tokio::sync::Notify>,
+    poll: Duration,
+    drain: Duration,
+}
+
+impl Slot {
+    async fn consume(self) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new();
+        let mut consumer = loop {
+            match self.queue.consumer(&self.kinds, &self.name).await {
+                Ok(c) => break c,
+                Err(e) if is_unavailable(&e) => {
+                    tracing::warn!(error = %e, "Redis unavailable at start; retrying");
+                    backoff.wait().await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let heartbeat = consumer.spawn_heartbeat();
+        let kind_names: Vec<&str> = self.kinds.iter().map(|k| k.as_str()).collect();
+        tracing::info!(worker = %self.name, kinds = ?kind_names, "waiting for jobs");
+        while !self.stopping.load(Ordering::SeqCst) {
+            let lease = tokio::select! {
+                lease = consumer.next(self.poll) => lease,
+                _ = self.stop.notified() => break,
+            };
+            let lease = match lease {
+                Ok(Some(lease)) => lease,
+                Ok(None) => continue,
+                Err(e) => {
+                    // Redis down or restarting: keep trying, never exit.
+                    tracing::warn!(error = %e, "reading the queue failed; retrying");
+                    backoff.wait().await;
+                    continue;
+                }
+            };
+            backoff.reset();
+            run_lease(
+                &self.services,
+                self.stops.subscribe(),
+                &consumer,
+                lease,
+                &self.stopping,
+                self.drain,
+            )
+            .await;
+        }
+        heartbeat.abort();
+        if let Err(e) = consumer.deregister().await {
+            tracing::warn!(error = %e, "leaving the worker list failed (the entry expires by itself)");
+        }
+        Ok(())
+    }
 }
 
 /// The part of `text` (the next delta of `option`) not streamed by an

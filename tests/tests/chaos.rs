@@ -76,7 +76,7 @@ async fn jobs_survive_kills_stalls_a_redis_restart_and_a_receiver_outage() {
     let jobs = env_usize("CHAOS_JOBS", 9);
     // On 2 cores three workers share the CPU: a job takes seconds, and a
     // restarted worker needs ~3 s to load its models.
-    let kill_every = Duration::from_millis(env_usize("CHAOS_KILL_EVERY_MS", 8000) as u64);
+    let kill_every = Duration::from_millis(env_usize("CHAOS_KILL_EVERY_MS", 10000) as u64);
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let mut redis = Redis::start_persistent(dir.path());
@@ -243,8 +243,15 @@ async fn jobs_survive_kills_stalls_a_redis_restart_and_a_receiver_outage() {
         assert!(saved.contains_key(&format!("{id}:user")));
     }
     let deliveries = receiver.got.lock().unwrap().len();
+    let refused = receiver
+        .got
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.answered != 200)
+        .count();
     eprintln!(
-        "chaos: {jobs} jobs in {:.1} s, {kills} faults (kills, 1 stall, 1 redis restart, 1 receiver outage), {runs} runs ({} re-runs), {deliveries} callback POSTs",
+        "chaos: {jobs} jobs in {:.1} s, {kills} faults (kills, 1 stall, 1 redis restart, 1 receiver outage), {runs} runs ({} re-runs), {deliveries} callback POSTs ({refused} refused during the outage)",
         elapsed.as_secs_f64(),
         runs.saturating_sub(jobs as u64),
     );

@@ -24,7 +24,9 @@ use crate::config::{Cli, Command, WorkerConfig};
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LOG").unwrap_or_else(|_| "info".into()),
+            // ONNX Runtime logs every session step at info: keep it to warnings.
+            tracing_subscriber::EnvFilter::try_from_env("LOG")
+                .unwrap_or_else(|_| "info,ort=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

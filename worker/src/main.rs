@@ -5,6 +5,7 @@ mod chat;
 mod config;
 mod handlers;
 mod memory;
+mod runtime;
 mod serve;
 mod speech;
 mod stream;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use chrono::DateTime;
 use pipeline::queue::{
-    is_unavailable, unique_worker_name, Consumer, Lease, LeaseGuard, Outcome, RedisQueue,
+    is_unavailable, unique_worker_name, Lease, LeaseGuard, Outcome, RedisQueue, RunControl,
 };
 use pipeline::{Job, JobKind, JobState};
 use tokio::sync::broadcast;
@@ -19,6 +19,7 @@ use tokio::sync::broadcast;
 use crate::chat::{seed_from_job_id, Usage};
 use crate::config::WorkerConfig;
 use crate::handlers::{self, RunCtx, Services};
+use crate::runtime::StreamsBackend;
 
 /// Exponential backoff for Redis outages: 100 ms doubling to 2 s.
 struct Backoff(Duration);
@@ -30,9 +31,6 @@ impl Backoff {
     async fn wait(&mut self) {
         tokio::time::sleep(self.0).await;
         self.0 = (self.0 * 2).min(Duration::from_secs(2));
-    }
-    fn reset(&mut self) {
-        self.0 = Duration::from_millis(100);
     }
 }
 
@@ -61,7 +59,7 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
             stop.notify_waiters();
         });
     }
-    let mut loops = tokio::task::JoinSet::new();
+    let mut loops = Vec::new();
     for (i, slot_kinds) in slots.into_iter().enumerate() {
         let slot = Slot {
             name: unique_worker_name(&format!("worker{i}")),
@@ -74,10 +72,13 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
             poll: Duration::from_millis(cfg.heartbeat_ms.max(50)),
             drain: Duration::from_secs(cfg.drain_timeout_s),
         };
-        loops.spawn(slot.consume());
+        loops.push(slot.consume());
     }
-    while let Some(done) = loops.join_next().await {
-        done??;
+    // The slots run together on this task (apalis's worker future is not
+    // provably Send, so they are joined rather than spawned); their runs
+    // are spawned tasks.
+    for done in futures::future::join_all(loops).await {
+        done?;
     }
     tracing::info!("worker stopped");
     Ok(())
@@ -98,9 +99,11 @@ struct Slot {
 }
 
 impl Slot {
+    /// Runs the slot as an apalis worker until the stop signal, then hands
+    /// back what it read and leaves the worker list.
     async fn consume(self) -> anyhow::Result<()> {
         let mut backoff = Backoff::new();
-        let mut consumer = loop {
+        let consumer = loop {
             match self.queue.consumer(&self.kinds, &self.name).await {
                 Ok(c) => break c,
                 Err(e) if is_unavailable(&e) => {
@@ -111,37 +114,62 @@ impl Slot {
             }
         };
         let heartbeat = consumer.spawn_heartbeat();
+        let control = consumer.control();
         let kind_names: Vec<&str> = self.kinds.iter().map(|k| k.as_str()).collect();
         tracing::info!(worker = %self.name, kinds = ?kind_names, "waiting for jobs");
-        while !self.stopping.load(Ordering::SeqCst) {
-            let lease = tokio::select! {
-                lease = consumer.next(self.poll) => lease,
-                _ = self.stop.notified() => break,
-            };
-            let lease = match lease {
-                Ok(Some(lease)) => lease,
-                Ok(None) => continue,
-                Err(e) => {
-                    // Redis down or restarting: keep trying, never exit.
-                    tracing::warn!(error = %e, "reading the queue failed; retrying");
-                    backoff.wait().await;
-                    continue;
-                }
-            };
-            backoff.reset();
-            run_lease(
-                &self.services,
-                self.stops.subscribe(),
-                &consumer,
-                lease,
-                &self.stopping,
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        let backend = StreamsBackend::new(consumer, self.poll, closed_tx);
+        let run = {
+            let (services, stops, stopping, drain) = (
+                self.services.clone(),
+                self.stops.clone(),
+                self.stopping.clone(),
                 self.drain,
-            )
-            .await;
+            );
+            tower::service_fn(move |task: apalis_core::task::Task<Lease>| {
+                let (lease, _) = task.take();
+                let (services, stops, stopping, control) = (
+                    services.clone(),
+                    stops.subscribe(),
+                    stopping.clone(),
+                    control.clone(),
+                );
+                async move {
+                    run_lease(&services, stops, &control, lease, &stopping, drain).await;
+                    Ok::<(), apalis_core::error::BoxDynError>(())
+                }
+            })
+        };
+        let worker = apalis_core::worker::builder::WorkerBuilder::new(self.name.as_str())
+            .backend(backend)
+            // One run at a time per slot: the next job is claimed only once
+            // this one ended.
+            .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+            .build(run);
+        let stop = self.stop.clone();
+        let stopping = self.stopping.clone();
+        let signal = async move {
+            while !stopping.load(Ordering::SeqCst) {
+                tokio::select! {
+                    _ = stop.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        if let Err(e) = worker.run_until(signal).await {
+            tracing::error!(error = %e, "the worker runtime stopped");
         }
         heartbeat.abort();
-        if let Err(e) = consumer.deregister().await {
-            tracing::warn!(error = %e, "leaving the worker list failed (the entry expires by itself)");
+        match closed_rx.await {
+            Ok(mut consumer) => {
+                if let Err(e) = consumer.deregister().await {
+                    tracing::warn!(error = %e, "leaving the worker list failed (the entry expires by itself)");
+                }
+            }
+            Err(_) => {
+                let _ = self.queue.deregister_worker(&self.name).await;
+            }
         }
         Ok(())
     }
@@ -204,7 +232,7 @@ enum RunEnd {
 async fn run_lease(
     services: &Arc<Services>,
     mut stops: broadcast::Receiver<String>,
-    consumer: &Consumer,
+    consumer: &RunControl,
     lease: Lease,
     stopping: &AtomicBool,
     drain: Duration,

@@ -474,6 +474,81 @@ impl Consumer {
         Ok(())
     }
 
+    /// A handle for finishing, handing back and checking runs, usable
+    /// while the consumer reads on (a worker runtime holds the consumer).
+    pub fn control(&self) -> RunControl {
+        RunControl {
+            queue: self.queue.clone(),
+            held: self.held.clone(),
+            running: self.running.clone(),
+        }
+    }
+
+    fn forget(&self, stream: &str, entry: &str) {
+        self.control().forget(stream, entry)
+    }
+
+    /// See [`RunControl::finish`].
+    pub async fn finish(&self, lease: &Lease, outcome: Outcome) -> Result<Finished, PipelineError> {
+        self.control().finish(lease, outcome).await
+    }
+
+    /// See [`RunControl::release`].
+    pub async fn release(&self, lease: &Lease) -> Result<bool, PipelineError> {
+        self.control().release(lease).await
+    }
+
+    /// Hands back every entry read but not claimed (a stopping worker), and
+    /// leaves the worker list.
+    pub async fn deregister(&mut self) -> Result<(), PipelineError> {
+        // Entries read but never claimed go back to the group at once: a
+        // claimed run is handed back with `release`.
+        let unclaimed: Vec<(String, String)> = self
+            .buffer
+            .drain(..)
+            .map(|(stream, entry, _)| (stream, entry))
+            .collect();
+        let mut conn = self.queue.connection();
+        for (stream, entry) in unclaimed {
+            // XCLAIM to nobody is impossible; re-adding and settling keeps
+            // the job queued without waiting for its idle time.
+            let job: Option<String> = self
+                .held
+                .lock()
+                .expect("not poisoned")
+                .get(&(stream.clone(), entry.clone()))
+                .map(|h| h.job.clone());
+            if let Some(job) = job {
+                let _: () = redis::pipe()
+                    .atomic()
+                    .cmd("XADD")
+                    .arg(&stream)
+                    .arg("*")
+                    .arg("job")
+                    .arg(&job)
+                    .ignore()
+                    .xack(&stream, GROUP, &[&entry])
+                    .ignore()
+                    .xdel(&stream, &[&entry])
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await?;
+            }
+            self.forget(&stream, &entry);
+        }
+        self.queue.deregister_worker(&self.name).await
+    }
+}
+
+/// Finishes, hands back and checks the runs of one consumer; cheap to clone.
+#[derive(Clone)]
+pub struct RunControl {
+    queue: RedisQueue,
+    held: HeldMap,
+    running: Arc<Mutex<Option<String>>>,
+}
+
+impl RunControl {
     fn forget(&self, stream: &str, entry: &str) {
         self.held
             .lock()
@@ -543,6 +618,10 @@ impl Consumer {
         Ok(done == 1)
     }
 
+    pub fn queue(&self) -> &RedisQueue {
+        &self.queue
+    }
+
     /// The job's current state (to notice a cancel while it runs).
     pub async fn state_of(&self, id: &str) -> Result<Option<JobState>, PipelineError> {
         let st: Option<String> = redis::AsyncCommands::hget(
@@ -552,47 +631,6 @@ impl Consumer {
         )
         .await?;
         Ok(st.and_then(|s| JobState::parse(&s)))
-    }
-
-    /// Hands back every entry read but not claimed (a stopping worker), and
-    /// leaves the worker list.
-    pub async fn deregister(&mut self) -> Result<(), PipelineError> {
-        // Entries read but never claimed go back to the group at once: a
-        // claimed run is handed back with `release`.
-        let unclaimed: Vec<(String, String)> = self
-            .buffer
-            .drain(..)
-            .map(|(stream, entry, _)| (stream, entry))
-            .collect();
-        let mut conn = self.queue.connection();
-        for (stream, entry) in unclaimed {
-            // XCLAIM to nobody is impossible; re-adding and settling keeps
-            // the job queued without waiting for its idle time.
-            let job: Option<String> = self
-                .held
-                .lock()
-                .expect("not poisoned")
-                .get(&(stream.clone(), entry.clone()))
-                .map(|h| h.job.clone());
-            if let Some(job) = job {
-                let _: () = redis::pipe()
-                    .atomic()
-                    .cmd("XADD")
-                    .arg(&stream)
-                    .arg("*")
-                    .arg("job")
-                    .arg(&job)
-                    .ignore()
-                    .xack(&stream, GROUP, &[&entry])
-                    .ignore()
-                    .xdel(&stream, &[&entry])
-                    .ignore()
-                    .query_async(&mut conn)
-                    .await?;
-            }
-            self.forget(&stream, &entry);
-        }
-        self.queue.deregister_worker(&self.name).await
     }
 }
 

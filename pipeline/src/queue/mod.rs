@@ -46,7 +46,7 @@ use redis::AsyncCommands;
 use serde_json::Value;
 
 pub use admin::{KindQueue, RetryOutcome};
-pub use consumer::{Consumer, Finished, Lease, LeaseGuard};
+pub use consumer::{Consumer, Finished, Lease, LeaseGuard, RunControl};
 pub use fleet::{mask_redis_url, unique_worker_name, FleetView};
 pub use keys::Keys;
 pub use record::JobRecord;

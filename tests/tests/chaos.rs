@@ -111,9 +111,13 @@ async fn jobs_survive_kills_stalls_a_redis_restart_and_a_receiver_outage() {
     }
 
     // The driver: a kill every `kill_every`, one stall, one Redis restart,
-    // one receiver outage, until every job has ended.
+    // until every job has ended. The receiver is down from the start until
+    // it has refused at least one callback (so the outage always meets one).
     let mut rng = Lcg(0x5eed);
-    let (mut kills, mut stalled, mut redis_restarted, mut receiver_down) = (0, false, false, false);
+    let (mut kills, mut stalled, mut redis_restarted) = (0, false, false);
+    receiver
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let mut next_kill = Instant::now() + kill_every;
     let deadline = Instant::now() + Duration::from_secs(120 + jobs as u64 * 20);
     loop {
@@ -126,10 +130,21 @@ async fn jobs_survive_kills_stalls_a_redis_restart_and_a_receiver_outage() {
             }
         }
         assert!(Instant::now() < deadline, "jobs still open: {health}");
+        let refused_one = receiver
+            .got
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.answered == 503);
+        if refused_one {
+            receiver
+                .down
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+        }
         if Instant::now() >= next_kill {
             next_kill = Instant::now() + kill_every;
             let w = rng.next(workers.len());
-            match kills % 4 {
+            match kills % 3 {
                 // Stall one worker once, past its lease (200 ms × 5).
                 1 if !stalled => {
                     stalled = true;
@@ -140,16 +155,6 @@ async fn jobs_survive_kills_stalls_a_redis_restart_and_a_receiver_outage() {
                 2 if !redis_restarted => {
                     redis_restarted = true;
                     redis.restart();
-                }
-                3 if !receiver_down => {
-                    receiver_down = true;
-                    receiver
-                        .down
-                        .store(true, std::sync::atomic::Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_secs(3)).await;
-                    receiver
-                        .down
-                        .store(false, std::sync::atomic::Ordering::SeqCst);
                 }
                 _ => {
                     workers[w].kill();
@@ -250,6 +255,7 @@ async fn jobs_survive_kills_stalls_a_redis_restart_and_a_receiver_outage() {
         .iter()
         .filter(|r| r.answered != 200)
         .count();
+    assert!(refused > 0, "the outage refused no callback");
     eprintln!(
         "chaos: {jobs} jobs in {:.1} s, {kills} faults (kills, 1 stall, 1 redis restart, 1 receiver outage), {runs} runs ({} re-runs), {deliveries} callback POSTs ({refused} refused during the outage)",
         elapsed.as_secs_f64(),

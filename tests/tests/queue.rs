@@ -336,7 +336,7 @@ async fn a_worker_that_lost_its_lease_writes_nothing() {
     let stale = a.next(Duration::from_millis(500)).await.unwrap().unwrap();
     let stale_guard = LeaseGuard::new(&q, &stale);
     assert!(stale_guard
-        .publish_tokens(&[(0, "Hel".into())])
+        .publish_tokens(1, &[(0, "Hel".into())])
         .await
         .unwrap());
     // A stalls (no heartbeats); B takes the job over.
@@ -353,13 +353,15 @@ async fn a_worker_that_lost_its_lease_writes_nothing() {
     assert!(stale.is_lost() && stale_guard.is_lost());
     assert!(!stale_guard.holds().await.unwrap());
     assert!(!stale_guard
-        .publish_tokens(&[(0, "lo from the stale run".into())])
+        .publish_tokens(2, &[(0, "lo from the stale run".into())])
         .await
         .unwrap());
     // B still holds the entry after A's heartbeat: B's own heartbeat keeps it.
     b.beat().await.unwrap();
     assert!(!lease.is_lost() && guard.holds().await.unwrap());
-    assert!(guard.publish_tokens(&[(0, "lo!".into())]).await.unwrap());
+    assert!(guard.publish_tokens(1, &[(0, "lo!".into())]).await.unwrap());
+    // A batch sent again (its first reply lost) is not written twice.
+    assert!(guard.publish_tokens(1, &[(0, "lo!".into())]).await.unwrap());
     assert_eq!(
         a.finish(&stale, Outcome::Completed(json!({"by": "a"})))
             .await
@@ -395,9 +397,12 @@ async fn cancelling_a_running_job_ends_its_stream_with_cancelled() {
         .unwrap()
         .unwrap();
     let guard = LeaseGuard::new(&q, &lease);
-    assert!(guard.publish_tokens(&[(0, "Hi".into())]).await.unwrap());
+    assert!(guard.publish_tokens(2, &[(0, "Hi".into())]).await.unwrap());
     q.cancel(&rec.id, "by the client").await.unwrap();
-    assert!(!guard.publish_tokens(&[(0, " there".into())]).await.unwrap());
+    assert!(!guard
+        .publish_tokens(3, &[(0, " there".into())])
+        .await
+        .unwrap());
     assert!(!guard.is_lost(), "cancelled is not taken over");
     assert_eq!(
         consumer
@@ -428,7 +433,7 @@ async fn retry_starts_from_a_clean_token_stream_and_callback() {
         .unwrap()
         .unwrap();
     let guard = LeaseGuard::new(&q, &lease);
-    assert!(guard.publish_tokens(&[(0, "old".into())]).await.unwrap());
+    assert!(guard.publish_tokens(4, &[(0, "old".into())]).await.unwrap());
     consumer
         .finish(&lease, Outcome::Failed("boom".into()))
         .await
@@ -453,7 +458,7 @@ async fn retry_starts_from_a_clean_token_stream_and_callback() {
         .unwrap();
     assert_eq!((lease.attempt, lease.run), (1, 2));
     let guard = LeaseGuard::new(&q, &lease);
-    assert!(guard.publish_tokens(&[(0, "new".into())]).await.unwrap());
+    assert!(guard.publish_tokens(5, &[(0, "new".into())]).await.unwrap());
     consumer
         .finish(&lease, Outcome::Completed(json!({"ok": true})))
         .await
@@ -528,4 +533,72 @@ async fn a_lost_consumer_group_is_created_again() {
         .unwrap()
         .expect("read after the group came back");
     assert_eq!(lease.record.id, rec.id);
+}
+
+/// Consumers of workers long gone that hold nothing are removed from the
+/// group (ten lease windows idle), so consumer names do not pile up; a
+/// consumer that holds an entry is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_of_dead_workers_are_pruned() {
+    let redis = Redis::start();
+    // A 200 ms lease window: pruned after 2 s idle.
+    let q = queue(&redis, fast_cfg(3)).await;
+    q.enqueue(&request(Policy::default()), "o").await.unwrap();
+    let mut holder = q.consumer(&[JobKind::Chat], "holder").await.unwrap();
+    let held = holder
+        .next(Duration::from_millis(500))
+        .await
+        .unwrap()
+        .unwrap();
+    let _beat = holder.spawn_heartbeat();
+    // The ghost runs a job to the end, then its worker is gone.
+    q.enqueue(&request(Policy::default()), "o").await.unwrap();
+    let mut ghost = q.consumer(&[JobKind::Chat], "ghost").await.unwrap();
+    let ran = ghost
+        .next(Duration::from_millis(500))
+        .await
+        .unwrap()
+        .unwrap();
+    ghost
+        .finish(&ran, Outcome::Completed(json!({})))
+        .await
+        .unwrap();
+    drop(ghost);
+    let lane = q.keys().lane(JobKind::Chat, false);
+    let names = |q: RedisQueue, lane: String| async move {
+        let infos: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&lane)
+            .arg("workers")
+            .query_async(&mut q.connection())
+            .await
+            .unwrap();
+        infos
+            .iter()
+            .map(|c| redis::from_redis_value::<String>(&c["name"]).unwrap())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let before = names(q.clone(), lane.clone()).await;
+    assert!(before.contains("ghost"), "{before:?}");
+    // The ghost's idle time grows past ten lease windows.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let mut live = q.consumer(&[JobKind::Chat], "live").await.unwrap();
+    assert!(live
+        .next(Duration::from_millis(300))
+        .await
+        .unwrap()
+        .is_none());
+    let after = names(q.clone(), lane).await;
+    assert!(!after.contains("ghost"), "{after:?}");
+    assert!(
+        after.contains("holder"),
+        "an entry's holder is kept: {after:?}"
+    );
+    assert_eq!(
+        holder
+            .finish(&held, Outcome::Completed(json!({})))
+            .await
+            .unwrap(),
+        Finished::Written
+    );
 }

@@ -343,3 +343,44 @@ async fn a_worker_runs_as_many_jobs_of_a_kind_as_its_concurrency_says() {
         assert_eq!(api.wait_terminal(&id).await["status"], "COMPLETED");
     }
 }
+
+/// SIGTERM on the shim with an SSE stream open: the stream ends cleanly
+/// and the shim exits within its shutdown deadline; the job goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shim_ends_open_streams_and_exits_on_sigterm() {
+    let redis = Redis::start();
+    let mut shim = Shim::start(&redis, &[("SHUTDOWN_TIMEOUT_S", "5")]).await;
+    let api = Api::new(&shim);
+    let _w = start_worker(
+        &redis,
+        &[("MAX_NEW_TOKENS", "2000"), ("IGNORE_EOS", "true")],
+    );
+    wait_workers(&api, 1).await;
+    let id = submit(&api, "/run", seed_file("multiple_options.json")).await;
+    wait_streamed(&redis, &id, 3).await;
+    let resp = api
+        .http
+        .get(format!("{}/stream/{id}", api.base))
+        .bearer_auth(API_KEY)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = tokio::spawn(async move { resp.text().await });
+    let stopped = Instant::now();
+    let status = shim.proc.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "exited after {:?}",
+        stopped.elapsed()
+    );
+    let text = body.await.unwrap().expect("the stream ended cleanly");
+    assert!(text.contains("event: output"), "{text}");
+    assert_eq!(
+        record_field(&redis, &id, "state").await.as_deref(),
+        Some("IN_PROGRESS"),
+        "the job goes on without the shim"
+    );
+}

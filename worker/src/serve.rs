@@ -257,6 +257,7 @@ async fn run_lease(
     let pump = {
         let (guard, cancel) = (guard.clone(), cancel.clone());
         tokio::spawn(async move {
+            let mut batch_no = 0u64;
             while let Some(first) = delta_rx.recv().await {
                 let mut batch = vec![first];
                 while let Ok(more) = delta_rx.try_recv() {
@@ -266,10 +267,16 @@ async fn run_lease(
                     .into_iter()
                     .filter_map(|(option, text)| skip_streamed(&mut streamed, option, text))
                     .collect();
+                if batch.is_empty() {
+                    continue;
+                }
+                // Retried as one numbered batch: written once even when a
+                // Redis restart hid that the first send went through.
+                batch_no += 1;
                 let sent = with_redis_retry(
                     "publishing tokens",
                     || guard.is_lost(),
-                    || guard.publish_tokens(&batch),
+                    || guard.publish_tokens(batch_no, &batch),
                 )
                 .await;
                 if sent != Some(true) {

@@ -99,15 +99,22 @@ impl LeaseGuard {
     }
 
     /// Appends text deltas to the job's token stream, only while this run
-    /// holds the job. False: refused (lease lost or job settled).
-    pub async fn publish_tokens(&self, deltas: &[(usize, String)]) -> Result<bool, PipelineError> {
+    /// holds the job. False: refused (lease lost or job settled). `batch`
+    /// numbers the run's batches from 1: sending a batch again (after an
+    /// error that may have hidden its success) never writes it twice.
+    pub async fn publish_tokens(
+        &self,
+        batch: u64,
+        deltas: &[(usize, String)],
+    ) -> Result<bool, PipelineError> {
         if deltas.is_empty() {
             return Ok(!self.is_lost());
         }
         let mut inv = self.queue.scripts.tokens.prepare_invoke();
         inv.key(self.queue.keys.job(&self.id))
             .key(self.queue.keys.tokens(&self.id))
-            .arg(self.run);
+            .arg(self.run)
+            .arg(batch);
         for (option, text) in deltas {
             inv.arg(*option).arg(text);
         }

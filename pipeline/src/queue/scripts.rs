@@ -157,15 +157,22 @@ redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
 return 1
 "#;
 
-/// KEYS[1] record, KEYS[2] token stream. ARGV: run, then (option, text)
-/// pairs. Appends deltas only for the current run of a running job.
+/// KEYS[1] record, KEYS[2] token stream. ARGV: run, batch number, then
+/// (option, text) pairs. Appends deltas only for the current run of a
+/// running job, and each batch once: a batch re-sent because its reply was
+/// lost (Redis went away after running the script) is not written again.
 const LUA_TOKENS: &str = r#"
 if redis.call('HGET', KEYS[1], 'state') ~= 'IN_PROGRESS' or redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then
   return 0
 end
-for i = 2, #ARGV, 2 do
+local batch = tonumber(ARGV[2])
+if redis.call('HGET', KEYS[1], 'tokens_run') == ARGV[1] and tonumber(redis.call('HGET', KEYS[1], 'tokens_batch') or '0') >= batch then
+  return 1
+end
+for i = 3, #ARGV, 2 do
   redis.call('XADD', KEYS[2], '*', 'o', ARGV[i], 't', ARGV[i + 1])
 end
+redis.call('HSET', KEYS[1], 'tokens_run', ARGV[1], 'tokens_batch', batch)
 redis.call('EXPIRE', KEYS[2], 3600)
 return 1
 "#;

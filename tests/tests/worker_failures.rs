@@ -221,6 +221,9 @@ async fn execution_timeout_ends_a_long_run_as_timed_out() {
     let done = api.wait_terminal(&id).await;
     assert_eq!(done["status"], "TIMED_OUT", "{done}");
     assert!(done["error"].as_str().unwrap().contains("executionTimeout"));
+    // Stopped at its timeout, not after its 2,000 tokens (minutes here). The
+    // upper bound is loose: tests in this file run side by side, several
+    // workers share 2 cores, and a starved run notices late.
     let took = done["executionTime"].as_u64().unwrap();
-    assert!((5000..15000).contains(&took), "stopped after {took} ms");
+    assert!((5000..60000).contains(&took), "stopped after {took} ms");
 }

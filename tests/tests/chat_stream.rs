@@ -217,14 +217,9 @@ async fn bad_stream_requests_and_sse_of_a_run_job() {
         .to_str()
         .unwrap()
         .starts_with("text/event-stream"));
-    let sse = resp.text().await.unwrap();
-    let mut per_option = vec![String::new(); 3];
-    for data in sse.split("\n\n").filter(|e| e.contains("event: output")) {
-        let line = data.lines().find(|l| l.starts_with("data: ")).unwrap();
-        let v: Value = serde_json::from_str(&line[6..]).unwrap();
-        per_option[v["option"].as_u64().unwrap() as usize].push_str(v["text"].as_str().unwrap());
-    }
-    assert!(sse.contains("event: completed"), "{sse}");
+    drop(resp);
+    let (per_option, end) = api.sse_texts(id).await;
+    assert!(!end.is_empty(), "a completed event ends the stream");
     let status = api.status(id).await;
     let options = status["output"]["messages"][1]["options"]
         .as_array()

@@ -18,6 +18,7 @@ use crate::{JobKind, JobState, PipelineError};
 
 /// An entry this consumer holds: its run once claimed (0 before), and the
 /// flag set when the lease turns out to be lost.
+#[derive(Clone)]
 struct Held {
     job: String,
     run: u64,
@@ -653,14 +654,7 @@ async fn heartbeat(
         .lock()
         .expect("not poisoned")
         .iter()
-        .map(|(k, h)| {
-            let copy = Held {
-                job: h.job.clone(),
-                run: h.run,
-                lost: h.lost.clone(),
-            };
-            (k.clone(), copy)
-        })
+        .map(|(k, h)| (k.clone(), h.clone()))
         .collect();
     for ((stream, entry), Held { job, run, lost }) in entries {
         let kept: Result<i32, _> = queue

@@ -94,7 +94,7 @@ async fn stream_relays_chunks_while_generating_and_saves_both_messages_once() {
     assert_eq!(status["output"]["partial"], false);
     let memory_words = status["output"]["memory_words"].as_u64().unwrap();
     assert!((1..=60).contains(&memory_words), "{memory_words}");
-    assert_eq!(platform.state.scratchpad_hits.load(Ordering::SeqCst), 1);
+    assert_eq!(platform.state.hits("scratchpad"), 1);
     // The first bytes reached us while the model was still generating.
     let rec = pipeline::queue::RedisQueue::connect(&redis.url, Default::default())
         .await
@@ -126,7 +126,7 @@ async fn stream_relays_chunks_while_generating_and_saves_both_messages_once() {
         json!({"role": "assistant", "medium": "text", "content": text, "skin_id": "skin-7"})
     );
     assert_eq!(
-        platform.state.instance_hits.load(Ordering::SeqCst),
+        platform.state.hits("instance"),
         3,
         "two 500s, then the answer"
     );
@@ -258,8 +258,8 @@ async fn inline_context_wins_over_fetching() {
     assert_eq!(done["status"], "COMPLETED", "{done}");
     assert!(!done["output"]["content"].as_str().unwrap().is_empty());
     assert_eq!(done["output"]["memory_words"], 4);
-    assert_eq!(platform.state.instance_hits.load(Ordering::SeqCst), 0);
-    assert_eq!(platform.state.scratchpad_hits.load(Ordering::SeqCst), 0);
+    assert_eq!(platform.state.hits("instance"), 0);
+    assert_eq!(platform.state.hits("scratchpad"), 0);
     assert_eq!(
         platform.saved().len(),
         2,
@@ -298,4 +298,52 @@ async fn worker_killed_mid_stream_is_continued_by_another_without_repeating_text
     let saved = platform.saved();
     assert_eq!(saved.len(), 2, "{saved:?}");
     assert_eq!(saved[1].1["content"], text.as_str());
+}
+
+/// A platform that accepts the connection and never answers: the job's
+/// `executionTimeout` is a hard limit (the run is aborted, not asked to
+/// stop), the job ends TIMED_OUT, and the worker goes on to the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_platform_call_is_cut_by_the_execution_timeout() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let platform = PlatformFixture::start().await;
+    platform.state.hang_saves.store(true, Ordering::SeqCst);
+    let _worker = start_worker(
+        &redis,
+        &worker_env(&platform, &[("MAX_NEW_TOKENS", "8")]),
+    );
+    let api = Api::new(&shim);
+    let body = json!({
+        "input": {"instance_id": "inst-1", "content": "Hi there!"},
+        "policy": {"executionTimeout": 5000}
+    });
+    let (code, queued) = api
+        .post("/v2/chat_stream/run", Some(API_KEY), body.to_string())
+        .await;
+    assert_eq!(code, StatusCode::OK, "{queued}");
+    let id = queued["id"].as_str().unwrap().to_string();
+    let done = api
+        .wait_for(&id, Duration::from_secs(90), |s| {
+            !matches!(s["status"].as_str(), Some("IN_QUEUE") | Some("IN_PROGRESS"))
+        })
+        .await;
+    assert_eq!(done["status"], "TIMED_OUT", "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("executionTimeout"),
+        "{done}"
+    );
+    assert!(platform.state.hits("save") >= 1, "the save was under way");
+    assert!(platform.saved().is_empty(), "nothing was saved");
+    // The worker lives on and takes the next job.
+    platform.state.hang_saves.store(false, Ordering::SeqCst);
+    let (code, next) = api
+        .post(
+            "/v2/chat_stream/runsync?wait=120000",
+            Some(API_KEY),
+            json!({"input": {"instance_id": "inst-1", "content": "Hello?"}}).to_string(),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(next["status"], "COMPLETED", "{next}");
 }

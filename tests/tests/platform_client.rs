@@ -1,137 +1,38 @@
 //! The platform client against a real HTTP fixture of the platform API
 //! (in-process axum, in-memory data with seed 000's field names).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::get;
-use axum::{Json, Router};
+use common::platform::{Platform, PlatformFixture};
 use pipeline::platform::{PlatformClient, PlatformConfig};
-use serde_json::{json, Value};
+use serde_json::json;
 
-#[derive(Default)]
-struct Fixture {
-    hits: Mutex<std::collections::HashMap<String, usize>>,
-    /// 500s left to answer on the instance route.
-    fail_instance: AtomicUsize,
-    saved: Mutex<Vec<(Option<String>, Value)>>,
-}
-
-type Shared = Arc<Fixture>;
-
-fn authorized(h: &HeaderMap) -> bool {
-    h.get("authorization").and_then(|v| v.to_str().ok()) == Some("Bearer platform-key")
-}
-
-fn hit(f: &Fixture, what: &str) {
-    *f.hits.lock().unwrap().entry(what.into()).or_default() += 1;
-}
-
-async fn instance(
-    State(f): State<Shared>,
-    h: HeaderMap,
-    Path(id): Path<String>,
-) -> (StatusCode, Json<Value>) {
-    hit(&f, "instance");
-    if !authorized(&h) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "unauthorized"})),
-        );
-    }
-    if f.fail_instance.load(Ordering::SeqCst) > 0 {
-        f.fail_instance.fetch_sub(1, Ordering::SeqCst);
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({"error": "boom"})),
-        );
-    }
-    if id != "inst-1" {
-        return (StatusCode::NOT_FOUND, Json(json!({"error": "not found"})));
-    }
-    (
-        StatusCode::OK,
-        Json(json!({
-            "id": "inst-1", "snapshot_title": "Luna", "snapshot_description": "A barista.",
-            "snapshot_personality": "warm", "snapshot_scenario": null, "snapshot_first_message": "Hi!",
-            "snapshot_alternate_greetings": [], "snapshot_lorebook_ids": [], "assigned_voice_id": "joe",
-            "status": "active", "created_at": "2026-11-01T00:00:00Z"
-        })),
-    )
-}
-
-/// 7 messages, newest first, pages of `limit` with a cursor.
-async fn messages(
-    State(f): State<Shared>,
-    Path(_id): Path<String>,
-    Query(q): Query<std::collections::HashMap<String, String>>,
-) -> Json<Value> {
-    hit(&f, "messages");
-    let all: Vec<Value> = (0..7)
+/// The fixture with this file's data: one known instance (`inst-1`, with
+/// a field the client does not know), seven messages and two personas.
+async fn start() -> (String, std::sync::Arc<Platform>) {
+    let f = PlatformFixture::start().await;
+    *f.state.instance.lock().unwrap() = json!({
+        "id": "", "snapshot_title": "Luna", "snapshot_description": "A barista.",
+        "snapshot_personality": "warm", "snapshot_scenario": null, "snapshot_first_message": "Hi!",
+        "snapshot_alternate_greetings": [], "snapshot_lorebook_ids": [], "assigned_voice_id": "joe",
+        "status": "active", "created_at": "2026-11-01T00:00:00Z"
+    });
+    f.state.missing.lock().unwrap().push("nope".into());
+    *f.state.messages.lock().unwrap() = (0..7)
         .rev()
         .map(|i| {
             json!({"id": format!("m{i}"), "role": if i % 2 == 0 { "user" } else { "assistant" },
-                        "medium": "text", "content": format!("message {i}"), "created_at": i})
+                   "medium": "text", "content": format!("message {i}"), "created_at": i})
         })
         .collect();
-    let start: usize = q
-        .get("cursor")
-        .map(|c| c.trim_start_matches("after-").parse().unwrap())
-        .unwrap_or(0);
-    let limit: usize = q.get("limit").map(|l| l.parse().unwrap()).unwrap_or(20);
-    let page: Vec<Value> = all.iter().skip(start).take(limit).cloned().collect();
-    let next = (start + limit < all.len()).then(|| format!("after-{}", start + limit));
-    Json(json!({"data": page, "next_cursor": next}))
-}
-
-async fn create_message(
-    State(f): State<Shared>,
-    h: HeaderMap,
-    Path(_id): Path<String>,
-    Json(body): Json<Value>,
-) -> (StatusCode, Json<Value>) {
-    let key = h
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let mut saved = f.saved.lock().unwrap();
-    if key.is_some() && saved.iter().any(|(k, _)| *k == key) {
-        return (StatusCode::OK, Json(json!({"id": "dup"})));
-    }
-    saved.push((key, body.clone()));
-    (
-        StatusCode::CREATED,
-        Json(
-            json!({"id": format!("m{}", saved.len()), "role": body["role"], "content": body["content"]}),
-        ),
-    )
-}
-
-async fn personas(State(f): State<Shared>) -> Json<Value> {
-    hit(&f, "personas");
-    Json(json!({"data": [
+    *f.state.personas.lock().unwrap() = json!([
         {"id": "p1", "name": "Alt", "gender": "male", "is_default": false},
         {"id": "p2", "name": "Sam", "gender": "female", "description": "A nurse.", "style_preference": "anime", "is_default": true}
-    ]}))
-}
-
-async fn start() -> (String, Shared) {
-    let f: Shared = Arc::default();
-    let app = Router::new()
-        .route("/v1/instances/{id}", get(instance))
-        .route(
-            "/v1/instances/{id}/messages",
-            get(messages).post(create_message),
-        )
-        .route("/v1/personas", get(personas))
-        .with_state(f.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (base, f)
+    ]);
+    (f.url, f.state)
 }
 
 fn client(base: &str, key: &str) -> PlatformClient {
@@ -157,15 +58,15 @@ async fn retries_5xx_then_succeeds_and_caches_by_version() {
         inst.extra["created_at"], "2026-11-01T00:00:00Z",
         "other fields are kept"
     );
-    assert_eq!(f.hits.lock().unwrap()["instance"], 3, "two 500s, then 200");
+    assert_eq!(f.hits("instance"), 3, "two 500s, then 200");
     // A burst of jobs of one chat fetches once.
     for _ in 0..5 {
         c.instance("inst-1", Some("v1")).await.unwrap();
     }
-    assert_eq!(f.hits.lock().unwrap()["instance"], 3);
+    assert_eq!(f.hits("instance"), 3);
     // A new version is fetched at once.
     c.instance("inst-1", Some("v2")).await.unwrap();
-    assert_eq!(f.hits.lock().unwrap()["instance"], 4);
+    assert_eq!(f.hits("instance"), 4);
     // The snapshot is a character for the prompt.
     let character =
         prompts::RenderedCharacter::from_activity(&serde_json::to_value(&inst).unwrap()).unwrap();
@@ -188,7 +89,7 @@ async fn four_xx_is_not_retried() {
         .await
         .unwrap_err();
     assert_eq!(e.status(), Some(401));
-    assert_eq!(f.hits.lock().unwrap()["instance"], 2, "one request each");
+    assert_eq!(f.hits("instance"), 2, "one request each");
 }
 
 #[tokio::test]
@@ -225,7 +126,7 @@ async fn recent_messages_follow_the_cursor_oldest_first() {
     assert_eq!(all.len(), 7);
     assert_eq!(all[0].content.as_deref(), Some("message 0"));
     assert_eq!(all[0].role, "user");
-    assert!(f.hits.lock().unwrap()["messages"] >= 2);
+    assert!(f.hits("messages") >= 2);
 }
 
 #[tokio::test]
@@ -250,7 +151,7 @@ async fn default_persona_and_idempotent_message_save() {
     c.create_message("inst-1", &hello, "job-1:assistant")
         .await
         .unwrap();
-    let saved = f.saved.lock().unwrap();
+    let saved = f.saved.lock().unwrap().clone();
     assert_eq!(saved.len(), 1, "the same idempotency key saves once");
     assert_eq!(
         saved[0].1,

@@ -602,3 +602,44 @@ async fn consumers_of_dead_workers_are_pruned() {
         Finished::Written
     );
 }
+
+/// The producer side through apalis's `TaskSink`: pushed, bulk-pushed and
+/// streamed requests are written as the shim writes them, in order, under
+/// the sink's owner, and a worker reads them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_pushed_through_the_apalis_task_sink_reach_a_worker() {
+    use apalis_core::backend::TaskSink;
+    let redis = Redis::start();
+    let q = queue(&redis, QueueConfig::default()).await;
+    let mut sink = pipeline::queue::JobSink::new(&q, "tenant-a");
+    let mut low = request(Policy::default());
+    low.policy.low_priority = true;
+    sink.push(request(Policy::default())).await.unwrap();
+    sink.push_bulk(vec![request(Policy::default()), low.clone()])
+        .await
+        .unwrap();
+    sink.push_stream(futures::stream::iter(vec![request(Policy::default())]))
+        .await
+        .unwrap();
+    let ids = sink.enqueued().to_vec();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let mut consumer = q.consumer(&[JobKind::Chat], "w").await.unwrap();
+    let mut read = Vec::new();
+    while let Some(lease) = consumer.next(Duration::from_millis(200)).await.unwrap() {
+        assert_eq!(lease.record.owner, "tenant-a");
+        assert_eq!(lease.record.input, request(Policy::default()).input);
+        read.push(lease.record.id.clone());
+        consumer
+            .finish(&lease, Outcome::Completed(json!({})))
+            .await
+            .unwrap();
+    }
+    // Normal lane first, in push order; the low-priority job last.
+    let expected = vec![
+        ids[0].clone(),
+        ids[1].clone(),
+        ids[3].clone(),
+        ids[2].clone(),
+    ];
+    assert_eq!(read, expected);
+}

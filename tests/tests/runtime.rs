@@ -316,7 +316,7 @@ async fn a_worker_runs_as_many_jobs_of_a_kind_as_its_concurrency_says() {
         &redis,
         &[
             ("WORKER_CONCURRENCY", "chat=2"),
-            ("MAX_NEW_TOKENS", "120"),
+            ("MAX_NEW_TOKENS", "60"),
             ("IGNORE_EOS", "true"),
         ],
     );

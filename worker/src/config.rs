@@ -112,9 +112,6 @@ pub struct WorkerConfig {
     /// Heartbeats missed before another worker takes over this one's jobs.
     #[arg(long, env = "WORKER_MISSED_HEARTBEATS", default_value_t = 5)]
     pub missed_heartbeats: u32,
-    /// Runs a job gets (runs lost to crashes count) before it is FAILED.
-    #[arg(long, env = "JOB_MAX_ATTEMPTS", default_value_t = 3)]
-    pub max_attempts: u32,
     /// Hours a finished job record is kept.
     #[arg(long, env = "RESULT_TTL_HOURS", default_value_t = 48)]
     pub result_ttl_hours: u64,
@@ -324,8 +321,9 @@ impl WorkerConfig {
             namespace: self.queue_namespace.clone(),
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             missed_heartbeats: self.missed_heartbeats,
-            max_attempts: self.max_attempts,
             result_ttl: Duration::from_secs(self.result_ttl_hours * 3600),
+            // Stored in each record by the shim at submission.
+            ..QueueConfig::default()
         }
     }
 

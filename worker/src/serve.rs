@@ -15,11 +15,12 @@ use pipeline::queue::{
 };
 use pipeline::{Job, JobKind, JobState};
 use tokio::sync::broadcast;
+use tracing::Instrument;
 
 use crate::chat::{seed_from_job_id, Usage};
 use crate::config::WorkerConfig;
 use crate::handlers::{self, RunCtx, Services};
-use crate::runtime::StreamsBackend;
+use crate::runtime::{Claimed, StreamsBackend, TraceRunsLayer};
 
 /// Exponential backoff for Redis outages: 100 ms doubling to 2 s.
 struct Backoff(Duration);
@@ -59,7 +60,9 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
             stop.notify_waiters();
         });
     }
-    let mut loops = Vec::new();
+    // Every slot is an apalis worker under one monitor; the monitor stops
+    // them on SIGTERM, and each drains its run before leaving.
+    let mut monitor = apalis_core::monitor::Monitor::new();
     for (i, slot_kinds) in slots.into_iter().enumerate() {
         let slot = Slot {
             name: unique_worker_name(&format!("worker{i}")),
@@ -68,17 +71,22 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
             queue: queue.clone(),
             stops: stops.clone(),
             stopping: stopping.clone(),
-            stop: stop.clone(),
             poll: Duration::from_millis(cfg.heartbeat_ms.max(50)),
             drain: Duration::from_secs(cfg.drain_timeout_s),
         };
-        loops.push(slot.consume());
+        monitor = slot.register(monitor);
     }
-    // The slots run together on this task (apalis's worker future is not
-    // provably Send, so they are joined rather than spawned); their runs
-    // are spawned tasks.
-    for done in futures::future::join_all(loops).await {
-        done?;
+    let signal = async move {
+        while !stopping.load(Ordering::SeqCst) {
+            tokio::select! {
+                _ = stop.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    if let Err(e) = monitor.run_with_signal(signal).await {
+        tracing::error!(error = %e, "the worker runtime stopped");
     }
     tracing::info!("worker stopped");
     Ok(())
@@ -93,85 +101,43 @@ struct Slot {
     queue: RedisQueue,
     stops: broadcast::Sender<String>,
     stopping: Arc<AtomicBool>,
-    stop: Arc<tokio::sync::Notify>,
     poll: Duration,
     drain: Duration,
 }
 
 impl Slot {
-    /// Runs the slot as an apalis worker until the stop signal, then hands
-    /// back what it read and leaves the worker list.
-    async fn consume(self) -> anyhow::Result<()> {
-        let mut backoff = Backoff::new();
-        let consumer = loop {
-            match self.queue.consumer(&self.kinds, &self.name).await {
-                Ok(c) => break c,
-                Err(e) if is_unavailable(&e) => {
-                    tracing::warn!(error = %e, "Redis unavailable at start; retrying");
-                    backoff.wait().await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let heartbeat = consumer.spawn_heartbeat();
-        let control = consumer.control();
-        let kind_names: Vec<&str> = self.kinds.iter().map(|k| k.as_str()).collect();
-        tracing::info!(worker = %self.name, kinds = ?kind_names, "waiting for jobs");
-        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
-        let backend = StreamsBackend::new(consumer, self.poll, closed_tx);
-        let run = {
+    /// Adds the slot to `monitor` as an apalis worker: our Streams backend,
+    /// a span per run, one run at a time (the next job is claimed only once
+    /// this one ended).
+    fn register(self, monitor: apalis_core::monitor::Monitor) -> apalis_core::monitor::Monitor {
+        monitor.register(move |_restarts| {
+            let backend = StreamsBackend::new(
+                self.queue.clone(),
+                self.kinds.clone(),
+                self.name.clone(),
+                self.poll,
+            );
             let (services, stops, stopping, drain) = (
                 self.services.clone(),
                 self.stops.clone(),
                 self.stopping.clone(),
                 self.drain,
             );
-            tower::service_fn(move |task: apalis_core::task::Task<Lease>| {
-                let (lease, _) = task.take();
-                let (services, stops, stopping, control) = (
-                    services.clone(),
-                    stops.subscribe(),
-                    stopping.clone(),
-                    control.clone(),
-                );
+            let run = tower::service_fn(move |task: apalis_core::task::Task<Claimed>| {
+                let (Claimed { lease, control }, _) = task.take();
+                let (services, stops, stopping) =
+                    (services.clone(), stops.subscribe(), stopping.clone());
                 async move {
                     run_lease(&services, stops, &control, lease, &stopping, drain).await;
                     Ok::<(), apalis_core::error::BoxDynError>(())
                 }
-            })
-        };
-        let worker = apalis_core::worker::builder::WorkerBuilder::new(self.name.as_str())
-            .backend(backend)
-            // One run at a time per slot: the next job is claimed only once
-            // this one ended.
-            .layer(tower::limit::ConcurrencyLimitLayer::new(1))
-            .build(run);
-        let stop = self.stop.clone();
-        let stopping = self.stopping.clone();
-        let signal = async move {
-            while !stopping.load(Ordering::SeqCst) {
-                tokio::select! {
-                    _ = stop.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            }
-            Ok::<(), std::io::Error>(())
-        };
-        if let Err(e) = worker.run_until(signal).await {
-            tracing::error!(error = %e, "the worker runtime stopped");
-        }
-        heartbeat.abort();
-        match closed_rx.await {
-            Ok(mut consumer) => {
-                if let Err(e) = consumer.deregister().await {
-                    tracing::warn!(error = %e, "leaving the worker list failed (the entry expires by itself)");
-                }
-            }
-            Err(_) => {
-                let _ = self.queue.deregister_worker(&self.name).await;
-            }
-        }
-        Ok(())
+            });
+            apalis_core::worker::builder::WorkerBuilder::new(self.name.as_str())
+                .backend(backend)
+                .layer(TraceRunsLayer)
+                .layer(tower::limit::ConcurrencyLimitLayer::new(1))
+                .build(run)
+        })
     }
 }
 
@@ -306,7 +272,7 @@ async fn run_lease(
         services: services.clone(),
     };
     let mut task = match Job::parse(lease.record.kind, &lease.record.input) {
-        Ok(job) => tokio::spawn(handlers::run(job, ctx)),
+        Ok(job) => tokio::spawn(handlers::run(job, ctx).in_current_span()),
         Err(e) => {
             drop(ctx);
             let failed = (
@@ -403,16 +369,16 @@ async fn run_lease(
         outcome
     };
     let state = match &outcome {
-        Outcome::Completed(_) => "COMPLETED",
-        Outcome::Failed(_) => "FAILED",
-        Outcome::TimedOut(_) => "TIMED_OUT",
+        Outcome::Completed(_) => JobState::Completed,
+        Outcome::Failed(_) => JobState::Failed,
+        Outcome::TimedOut(_) => JobState::TimedOut,
     };
     // Every delta is written before the result (the end event follows it).
     let _ = pump.await;
     // Totals first: once the result is written, callbacks and /status may
     // be read, and the metrics should already count this run.
     let stats = [
-        (state, 1),
+        (state.as_str(), 1),
         ("prompt_tokens", usage.prompt_tokens),
         ("generated_tokens", usage.generated_tokens),
         ("prefill_ms", usage.prefill_ms),
@@ -432,7 +398,7 @@ async fn run_lease(
         || consumer.finish(&lease, outcome.clone()),
     )
     .await;
-    tracing::info!(job = %id, state, finished = ?finished, "job finished");
+    tracing::info!(job = %id, state = state.as_str(), finished = ?finished, "job finished");
 }
 
 #[cfg(test)]

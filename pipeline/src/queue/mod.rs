@@ -36,6 +36,7 @@ pub mod fleet;
 pub mod keys;
 pub mod record;
 mod scripts;
+pub mod sink;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -50,6 +51,7 @@ pub use consumer::{Consumer, Finished, Lease, LeaseGuard, RunControl};
 pub use fleet::{mask_redis_url, unique_worker_name, FleetView};
 pub use keys::Keys;
 pub use record::JobRecord;
+pub use sink::JobSink;
 pub use tokens::TokenEvent;
 
 use crate::{JobKind, PipelineError};

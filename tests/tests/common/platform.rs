@@ -1,10 +1,13 @@
-//! A real HTTP fixture of the platform API (in-process axum, in-memory data,
-//! seed 000 field names) for the worker's streamed chat.
+//! The one HTTP fixture of the platform API (in-process axum, in-memory
+//! data, seed 000 field names) for every test that needs the platform: the
+//! platform client's own tests, streamed chat, memory and the chaos run.
+//! Its data are public fields a test may change before or during a run.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -12,16 +15,64 @@ use serde_json::{json, Value};
 
 pub const PLATFORM_KEY: &str = "platform-key";
 
-#[derive(Default)]
 pub struct Platform {
     /// 500s the instance route answers before it works.
     pub fail_instance: AtomicUsize,
-    pub instance_hits: AtomicUsize,
+    /// The instance every id answers (its `id` set to the one asked for).
+    pub instance: Mutex<Value>,
+    /// Instance ids that answer 404.
+    pub missing: Mutex<Vec<String>>,
+    /// An instance's messages, newest first, paged by `cursor`/`limit`.
+    pub messages: Mutex<Vec<Value>>,
+    pub personas: Mutex<Value>,
     /// (idempotency key, body) of every saved message.
     pub saved: Mutex<Vec<(Option<String>, Value)>>,
+    /// While set, a message save never answers (a hung platform).
+    pub hang_saves: AtomicBool,
     /// The memory scratchpad of every companion; None answers 404.
     pub scratchpad: Mutex<Option<String>>,
-    pub scratchpad_hits: AtomicUsize,
+    /// Requests per route: "instance", "messages", "save", "personas",
+    /// "scratchpad".
+    hits: Mutex<HashMap<&'static str, usize>>,
+}
+
+impl Default for Platform {
+    fn default() -> Self {
+        Self {
+            fail_instance: AtomicUsize::new(0),
+            instance: Mutex::new(json!({
+                "id": "", "snapshot_title": "Luna",
+                "snapshot_description": "{{char}} is a cheerful barista who loves astronomy.",
+                "snapshot_personality": "warm, playful", "snapshot_scenario": "{{user}} is texting {{char}} in the evening.",
+                "snapshot_first_message": "Hey you!", "snapshot_alternate_greetings": [],
+                "snapshot_system_prompt": null, "snapshot_post_history_instructions": null,
+                "snapshot_lorebook_ids": [], "assigned_voice_id": null, "status": "active"
+            })),
+            missing: Mutex::default(),
+            messages: Mutex::new(vec![
+                json!({"id": "m2", "role": "assistant", "medium": "text", "content": "Great! You?"}),
+                json!({"id": "m1", "role": "user", "medium": "text", "content": "How are you doing?"}),
+            ]),
+            personas: Mutex::new(json!([
+                {"id": "p1", "name": "Sam", "gender": "female", "description": "{{user}} is a nurse.", "is_default": true}
+            ])),
+            saved: Mutex::default(),
+            hang_saves: AtomicBool::new(false),
+            scratchpad: Mutex::default(),
+            hits: Mutex::default(),
+        }
+    }
+}
+
+impl Platform {
+    /// How many requests `route` got.
+    pub fn hits(&self, route: &str) -> usize {
+        self.hits.lock().unwrap().get(route).copied().unwrap_or(0)
+    }
+
+    fn hit(&self, route: &'static str) {
+        *self.hits.lock().unwrap().entry(route).or_default() += 1;
+    }
 }
 
 pub struct PlatformFixture {
@@ -29,8 +80,12 @@ pub struct PlatformFixture {
     pub state: Arc<Platform>,
 }
 
-fn ok(h: &HeaderMap) -> bool {
+fn authorized(h: &HeaderMap) -> bool {
     h.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {PLATFORM_KEY}"))
+}
+
+fn error(status: StatusCode, message: &str) -> (StatusCode, Json<Value>) {
+    (status, Json(json!({ "error": message })))
 }
 
 async fn instance(
@@ -38,38 +93,40 @@ async fn instance(
     h: HeaderMap,
     Path(id): Path<String>,
 ) -> (StatusCode, Json<Value>) {
-    p.instance_hits.fetch_add(1, Ordering::SeqCst);
-    if !ok(&h) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "unauthorized"})),
-        );
+    p.hit("instance");
+    if !authorized(&h) {
+        return error(StatusCode::UNAUTHORIZED, "unauthorized");
     }
     if p.fail_instance.load(Ordering::SeqCst) > 0 {
         p.fail_instance.fetch_sub(1, Ordering::SeqCst);
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({"error": "try again"})),
-        );
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "try again");
     }
-    (
-        StatusCode::OK,
-        Json(json!({
-            "id": id, "snapshot_title": "Luna",
-            "snapshot_description": "{{char}} is a cheerful barista who loves astronomy.",
-            "snapshot_personality": "warm, playful", "snapshot_scenario": "{{user}} is texting {{char}} in the evening.",
-            "snapshot_first_message": "Hey you!", "snapshot_alternate_greetings": [],
-            "snapshot_system_prompt": null, "snapshot_post_history_instructions": null,
-            "snapshot_lorebook_ids": [], "assigned_voice_id": null, "status": "active"
-        })),
-    )
+    if p.missing.lock().unwrap().contains(&id) {
+        return error(StatusCode::NOT_FOUND, "not found");
+    }
+    let mut body = p.instance.lock().unwrap().clone();
+    body["id"] = json!(id);
+    (StatusCode::OK, Json(body))
 }
 
-async fn messages(State(_p): State<Arc<Platform>>, Path(_id): Path<String>) -> Json<Value> {
-    Json(json!({"data": [
-        {"id": "m2", "role": "assistant", "medium": "text", "content": "Great! You?"},
-        {"id": "m1", "role": "user", "medium": "text", "content": "How are you doing?"}
-    ], "next_cursor": null}))
+async fn messages(
+    State(p): State<Arc<Platform>>,
+    Path(_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Json<Value> {
+    p.hit("messages");
+    let all = p.messages.lock().unwrap().clone();
+    let start: usize = q
+        .get("cursor")
+        .and_then(|c| c.trim_start_matches("after-").parse().ok())
+        .unwrap_or(0);
+    let limit: usize = q
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(20);
+    let page: Vec<Value> = all.iter().skip(start).take(limit).cloned().collect();
+    let next = (start + limit < all.len()).then(|| format!("after-{}", start + limit));
+    Json(json!({"data": page, "next_cursor": next}))
 }
 
 async fn save(
@@ -78,6 +135,10 @@ async fn save(
     Path(_id): Path<String>,
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
+    p.hit("save");
+    if p.hang_saves.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
     let key = h
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
@@ -97,9 +158,9 @@ async fn save(
 
 async fn scratchpad(
     State(p): State<Arc<Platform>>,
-    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> (StatusCode, Json<Value>) {
-    p.scratchpad_hits.fetch_add(1, Ordering::SeqCst);
+    p.hit("scratchpad");
     match (p.scratchpad.lock().unwrap().clone(), q.get("companion_id")) {
         (Some(content), Some(_)) => (
             StatusCode::OK,
@@ -107,17 +168,13 @@ async fn scratchpad(
                 json!({"id": "sp1", "content": content, "version": 4, "type": "companion", "updated_at": "2026-11-20T10:00:00Z"}),
             ),
         ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            Json(json!({"error": "no scratchpad"})),
-        ),
+        _ => error(StatusCode::NOT_FOUND, "no scratchpad"),
     }
 }
 
-async fn personas() -> Json<Value> {
-    Json(
-        json!({"data": [{"id": "p1", "name": "Sam", "gender": "female", "description": "{{user}} is a nurse.", "is_default": true}]}),
-    )
+async fn personas(State(p): State<Arc<Platform>>) -> Json<Value> {
+    p.hit("personas");
+    Json(json!({ "data": p.personas.lock().unwrap().clone() }))
 }
 
 impl PlatformFixture {

@@ -14,7 +14,7 @@ use pipeline::webhook::{parse_schedule, WebhookConfig, STANDARD_SCHEDULE};
 )]
 pub struct ShimConfig {
     /// Redis holding the queues and job records.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
     /// Key prefix in Redis (the workers must use the same).
     #[arg(long, env = "QUEUE_NAMESPACE", default_value = "cw")]
@@ -22,11 +22,14 @@ pub struct ShimConfig {
     /// Address to listen on.
     #[arg(long, env = "SHIM_BIND", default_value = "127.0.0.1:8080")]
     pub bind: String,
-    /// Comma-separated API keys; each caller sends one as `Authorization: Bearer KEY`.
-    #[arg(long, env = "SHIM_API_KEYS", value_delimiter = ',', required = true)]
+    /// Comma-separated API keys, each `tenant:key` (or a bare `key`, of the
+    /// tenant `default`); a caller sends one as `Authorization: Bearer KEY`.
+    /// A tenant's keys see its jobs; the worker calls the platform with the
+    /// tenant's key (`PLATFORM_API_KEYS`).
+    #[arg(long, env = "SHIM_API_KEYS", value_delimiter = ',', required = true, hide_env_values = true)]
     pub api_keys: Vec<String>,
     /// Standard Webhooks signing secret: whsec_ followed by base64.
-    #[arg(long, env = "WEBHOOK_SECRET")]
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: String,
     /// Delays before each callback try, e.g. "0s,5s,5m"; the count is the number of tries.
     #[arg(long, env = "WEBHOOK_RETRY_SCHEDULE", default_value = STANDARD_SCHEDULE)]
@@ -74,7 +77,14 @@ impl ShimConfig {
     /// For the start-up log.
     pub fn masked(&self) -> Self {
         let mut c = self.clone();
-        c.api_keys = c.api_keys.iter().map(|_| "****".to_string()).collect();
+        c.api_keys = c
+            .api_keys
+            .iter()
+            .map(|k| match k.split_once(':') {
+                Some((tenant, _)) => format!("{tenant}:****"),
+                None => "****".to_string(),
+            })
+            .collect();
         c.webhook_secret = "whsec_****".into();
         c.redis_url = pipeline::queue::mask_redis_url(&c.redis_url);
         c

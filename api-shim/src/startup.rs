@@ -137,7 +137,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 pub async fn build(cfg: ShimConfig) -> anyhow::Result<(Router, AppState)> {
-    let keys = ApiKeys::new(&cfg.api_keys);
+    let keys = ApiKeys::parse(&cfg.api_keys)?;
     if keys.is_empty() {
         anyhow::bail!("SHIM_API_KEYS holds no key");
     }

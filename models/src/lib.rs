@@ -28,6 +28,8 @@ pub enum ModelError {
     Fetch(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("cancelled")]
+    Cancelled,
     #[error("tensor computation: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -84,8 +84,22 @@ pub(crate) fn field_error(root: &str, path: &str, message: String) -> InputError
     }
 }
 
-/// The owner stored on a job: a fingerprint of the caller's API key, never
-/// the key itself.
+/// The tenant of API keys given without one (`SHIM_API_KEYS=key`), and
+/// whose platform key is `PLATFORM_API_KEY`.
+pub const DEFAULT_TENANT: &str = "default";
+/// What a tenant name must be.
+pub const TENANT_RULE: &str = "is 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'";
+
+/// Whether `name` is a tenant name ([`TENANT_RULE`]).
+pub fn is_valid_tenant(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A short fingerprint of a secret (an API key): for cache keys and logs,
+/// never the secret itself.
 pub fn owner_fingerprint(api_key: &str) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(api_key.trim().as_bytes())

@@ -2,8 +2,13 @@
 //! carries only ids — the instance snapshot, the activity, the skin, the
 //! user's default persona, recent messages — and where it saves messages.
 //!
-//! - `Authorization: Bearer` with the worker's API key, a configurable base
+//! - `Authorization: Bearer` with the job's tenant's platform key (never one
+//!   key for every tenant: [`PlatformClient::with_key`]), a configurable base
 //!   URL and a per-request timeout;
+//! - every id is checked ([`ID_RULE`]) and percent-encoded as one path
+//!   segment, so no id reaches another path of the platform;
+//! - the platform's error bodies are logged, never put in an error a client
+//!   reads;
 //! - retries (with backoff) on 5xx and connection errors only; a 4xx is the
 //!   caller's answer at once;
 //! - a short-lived cache keyed by path and the caller's version, so a burst of
@@ -17,6 +22,36 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+
+/// What an id sent to the platform must be.
+pub const ID_RULE: &str = "must be 1 to 128 characters of A-Z, a-z, 0-9, '_' and '-'";
+/// [`ID_RULE`] as a JSON Schema pattern.
+pub const ID_PATTERN: &str = "^[A-Za-z0-9_-]{1,128}$";
+
+/// Whether `id` may be sent to the platform ([`ID_RULE`]).
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Everything but RFC 3986's unreserved characters is escaped.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// `id` as one path segment, or an error when it breaks [`ID_RULE`].
+fn segment(field: &str, id: &str) -> Result<String, PlatformError> {
+    if !is_valid_id(id) {
+        return Err(PlatformError::BadId {
+            field: field.to_string(),
+        });
+    }
+    Ok(percent_encoding::utf8_percent_encode(id, SEGMENT).to_string())
+}
 
 /// An activity instance: the character snapshot a chat runs on (seed 000
 /// field names; fields the pipeline does not read are kept in `extra`).
@@ -119,13 +154,16 @@ impl Default for PlatformConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlatformError {
-    #[error("platform {method} {path}: HTTP {status}: {body}")]
+    /// The body is for logs only (it is not part of the message).
+    #[error("platform {method} {path}: HTTP {status}")]
     Status {
         method: &'static str,
         path: String,
         status: u16,
         body: String,
     },
+    #[error("{field} {ID_RULE}")]
+    BadId { field: String },
     #[error("platform {method} {path}: {message} (after {tries} tries)")]
     Unreachable {
         method: &'static str,
@@ -162,6 +200,8 @@ pub struct NewMessage<'a> {
 pub struct PlatformClient {
     http: reqwest::Client,
     cfg: Arc<PlatformConfig>,
+    /// The bearer key this client calls with.
+    key: Arc<str>,
     cache: Arc<Mutex<HashMap<String, (Instant, Value)>>>,
 }
 
@@ -176,9 +216,19 @@ impl PlatformClient {
             })?;
         Ok(Self {
             http,
+            key: cfg.api_key.as_str().into(),
             cfg: Arc::new(cfg),
             cache: Arc::default(),
         })
+    }
+
+    /// The same client calling with `key` (one tenant's platform key); its
+    /// cache entries are its own, so no tenant reads another's answers.
+    pub fn with_key(&self, key: &str) -> Self {
+        Self {
+            key: key.into(),
+            ..self.clone()
+        }
     }
 
     async fn send(
@@ -197,7 +247,7 @@ impl PlatformClient {
                 "PUT" => self.http.put(&url),
                 _ => self.http.get(&url),
             }
-            .bearer_auth(&self.cfg.api_key);
+            .bearer_auth(&*self.key);
             if let Some(b) = body {
                 req = req.json(b);
             }
@@ -218,6 +268,7 @@ impl PlatformClient {
                 Ok(resp) if resp.status().is_server_error() => {
                     let status = resp.status().as_u16();
                     let body = resp.text().await.unwrap_or_default();
+                    tracing::warn!(method, path, status, body = %truncate(&body), "platform error");
                     PlatformError::Status {
                         method,
                         path: path.into(),
@@ -228,6 +279,7 @@ impl PlatformClient {
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let body = resp.text().await.unwrap_or_default();
+                    tracing::warn!(method, path, status, body = %truncate(&body), "platform refused");
                     return Err(PlatformError::Status {
                         method,
                         path: path.into(),
@@ -238,7 +290,8 @@ impl PlatformClient {
                 Err(e) => PlatformError::Unreachable {
                     method,
                     path: path.into(),
-                    message: e.to_string(),
+                    // Without the URL: the platform's host is the operator's.
+                    message: e.without_url().to_string(),
                     tries,
                 },
             };
@@ -266,7 +319,11 @@ impl PlatformClient {
     /// GET with the cache: `version` (when the caller knows one) is part of
     /// the key, so a new version is fetched at once.
     pub async fn get(&self, path: &str, version: Option<&str>) -> Result<Value, PlatformError> {
-        let key = format!("{path}#{}", version.unwrap_or(""));
+        let key = format!(
+            "{}|{path}#{}",
+            crate::owner_fingerprint(&self.key),
+            version.unwrap_or("")
+        );
         if let Some((at, v)) = self.cache.lock().expect("not poisoned").get(&key) {
             if at.elapsed() < self.cfg.cache_ttl {
                 return Ok(v.clone());
@@ -292,6 +349,7 @@ impl PlatformClient {
         id: &str,
         version: Option<&str>,
     ) -> Result<Instance, PlatformError> {
+        let id = segment("instance_id", id)?;
         self.get_typed(&format!("/v1/instances/{id}"), version)
             .await
     }
@@ -301,11 +359,13 @@ impl PlatformClient {
         id: &str,
         version: Option<&str>,
     ) -> Result<Activity, PlatformError> {
+        let id = segment("activity_id", id)?;
         self.get_typed(&format!("/v1/activities/{id}"), version)
             .await
     }
 
     pub async fn skin(&self, id: &str, version: Option<&str>) -> Result<Skin, PlatformError> {
+        let id = segment("skin_id", id)?;
         self.get_typed(&format!("/v1/skins/{id}"), version).await
     }
 
@@ -323,6 +383,7 @@ impl PlatformClient {
         instance_id: &str,
         limit: usize,
     ) -> Result<Vec<Message>, PlatformError> {
+        let instance_id = segment("instance_id", instance_id)?;
         let mut out: Vec<Value> = Vec::new();
         let mut cursor: Option<String> = None;
         while out.len() < limit {
@@ -334,7 +395,7 @@ impl PlatformClient {
             let query =
                 reqwest::Url::parse_with_params("http://query.invalid/", &params).map_err(|e| {
                     PlatformError::Shape {
-                        path: instance_id.into(),
+                        path: instance_id.clone(),
                         message: e.to_string(),
                     }
                 })?;
@@ -364,6 +425,7 @@ impl PlatformClient {
     /// The memory scratchpad of a companion chat ("Get memory scratchpad"),
     /// or None when there is none (404 or empty).
     pub async fn scratchpad(&self, companion_id: &str) -> Result<Option<String>, PlatformError> {
+        segment("companion_id", companion_id)?;
         let query = reqwest::Url::parse_with_params(
             "http://query.invalid/",
             &[("companion_id", companion_id)],
@@ -394,6 +456,7 @@ impl PlatformClient {
         message: &NewMessage<'_>,
         idempotency_key: &str,
     ) -> Result<Value, PlatformError> {
+        let instance_id = segment("instance_id", instance_id)?;
         let mut body =
             json!({"role": message.role, "medium": message.medium, "content": message.content});
         if let Some(s) = message.skin_id {
@@ -409,6 +472,14 @@ impl PlatformClient {
             Some(idempotency_key),
         )
         .await
+    }
+}
+
+/// At most 300 characters of an error body, for a log line.
+fn truncate(body: &str) -> &str {
+    match body.char_indices().nth(300) {
+        Some((i, _)) => &body[..i],
+        None => body,
     }
 }
 

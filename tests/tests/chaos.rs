@@ -96,10 +96,16 @@ async fn jobs_survive_kills_stalls_a_redis_restart_and_a_receiver_outage() {
     let api = Api::new(&shim);
     let platform = PlatformFixture::start().await;
     let receiver = Receiver::start(0).await;
-    let env = [
+    let platform_keys = format!("{TENANT}:{PLATFORM_KEY}");
+    // The long run (benches/chaos.sh) may shorten replies to fit more jobs.
+    let max_new_tokens = std::env::var("CHAOS_MAX_NEW_TOKENS").unwrap_or_default();
+    let mut env = vec![
         ("PLATFORM_URL", platform.url.as_str()),
-        ("PLATFORM_API_KEY", PLATFORM_KEY),
+        ("PLATFORM_API_KEYS", platform_keys.as_str()),
     ];
+    if !max_new_tokens.is_empty() {
+        env.push(("MAX_NEW_TOKENS", max_new_tokens.as_str()));
+    }
     let mut workers: Vec<Proc> = (0..3).map(|_| start_worker(&redis, &env)).collect();
 
     let mut ids = Vec::new();

@@ -8,22 +8,26 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use common::platform::{PlatformFixture, PLATFORM_KEY};
+use common::platform::PlatformFixture;
 use common::*;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
+/// The worker's platform settings: tenant-a's key is the fixture's
+/// `PLATFORM_KEY`, tenant-b's is `PLATFORM_KEY_B`.
 fn worker_env<'a>(
     platform: &'a PlatformFixture,
     extra: &[(&'a str, &'a str)],
 ) -> Vec<(&'a str, &'a str)> {
     let mut env = vec![
         ("PLATFORM_URL", platform.url.as_str()),
-        ("PLATFORM_API_KEY", PLATFORM_KEY),
+        ("PLATFORM_API_KEYS", PLATFORM_KEYS),
     ];
     env.extend_from_slice(extra);
     env
 }
+
+const PLATFORM_KEYS: &str = "tenant-a:platform-key,tenant-b:platform-key-b";
 
 async fn open_stream(api: &Api, body: Value) -> reqwest::Response {
     api.http

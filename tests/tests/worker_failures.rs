@@ -108,7 +108,7 @@ async fn bad_input_fails_once_and_is_never_retried() {
             &json!({"messages": [], "character": "github:partner/character", "num_options": 99}),
             None,
             &Policy::default(),
-            &pipeline::owner_fingerprint(API_KEY),
+            TENANT,
         )
         .await
         .unwrap();

@@ -1,5 +1,6 @@
 //! The chat-respond job: character template → prompt → N options → output.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -60,6 +61,9 @@ pub struct Usage {
     pub generated_tokens: u64,
     pub prefill_ms: u64,
     pub decode_ms: u64,
+    /// Recordings transcribed, and their audio in milliseconds.
+    pub transcriptions: u64,
+    pub transcribed_ms: u64,
 }
 
 impl Usage {
@@ -72,10 +76,25 @@ impl Usage {
     }
 }
 
+/// A message's text: its own, or its recording's transcript (an empty
+/// recording is empty text, as in the seed's first example).
+fn message_text(m: &ChatMessage, transcripts: &HashMap<String, String>) -> String {
+    match m.kind {
+        MessageType::Text => m.text.clone().unwrap_or_default(),
+        MessageType::Audio if m.is_processed => m.text.clone().unwrap_or_default(),
+        MessageType::Audio => transcripts
+            .get(m.audio_file_id.as_deref().unwrap_or_default())
+            .cloned()
+            .unwrap_or_default(),
+    }
+}
+
 /// The prompt of a job and the texts of its new messages, as resolved.
 pub struct PreparedChat {
     pub prompt: String,
     pub resolved_texts: Vec<String>,
+    /// What transcribing the job's recordings cost.
+    pub usage: Usage,
     pub report: PromptReport,
 }
 
@@ -172,13 +191,15 @@ impl ChatEngine {
         job: &ChatRespondJob,
         seed: u64,
         clock: DateTime<FixedOffset>,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<PreparedChat, JobError> {
         let card_path = job.character.card_path(&self.templates_dir);
         let raw = std::fs::read_to_string(&card_path).map_err(|e| {
+            // The path is the worker's business: logged, not sent back.
+            tracing::warn!(path = %card_path.display(), error = %e, "character template not readable");
             JobError::new(format!(
-                "character template {} not found on this worker ({}: {e})",
-                job.character,
-                card_path.display()
+                "character template {} not found on this worker",
+                job.character
             ))
         })?;
         let card = CharacterCard::from_json(&raw)
@@ -186,10 +207,11 @@ impl ChatEngine {
         let character = card
             .render(&job.character_params)
             .map_err(|e| JobError::new(format!("character template {}: {e}", job.character)))?;
+        let (transcripts, usage) = self.transcribe_recordings(job, cancelled)?;
         let mut history = Vec::with_capacity(job.messages.len());
         let mut resolved_texts = Vec::new();
         for m in &job.messages {
-            let text = self.message_text(job, m)?;
+            let text = message_text(m, &transcripts);
             if !m.is_processed {
                 resolved_texts.push(text.clone());
             }
@@ -214,36 +236,71 @@ impl ChatEngine {
         Ok(PreparedChat {
             prompt,
             resolved_texts,
+            usage,
             report,
         })
     }
 
-    fn message_text(&self, job: &ChatRespondJob, m: &ChatMessage) -> Result<String, JobError> {
-        match m.kind {
-            MessageType::Text => Ok(m.text.clone().unwrap_or_default()),
-            MessageType::Audio if m.is_processed => Ok(m.text.clone().unwrap_or_default()),
-            MessageType::Audio => {
-                let key = m.audio_file_id.as_deref().unwrap_or_default();
-                let audio: &[u8] = job
-                    .audio_files
-                    .get(key)
-                    .map(|b| b.as_slice())
-                    .unwrap_or_default();
+    /// The transcript of every recording an unprocessed audio message names:
+    /// each key once however many messages name it, all of them together
+    /// within `MAX_JOB_AUDIO_SECONDS` (checked after decoding, before any
+    /// is transcribed), stopping between windows when the run is cancelled.
+    fn transcribe_recordings(
+        &self,
+        job: &ChatRespondJob,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(HashMap<String, String>, Usage), JobError> {
+        let mut keys: Vec<(&str, String)> = Vec::new();
+        for m in &job.messages {
+            if m.kind != MessageType::Audio || m.is_processed {
+                continue;
+            }
+            let key = m.audio_file_id.as_deref().unwrap_or_default();
+            let has_audio = job.audio_files.get(key).is_some_and(|b| !b.is_empty());
+            if has_audio && !keys.iter().any(|(k, _)| *k == key) {
                 let id = m.id.as_ref().map(|v| v.to_string()).unwrap_or_default();
-                if audio.is_empty() {
-                    // The seed's first example: an empty recording is empty text.
-                    return Ok(String::new());
-                }
-                let Some(stt) = &self.stt else {
-                    return Err(JobError::new(format!(
-                        "message {id}: speech-to-text is not configured on this worker (STT_BACKEND=none), so audio messages with audio cannot be transcribed"
-                    )));
-                };
-                // Decoded from base64 once, when the job was parsed.
-                stt.transcribe(audio)
-                    .map_err(|e| JobError::new(format!("message {id}: audio_files.{key}: {e}")))
+                keys.push((key, id));
             }
         }
+        let mut usage = Usage::default();
+        if keys.is_empty() {
+            return Ok((HashMap::new(), usage));
+        }
+        let Some(stt) = &self.stt else {
+            return Err(JobError::new(format!(
+                "message {}: speech-to-text is not configured on this worker (STT_BACKEND=none), so audio messages with audio cannot be transcribed",
+                keys[0].1
+            )));
+        };
+        let mut decoded = Vec::with_capacity(keys.len());
+        let mut total = 0.0;
+        for (key, id) in &keys {
+            // Decoded from base64 once, when the job was parsed.
+            let pcm = stt
+                .decode(&job.audio_files[*key])
+                .map_err(|e| JobError::new(format!("message {id}: audio_files.{key}: {e}")))?;
+            total += pcm.seconds();
+            if total > stt.max_job_seconds() {
+                return Err(JobError::new(format!(
+                    "audio_files: the job's recordings hold more than {} s of audio, the limit per job (MAX_JOB_AUDIO_SECONDS)",
+                    stt.max_job_seconds()
+                )));
+            }
+            decoded.push(pcm);
+        }
+        let mut transcripts = HashMap::new();
+        for ((key, id), pcm) in keys.iter().zip(&decoded) {
+            if cancelled() {
+                return Err(JobError::new("cancelled while transcribing"));
+            }
+            let text = stt.transcribe(pcm, cancelled).map_err(|e| {
+                JobError::new(format!("message {id}: audio_files.{key}: {e}"))
+            })?;
+            usage.transcriptions += 1;
+            usage.transcribed_ms += (pcm.seconds() * 1000.0) as u64;
+            transcripts.insert(key.to_string(), text);
+        }
+        Ok((transcripts, usage))
     }
 
     /// Runs the whole job. `seed` makes it reproducible (the worker derives it
@@ -262,7 +319,7 @@ impl ChatEngine {
                 "generate_audio: text-to-speech is not configured on this worker (TTS_BACKEND=none)",
             ));
         }
-        let prepared = self.prepare(job, seed, clock)?;
+        let prepared = self.prepare(job, seed, clock, cancelled)?;
         let params = SamplingParams {
             seed,
             ..self.sampling.clone()
@@ -285,7 +342,11 @@ impl ChatEngine {
             options = generation.options.len(),
             "generated"
         );
-        let mut usage = Usage::default();
+        let mut usage = Usage {
+            transcriptions: prepared.usage.transcriptions,
+            transcribed_ms: prepared.usage.transcribed_ms,
+            ..Usage::default()
+        };
         usage.add(&generation);
         let options: Vec<String> = generation.options.into_iter().map(|o| o.text).collect();
         let audio = match (&self.tts, job.generate_audio) {

@@ -73,7 +73,7 @@ pub enum Command {
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkerConfig {
     /// Redis holding the queues and job records.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
     /// Key prefix in Redis (the shim must use the same).
     #[arg(long, env = "QUEUE_NAMESPACE", default_value = "cw")]
@@ -155,14 +155,24 @@ pub struct WorkerConfig {
     /// Longest audio message, in seconds of decoded audio.
     #[arg(long, env = "MAX_AUDIO_SECONDS", default_value_t = 300.0)]
     pub max_audio_seconds: f64,
+    /// Seconds of audio one job may have transcribed, all its recordings
+    /// together (each recording counts once, however many messages name it).
+    #[arg(long, env = "MAX_JOB_AUDIO_SECONDS", default_value_t = 600.0)]
+    pub max_job_audio_seconds: f64,
     /// Largest audio message, in bytes (decoded from base64).
     #[arg(long, env = "MAX_AUDIO_BYTES", default_value_t = pipeline::jobs::chat::DEFAULT_MAX_AUDIO_BYTES)]
     pub max_audio_bytes: usize,
     /// Platform API base URL (streamed chat fetches context and saves messages there).
     #[arg(long, env = "PLATFORM_URL")]
     pub platform_url: Option<String>,
-    /// Bearer key for the platform API.
-    #[arg(long, env = "PLATFORM_API_KEY", default_value = "")]
+    /// Each tenant's platform key, `tenant:key,...` (tenants are named in
+    /// the shim's `SHIM_API_KEYS`): a job calls the platform with its own
+    /// tenant's key, never one key for all.
+    #[arg(long, env = "PLATFORM_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub platform_api_keys: Vec<String>,
+    /// The platform key of the tenant `default` (the one tenant of a shim
+    /// whose keys carry no tenant name).
+    #[arg(long, env = "PLATFORM_API_KEY", default_value = "", hide_env_values = true)]
     pub platform_api_key: String,
     /// Recent messages a streamed chat's prompt reads.
     #[arg(long, env = "HISTORY_MESSAGES", default_value_t = 40)]
@@ -178,9 +188,9 @@ pub struct WorkerConfig {
     pub s3_endpoint: Option<String>,
     #[arg(long, env = "S3_REGION", default_value = "us-east-1")]
     pub s3_region: String,
-    #[arg(long, env = "S3_ACCESS_KEY_ID", default_value = "")]
+    #[arg(long, env = "S3_ACCESS_KEY_ID", default_value = "", hide_env_values = true)]
     pub s3_access_key_id: String,
-    #[arg(long, env = "S3_SECRET_ACCESS_KEY", default_value = "")]
+    #[arg(long, env = "S3_SECRET_ACCESS_KEY", default_value = "", hide_env_values = true)]
     pub s3_secret_access_key: String,
     /// Path-style addressing (endpoint/bucket/key).
     #[arg(long, env = "S3_FORCE_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -211,6 +221,10 @@ impl WorkerConfig {
         c.redis_url = pipeline::queue::mask_redis_url(&c.redis_url);
         if !c.platform_api_key.is_empty() {
             c.platform_api_key = "****".into();
+        }
+        for k in &mut c.platform_api_keys {
+            let tenant = k.split_once(':').map(|(t, _)| t).unwrap_or("");
+            *k = format!("{tenant}:****");
         }
         if !c.s3_secret_access_key.is_empty() {
             c.s3_secret_access_key = "****".into();
@@ -310,10 +324,35 @@ impl WorkerConfig {
         };
         let cfg = pipeline::platform::PlatformConfig {
             base_url: url.clone(),
-            api_key: self.platform_api_key.clone(),
             ..Default::default()
         };
         Ok(Some(pipeline::platform::PlatformClient::new(cfg)?))
+    }
+
+    /// Tenant → platform key, from `PLATFORM_API_KEYS` and (for the tenant
+    /// `default`) `PLATFORM_API_KEY`.
+    pub fn platform_keys(&self) -> anyhow::Result<HashMap<String, String>> {
+        let mut keys = HashMap::new();
+        if !self.platform_api_key.trim().is_empty() {
+            keys.insert(
+                pipeline::DEFAULT_TENANT.to_string(),
+                self.platform_api_key.trim().to_string(),
+            );
+        }
+        for entry in self.platform_api_keys.iter().filter(|e| !e.trim().is_empty()) {
+            let (tenant, key) = entry
+                .trim()
+                .split_once(':')
+                .filter(|(t, k)| pipeline::is_valid_tenant(t) && !k.is_empty())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "PLATFORM_API_KEYS: each entry is tenant:key (a tenant {})",
+                        pipeline::TENANT_RULE
+                    )
+                })?;
+            keys.insert(tenant.to_string(), key.to_string());
+        }
+        Ok(keys)
     }
 
     pub fn queue_config(&self) -> QueueConfig {
@@ -385,6 +424,7 @@ impl WorkerConfig {
                     self.stt_language.clone(),
                     self.max_audio_seconds,
                     self.max_audio_bytes,
+                    self.max_job_audio_seconds,
                 )))
             }
             other => anyhow::bail!("STT_BACKEND {other:?}: expected whisper or none"),

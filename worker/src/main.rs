@@ -69,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
             let input = read_job_input(&job)?;
             let job =
                 pipeline::ChatRespondJob::parse(&input).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let prepared = engine.prepare(&job, seed, chrono::Utc::now().fixed_offset())?;
+            let prepared = engine.prepare(&job, seed, chrono::Utc::now().fixed_offset(), &|| false)?;
             print!("{}", prepared.prompt);
             if explain {
                 println!("\n---\n{}", prepared.report.explain());
@@ -109,6 +109,7 @@ async fn run_embedded(
     let services = Arc::new(handlers::Services {
         engine: Arc::new(cfg.chat_engine().await?),
         platform: cfg.platform_client()?,
+        platform_keys: cfg.platform_keys()?,
         history_messages: cfg.history_messages,
         memory_max_words: cfg.memory_max_words,
     });
@@ -118,6 +119,8 @@ async fn run_embedded(
             let (deltas, _) = tokio::sync::mpsc::unbounded_channel();
             let ctx = handlers::RunCtx {
                 job_id: queued.id.clone(),
+                // The embedded mode runs the operator's own job.
+                tenant: pipeline::DEFAULT_TENANT.to_string(),
                 seed,
                 clock: chrono::Utc::now().fixed_offset(),
                 cancel: Arc::default(),

@@ -41,6 +41,7 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
     let services = Arc::new(Services {
         engine: Arc::new(cfg.chat_engine().await?),
         platform: cfg.platform_client()?,
+        platform_keys: cfg.platform_keys()?,
         history_messages: cfg.history_messages,
         memory_max_words: cfg.memory_max_words,
     });
@@ -264,6 +265,7 @@ async fn run_lease(
     // and is never retried.
     let ctx = RunCtx {
         job_id: id.clone(),
+        tenant: lease.record.owner.clone(),
         seed,
         clock,
         cancel: cancel.clone(),
@@ -383,6 +385,8 @@ async fn run_lease(
         ("generated_tokens", usage.generated_tokens),
         ("prefill_ms", usage.prefill_ms),
         ("decode_ms", usage.decode_ms),
+        ("transcriptions", usage.transcriptions),
+        ("transcribed_ms", usage.transcribed_ms),
     ];
     if !guard.is_lost() {
         with_redis_retry(

@@ -151,12 +151,14 @@ pub enum TranscribeError {
     Model(String),
 }
 
-/// Whisper with its limits.
+/// Whisper with its limits: per recording (bytes, seconds) and per job
+/// (seconds of every recording together).
 pub struct Transcriber {
     whisper: Whisper,
     language: Option<String>,
     max_seconds: f64,
     max_bytes: usize,
+    max_job_seconds: f64,
 }
 
 impl Transcriber {
@@ -165,31 +167,48 @@ impl Transcriber {
         language: Option<String>,
         max_seconds: f64,
         max_bytes: usize,
+        max_job_seconds: f64,
     ) -> Self {
         Self {
             whisper,
             language,
             max_seconds,
             max_bytes,
+            max_job_seconds,
         }
     }
 
-    /// A recording (any common format) → its transcript; silence is `""`.
-    pub fn transcribe(&self, recording: &[u8]) -> Result<String, TranscribeError> {
+    /// Seconds of audio one job may have transcribed, all recordings together.
+    pub fn max_job_seconds(&self) -> f64 {
+        self.max_job_seconds
+    }
+
+    /// A recording (any common format) → 16 kHz mono, within the
+    /// per-recording limits (checked before anything large is allocated).
+    pub fn decode(&self, recording: &[u8]) -> Result<audio::Pcm, TranscribeError> {
         if recording.len() > self.max_bytes {
             return Err(TranscribeError::TooBig {
                 bytes: recording.len(),
                 max: self.max_bytes,
             });
         }
+        Ok(audio::decode_to(recording, 16_000, self.max_seconds)?)
+    }
+
+    /// Decoded audio → its transcript (silence is `""`); `cancelled` is
+    /// checked between 30-second windows.
+    pub fn transcribe(
+        &self,
+        pcm: &audio::Pcm,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<String, TranscribeError> {
         let started = std::time::Instant::now();
-        let pcm = audio::decode_to(recording, 16_000, self.max_seconds)?;
         let opts = TranscribeOptions {
             language: self.language.clone(),
         };
         let t = self
             .whisper
-            .transcribe(&pcm.samples, &opts)
+            .transcribe_until(&pcm.samples, &opts, cancelled)
             .map_err(|e| TranscribeError::Model(e.to_string()))?;
         tracing::info!(
             audio_s = pcm.seconds(),

@@ -26,7 +26,8 @@ use crate::chat::{ChatContext, ChatEngine, JobError, Usage};
 
 pub struct StreamRun {
     pub engine: Arc<ChatEngine>,
-    pub platform: Option<PlatformClient>,
+    /// The platform, as the job's tenant.
+    pub platform: PlatformClient,
     pub history_messages: usize,
     pub memory_max_words: u32,
     pub job_id: String,
@@ -66,9 +67,7 @@ impl StreamRun {
 
     pub async fn run(self) -> Result<(ChatStreamOutput, Usage), JobError> {
         let job = &self.job;
-        let platform = self.platform.as_ref().ok_or_else(|| {
-            JobError::new("streamed chat needs the platform API: set PLATFORM_URL and PLATFORM_API_KEY on the worker")
-        })?;
+        let platform = &self.platform;
         let pe = |e: pipeline::platform::PlatformError| JobError::new(e.to_string());
         // Context the job carries inline wins over fetching it.
         let ctx = &job.context;

@@ -94,7 +94,7 @@ pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
         "tags": ["chat"], "summary": "Send a user message and stream the reply as plain-text chunks",
         "description": "Context (instance snapshot, default persona, recent messages, memory scratchpad) comes from the platform API. When the stream closes, the user and assistant messages have been saved; a client that disconnects stops generation and the partial reply is saved with \"partial\": true.",
         "security": [{"bearer": []}],
-        "parameters": [{"name": "instance_id", "in": "path", "required": true, "schema": {"type": "string"}}],
+        "parameters": [{"name": "instance_id", "in": "path", "required": true, "schema": {"type": "string", "pattern": pipeline::platform::ID_PATTERN}}],
         "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["content"], "properties": {
             "content": {"type": "string"}, "medium": {"type": "string", "enum": ["text", "audio", "image", "video"], "default": "text"},
             "skin_id": {"type": "string"}}}}}},

@@ -22,8 +22,42 @@ pub enum AudioError {
     Undecodable(String),
     #[error("audio lasts more than the {max_seconds} s limit")]
     TooLong { max_seconds: f64 },
+    /// A header that claims what no recording has (a sample rate of 4 GHz,
+    /// 65,535 channels, a packet of gigabytes): refused before anything is
+    /// sized from it.
+    #[error("audio header out of bounds: {0}")]
+    OutOfBounds(String),
     #[error("audio encoding failed: {0}")]
     Encode(String),
+}
+
+/// Sample rates a recording may have (telephony to studio).
+pub const SAMPLE_RATES: std::ops::RangeInclusive<u32> = 4_000..=192_000;
+/// Channels a recording may have (7.1 is 8).
+pub const MAX_CHANNELS: usize = 8;
+/// Frames one decoded packet may hold (about 5 s at 192 kHz).
+pub const MAX_PACKET_FRAMES: u64 = 1 << 20;
+
+fn check_rate(rate: u32) -> Result<(), AudioError> {
+    if SAMPLE_RATES.contains(&rate) {
+        Ok(())
+    } else {
+        Err(AudioError::OutOfBounds(format!(
+            "a sample rate of {rate} Hz (accepted: {} to {} Hz)",
+            SAMPLE_RATES.start(),
+            SAMPLE_RATES.end()
+        )))
+    }
+}
+
+fn check_channels(channels: usize) -> Result<(), AudioError> {
+    if channels <= MAX_CHANNELS {
+        Ok(())
+    } else {
+        Err(AudioError::OutOfBounds(format!(
+            "{channels} channels (at most {MAX_CHANNELS})"
+        )))
+    }
 }
 
 /// Mono samples at a sample rate.
@@ -55,6 +89,16 @@ fn codecs() -> &'static CodecRegistry {
 /// yields nothing at all is an error. Decoding stops with
 /// [`AudioError::TooLong`] past `max_seconds`.
 pub fn decode(bytes: &[u8], max_seconds: f64) -> Result<Pcm, AudioError> {
+    // Whatever a crafted file does to a demuxer, the caller gets an error,
+    // never a panic.
+    std::panic::catch_unwind(|| decode_checked(bytes, max_seconds)).unwrap_or_else(|_| {
+        Err(AudioError::Undecodable(
+            "the decoder failed on this file".into(),
+        ))
+    })
+}
+
+fn decode_checked(bytes: &[u8], max_seconds: f64) -> Result<Pcm, AudioError> {
     match decode_whole(bytes, max_seconds) {
         // An Ogg stream cut short (no end-of-stream page) fails symphonia's
         // probe: re-page the packets that are whole and decode those.
@@ -122,6 +166,21 @@ fn decode_whole(bytes: &[u8], max_seconds: f64) -> Result<Pcm, AudioError> {
         .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
         .ok_or_else(|| AudioError::Unrecognised("no audio track".into()))?;
     let track_id = track.id;
+    // What the header claims is checked before a decoder (or, later, a
+    // resampler) is sized from it.
+    if let Some(rate) = track.codec_params.sample_rate {
+        check_rate(rate)?;
+    }
+    if let Some(channels) = track.codec_params.channels {
+        check_channels(channels.count())?;
+    }
+    if let Some(frames) = track.codec_params.max_frames_per_packet {
+        if frames > MAX_PACKET_FRAMES {
+            return Err(AudioError::OutOfBounds(format!(
+                "packets of {frames} frames (at most {MAX_PACKET_FRAMES})"
+            )));
+        }
+    }
     let mut decoder = codecs()
         .make(&track.codec_params, &DecoderOptions::default())
         .map_err(|e| AudioError::Unrecognised(format!("codec: {e}")))?;
@@ -146,9 +205,21 @@ fn decode_whole(bytes: &[u8], max_seconds: f64) -> Result<Pcm, AudioError> {
         match decoder.decode(&packet) {
             Ok(decoded) => {
                 let spec = *decoded.spec();
+                check_rate(spec.rate)?;
                 sample_rate = spec.rate;
                 let channels = spec.channels.count().max(1);
+                check_channels(channels)?;
                 let frames = decoded.frames();
+                if decoded.capacity() as u64 > MAX_PACKET_FRAMES {
+                    return Err(AudioError::OutOfBounds(format!(
+                        "a packet of {} frames (at most {MAX_PACKET_FRAMES})",
+                        decoded.capacity()
+                    )));
+                }
+                // The limit holds before the samples are kept, not after.
+                if (samples.len() + frames) as f64 / sample_rate as f64 > max_seconds {
+                    return Err(AudioError::TooLong { max_seconds });
+                }
                 let sb = match &mut buf {
                     Some(b) if b.capacity() >= frames * channels => b,
                     _ => buf.insert(SampleBuffer::new(decoded.capacity() as u64, spec)),
@@ -194,6 +265,9 @@ pub fn resample(pcm: &Pcm, to: u32) -> Result<Pcm, AudioError> {
             sample_rate: to,
         });
     }
+    // The FFT sizes follow the rates: never size one from an unchecked rate.
+    check_rate(pcm.sample_rate)?;
+    check_rate(to)?;
     let err = |e: &dyn std::fmt::Display| AudioError::Undecodable(format!("resampling: {e}"));
     let chunk = 1024;
     let mut rs = FftFixedIn::<f32>::new(pcm.sample_rate as usize, to as usize, chunk, 2, 1)

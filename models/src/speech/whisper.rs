@@ -472,6 +472,17 @@ impl Whisper {
         pcm: &[f32],
         opts: &TranscribeOptions,
     ) -> Result<Transcript, ModelError> {
+        self.transcribe_until(pcm, opts, &|| false)
+    }
+
+    /// [`Self::transcribe`], stopping with [`ModelError::Cancelled`] at the
+    /// first 30-second window after `cancelled` says so.
+    pub fn transcribe_until(
+        &self,
+        pcm: &[f32],
+        opts: &TranscribeOptions,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Transcript, ModelError> {
         let mut out = Transcript {
             text: String::new(),
             language: opts.language.clone(),
@@ -507,6 +518,9 @@ impl Whisper {
         let mut texts = Vec::new();
         let mut seek = 0;
         while seek < content_frames {
+            if cancelled() {
+                return Err(ModelError::Cancelled);
+            }
             let window = mel.narrow(2, seek, w::N_FRAMES.min(frames - seek))?;
             seek += w::N_FRAMES;
             out.windows += 1;

@@ -50,8 +50,18 @@ impl ChatStreamJob {
         let w: StreamWire = serde_path_to_error::deserialize(input).map_err(|e| {
             crate::field_error("input", &e.path().to_string(), e.into_inner().to_string())
         })?;
-        if w.instance_id.trim().is_empty() {
-            return Err(InputError::new("input.instance_id", "must not be empty"));
+        // Ids go into platform URLs: a stated charset, nothing that could
+        // name another path.
+        if !crate::platform::is_valid_id(&w.instance_id) {
+            return Err(InputError::new(
+                "input.instance_id",
+                crate::platform::ID_RULE,
+            ));
+        }
+        if let Some(skin) = &w.skin_id {
+            if !crate::platform::is_valid_id(skin) {
+                return Err(InputError::new("input.skin_id", crate::platform::ID_RULE));
+            }
         }
         if w.content.trim().is_empty() {
             return Err(InputError::new("input.content", "must not be empty"));
@@ -106,10 +116,10 @@ impl super::JobContract for ChatStreamJob {
             "type": "object",
             "required": ["instance_id", "content"],
             "properties": {
-                "instance_id": {"type": "string"},
+                "instance_id": {"type": "string", "pattern": crate::platform::ID_PATTERN},
                 "content": {"type": "string", "maxLength": MAX_MESSAGE_CHARS},
                 "medium": {"type": "string"},
-                "skin_id": {"type": "string"},
+                "skin_id": {"type": "string", "pattern": crate::platform::ID_PATTERN},
                 "context": {"type": "object", "description": "inline instance, persona, messages, scratchpad: each wins over fetching it"}
             }
         })
@@ -136,5 +146,20 @@ mod tests {
         assert_eq!(e.field, "input.medium");
         let e = ChatStreamJob::parse(&json!({"content": "x"})).unwrap_err();
         assert_eq!(e.field, "input.instance_id");
+    }
+
+    #[test]
+    fn ids_that_could_name_another_platform_path_are_refused() {
+        for bad in ["..", "../admin", "a/b", "a?x=1", "..%2F..%2Fv1", "a b", "", "é"] {
+            let e = ChatStreamJob::parse(&json!({"instance_id": bad, "content": "x"})).unwrap_err();
+            assert_eq!(e.field, "input.instance_id", "{bad:?}");
+            assert!(e.rule.contains("A-Z"), "{e:?}");
+        }
+        let long = "a".repeat(129);
+        assert!(ChatStreamJob::parse(&json!({"instance_id": long, "content": "x"})).is_err());
+        let e = ChatStreamJob::parse(&json!({"instance_id": "i", "content": "x", "skin_id": "../s"}))
+            .unwrap_err();
+        assert_eq!(e.field, "input.skin_id");
+        assert!(ChatStreamJob::parse(&json!({"instance_id": "inst_9-A", "content": "x"})).is_ok());
     }
 }

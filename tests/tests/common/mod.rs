@@ -21,6 +21,9 @@ use tokio::sync::Notify;
 
 pub const API_KEY: &str = "test-key-1";
 pub const OTHER_KEY: &str = "test-key-2";
+/// The tenants of [`API_KEY`] and [`OTHER_KEY`] (the shim's `SHIM_API_KEYS`).
+pub const TENANT: &str = "tenant-a";
+pub const OTHER_TENANT: &str = "tenant-b";
 /// base64 of "a-test-signing-secret-of-32-bytes".
 pub const WEBHOOK_SECRET: &str = "whsec_YS10ZXN0LXNpZ25pbmctc2VjcmV0LW9mLTMyLWJ5dGVz";
 
@@ -202,7 +205,10 @@ impl Shim {
         let mut cmd = Command::new(binary("api-shim"));
         cmd.env("REDIS_URL", redis_url)
             .env("SHIM_BIND", format!("127.0.0.1:{port}"))
-            .env("SHIM_API_KEYS", format!("{API_KEY},{OTHER_KEY}"))
+            .env(
+                "SHIM_API_KEYS",
+                format!("{TENANT}:{API_KEY},{OTHER_TENANT}:{OTHER_KEY}"),
+            )
             .env("WEBHOOK_SECRET", WEBHOOK_SECRET)
             .env("WEBHOOK_RETRY_SCHEDULE", "0s,100ms,200ms")
             .env("LOG", "info")

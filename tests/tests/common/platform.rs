@@ -14,6 +14,11 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 pub const PLATFORM_KEY: &str = "platform-key";
+/// A second tenant's platform key: it sees only the instances in
+/// [`Platform::b_instances`].
+pub const PLATFORM_KEY_B: &str = "platform-key-b";
+/// In every error body the platform sends: it must never reach a client.
+pub const INTERNAL_DETAIL: &str = "db-7.internal.example: row lock on instances";
 
 pub struct Platform {
     /// 500s the instance route answers before it works.
@@ -22,6 +27,8 @@ pub struct Platform {
     pub instance: Mutex<Value>,
     /// Instance ids that answer 404.
     pub missing: Mutex<Vec<String>>,
+    /// The instances [`PLATFORM_KEY_B`]'s tenant owns.
+    pub b_instances: Mutex<Vec<String>>,
     /// An instance's messages, newest first, paged by `cursor`/`limit`.
     pub messages: Mutex<Vec<Value>>,
     pub personas: Mutex<Value>,
@@ -49,6 +56,7 @@ impl Default for Platform {
                 "snapshot_lorebook_ids": [], "assigned_voice_id": null, "status": "active"
             })),
             missing: Mutex::default(),
+            b_instances: Mutex::default(),
             messages: Mutex::new(vec![
                 json!({"id": "m2", "role": "assistant", "medium": "text", "content": "Great! You?"}),
                 json!({"id": "m1", "role": "user", "medium": "text", "content": "How are you doing?"}),
@@ -80,12 +88,20 @@ pub struct PlatformFixture {
     pub state: Arc<Platform>,
 }
 
+/// The caller's platform key, when it is one of the fixture's.
+fn key_of(h: &HeaderMap) -> Option<&'static str> {
+    let bearer = h.get("authorization").and_then(|v| v.to_str().ok())?;
+    [PLATFORM_KEY, PLATFORM_KEY_B]
+        .into_iter()
+        .find(|k| bearer == format!("Bearer {k}"))
+}
+
 fn authorized(h: &HeaderMap) -> bool {
-    h.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {PLATFORM_KEY}"))
+    key_of(h).is_some()
 }
 
 fn error(status: StatusCode, message: &str) -> (StatusCode, Json<Value>) {
-    (status, Json(json!({ "error": message })))
+    (status, Json(json!({ "error": message, "detail": INTERNAL_DETAIL })))
 }
 
 async fn instance(
@@ -101,7 +117,9 @@ async fn instance(
         p.fail_instance.fetch_sub(1, Ordering::SeqCst);
         return error(StatusCode::INTERNAL_SERVER_ERROR, "try again");
     }
-    if p.missing.lock().unwrap().contains(&id) {
+    let foreign =
+        key_of(&h) == Some(PLATFORM_KEY_B) && !p.b_instances.lock().unwrap().contains(&id);
+    if foreign || p.missing.lock().unwrap().contains(&id) {
         return error(StatusCode::NOT_FOUND, "not found");
     }
     let mut body = p.instance.lock().unwrap().clone();
@@ -177,6 +195,12 @@ async fn personas(State(p): State<Arc<Platform>>) -> Json<Value> {
     Json(json!({ "data": p.personas.lock().unwrap().clone() }))
 }
 
+/// Any other path: counted (as "other"), answered 404.
+async fn other(State(p): State<Arc<Platform>>) -> (StatusCode, Json<Value>) {
+    p.hit("other");
+    error(StatusCode::NOT_FOUND, "no such route")
+}
+
 impl PlatformFixture {
     pub async fn start() -> Self {
         let state: Arc<Platform> = Arc::default();
@@ -185,6 +209,7 @@ impl PlatformFixture {
             .route("/v1/instances/{id}/messages", get(messages).post(save))
             .route("/v1/personas", get(personas))
             .route("/v1/memory/scratchpad", get(scratchpad))
+            .fallback(other)
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -16,7 +16,7 @@ impl Handler for ChatStreamHandler {
         let s = &ctx.services;
         StreamRun {
             engine: s.engine.clone(),
-            platform: s.platform.clone(),
+            platform: ctx.platform()?,
             history_messages: s.history_messages,
             memory_max_words: s.memory_max_words,
             job_id: ctx.job_id.clone(),

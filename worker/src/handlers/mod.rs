@@ -27,6 +27,8 @@ pub struct Services {
     pub engine: Arc<ChatEngine>,
     /// The platform API (context by id, message saves), when configured.
     pub platform: Option<PlatformClient>,
+    /// Each tenant's platform key: a run calls the platform as its tenant.
+    pub platform_keys: std::collections::HashMap<String, String>,
     /// Recent messages a streamed chat's prompt reads.
     pub history_messages: usize,
     /// Words of memory scratchpad a streamed chat's prompt includes.
@@ -36,6 +38,8 @@ pub struct Services {
 /// One run of one job.
 pub struct RunCtx {
     pub job_id: String,
+    /// The tenant that submitted the job (its platform credentials).
+    pub tenant: String,
     /// Sampling seed (from the job id, so a re-run repeats the text).
     pub seed: u64,
     /// The job's clock: its submission time.
@@ -53,6 +57,19 @@ pub struct RunCtx {
 impl RunCtx {
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// The platform client calling with this run's tenant's key.
+    pub fn platform(&self) -> Result<PlatformClient, JobError> {
+        let platform = self.services.platform.as_ref().ok_or_else(|| {
+            JobError::new("this job needs the platform API: set PLATFORM_URL on the worker")
+        })?;
+        let key = self.services.platform_keys.get(&self.tenant).ok_or_else(|| {
+            JobError::new(
+                "no platform key for this job's tenant: set PLATFORM_API_KEYS (tenant:key) on the worker",
+            )
+        })?;
+        Ok(platform.with_key(key))
     }
 }
 

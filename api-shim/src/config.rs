@@ -52,6 +52,11 @@ pub struct ShimConfig {
     /// Seconds a SIGTERM waits for open requests and streams before the shim exits.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
     pub shutdown_timeout_s: u64,
+    /// Addresses and hosts webhooks may reach besides public ones:
+    /// comma-separated CIDRs (`10.0.0.0/8`) and host names
+    /// (`receiver.svc.cluster.local`). Empty: public addresses only.
+    #[arg(long, env = "OUTBOUND_ALLOW", default_value = "")]
+    pub outbound_allow: String,
     /// Largest audio message a chat job may carry, in decoded bytes (422 over it).
     #[arg(long, env = "MAX_AUDIO_BYTES", default_value_t = pipeline::jobs::chat::DEFAULT_MAX_AUDIO_BYTES)]
     pub max_audio_bytes: usize,
@@ -71,6 +76,8 @@ impl ShimConfig {
             timeout,
             lease: timeout * 3,
             dead_letter_max: self.callback_dead_letter_max,
+            allow: pipeline::outbound::OutboundAllow::parse(&self.outbound_allow)
+                .map_err(|e| anyhow::anyhow!(e))?,
         })
     }
 

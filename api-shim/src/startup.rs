@@ -49,7 +49,7 @@ impl Metrics {
         let worker_totals = IntGaugeVec::new(
             Opts::new(
                 "fleet_worker_totals",
-                "Totals over all workers: runs by outcome, prompt and generated tokens, prefill and decode milliseconds",
+                "Totals over all workers: runs by outcome, prompt and generated tokens, prefill and decode milliseconds, recordings transcribed and their milliseconds",
             ),
             &["stat"],
         )?;

@@ -17,6 +17,7 @@ pub mod envelope;
 pub mod inprocess;
 pub mod jobs;
 pub mod media_store;
+pub mod outbound;
 pub mod platform;
 pub mod queue;
 pub mod webhook;

@@ -15,6 +15,7 @@
 //! final removal) happens only while that webhook id is still the job's, so
 //! a delivery of an old run (before a `/retry`) never touches the new one.
 
+use crate::outbound::{redact_url, OutboundGuard, Refused};
 use std::time::Duration;
 
 use rand::Rng;
@@ -61,6 +62,9 @@ pub struct WebhookConfig {
     pub lease: Duration,
     /// Parked callbacks kept (the oldest are dropped past it).
     pub dead_letter_max: usize,
+    /// What the outbound guard lets through besides public addresses
+    /// (`OUTBOUND_ALLOW`).
+    pub allow: crate::outbound::OutboundAllow,
 }
 
 /// The callback body of a finished job.
@@ -79,11 +83,46 @@ pub fn callback_body(
     body.to_string()
 }
 
+/// Why a try did not reach the receiver.
+enum Failure {
+    Refused(String),
+    Other(String),
+}
+
+/// The guard's refusal, when that is why a request failed.
+fn refusal_in(e: &reqwest::Error) -> Option<&Refused> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<Refused>() {
+            return Some(r);
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// A request error with its causes and without its URL (which may carry
+/// credentials or tokens).
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 /// Signs and delivers callbacks.
 #[derive(Clone)]
 pub struct CallbackSender {
     queue: RedisQueue,
+    /// The guarded client: public addresses (or `OUTBOUND_ALLOW`) only, no
+    /// redirects.
     http: reqwest::Client,
+    guard: OutboundGuard,
     signer: std::sync::Arc<Webhook>,
     cfg: WebhookConfig,
     settle_script: std::sync::Arc<redis::Script>,
@@ -130,14 +169,14 @@ impl CallbackSender {
                 "WEBHOOK_SECRET must be whsec_ followed by base64: {e:?}"
             ))
         })?;
-        let http = reqwest::Client::builder()
-            .timeout(cfg.timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
+        let guard = OutboundGuard::new(cfg.allow.clone());
+        let http = guard
+            .client(cfg.timeout)
             .map_err(|e| PipelineError::Other(e.to_string()))?;
         Ok(Self {
             queue,
             http,
+            guard,
             signer: std::sync::Arc::new(signer),
             cfg,
             settle_script: std::sync::Arc::new(redis::Script::new(LUA_SETTLE)),
@@ -181,6 +220,12 @@ impl CallbackSender {
         Ok(done == 1)
     }
 
+    /// The guard every callback URL goes through (the shim also checks a
+    /// webhook with it at submission).
+    pub fn guard(&self) -> &OutboundGuard {
+        &self.guard
+    }
+
     /// One try at delivering the callback of job `id`; schedules the next try
     /// or parks it in the dead-letter list.
     pub async fn deliver(&self, id: &str) -> Result<(), PipelineError> {
@@ -219,17 +264,27 @@ impl CallbackSender {
             .signer
             .sign(msg_id, ts, body.as_bytes())
             .map_err(|e| PipelineError::Other(format!("signing: {e:?}")))?;
-        let sent = self
-            .http
-            .post(url)
-            .header("content-type", "application/json")
-            .header("webhook-id", msg_id)
-            .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", signature)
-            .body(body.clone())
-            .send()
-            .await;
-        let (status, error, retry_after) = match &sent {
+        // An address literal is checked here; a host name by the client's
+        // resolver, which connects only to the addresses it checked.
+        let sent = match self.guard.check_url(url) {
+            Ok(target) => self
+                .http
+                .post(target)
+                .header("content-type", "application/json")
+                .header("webhook-id", msg_id)
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", signature)
+                .body(body.clone())
+                .send()
+                .await
+                .map_err(|e| match refusal_in(&e) {
+                    Some(r) => Failure::Refused(r.to_string()),
+                    None => Failure::Other(describe(e)),
+                }),
+            Err(r) => Err(Failure::Refused(r.to_string())),
+        };
+        let refused = matches!(sent, Err(Failure::Refused(_)));
+        let (status, error, retry_after) = match sent {
             Ok(r) => (
                 Some(r.status().as_u16()),
                 None,
@@ -239,7 +294,7 @@ impl CallbackSender {
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs),
             ),
-            Err(e) => (None, Some(e.to_string()), None),
+            Err(Failure::Refused(e) | Failure::Other(e)) => (None, Some(e), None),
         };
         if status.is_some_and(|s| (200..300).contains(&s)) {
             tracing::info!(job = %id, attempts, "callback delivered");
@@ -253,12 +308,21 @@ impl CallbackSender {
         };
         tracing::warn!(job = %id, attempts, last = %last, "callback not accepted");
         let gone = status == Some(410);
-        if gone || attempts >= self.cfg.schedule.len() {
+        // A refused address is refused on every try: parked at once.
+        if gone || refused || attempts >= self.cfg.schedule.len() {
+            let owner = self.queue.get(id).await?.map(|r| r.owner);
+            let reason = if gone {
+                "the receiver answered 410 Gone"
+            } else if refused {
+                "refused by the outbound guard"
+            } else {
+                "retries exhausted"
+            };
+            // The URL without credentials or query (tokens live there).
             let dead = json!({
-                "job_id": id, "url": url, "webhook_id": msg_id, "attempts": attempts,
-                "last_status": status, "last_error": last,
-                "reason": if gone { "the receiver answered 410 Gone" } else { "retries exhausted" },
-                "dead_ms": now_ms(),
+                "job_id": id, "owner": owner, "url": redact_url(url), "webhook_id": msg_id,
+                "attempts": attempts, "last_status": status, "last_error": last,
+                "reason": reason, "dead_ms": now_ms(),
             });
             // One script: a delivery is either pending or parked, never
             // both nor neither.

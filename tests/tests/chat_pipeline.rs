@@ -401,7 +401,7 @@ async fn callback_is_dead_lettered_after_the_last_try() {
     receiver.wait_for(2, Duration::from_secs(60)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let health = loop {
-        let (_, h) = api.get("/health", None).await;
+        let (_, h) = api.get("/health", Some(API_KEY)).await;
         if h["callbacks"]["deadLettered"] == 1 {
             break h;
         }
@@ -416,6 +416,12 @@ async fn callback_is_dead_lettered_after_the_last_try() {
     assert_eq!(dead["attempts"], 2);
     assert_eq!(dead["last_status"], 500);
     assert_eq!(health["callbacks"]["pending"], 0);
+    // Without a key: counts only. Another tenant: none of these letters.
+    let (_, anonymous) = api.get("/health", None).await;
+    assert_eq!(anonymous["callbacks"]["deadLettered"], 1);
+    assert!(anonymous["callbacks"].get("recentDeadLetters").is_none(), "{anonymous}");
+    let (_, other) = api.get("/health", Some(OTHER_KEY)).await;
+    assert_eq!(other["callbacks"]["recentDeadLetters"], json!([]), "{other}");
     assert_eq!(
         receiver.got.lock().unwrap().len(),
         2,
@@ -457,7 +463,7 @@ async fn the_dead_letter_list_is_capped() {
     receiver.wait_for(2, Duration::from_secs(60)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let health = loop {
-        let (_, h) = api.get("/health", None).await;
+        let (_, h) = api.get("/health", Some(API_KEY)).await;
         if h["callbacks"]["pending"] == 0
             && h["callbacks"]["recentDeadLetters"][0]["job_id"] == json!(ids[1])
         {

@@ -74,10 +74,12 @@ fn signal(proc: &Proc, sig: &str) {
     assert!(ok, "kill -{sig}");
 }
 
+/// Whether a job's `workerId` is one of `proc`'s slots (`{WORKER_NAME}{slot}-…`).
 fn ran_on(status: &Value, proc: &Proc) -> bool {
-    status["workerId"]
-        .as_str()
-        .is_some_and(|w| w.contains(&format!("-{}-", proc.child.id())))
+    status["workerId"].as_str().is_some_and(|w| {
+        w.strip_prefix(proc.name.as_str())
+            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+    })
 }
 
 /// The text of every option of a finished chat job.

@@ -98,3 +98,142 @@ async fn platform_ids_are_checked_and_each_tenant_calls_with_its_own_key() {
     }
     assert_eq!(platform.state.hits("other"), 0, "no other platform path was called");
 }
+
+/// Webhooks to loopback in six spellings, with the operator's allow list
+/// unset: address literals are refused at submission (422 naming
+/// `webhook`), a host name that resolves to loopback is refused when the
+/// callback is sent (parked at once, not retried); the receiver gets
+/// nothing. The parked letter's URL has no credentials or query, and only
+/// its tenant sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_to_non_public_addresses_are_refused_in_every_spelling() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[("OUTBOUND_ALLOW", "")]).await;
+    let api = Api::new(&shim);
+    let _worker = start_worker(&redis, &[]);
+    let receiver = Receiver::start(0).await;
+    let port = receiver.url.rsplit(':').next().unwrap().split('/').next().unwrap();
+    let mut body = seed_file("multiple_options.json");
+    // A job that ends at once (its character is missing).
+    body["input"]["character"] = json!("github:nobody/missing");
+    for host in ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "[::ffff:127.0.0.1]"] {
+        let mut b = body.clone();
+        b["webhook"] = json!(format!("http://{host}:{port}/cb"));
+        let (code, err) = api.post("/run", Some(API_KEY), b.to_string()).await;
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{host}: {err}");
+        assert_eq!(err["field"], "webhook", "{host}: {err}");
+    }
+    let mut b = body.clone();
+    b["webhook"] = json!(format!("http://user:pw@localhost:{port}/cb?token=s3cret"));
+    let (code, accepted) = api.post("/run", Some(API_KEY), b.to_string()).await;
+    assert_eq!(code, StatusCode::OK, "{accepted}");
+    let id = accepted["id"].as_str().unwrap().to_string();
+    assert_eq!(api.wait_terminal(&id).await["status"], "FAILED");
+    let dead = api
+        .wait_for_health(Some(API_KEY), |h| h["callbacks"]["deadLettered"] == 1)
+        .await;
+    let letter = &dead["callbacks"]["recentDeadLetters"][0];
+    assert_eq!(letter["job_id"], json!(id));
+    assert_eq!(letter["reason"], "refused by the outbound guard", "{letter}");
+    assert_eq!(letter["attempts"], 1, "refused once, never retried");
+    assert_eq!(letter["url"], json!(format!("http://localhost:{port}/cb")));
+    let text = letter.to_string();
+    assert!(!text.contains("pw") && !text.contains("s3cret"), "{text}");
+    assert_eq!(receiver.got.lock().unwrap().len(), 0, "nothing was delivered");
+    let (_, other) = api.get("/health", Some(OTHER_KEY)).await;
+    assert_eq!(other["callbacks"]["recentDeadLetters"], json!([]));
+    let (_, anonymous) = api.get("/health", None).await;
+    assert!(anonymous["callbacks"].get("recentDeadLetters").is_none(), "{anonymous}");
+    // Nothing lost: the worker still takes jobs.
+    let (_, done) = api
+        .post(
+            "/runsync?wait=120000",
+            Some(API_KEY),
+            seed_file("multiple_options.json").to_string(),
+        )
+        .await;
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+}
+
+fn tone_wav(seconds: f64) -> String {
+    use base64::Engine;
+    let rate = 16_000u32;
+    let pcm = models::speech::audio::Pcm {
+        samples: (0..(rate as f64 * seconds) as usize)
+            .map(|i| (i as f32 * 330.0 * std::f32::consts::TAU / rate as f32).sin() * 0.2)
+            .collect(),
+        sample_rate: rate,
+    };
+    base64::engine::general_purpose::STANDARD.encode(
+        models::speech::audio::encode(&pcm, models::speech::audio::AudioFormat::Wav).unwrap(),
+    )
+}
+
+/// Thirty messages naming one recording: it is transcribed once. Two
+/// recordings over the job's audio budget: the job fails as bad input
+/// before any is transcribed, and the worker goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_is_transcribed_once_and_a_job_s_audio_is_bounded() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let api = Api::new(&shim);
+    let _worker = start_worker(
+        &redis,
+        &[
+            ("STT_BACKEND", "whisper"),
+            ("MAX_JOB_AUDIO_SECONDS", "5"),
+            ("MAX_NEW_TOKENS", "8"),
+        ],
+    );
+    let mut body = seed_file("audio_reply.json");
+    body["input"]["generate_audio"] = json!(false);
+    let messages = body["input"]["messages"].as_array_mut().unwrap();
+    let template = messages.pop().unwrap();
+    for i in 0..30 {
+        let mut m = template.clone();
+        m["id"] = json!(100 + i);
+        messages.push(m);
+    }
+    body["input"]["audio_files"]["msg1"] = json!(tone_wav(3.0));
+    let (_, done) = api
+        .post("/runsync?wait=180000", Some(API_KEY), body.to_string())
+        .await;
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    let metrics = api.metrics().await;
+    let transcriptions: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("fleet_worker_totals{stat=\"transcriptions\"}"))
+        .collect();
+    assert_eq!(transcriptions, ["fleet_worker_totals{stat=\"transcriptions\"} 1"]);
+
+    // Two different 3-second recordings: 6 s, over the 5 s budget.
+    let messages = body["input"]["messages"].as_array_mut().unwrap();
+    messages.truncate(4);
+    let mut second = template.clone();
+    second["id"] = json!(200);
+    second["audio_file_id"] = json!("msg2");
+    messages.push(template.clone());
+    messages.push(second);
+    body["input"]["audio_files"]["msg2"] = json!(tone_wav(3.0));
+    let (_, failed) = api
+        .post("/runsync?wait=180000", Some(API_KEY), body.to_string())
+        .await;
+    assert_eq!(failed["status"], "FAILED", "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("MAX_JOB_AUDIO_SECONDS"),
+        "{failed}"
+    );
+    let metrics = api.metrics().await;
+    assert!(
+        metrics.contains("fleet_worker_totals{stat=\"transcriptions\"} 1\n"),
+        "nothing more was transcribed"
+    );
+    let (_, done) = api
+        .post(
+            "/runsync?wait=120000",
+            Some(API_KEY),
+            seed_file("multiple_options.json").to_string(),
+        )
+        .await;
+    assert_eq!(done["status"], "COMPLETED", "the worker goes on: {done}");
+}

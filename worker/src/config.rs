@@ -109,6 +109,11 @@ pub struct WorkerConfig {
     /// Milliseconds between heartbeats of a busy or idle worker.
     #[arg(long, env = "WORKER_HEARTBEAT_MS", default_value_t = 1000)]
     pub heartbeat_ms: u64,
+    /// The start of this worker's consumer names (`{name}{slot}-{random}`),
+    /// shown to clients as `workerId`: e.g. the pod's name. No host name or
+    /// process id is put in it unless the operator does.
+    #[arg(long, env = "WORKER_NAME", default_value = "worker")]
+    pub worker_name: String,
     /// Heartbeats missed before another worker takes over this one's jobs.
     #[arg(long, env = "WORKER_MISSED_HEARTBEATS", default_value_t = 5)]
     pub missed_heartbeats: u32,

@@ -63,10 +63,12 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
     }
     // Every slot is an apalis worker under one monitor; the monitor stops
     // them on SIGTERM, and each drains its run before leaving.
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    tracing::info!(name = %cfg.worker_name, host = host.trim(), pid = std::process::id(), "worker identity");
     let mut monitor = apalis_core::monitor::Monitor::new();
     for (i, slot_kinds) in slots.into_iter().enumerate() {
         let slot = Slot {
-            name: unique_worker_name(&format!("worker{i}")),
+            name: unique_worker_name(&format!("{}{i}", cfg.worker_name)),
             kinds: slot_kinds,
             services: services.clone(),
             queue: queue.clone(),

@@ -50,7 +50,24 @@ async fn snapshot(state: &AppState) -> Result<Snapshot, ApiError> {
 }
 
 /// Liveness and load. While Redis is down: 503 with `"redis": "down"`.
-pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// Without a key: liveness and aggregate counts only. With one: also that
+/// tenant's own recent dead letters (URLs without credentials or query).
+pub async fn health(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = match headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        None => None,
+        Some(h) => {
+            let key = h.strip_prefix("Bearer ").unwrap_or(h).trim();
+            Some(state.keys.tenant_of(key).map(str::to_owned).ok_or_else(|| {
+                ApiError::new(StatusCode::UNAUTHORIZED, "the API key is not valid")
+            })?)
+        }
+    };
     let s = match snapshot(&state).await {
         Ok(s) => s,
         Err(mut e) => {
@@ -63,7 +80,27 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         }
     };
     let c = |k: &str| s.counts.get(k).copied().unwrap_or(0).max(0);
-    let dead = state.callbacks.dead_letters(20).await?;
+    let recent_dead = match &tenant {
+        Some(tenant) => {
+            let all = state
+                .callbacks
+                .dead_letters(state.cfg.callback_dead_letter_max.max(1) as isize)
+                .await?;
+            let own: Vec<Value> = all
+                .into_iter()
+                .filter(|d| d["owner"].as_str() == Some(tenant.as_str()))
+                .take(20)
+                .map(|mut d| {
+                    if let Some(o) = d.as_object_mut() {
+                        o.remove("owner");
+                    }
+                    d
+                })
+                .collect();
+            Some(own)
+        }
+        None => None,
+    };
     // Per kind: what waits, what runs, and how many live workers take it
     // (a kind with jobs and no workers needs a worker started).
     let kinds: serde_json::Map<String, Value> = s
@@ -80,7 +117,7 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
             )
         })
         .collect();
-    Ok(Json(json!({
+    let mut body = json!({
         "redis": "up",
         "jobs": {
             "completed": c("COMPLETED"),
@@ -96,9 +133,12 @@ pub async fn health(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         "callbacks": {
             "pending": s.pending_callbacks,
             "deadLettered": s.dead_callbacks,
-            "recentDeadLetters": dead,
         },
-    })))
+    });
+    if let Some(dead) = recent_dead {
+        body["callbacks"]["recentDeadLetters"] = json!(dead);
+    }
+    Ok(Json(body))
 }
 
 pub async fn metrics(

@@ -114,6 +114,21 @@ async fn owned(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord,
     }
 }
 
+/// A webhook whose host is an address the outbound guard refuses is
+/// refused now, not after the job ran (a host name is checked when the
+/// callback is sent).
+pub(crate) fn check_webhook(state: &AppState, req: &RunRequest) -> Result<(), ApiError> {
+    if let Some(url) = &req.webhook {
+        state.callbacks.guard().check_url(url).map_err(|e| {
+            ApiError::input(
+                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+                &pipeline::InputError::new("webhook", e.to_string()),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 async fn submit(
     state: &AppState,
     caller: &Caller,
@@ -123,6 +138,7 @@ async fn submit(
     let kind = kind_of(params)?;
     let body = body_or_error(body)?;
     let req = RunRequest::parse(kind, &body)?;
+    check_webhook(state, &req)?;
     let rec = state.queue.enqueue(&req, &caller.owner).await?;
     state
         .metrics

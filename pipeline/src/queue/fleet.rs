@@ -142,10 +142,9 @@ impl RedisQueue {
 /// A unique worker name: host, pid and start time, so a restarted worker
 /// never collides with the entry of its previous life.
 pub fn unique_worker_name(prefix: &str) -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "host".into());
-    format!("{prefix}-{host}-{}-{}", std::process::id(), now_ms())
+    // Opaque: clients see it as `workerId`, so it names no host, path or
+    // process; the worker logs which host and process it is at start.
+    format!("{prefix}-{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
 /// A Redis URL fit for logs: the password replaced by `****`.

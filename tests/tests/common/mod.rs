@@ -210,6 +210,8 @@ impl Shim {
                 format!("{TENANT}:{API_KEY},{OTHER_TENANT}:{OTHER_KEY}"),
             )
             .env("WEBHOOK_SECRET", WEBHOOK_SECRET)
+            // The receivers of these tests listen on loopback.
+            .env("OUTBOUND_ALLOW", "127.0.0.0/8,::1")
             .env("WEBHOOK_RETRY_SCHEDULE", "0s,100ms,200ms")
             .env("LOG", "info")
             .stdout(Stdio::null())
@@ -237,8 +239,16 @@ impl Shim {
 
 /// Starts a worker on the default model. `env` overrides settings.
 pub fn start_worker(redis: &Redis, env: &[(&str, &str)]) -> Proc {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    // A name per start, so a test can tell which worker ran a job.
+    let name = format!(
+        "t{}w{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
     let mut cmd = Command::new(binary("worker"));
     cmd.current_dir(repo_root())
+        .env("WORKER_NAME", &name)
         .env("REDIS_URL", &redis.url)
         .env("CHARACTER_TEMPLATES_DIR", repo_root().join("characters"))
         .env("MAX_NEW_TOKENS", "12")
@@ -255,7 +265,7 @@ pub fn start_worker(redis: &Redis, env: &[(&str, &str)]) -> Proc {
     }
     Proc {
         child: cmd.spawn().unwrap(),
-        name: "worker".into(),
+        name,
     }
 }
 
@@ -299,6 +309,19 @@ impl Api {
         let resp = req.send().await.unwrap();
         let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
         (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `/health` (with `key`, if any) once `done` holds, within 30 s.
+    pub async fn wait_for_health(&self, key: Option<&str>, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, h) = self.get("/health", key).await;
+            if done(&h) {
+                return h;
+            }
+            assert!(Instant::now() < deadline, "/health never got there: {h}");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// The Prometheus text of `/metrics`.

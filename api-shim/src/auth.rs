@@ -56,11 +56,16 @@ impl ApiKeys {
 
     /// The tenant of `key`, comparing against every key.
     pub fn tenant_of(&self, key: &str) -> Option<&str> {
+        self.find(key).map(|(_, tenant)| tenant)
+    }
+
+    /// The index and tenant of `key`, comparing against every key.
+    fn find(&self, key: &str) -> Option<(usize, &str)> {
         let presented = digest(key);
         let mut found = None;
-        for (d, tenant) in self.0.iter() {
+        for (i, (d, tenant)) in self.0.iter().enumerate() {
             if bool::from(d.ct_eq(&presented)) {
-                found = Some(tenant.as_str());
+                found = Some((i, tenant.as_str()));
             }
         }
         found
@@ -71,6 +76,8 @@ impl ApiKeys {
 pub struct Caller {
     /// The caller's tenant: the owner of the jobs it submits.
     pub owner: String,
+    /// Which key it used (its limits are per key).
+    pub key: usize,
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -89,13 +96,15 @@ impl FromRequestParts<AppState> for Caller {
             })?;
         // RunPod's clients send "Bearer KEY"; some send the bare key.
         let key = header.strip_prefix("Bearer ").unwrap_or(header).trim();
-        state
+        let (index, tenant) = state
             .keys
-            .tenant_of(key)
-            .map(|tenant| Caller {
-                owner: tenant.to_string(),
-            })
-            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the API key is not valid"))
+            .find(key)
+            .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "the API key is not valid"))?;
+        state.limits.check_rate(index)?;
+        Ok(Caller {
+            owner: tenant.to_string(),
+            key: index,
+        })
     }
 }
 
@@ -116,7 +125,11 @@ mod tests {
         assert_eq!(keys.tenant_of("k2"), Some("acme"));
         assert_eq!(keys.tenant_of("k3"), Some("globex"));
         assert_eq!(keys.tenant_of("bare"), Some("default"));
-        assert_eq!(keys.tenant_of("acme:k1"), None, "the tenant is not part of the key");
+        assert_eq!(
+            keys.tenant_of("acme:k1"),
+            None,
+            "the tenant is not part of the key"
+        );
         assert_eq!(keys.tenant_of("k"), None);
         assert!(ApiKeys::parse(&["bad tenant:k".into()]).is_err());
         assert!(ApiKeys::parse(&["acme:".into()]).is_err());

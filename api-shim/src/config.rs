@@ -14,7 +14,12 @@ use pipeline::webhook::{parse_schedule, WebhookConfig, STANDARD_SCHEDULE};
 )]
 pub struct ShimConfig {
     /// Redis holding the queues and job records.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
     pub redis_url: String,
     /// Key prefix in Redis (the workers must use the same).
     #[arg(long, env = "QUEUE_NAMESPACE", default_value = "cw")]
@@ -26,7 +31,13 @@ pub struct ShimConfig {
     /// tenant `default`); a caller sends one as `Authorization: Bearer KEY`.
     /// A tenant's keys see its jobs; the worker calls the platform with the
     /// tenant's key (`PLATFORM_API_KEYS`).
-    #[arg(long, env = "SHIM_API_KEYS", value_delimiter = ',', required = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "SHIM_API_KEYS",
+        value_delimiter = ',',
+        required = true,
+        hide_env_values = true
+    )]
     pub api_keys: Vec<String>,
     /// Standard Webhooks signing secret: whsec_ followed by base64.
     #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true)]
@@ -52,6 +63,19 @@ pub struct ShimConfig {
     /// Seconds a SIGTERM waits for open requests and streams before the shim exits.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
     pub shutdown_timeout_s: u64,
+    /// Requests per second one API key may make on average (0: no limit);
+    /// over it: 429 with Retry-After.
+    #[arg(long, env = "RATE_LIMIT_PER_S", default_value_t = 50)]
+    pub rate_limit_per_s: u32,
+    /// Requests one API key may make at once before the rate applies.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 100)]
+    pub rate_limit_burst: u32,
+    /// Streams (SSE and chunked chat) one API key may hold open at once.
+    #[arg(long, env = "MAX_STREAMS_PER_KEY", default_value_t = 16)]
+    pub max_streams_per_key: usize,
+    /// Seconds a stream may stay open; then it ends (the job goes on).
+    #[arg(long, env = "STREAM_MAX_SECONDS", default_value_t = 900)]
+    pub stream_max_seconds: u64,
     /// Addresses and hosts webhooks may reach besides public ones:
     /// comma-separated CIDRs (`10.0.0.0/8`) and host names
     /// (`receiver.svc.cluster.local`). Empty: public addresses only.

@@ -4,6 +4,7 @@
 mod auth;
 mod config;
 mod error;
+mod limits;
 mod routes;
 mod startup;
 

@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
+
+use crate::error::ApiError;
 use pipeline::queue::{QueueConfig, RedisQueue};
 use pipeline::webhook::CallbackSender;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
@@ -90,6 +92,8 @@ pub struct AppState {
     pub cfg: Arc<ShimConfig>,
     pub metrics: Arc<Metrics>,
     pub callbacks: CallbackSender,
+    /// Per-key request rate and open streams.
+    pub limits: Arc<crate::limits::Limits>,
     /// True once the shim is shutting down: streams end cleanly.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     pub shutdown_tx: Arc<tokio::sync::watch::Sender<bool>>,
@@ -97,16 +101,42 @@ pub struct AppState {
 
 const MB: usize = 1024 * 1024;
 
+/// Body limits by route (also in the OpenAPI document).
+pub const RUN_BODY_MAX: usize = 10 * MB;
+pub const RUNSYNC_BODY_MAX: usize = 20 * MB;
+pub const NATIVE_BODY_MAX: usize = MB;
+
+/// `route` with a body limit, enforced twice: from `Content-Length` before
+/// a byte of the body is read (413 at once, so an oversized upload is not
+/// read just to be refused), and on the bytes as they come (a chunked body).
+fn limited(route: MethodRouter<AppState>, max: usize) -> MethodRouter<AppState> {
+    route
+        .layer(DefaultBodyLimit::max(max))
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                let declared = req
+                    .headers()
+                    .get(axum::http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                if declared.is_some_and(|n| n > max as u64) {
+                    let mut err = ApiError::new(
+                        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("body: must not exceed {max} bytes on this route"),
+                    );
+                    err.field = Some("body".into());
+                    err.rule = Some(format!("must not exceed {max} bytes on this route"));
+                    return axum::response::IntoResponse::into_response(err);
+                }
+                next.run(req).await
+            },
+        ))
+}
+
 fn job_routes() -> Router<AppState> {
     Router::new()
-        .route(
-            "/run",
-            post(jobs::run).layer(DefaultBodyLimit::max(10 * MB)),
-        )
-        .route(
-            "/runsync",
-            post(jobs::runsync).layer(DefaultBodyLimit::max(20 * MB)),
-        )
+        .route("/run", limited(post(jobs::run), RUN_BODY_MAX))
+        .route("/runsync", limited(post(jobs::runsync), RUNSYNC_BODY_MAX))
         .route("/status/{id}", get(jobs::status).post(jobs::status))
         .route("/cancel/{id}", post(jobs::cancel))
         .route("/retry/{id}", post(jobs::retry))
@@ -124,11 +154,11 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health::health))
         .route(
             "/v1/memory/condense",
-            post(memory::condense).layer(DefaultBodyLimit::max(MB)),
+            limited(post(memory::condense), NATIVE_BODY_MAX),
         )
         .route(
             "/v1/instances/{instance_id}/chat/stream",
-            post(stream::chat_stream).layer(DefaultBodyLimit::max(MB)),
+            limited(post(stream::chat_stream), NATIVE_BODY_MAX),
         )
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::openapi))
@@ -168,6 +198,12 @@ pub async fn build(cfg: ShimConfig) -> anyhow::Result<(Router, AppState)> {
         queue,
         keys,
         events,
+        limits: Arc::new(crate::limits::Limits::new(
+            cfg.rate_limit_per_s,
+            cfg.rate_limit_burst,
+            cfg.max_streams_per_key,
+            Duration::from_secs(cfg.stream_max_seconds),
+        )),
         cfg: Arc::new(cfg),
         metrics: Arc::new(Metrics::new()?),
         callbacks,

@@ -77,8 +77,7 @@ fn tone(rate: u32, seconds: f64) -> Pcm {
 /// One real file per container: WAV, MP3, Ogg/Opus from our encoder, and
 /// WebM/Opus (a browser's recording) from ffmpeg.
 fn samples() -> Vec<(&'static str, Vec<u8>)> {
-    static SAMPLES: std::sync::OnceLock<Vec<(&'static str, Vec<u8>)>> =
-        std::sync::OnceLock::new();
+    static SAMPLES: std::sync::OnceLock<Vec<(&'static str, Vec<u8>)>> = std::sync::OnceLock::new();
     SAMPLES
         .get_or_init(|| {
             let pcm = tone(22_050, 1.0);
@@ -134,7 +133,10 @@ fn the_headers_from_the_issue_are_refused_before_anything_is_sized_from_them() {
     ] {
         let (out, peak) = decode_measured(&wav);
         assert!(
-            matches!(out, Err(AudioError::OutOfBounds(_)) | Err(AudioError::Unrecognised(_))),
+            matches!(
+                out,
+                Err(AudioError::OutOfBounds(_)) | Err(AudioError::Unrecognised(_))
+            ),
             "{what}: {out:?}"
         );
         assert!(peak < PEAK_LIMIT, "{what}: {peak} bytes");
@@ -158,7 +160,11 @@ fn undamaged_samples_decode() {
     for (name, bytes) in samples() {
         let (out, _) = decode_measured(&bytes);
         let pcm = out.unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert!((pcm.seconds() - 1.0).abs() < 0.1, "{name}: {}", pcm.seconds());
+        assert!(
+            (pcm.seconds() - 1.0).abs() < 0.1,
+            "{name}: {}",
+            pcm.seconds()
+        );
     }
 }
 

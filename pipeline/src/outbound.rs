@@ -96,12 +96,7 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     let s = ip.segments();
     // NAT64 (64:ff9b::/96) and IPv4-compatible (::a.b.c.d) addresses.
     if (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) || s[..6] == [0; 6] {
-        let v4 = Ipv4Addr::new(
-            (s[6] >> 8) as u8,
-            s[6] as u8,
-            (s[7] >> 8) as u8,
-            s[7] as u8,
-        );
+        let v4 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
         return !ip.is_unspecified() && !ip.is_loopback() && is_public_v4(v4);
     }
     // 6to4 (2002::/16) embeds an IPv4 address in bits 16..48.
@@ -185,9 +180,8 @@ impl reqwest::dns::Resolve for OutboundGuard {
         let guard = self.clone();
         Box::pin(async move {
             let host = name.as_str().to_string();
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let found: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let allowed_host = guard.allow.allows_host(&host);
             let kept: Vec<SocketAddr> = found
                 .into_iter()
@@ -195,7 +189,9 @@ impl reqwest::dns::Resolve for OutboundGuard {
                 .collect();
             if kept.is_empty() {
                 tracing::warn!(host, "outbound call refused: no public address");
-                return Err(Box::new(Refused::Host(host)) as Box<dyn std::error::Error + Send + Sync>);
+                return Err(
+                    Box::new(Refused::Host(host)) as Box<dyn std::error::Error + Send + Sync>
+                );
             }
             Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
         })
@@ -295,7 +291,10 @@ mod tests {
                 "{url}"
             );
         }
-        assert!(matches!(guard.check_url("ftp://example.com/"), Err(Refused::NotHttp(_))));
+        assert!(matches!(
+            guard.check_url("ftp://example.com/"),
+            Err(Refused::NotHttp(_))
+        ));
         assert!(guard.check_url("https://example.com/hook").is_ok());
         // The operator's allow list opens exactly what it names.
         let allowed = OutboundGuard::new(OutboundAllow::parse("127.0.0.0/8, ::1").unwrap());

@@ -313,10 +313,7 @@ async fn a_hung_platform_call_is_cut_by_the_execution_timeout() {
     let shim = Shim::start(&redis, &[]).await;
     let platform = PlatformFixture::start().await;
     platform.state.hang_saves.store(true, Ordering::SeqCst);
-    let _worker = start_worker(
-        &redis,
-        &worker_env(&platform, &[("MAX_NEW_TOKENS", "8")]),
-    );
+    let _worker = start_worker(&redis, &worker_env(&platform, &[("MAX_NEW_TOKENS", "8")]));
     let api = Api::new(&shim);
     let body = json!({
         "input": {"instance_id": "inst-1", "content": "Hi there!"},

@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use axum::http::StatusCode;
 use common::platform::{PlatformFixture, INTERNAL_DETAIL, PLATFORM_KEY, PLATFORM_KEY_B};
 use common::*;
@@ -29,7 +31,12 @@ async fn platform_ids_are_checked_and_each_tenant_calls_with_its_own_key() {
     let shim = Shim::start(&redis, &[]).await;
     let api = Api::new(&shim);
     let platform = PlatformFixture::start().await;
-    platform.state.b_instances.lock().unwrap().push("inst-b".into());
+    platform
+        .state
+        .b_instances
+        .lock()
+        .unwrap()
+        .push("inst-b".into());
     let env = platform_env(&platform);
     let env: Vec<(&str, &str)> = env
         .iter()
@@ -96,7 +103,11 @@ async fn platform_ids_are_checked_and_each_tenant_calls_with_its_own_key() {
         assert_eq!(code, StatusCode::OK);
         assert_eq!(done["status"], "COMPLETED", "{instance}: {done}");
     }
-    assert_eq!(platform.state.hits("other"), 0, "no other platform path was called");
+    assert_eq!(
+        platform.state.hits("other"),
+        0,
+        "no other platform path was called"
+    );
 }
 
 /// Webhooks to loopback in six spellings, with the operator's allow list
@@ -112,11 +123,24 @@ async fn webhooks_to_non_public_addresses_are_refused_in_every_spelling() {
     let api = Api::new(&shim);
     let _worker = start_worker(&redis, &[]);
     let receiver = Receiver::start(0).await;
-    let port = receiver.url.rsplit(':').next().unwrap().split('/').next().unwrap();
+    let port = receiver
+        .url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap();
     let mut body = seed_file("multiple_options.json");
     // A job that ends at once (its character is missing).
     body["input"]["character"] = json!("github:nobody/missing");
-    for host in ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "[::ffff:127.0.0.1]"] {
+    for host in [
+        "127.0.0.1",
+        "127.1",
+        "2130706433",
+        "0x7f000001",
+        "[::ffff:127.0.0.1]",
+    ] {
         let mut b = body.clone();
         b["webhook"] = json!(format!("http://{host}:{port}/cb"));
         let (code, err) = api.post("/run", Some(API_KEY), b.to_string()).await;
@@ -134,16 +158,26 @@ async fn webhooks_to_non_public_addresses_are_refused_in_every_spelling() {
         .await;
     let letter = &dead["callbacks"]["recentDeadLetters"][0];
     assert_eq!(letter["job_id"], json!(id));
-    assert_eq!(letter["reason"], "refused by the outbound guard", "{letter}");
+    assert_eq!(
+        letter["reason"], "refused by the outbound guard",
+        "{letter}"
+    );
     assert_eq!(letter["attempts"], 1, "refused once, never retried");
     assert_eq!(letter["url"], json!(format!("http://localhost:{port}/cb")));
     let text = letter.to_string();
     assert!(!text.contains("pw") && !text.contains("s3cret"), "{text}");
-    assert_eq!(receiver.got.lock().unwrap().len(), 0, "nothing was delivered");
+    assert_eq!(
+        receiver.got.lock().unwrap().len(),
+        0,
+        "nothing was delivered"
+    );
     let (_, other) = api.get("/health", Some(OTHER_KEY)).await;
     assert_eq!(other["callbacks"]["recentDeadLetters"], json!([]));
     let (_, anonymous) = api.get("/health", None).await;
-    assert!(anonymous["callbacks"].get("recentDeadLetters").is_none(), "{anonymous}");
+    assert!(
+        anonymous["callbacks"].get("recentDeadLetters").is_none(),
+        "{anonymous}"
+    );
     // Nothing lost: the worker still takes jobs.
     let (_, done) = api
         .post(
@@ -204,7 +238,10 @@ async fn a_recording_is_transcribed_once_and_a_job_s_audio_is_bounded() {
         .lines()
         .filter(|l| l.starts_with("fleet_worker_totals{stat=\"transcriptions\"}"))
         .collect();
-    assert_eq!(transcriptions, ["fleet_worker_totals{stat=\"transcriptions\"} 1"]);
+    assert_eq!(
+        transcriptions,
+        ["fleet_worker_totals{stat=\"transcriptions\"} 1"]
+    );
 
     // Two different 3-second recordings: 6 s, over the 5 s budget.
     let messages = body["input"]["messages"].as_array_mut().unwrap();
@@ -220,7 +257,10 @@ async fn a_recording_is_transcribed_once_and_a_job_s_audio_is_bounded() {
         .await;
     assert_eq!(failed["status"], "FAILED", "{failed}");
     assert!(
-        failed["error"].as_str().unwrap().contains("MAX_JOB_AUDIO_SECONDS"),
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("MAX_JOB_AUDIO_SECONDS"),
         "{failed}"
     );
     let metrics = api.metrics().await;
@@ -236,4 +276,143 @@ async fn a_recording_is_transcribed_once_and_a_job_s_audio_is_bounded() {
         )
         .await;
     assert_eq!(done["status"], "COMPLETED", "the worker goes on: {done}");
+}
+
+/// Per-key limits: a key over its rate gets 429 with `Retry-After` and the
+/// JSON error body (another key is not touched); a key holding its most
+/// streams gets 429 for another (and a refused chat stream queues
+/// nothing); a stream ends at `STREAM_MAX_SECONDS` while its job goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_stream_count_and_stream_duration_are_bounded_per_key() {
+    let redis = Redis::start();
+    let shim = Shim::start(
+        &redis,
+        &[
+            ("RATE_LIMIT_PER_S", "1"),
+            ("RATE_LIMIT_BURST", "4"),
+            ("MAX_STREAMS_PER_KEY", "1"),
+            ("STREAM_MAX_SECONDS", "3"),
+        ],
+    )
+    .await;
+    let api = Api::new(&shim);
+    let _worker = start_worker(
+        &redis,
+        &[("MAX_NEW_TOKENS", "4000"), ("IGNORE_EOS", "true")],
+    );
+    // Request 1: a long job.
+    let (code, accepted) = api
+        .post(
+            "/run",
+            Some(API_KEY),
+            seed_file("multiple_options.json").to_string(),
+        )
+        .await;
+    assert_eq!(code, StatusCode::OK);
+    let id = accepted["id"].as_str().unwrap().to_string();
+    // Request 2: its SSE stream, held open.
+    let sse = api
+        .http
+        .get(format!("{}/stream/{id}", api.base))
+        .bearer_auth(API_KEY)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status().as_u16(), 200);
+    let opened = std::time::Instant::now();
+    let body = tokio::spawn(async move { sse.text().await.unwrap() });
+    // Request 3: a second stream of the same key is refused.
+    let second = api
+        .http
+        .get(format!("{}/stream/{id}", api.base))
+        .bearer_auth(API_KEY)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status().as_u16(), 429);
+    let err: serde_json::Value = second.json().await.unwrap();
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("MAX_STREAMS_PER_KEY"),
+        "{err}"
+    );
+    // Request 4: a chunked chat stream, refused before anything is queued.
+    let (code, _) = api
+        .post(
+            "/v1/instances/inst-1/chat/stream",
+            Some(API_KEY),
+            json!({"content": "hi"}).to_string(),
+        )
+        .await;
+    assert_eq!(code, StatusCode::TOO_MANY_REQUESTS);
+    let (_, health) = api.get("/health", None).await;
+    let jobs = &health["jobs"];
+    assert_eq!(
+        jobs["inQueue"].as_i64().unwrap() + jobs["inProgress"].as_i64().unwrap(),
+        1,
+        "only the first job exists: {health}"
+    );
+    // Request 5 and on: past the burst of 4, refused with Retry-After.
+    let refused = loop {
+        let resp = api
+            .http
+            .get(format!("{}/status/{id}", api.base))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap();
+        if resp.status().as_u16() == 429 {
+            break resp;
+        }
+        assert_eq!(resp.status().as_u16(), 200);
+        assert!(opened.elapsed() < Duration::from_secs(3), "never limited");
+    };
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    let err: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        err["error"].as_str().unwrap().contains("rate limit"),
+        "{err}"
+    );
+    // Another key has its own budget.
+    let (code, _) = api.get("/health", Some(OTHER_KEY)).await;
+    assert_eq!(code, StatusCode::OK);
+    // The held stream ends by itself at STREAM_MAX_SECONDS, without a
+    // `completed` event, while the job goes on.
+    let text = tokio::time::timeout(Duration::from_secs(30), body)
+        .await
+        .expect("the stream ended at its maximum duration")
+        .unwrap();
+    assert!(opened.elapsed() >= Duration::from_secs(3));
+    assert!(!text.contains("event: completed"), "{text}");
+    // Waiting as Retry-After says, the key gets through again.
+    let status: serde_json::Value = loop {
+        let resp = api
+            .http
+            .get(format!("{}/status/{id}", api.base))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap();
+        if resp.status().as_u16() != 429 {
+            break resp.json().await.unwrap();
+        }
+        let wait: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(wait)).await;
+    };
+    assert_eq!(status["status"], "IN_PROGRESS", "{status}");
+    let (code, _) = api.post(&format!("/cancel/{id}"), Some(API_KEY), "").await;
+    assert_eq!(code, StatusCode::OK);
 }

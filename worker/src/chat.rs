@@ -293,9 +293,9 @@ impl ChatEngine {
             if cancelled() {
                 return Err(JobError::new("cancelled while transcribing"));
             }
-            let text = stt.transcribe(pcm, cancelled).map_err(|e| {
-                JobError::new(format!("message {id}: audio_files.{key}: {e}"))
-            })?;
+            let text = stt
+                .transcribe(pcm, cancelled)
+                .map_err(|e| JobError::new(format!("message {id}: audio_files.{key}: {e}")))?;
             usage.transcriptions += 1;
             usage.transcribed_ms += (pcm.seconds() * 1000.0) as u64;
             transcripts.insert(key.to_string(), text);

@@ -73,7 +73,12 @@ pub enum Command {
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkerConfig {
     /// Redis holding the queues and job records.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
     pub redis_url: String,
     /// Key prefix in Redis (the shim must use the same).
     #[arg(long, env = "QUEUE_NAMESPACE", default_value = "cw")]
@@ -173,11 +178,21 @@ pub struct WorkerConfig {
     /// Each tenant's platform key, `tenant:key,...` (tenants are named in
     /// the shim's `SHIM_API_KEYS`): a job calls the platform with its own
     /// tenant's key, never one key for all.
-    #[arg(long, env = "PLATFORM_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "PLATFORM_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub platform_api_keys: Vec<String>,
     /// The platform key of the tenant `default` (the one tenant of a shim
     /// whose keys carry no tenant name).
-    #[arg(long, env = "PLATFORM_API_KEY", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "PLATFORM_API_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub platform_api_key: String,
     /// Recent messages a streamed chat's prompt reads.
     #[arg(long, env = "HISTORY_MESSAGES", default_value_t = 40)]
@@ -193,9 +208,19 @@ pub struct WorkerConfig {
     pub s3_endpoint: Option<String>,
     #[arg(long, env = "S3_REGION", default_value = "us-east-1")]
     pub s3_region: String,
-    #[arg(long, env = "S3_ACCESS_KEY_ID", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "S3_ACCESS_KEY_ID",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub s3_access_key_id: String,
-    #[arg(long, env = "S3_SECRET_ACCESS_KEY", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "S3_SECRET_ACCESS_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub s3_secret_access_key: String,
     /// Path-style addressing (endpoint/bucket/key).
     #[arg(long, env = "S3_FORCE_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
@@ -344,7 +369,11 @@ impl WorkerConfig {
                 self.platform_api_key.trim().to_string(),
             );
         }
-        for entry in self.platform_api_keys.iter().filter(|e| !e.trim().is_empty()) {
+        for entry in self
+            .platform_api_keys
+            .iter()
+            .filter(|e| !e.trim().is_empty())
+        {
             let (tenant, key) = entry
                 .trim()
                 .split_once(':')

@@ -69,7 +69,8 @@ async fn main() -> anyhow::Result<()> {
             let input = read_job_input(&job)?;
             let job =
                 pipeline::ChatRespondJob::parse(&input).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let prepared = engine.prepare(&job, seed, chrono::Utc::now().fixed_offset(), &|| false)?;
+            let prepared =
+                engine.prepare(&job, seed, chrono::Utc::now().fixed_offset(), &|| false)?;
             print!("{}", prepared.prompt);
             if explain {
                 println!("\n---\n{}", prepared.report.explain());

@@ -63,9 +63,15 @@ pub async fn health(
         None => None,
         Some(h) => {
             let key = h.strip_prefix("Bearer ").unwrap_or(h).trim();
-            Some(state.keys.tenant_of(key).map(str::to_owned).ok_or_else(|| {
-                ApiError::new(StatusCode::UNAUTHORIZED, "the API key is not valid")
-            })?)
+            Some(
+                state
+                    .keys
+                    .tenant_of(key)
+                    .map(str::to_owned)
+                    .ok_or_else(|| {
+                        ApiError::new(StatusCode::UNAUTHORIZED, "the API key is not valid")
+                    })?,
+            )
         }
     };
     let s = match snapshot(&state).await {

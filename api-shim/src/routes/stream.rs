@@ -73,12 +73,23 @@ struct TokenReader {
     after: String,
     pending: VecDeque<TokenEvent>,
     done: bool,
+    /// The caller's stream slot, freed when the stream ends.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// When the stream ends at the latest (`STREAM_MAX_SECONDS`).
+    deadline: tokio::time::Instant,
 }
 
 impl TokenReader {
-    async fn new(state: &AppState, id: &str) -> Result<Self, ApiError> {
+    /// `slot`: the caller's stream slot (taken before anything is queued).
+    async fn new(
+        state: &AppState,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        id: &str,
+    ) -> Result<Self, ApiError> {
         let conn = state.queue.blocking_connection().await?;
         Ok(Self {
+            _slot: slot,
+            deadline: tokio::time::Instant::now() + state.limits.stream_max,
             queue: state.queue.clone(),
             conn,
             shutdown: state.shutdown.clone(),
@@ -111,7 +122,7 @@ impl TokenReader {
 
     async fn next_once(&mut self) -> Result<Option<TokenEvent>, pipeline::PipelineError> {
         loop {
-            if *self.shutdown.borrow() {
+            if *self.shutdown.borrow() || tokio::time::Instant::now() >= self.deadline {
                 self.done = true;
                 self.pending.clear();
                 return Ok(None);
@@ -173,6 +184,8 @@ pub async fn chat_stream(
     Path(instance_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    // The stream slot first: a refused stream queues nothing.
+    let slot = state.limits.open_stream(caller.key)?;
     let body = body_or_error(body)?;
     let input = native_input(&body, |input| {
         input.insert("instance_id".into(), json!(instance_id));
@@ -188,7 +201,7 @@ pub async fn chat_stream(
         .jobs_submitted
         .with_label_values(&[JobKind::ChatStream.as_str()])
         .inc();
-    let mut reader = TokenReader::new(&state, &rec.id).await?;
+    let mut reader = TokenReader::new(&state, slot, &rec.id).await?;
     // Hold the answer until the first event, so a job that fails before
     // producing anything gets an error status instead of an empty 200.
     let first = reader.next().await?;
@@ -288,7 +301,8 @@ async fn sse(
     raw: RawPathParams,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let id = owned_job(&state, &caller, &raw).await?.id;
-    let reader = TokenReader::new(&state, &id).await?;
+    let slot = state.limits.open_stream(caller.key)?;
+    let reader = TokenReader::new(&state, slot, &id).await?;
     let stream =
         futures::stream::unfold((reader, false), move |(mut reader, finished)| async move {
             if finished {

@@ -150,15 +150,25 @@ mod tests {
 
     #[test]
     fn ids_that_could_name_another_platform_path_are_refused() {
-        for bad in ["..", "../admin", "a/b", "a?x=1", "..%2F..%2Fv1", "a b", "", "é"] {
+        for bad in [
+            "..",
+            "../admin",
+            "a/b",
+            "a?x=1",
+            "..%2F..%2Fv1",
+            "a b",
+            "",
+            "é",
+        ] {
             let e = ChatStreamJob::parse(&json!({"instance_id": bad, "content": "x"})).unwrap_err();
             assert_eq!(e.field, "input.instance_id", "{bad:?}");
             assert!(e.rule.contains("A-Z"), "{e:?}");
         }
         let long = "a".repeat(129);
         assert!(ChatStreamJob::parse(&json!({"instance_id": long, "content": "x"})).is_err());
-        let e = ChatStreamJob::parse(&json!({"instance_id": "i", "content": "x", "skin_id": "../s"}))
-            .unwrap_err();
+        let e =
+            ChatStreamJob::parse(&json!({"instance_id": "i", "content": "x", "skin_id": "../s"}))
+                .unwrap_err();
         assert_eq!(e.field, "input.skin_id");
         assert!(ChatStreamJob::parse(&json!({"instance_id": "inst_9-A", "content": "x"})).is_ok());
     }

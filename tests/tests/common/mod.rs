@@ -212,6 +212,8 @@ impl Shim {
             .env("WEBHOOK_SECRET", WEBHOOK_SECRET)
             // The receivers of these tests listen on loopback.
             .env("OUTBOUND_ALLOW", "127.0.0.0/8,::1")
+            // Tests poll fast; the rate limit has its own test.
+            .env("RATE_LIMIT_PER_S", "0")
             .env("WEBHOOK_RETRY_SCHEDULE", "0s,100ms,200ms")
             .env("LOG", "info")
             .stdout(Stdio::null())

@@ -101,7 +101,10 @@ fn authorized(h: &HeaderMap) -> bool {
 }
 
 fn error(status: StatusCode, message: &str) -> (StatusCode, Json<Value>) {
-    (status, Json(json!({ "error": message, "detail": INTERNAL_DETAIL })))
+    (
+        status,
+        Json(json!({ "error": message, "detail": INTERNAL_DETAIL })),
+    )
 }
 
 async fn instance(
@@ -138,10 +141,7 @@ async fn messages(
         .get("cursor")
         .and_then(|c| c.trim_start_matches("after-").parse().ok())
         .unwrap_or(0);
-    let limit: usize = q
-        .get("limit")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(20);
+    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(20);
     let page: Vec<Value> = all.iter().skip(start).take(limit).cloned().collect();
     let next = (start + limit < all.len()).then(|| format!("after-{}", start + limit));
     Json(json!({"data": page, "next_cursor": next}))

@@ -4,6 +4,35 @@ use axum::Json;
 use pipeline::JobKind;
 use serde_json::{json, Value};
 
+/// The JSON error responses `codes` (every error the shim answers has the
+/// `Error` body).
+fn errors(codes: &[u16]) -> serde_json::Map<String, Value> {
+    codes
+        .iter()
+        .map(|code| {
+            let description = match code {
+                400 => "unreadable JSON or query",
+                401 => "missing or unknown API key",
+                404 => "no such job for this key, or no such endpoint",
+                409 => "the job is not in a state this allows",
+                413 => "body over the route's limit",
+                422 => "a rule broken; `field` and `rule` say which",
+                429 => "over the key's request rate or open streams; `Retry-After` says when to try again",
+                502 => "the job failed",
+                503 => "Redis is unavailable; `Retry-After` says when to try again",
+                _ => "error",
+            };
+            (
+                code.to_string(),
+                json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}),
+            )
+        })
+        .collect()
+}
+
+/// Errors every authenticated route may answer.
+const COMMON: [u16; 4] = [401, 404, 429, 503];
+
 fn job_routes(prefix: &str, tag: &str) -> Vec<(String, Value)> {
     let id = json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}});
     let mut params = vec![];
@@ -17,24 +46,23 @@ fn job_routes(prefix: &str, tag: &str) -> Vec<(String, Value)> {
         p.push(id);
         p
     };
-    let errors = json!({
-        "400": {"description": "unreadable JSON", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-        "401": {"description": "missing or unknown API key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-        "404": {"description": "no such job for this key, or no such endpoint", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-        "413": {"description": "body over the route's limit", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-        "422": {"description": "a rule broken; `field` and `rule` say which", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-    });
-    let op = |summary: &str, params: &Vec<Value>, body: bool, ok: &str| {
+    // `body`: the route's body limit in bytes, when it takes a body.
+    let op = |summary: &str, params: &Vec<Value>, body: Option<usize>, ok: &str, extra: &[u16]| {
         let mut o = json!({
             "tags": [tag], "summary": summary, "parameters": params,
             "security": [{"bearer": []}],
             "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{ok}")}}}}}
         });
-        for (k, v) in errors.as_object().expect("object") {
-            o["responses"][k] = v.clone();
+        for (k, v) in errors(&COMMON).into_iter().chain(errors(extra)) {
+            o["responses"][k] = v;
         }
-        if body {
-            o["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RunRequest"}}}});
+        if let Some(max) = body {
+            o["requestBody"] = json!({
+                "required": true,
+                "description": format!("at most {max} bytes (413 over it, refused from Content-Length)"),
+                "x-max-body-bytes": max,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RunRequest"}}}
+            });
         }
         o
     };
@@ -44,27 +72,27 @@ fn job_routes(prefix: &str, tag: &str) -> Vec<(String, Value)> {
     vec![
         (
             format!("{prefix}/run"),
-            json!({"post": op("Queue a job", &params, true, "JobAccepted")}),
+            json!({"post": op("Queue a job", &params, Some(crate::startup::RUN_BODY_MAX), "JobAccepted", &[400, 413, 422])}),
         ),
         (
             format!("{prefix}/runsync"),
-            json!({"post": op("Queue a job and wait for its result", &runsync_params, true, "JobStatus")}),
+            json!({"post": op("Queue a job and wait for its result", &runsync_params, Some(crate::startup::RUNSYNC_BODY_MAX), "JobStatus", &[400, 413, 422])}),
         ),
         (
             format!("{prefix}/status/{{id}}"),
-            json!({"get": op("A job's state and result", &with_id, false, "JobStatus")}),
+            json!({"get": op("A job's state and result", &with_id, None, "JobStatus", &[])}),
         ),
         (
             format!("{prefix}/cancel/{{id}}"),
-            json!({"post": op("Cancel a queued or running job", &with_id, false, "JobAccepted")}),
+            json!({"post": op("Cancel a queued or running job", &with_id, None, "JobAccepted", &[409])}),
         ),
         (
             format!("{prefix}/retry/{{id}}"),
-            json!({"post": op("Queue a FAILED or TIMED_OUT job again", &with_id, false, "JobAccepted")}),
+            json!({"post": op("Queue a FAILED or TIMED_OUT job again", &with_id, None, "JobAccepted", &[409])}),
         ),
         (
             format!("{prefix}/purge-queue"),
-            json!({"post": op("Cancel all of this key's queued jobs", &params, false, "Purged")}),
+            json!({"post": op("Cancel all of this key's queued jobs", &params, None, "Purged", &[])}),
         ),
     ]
 }
@@ -80,40 +108,44 @@ pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
     paths.insert("/v1/memory/condense".into(), json!({"post": {
         "tags": ["memory"], "summary": "Condense a memory scratchpad to max_words (synchronous)",
         "security": [{"bearer": []}],
-        "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MemoryInput"}}}},
-        "responses": {
-            "200": {"description": "condensed", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MemoryCondensed"}}}},
-            "202": {"description": "still running after the wait; poll /v2/memory/status/{id}", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobAccepted"}}}},
-            "400": {"description": "unreadable JSON", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-            "401": {"description": "missing or unknown API key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-            "422": {"description": "a rule broken", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-            "502": {"description": "the condense job failed", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-        }
+        "requestBody": {"required": true, "x-max-body-bytes": crate::startup::NATIVE_BODY_MAX, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MemoryInput"}}}},
+        "responses": responses(
+            json!({
+                "200": {"description": "condensed", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MemoryCondensed"}}}},
+                "202": {"description": "still running after the wait; poll /v2/memory/status/{id}", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobAccepted"}}}}
+            }),
+            &[400, 413, 422, 502],
+        )
     }}));
     paths.insert("/v1/instances/{instance_id}/chat/stream".into(), json!({"post": {
         "tags": ["chat"], "summary": "Send a user message and stream the reply as plain-text chunks",
         "description": "Context (instance snapshot, default persona, recent messages, memory scratchpad) comes from the platform API. When the stream closes, the user and assistant messages have been saved; a client that disconnects stops generation and the partial reply is saved with \"partial\": true.",
         "security": [{"bearer": []}],
         "parameters": [{"name": "instance_id", "in": "path", "required": true, "schema": {"type": "string", "pattern": pipeline::platform::ID_PATTERN}}],
-        "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["content"], "properties": {
+        "requestBody": {"required": true, "x-max-body-bytes": crate::startup::NATIVE_BODY_MAX, "content": {"application/json": {"schema": {"type": "object", "required": ["content"], "properties": {
             "content": {"type": "string"}, "medium": {"type": "string", "enum": ["text", "audio", "image", "video"], "default": "text"},
             "skin_id": {"type": "string"}}}}}},
-        "responses": {
-            "200": {"description": "chunked reply; header x-job-id names the job", "content": {"text/plain; charset=utf-8": {"schema": {"type": "string"}}}},
-            "401": {"description": "missing or unknown API key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-            "422": {"description": "a rule broken", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-            "502": {"description": "the job failed before any text", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-        }
+        "responses": responses(
+            json!({"200": {"description": "chunked reply; header x-job-id names the job", "content": {"text/plain; charset=utf-8": {"schema": {"type": "string"}}}}}),
+            &[400, 413, 422, 502],
+        )
     }}));
     paths.insert("/stream/{id}".into(), json!({"get": {
         "tags": ["jobs"], "summary": "A job's text as it is generated: Server-Sent Events with Accept: text/event-stream (`output` {option, text}, then `completed` {id, status}); otherwise RunPod's polled JSON {id, status, stream: [{output}]} with the text since the last poll",
         "security": [{"bearer": []}],
         "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
-        "responses": {"200": {"description": "event stream, or the polled JSON", "content": {"text/event-stream": {}, "application/json": {}}},
-                      "404": {"description": "no such job for this key", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}}
+        "responses": responses(
+            json!({"200": {"description": "event stream, or the polled JSON", "content": {"text/event-stream": {}, "application/json": {}}}}),
+            &[],
+        )
     }}));
-    paths.insert("/health".into(), json!({"get": {"tags": ["ops"], "summary": "Jobs by state, workers seen, callbacks pending and dead-lettered", "responses": {"200": {"description": "OK"}}}}));
-    paths.insert("/metrics".into(), json!({"get": {"tags": ["ops"], "summary": "Prometheus metrics", "security": [{"bearer": []}], "responses": {"200": {"description": "OK"}}}}));
+    let mut health_errors = errors(&[401, 503]);
+    health_errors.insert("200".into(), json!({"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}));
+    paths.insert("/health".into(), json!({"get": {"tags": ["ops"],
+        "summary": "Liveness, jobs by state and kind, workers seen, callbacks pending and dead-lettered; with a key, also that tenant's recent dead letters",
+        "security": [{}, {"bearer": []}], "responses": health_errors}}));
+    paths.insert("/metrics".into(), json!({"get": {"tags": ["ops"], "summary": "Prometheus metrics", "security": [{"bearer": []}],
+        "responses": responses(json!({"200": {"description": "OK", "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}}}}), &[])}}));
     // One input schema per kind, from its contract.
     let input_refs: Vec<Value> = JobKind::ALL
         .iter()
@@ -153,6 +185,14 @@ pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
         doc["components"]["schemas"][input_schema_name(kind)] = kind.input_schema();
     }
     Json(doc)
+}
+
+/// `ok` (the success responses) with the common errors and `extra`.
+fn responses(ok: Value, extra: &[u16]) -> Value {
+    let mut all = ok.as_object().cloned().unwrap_or_default();
+    all.extend(errors(&COMMON));
+    all.extend(errors(extra));
+    Value::Object(all)
 }
 
 /// `chat_stream` → `ChatStreamInput`.

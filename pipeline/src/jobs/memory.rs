@@ -48,10 +48,11 @@ impl MemoryCondenseJob {
             ));
         }
         if let Some(v) = &w.version {
-            if !(v.is_number() || v.is_string() || v.is_null()) {
+            // Scratchpad versions are integers (seed 000) or opaque strings.
+            if !(v.is_i64() || v.is_u64() || v.is_string() || v.is_null()) {
                 return Err(InputError::new(
                     "input.version",
-                    "must be a number or a string",
+                    "must be an integer or a string",
                 ));
             }
         }

@@ -92,6 +92,8 @@ pub struct AppState {
     pub cfg: Arc<ShimConfig>,
     pub metrics: Arc<Metrics>,
     pub callbacks: CallbackSender,
+    /// Reads every open token stream over one Redis connection.
+    pub tokens: pipeline::queue::TokenHub,
     /// Per-key request rate and open streams.
     pub limits: Arc<crate::limits::Limits>,
     /// True once the shim is shutting down: streams end cleanly.
@@ -228,6 +230,7 @@ pub async fn build(cfg: ShimConfig) -> anyhow::Result<(Router, AppState)> {
     );
     let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
     let state = AppState {
+        tokens: pipeline::queue::TokenHub::start(&queue),
         shutdown,
         shutdown_tx: Arc::new(shutdown_tx),
         queue,

@@ -49,6 +49,9 @@ pub enum PipelineError {
     Redis(#[from] redis::RedisError),
     #[error("job record {0} is malformed: {1}")]
     BadRecord(String, String),
+    /// Redis could not be reached (an outage passed on to another task).
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
     #[error("{0}")]
     Other(String),
 }

@@ -102,7 +102,16 @@ impl MediaStore {
                 None,
                 "companion-worker",
             ))
-            .force_path_style(settings.force_path_style);
+            .force_path_style(settings.force_path_style)
+            // Every upload has a deadline of its own (a hung S3 never holds
+            // a run past it; the job's execution timeout is the outer one).
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(std::time::Duration::from_secs(5))
+                    .operation_attempt_timeout(std::time::Duration::from_secs(60))
+                    .operation_timeout(std::time::Duration::from_secs(180))
+                    .build(),
+            );
         if let Some(e) = &settings.endpoint {
             cfg = cfg.endpoint_url(e);
         }

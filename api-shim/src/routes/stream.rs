@@ -22,7 +22,6 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use pipeline::queue::{RedisQueue, TokenEvent};
 use pipeline::{JobKind, JobState, RunRequest};
-use redis::aio::ConnectionManager;
 use serde_json::json;
 
 use crate::auth::Caller;
@@ -66,7 +65,8 @@ impl Drop for StopOnDrop {
 /// job is over and no more events come).
 struct TokenReader {
     queue: RedisQueue,
-    conn: ConnectionManager,
+    /// The process's one connection for token streams.
+    hub: pipeline::queue::TokenHub,
     /// Set when the shim shuts down: the stream ends cleanly.
     shutdown: tokio::sync::watch::Receiver<bool>,
     id: String,
@@ -86,12 +86,11 @@ impl TokenReader {
         slot: tokio::sync::OwnedSemaphorePermit,
         id: &str,
     ) -> Result<Self, ApiError> {
-        let conn = state.queue.blocking_connection().await?;
         Ok(Self {
+            hub: state.tokens.clone(),
             _slot: slot,
             deadline: tokio::time::Instant::now() + state.limits.stream_max,
             queue: state.queue.clone(),
-            conn,
             shutdown: state.shutdown.clone(),
             id: id.to_string(),
             after: "0".into(),
@@ -136,10 +135,7 @@ impl TokenReader {
             if self.done {
                 return Ok(None);
             }
-            let events = self
-                .queue
-                .read_tokens(&mut self.conn, &self.id, &self.after, READ_BLOCK)
-                .await?;
+            let events = self.hub.read(&self.id, &self.after, READ_BLOCK).await?;
             if let Some((last, _)) = events.last() {
                 self.after = last.clone();
             }
@@ -153,13 +149,8 @@ impl TokenReader {
                 if let Some(rec) = self.queue.get(&self.id).await? {
                     if rec.state.is_terminal() {
                         let rest = self
-                            .queue
-                            .read_tokens(
-                                &mut self.conn,
-                                &self.id,
-                                &self.after,
-                                Duration::from_millis(1),
-                            )
+                            .hub
+                            .read(&self.id, &self.after, Duration::from_millis(1))
                             .await?;
                         if let Some((last, _)) = rest.last() {
                             self.after = last.clone();

@@ -33,6 +33,7 @@
 pub mod admin;
 pub mod consumer;
 pub mod fleet;
+pub mod hub;
 pub mod keys;
 pub mod record;
 mod scripts;
@@ -49,6 +50,7 @@ use serde_json::Value;
 pub use admin::{KindQueue, RetryOutcome};
 pub use consumer::{Consumer, Finished, Lease, LeaseGuard, RunControl};
 pub use fleet::{mask_redis_url, unique_worker_name, FleetView};
+pub use hub::TokenHub;
 pub use keys::Keys;
 pub use record::JobRecord;
 pub use sink::JobSink;
@@ -137,6 +139,7 @@ pub fn is_unavailable(e: &PipelineError) -> bool {
                     redis::ErrorKind::BusyLoadingError | redis::ErrorKind::TryAgain
                 )
         }
+        PipelineError::Unavailable(_) => true,
         _ => false,
     }
 }

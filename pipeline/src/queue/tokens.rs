@@ -22,7 +22,7 @@ pub enum TokenEvent {
 }
 
 impl TokenEvent {
-    fn from_entry(e: &redis::streams::StreamId) -> Self {
+    pub(crate) fn from_entry(e: &redis::streams::StreamId) -> Self {
         match e.get::<String>("end") {
             Some(state) => TokenEvent::End {
                 // Written by the job-ending scripts, always a state name.

@@ -16,9 +16,9 @@ use serde_json::{json, Value};
 /// The tests of this file run one at a time: each runs workers generating
 /// hundreds of tokens, and side by side on a 2-core machine they starved
 /// each other past every bound (CI saw jobs still running after 120 s).
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 async fn submit(api: &Api, path: &str, body: Value) -> String {
@@ -106,7 +106,7 @@ fn option_texts(status: &Value) -> Vec<String> {
 /// and the stalled worker lives on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_worker_resumed_after_a_takeover_writes_nothing() {
-    let _serial = one_at_a_time();
+    let _serial = one_at_a_time().await;
     let redis = Redis::start();
     let shim = Shim::start(&redis, &[]).await;
     let api = Api::new(&shim);
@@ -147,7 +147,7 @@ async fn a_stalled_worker_resumed_after_a_takeover_writes_nothing() {
 /// binaries carry on without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_mid_job_loses_nothing() {
-    let _serial = one_at_a_time();
+    let _serial = one_at_a_time().await;
     let dir = tempfile::tempdir().unwrap();
     let mut redis = Redis::start_persistent(dir.path());
     let shim = Shim::start(&redis, &[]).await;
@@ -200,7 +200,7 @@ async fn a_redis_restart_mid_job_loses_nothing() {
 /// A shim started before Redis waits for it instead of exiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shim_waits_for_redis_at_start() {
-    let _serial = one_at_a_time();
+    let _serial = one_at_a_time().await;
     let dir = tempfile::tempdir().unwrap();
     let mut redis = Redis::start_persistent(dir.path());
     redis.stop();
@@ -220,7 +220,7 @@ async fn the_shim_waits_for_redis_at_start() {
 /// `/health` shows the chat job waiting with no worker for its kind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_takes_only_its_kinds() {
-    let _serial = one_at_a_time();
+    let _serial = one_at_a_time().await;
     let redis = Redis::start();
     let shim = Shim::start(&redis, &[]).await;
     let api = Api::new(&shim);
@@ -256,7 +256,7 @@ async fn a_worker_takes_only_its_kinds() {
 /// first one's exit, and no attempt is spent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_the_running_job_back_at_the_drain_deadline() {
-    let _serial = one_at_a_time();
+    let _serial = one_at_a_time().await;
     let redis = Redis::start();
     let shim = Shim::start(&redis, &[]).await;
     let api = Api::new(&shim);
@@ -299,7 +299,7 @@ async fn sigterm_hands_the_running_job_back_at_the_drain_deadline() {
 /// (here IN_PROGRESS), not the IN_QUEUE it read before waiting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runsync_answers_the_state_when_its_wait_ends() {
-    let _serial = one_at_a_time();
+    let _serial = one_at_a_time().await;
     let redis = Redis::start();
     let shim = Shim::start(&redis, &[]).await;
     let api = Api::new(&shim);
@@ -325,7 +325,7 @@ async fn runsync_answers_the_state_when_its_wait_ends() {
 /// slots sharing its model), each fenced and finished on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_runs_as_many_jobs_of_a_kind_as_its_concurrency_says() {
-    let _serial = one_at_a_time();
+    let _serial = one_at_a_time().await;
     let redis = Redis::start();
     let shim = Shim::start(&redis, &[]).await;
     let api = Api::new(&shim);
@@ -365,7 +365,7 @@ async fn a_worker_runs_as_many_jobs_of_a_kind_as_its_concurrency_says() {
 /// and the shim exits within its shutdown deadline; the job goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shim_ends_open_streams_and_exits_on_sigterm() {
-    let _serial = one_at_a_time();
+    let _serial = one_at_a_time().await;
     let redis = Redis::start();
     let mut shim = Shim::start(&redis, &[("SHUTDOWN_TIMEOUT_S", "5")]).await;
     let api = Api::new(&shim);

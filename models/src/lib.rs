@@ -10,6 +10,7 @@
 //! This crate never touches Redis or the job contract.
 
 pub mod device;
+pub mod image;
 pub mod registry;
 pub mod speech;
 pub mod text;

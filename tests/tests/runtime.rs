@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use common::*;
+use futures::StreamExt;
 use redis::AsyncCommands;
 use serde_json::{json, Value};
 
@@ -385,7 +386,21 @@ async fn the_shim_ends_open_streams_and_exits_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let body = tokio::spawn(async move { resp.text().await });
+    // The stream is open and has sent text before the shim is stopped.
+    let mut chunks = resp.bytes_stream();
+    let first = chunks.next().await.unwrap().unwrap();
+    assert!(
+        String::from_utf8_lossy(&first).contains("event: output"),
+        "{first:?}"
+    );
+    let rest = tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(chunk) = chunks.next().await {
+            chunk?;
+            n += 1;
+        }
+        Ok::<usize, reqwest::Error>(n)
+    });
     let stopped = Instant::now();
     let status = shim.proc.terminate();
     assert!(status.success(), "{status:?}");
@@ -394,8 +409,7 @@ async fn the_shim_ends_open_streams_and_exits_on_sigterm() {
         "exited after {:?}",
         stopped.elapsed()
     );
-    let text = body.await.unwrap().expect("the stream ended cleanly");
-    assert!(text.contains("event: output"), "{text}");
+    rest.await.unwrap().expect("the stream ended cleanly");
     assert_eq!(
         record_field(&redis, &id, "state").await.as_deref(),
         Some("IN_PROGRESS"),

@@ -121,16 +121,17 @@ impl TokenReader {
 
     async fn next_once(&mut self) -> Result<Option<TokenEvent>, pipeline::PipelineError> {
         loop {
-            if *self.shutdown.borrow() || tokio::time::Instant::now() >= self.deadline {
-                self.done = true;
-                self.pending.clear();
-                return Ok(None);
-            }
+            // What was read goes out first; then a shutdown or the
+            // stream's deadline ends it.
             if let Some(e) = self.pending.pop_front() {
                 if matches!(e, TokenEvent::End { .. }) {
                     self.done = true;
                 }
                 return Ok(Some(e));
+            }
+            if *self.shutdown.borrow() || tokio::time::Instant::now() >= self.deadline {
+                self.done = true;
+                return Ok(None);
             }
             if self.done {
                 return Ok(None);

@@ -377,14 +377,7 @@ async fn the_shim_ends_open_streams_and_exits_on_sigterm() {
     wait_workers(&api, 1).await;
     let id = submit(&api, "/run", seed_file("multiple_options.json")).await;
     wait_streamed(&redis, &id, 3).await;
-    let resp = api
-        .http
-        .get(format!("{}/stream/{id}", api.base))
-        .bearer_auth(API_KEY)
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
+    let resp = api.open_sse(&id, API_KEY).await;
     assert_eq!(resp.status(), StatusCode::OK);
     // The stream is open and has sent text before the shim is stopped.
     let mut chunks = resp.bytes_stream();

@@ -272,6 +272,106 @@ async fn a_recording_is_transcribed_once_and_a_job_s_audio_is_bounded() {
         metrics.contains("fleet_worker_totals{stat=\"transcriptions\"} 1\n"),
         "nothing more was transcribed"
     );
+
+    // A header bomb: a 3 KB WAV claiming 4,294,967,291 Hz (it took the
+    // worker to 23 GB before). It passes the shim's container check (it is
+    // a RIFF/WAVE file), fails its job as bad input, and the worker lives.
+    let messages = body["input"]["messages"].as_array_mut().unwrap();
+    messages.truncate(4);
+    messages.push(template.clone());
+    body["input"]["audio_files"] = json!({"msg1": bomb_wav(4_294_967_291, 1)});
+    let (code, failed) = api
+        .post("/runsync?wait=180000", Some(API_KEY), body.to_string())
+        .await;
+    assert_eq!(code, StatusCode::OK, "{failed}");
+    assert_eq!(failed["status"], "FAILED", "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("sample rate"),
+        "{failed}"
+    );
+    worker_goes_on(&api).await;
+}
+
+/// A WAV header claiming `rate` Hz and `channels` channels over 3,000 bytes
+/// of silence, base64.
+fn bomb_wav(rate: u32, channels: u16) -> String {
+    use base64::Engine;
+    let body = vec![0u8; 3000];
+    let mut w = Vec::new();
+    w.extend_from_slice(b"RIFF");
+    w.extend_from_slice(&(36 + body.len() as u32).to_le_bytes());
+    w.extend_from_slice(b"WAVEfmt ");
+    w.extend_from_slice(&16u32.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes());
+    w.extend_from_slice(&channels.to_le_bytes());
+    w.extend_from_slice(&rate.to_le_bytes());
+    w.extend_from_slice(&rate.wrapping_mul(2 * channels as u32).to_le_bytes());
+    w.extend_from_slice(&(2 * channels).to_le_bytes());
+    w.extend_from_slice(&16u16.to_le_bytes());
+    w.extend_from_slice(b"data");
+    w.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    w.extend_from_slice(&body);
+    base64::engine::general_purpose::STANDARD.encode(w)
+}
+
+/// Small leaks: `--help` prints no secret from the environment, `workerId`
+/// names no host or process, and a failed job's error carries no file path
+/// of the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_worker_ids_and_errors_leak_nothing() {
+    let secret = "s3cret-value-in-env";
+    for (bin, vars) in [
+        (
+            "api-shim",
+            vec!["SHIM_API_KEYS", "WEBHOOK_SECRET", "REDIS_URL"],
+        ),
+        (
+            "worker",
+            vec![
+                "PLATFORM_API_KEY",
+                "PLATFORM_API_KEYS",
+                "S3_SECRET_ACCESS_KEY",
+                "S3_ACCESS_KEY_ID",
+                "REDIS_URL",
+            ],
+        ),
+    ] {
+        let mut cmd = std::process::Command::new(binary_path(bin));
+        cmd.arg("--help");
+        for v in &vars {
+            cmd.env(v, format!("t:{secret}"));
+        }
+        let out = cmd.output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains(vars[0]), "{bin} --help names its settings");
+        assert!(
+            !help.contains(secret),
+            "{bin} --help shows a secret:\n{help}"
+        );
+    }
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let api = Api::new(&shim);
+    let worker = start_worker(&redis, &[]);
+    let mut body = seed_file("multiple_options.json");
+    body["input"]["character"] = json!("github:nobody/missing");
+    let (_, done) = api
+        .post("/runsync?wait=120000", Some(API_KEY), body.to_string())
+        .await;
+    assert_eq!(done["status"], "FAILED", "{done}");
+    let error = done["error"].as_str().unwrap();
+    let root = repo_root().display().to_string();
+    assert!(
+        !error.contains(&root) && !error.contains("card.json"),
+        "{error}"
+    );
+    let worker_id = done["workerId"].as_str().unwrap();
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let pid = worker.child.id().to_string();
+    assert!(
+        !worker_id.contains(&pid) && (host.trim().is_empty() || !worker_id.contains(host.trim())),
+        "{worker_id}"
+    );
     worker_goes_on(&api).await;
 }
 
@@ -308,26 +408,12 @@ async fn rate_stream_count_and_stream_duration_are_bounded_per_key() {
     assert_eq!(code, StatusCode::OK);
     let id = accepted["id"].as_str().unwrap().to_string();
     // Request 2: its SSE stream, held open.
-    let sse = api
-        .http
-        .get(format!("{}/stream/{id}", api.base))
-        .bearer_auth(API_KEY)
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
+    let sse = api.open_sse(&id, API_KEY).await;
     assert_eq!(sse.status().as_u16(), 200);
     let opened = std::time::Instant::now();
     let body = tokio::spawn(async move { sse.text().await.unwrap() });
     // Request 3: a second stream of the same key is refused.
-    let second = api
-        .http
-        .get(format!("{}/stream/{id}", api.base))
-        .bearer_auth(API_KEY)
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
+    let second = api.open_sse(&id, API_KEY).await;
     assert_eq!(second.status().as_u16(), 429);
     let err: serde_json::Value = second.json().await.unwrap();
     assert!(
@@ -449,17 +535,10 @@ async fn open_streams_share_one_redis_connection() {
     let id = accepted["id"].as_str().unwrap().to_string();
     // One stream first, so the hub's connection exists.
     let mut streams = Vec::new();
-    let open = || {
-        api.http
-            .get(format!("{}/stream/{id}", api.base))
-            .bearer_auth(API_KEY)
-            .header("accept", "text/event-stream")
-            .send()
-    };
-    streams.push(open().await.unwrap());
+    streams.push(api.open_sse(&id, API_KEY).await);
     let before = clients().await;
     for _ in 0..11 {
-        streams.push(open().await.unwrap());
+        streams.push(api.open_sse(&id, API_KEY).await);
     }
     let during = clients().await;
     assert!(

@@ -39,6 +39,11 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The path of one of the workspace's binaries (built by `cargo build`).
+pub fn binary_path(name: &str) -> PathBuf {
+    binary(name)
+}
+
 fn binary(name: &str) -> PathBuf {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -311,6 +316,17 @@ impl Api {
         let resp = req.send().await.unwrap();
         let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
         (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `GET /stream/{id}` as Server-Sent Events, with `key`.
+    pub async fn open_sse(&self, id: &str, key: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}/stream/{id}", self.base))
+            .bearer_auth(key)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap()
     }
 
     /// `/health` (with `key`, if any) once `done` holds, within 30 s.

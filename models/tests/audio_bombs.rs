@@ -218,3 +218,21 @@ proptest! {
         }
     }
 }
+
+/// Found by the cargo-fuzz target (`models/fuzz`) within seconds: a damaged
+/// WebM on which symphonia-format-mkv 0.5.5 panics ("EBML header must be
+/// read before calling this function"). The decoder turns that into an
+/// error; the caller never sees a panic.
+#[test]
+fn a_demuxer_panic_is_an_error() {
+    let file = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mkv_demuxer_panic.webm"),
+    )
+    .unwrap();
+    let (out, peak) = decode_measured(&file);
+    assert!(
+        matches!(&out, Err(AudioError::Undecodable(m)) if m.contains("decoder failed")),
+        "{out:?}"
+    );
+    assert!(peak < PEAK_LIMIT);
+}

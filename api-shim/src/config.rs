@@ -81,6 +81,10 @@ pub struct ShimConfig {
     /// (`receiver.svc.cluster.local`). Empty: public addresses only.
     #[arg(long, env = "OUTBOUND_ALLOW", default_value = "")]
     pub outbound_allow: String,
+    /// Dial only what `OUTBOUND_ALLOW` names: public addresses refused too,
+    /// other host names never resolved (closed networks).
+    #[arg(long, env = "OUTBOUND_ALLOW_ONLY", default_value_t = false)]
+    pub outbound_allow_only: bool,
     /// Largest audio message a chat job may carry, in decoded bytes (422 over it).
     #[arg(long, env = "MAX_AUDIO_BYTES", default_value_t = pipeline::jobs::chat::DEFAULT_MAX_AUDIO_BYTES)]
     pub max_audio_bytes: usize,
@@ -100,8 +104,15 @@ impl ShimConfig {
             timeout,
             lease: timeout * 3,
             dead_letter_max: self.callback_dead_letter_max,
-            allow: pipeline::outbound::OutboundAllow::parse(&self.outbound_allow)
-                .map_err(|e| anyhow::anyhow!(e))?,
+            allow: {
+                let allow = pipeline::outbound::OutboundAllow::parse(&self.outbound_allow)
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                if self.outbound_allow_only {
+                    allow.only_named()
+                } else {
+                    allow
+                }
+            },
         })
     }
 

@@ -22,6 +22,10 @@ use ipnet::IpNet;
 pub struct OutboundAllow {
     nets: Vec<IpNet>,
     hosts: Vec<String>,
+    /// Only what is named is dialled: public addresses are refused too and
+    /// other host names are not even resolved (`OUTBOUND_ALLOW_ONLY`, for
+    /// closed networks and tests).
+    only: bool,
 }
 
 impl OutboundAllow {
@@ -48,6 +52,12 @@ impl OutboundAllow {
         Ok(allow)
     }
 
+    /// Refuse everything `OUTBOUND_ALLOW` does not name.
+    pub fn only_named(mut self) -> Self {
+        self.only = true;
+        self
+    }
+
     fn allows_ip(&self, ip: IpAddr) -> bool {
         self.nets.iter().any(|n| n.contains(&ip))
     }
@@ -59,7 +69,12 @@ impl OutboundAllow {
 
     /// Whether the guard lets a connection to `ip` through.
     pub fn permits(&self, ip: IpAddr) -> bool {
-        is_public(ip) || self.allows_ip(ip)
+        (!self.only && is_public(ip)) || self.allows_ip(ip)
+    }
+
+    /// Whether a host name may be looked up at all.
+    fn may_resolve(&self, host: &str) -> bool {
+        !self.only || self.allows_host(host)
     }
 }
 
@@ -150,6 +165,9 @@ impl OutboundGuard {
         match parsed.host() {
             Some(url::Host::Ipv4(ip)) => self.check_ip(IpAddr::V4(ip))?,
             Some(url::Host::Ipv6(ip)) => self.check_ip(IpAddr::V6(ip))?,
+            Some(url::Host::Domain(host)) if !self.allow.may_resolve(host) => {
+                return Err(Refused::Host(host.to_string()))
+            }
             Some(url::Host::Domain(_)) => {}
             None => return Err(Refused::NotHttp(redact_url(url))),
         }
@@ -180,6 +198,11 @@ impl reqwest::dns::Resolve for OutboundGuard {
         let guard = self.clone();
         Box::pin(async move {
             let host = name.as_str().to_string();
+            if !guard.allow.may_resolve(&host) {
+                return Err(
+                    Box::new(Refused::Host(host)) as Box<dyn std::error::Error + Send + Sync>
+                );
+            }
             let found: Vec<SocketAddr> =
                 tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let allowed_host = guard.allow.allows_host(&host);
@@ -303,6 +326,18 @@ mod tests {
         assert!(allowed.check_url("http://10.0.0.1/cb").is_err());
         assert!(OutboundAllow::parse("10.0.0.0/8,receiver.svc.cluster.local").is_ok());
         assert!(OutboundAllow::parse("not a host!").is_err());
+        // Only what is named: public addresses and unnamed hosts refused
+        // before any lookup.
+        let only = OutboundGuard::new(OutboundAllow::parse("127.0.0.0/8").unwrap().only_named());
+        assert!(only.check_url("http://127.0.0.1/cb").is_ok());
+        assert!(matches!(
+            only.check_url("http://8.8.8.8/cb"),
+            Err(Refused::Address(_))
+        ));
+        assert!(matches!(
+            only.check_url("https://0.com/cb"),
+            Err(Refused::Host(_))
+        ));
     }
 
     #[test]

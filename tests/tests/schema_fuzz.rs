@@ -13,11 +13,16 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_answers_as_the_openapi_document_says() {
     let redis = Redis::start();
-    // Callbacks to loopback are refused (no OUTBOUND_ALLOW) and runsync
+    // Generated webhooks (`https://0.com/…`) must never be dialled or even
+    // looked up: only loopback is allowed, and nothing unnamed. Runsync
     // waits at most 2 s: generated jobs end quickly whatever they ask.
     let shim = Shim::start(
         &redis,
-        &[("OUTBOUND_ALLOW", ""), ("SHIM_RUNSYNC_WAIT_MS", "2000")],
+        &[
+            ("OUTBOUND_ALLOW", "127.0.0.0/8"),
+            ("OUTBOUND_ALLOW_ONLY", "true"),
+            ("SHIM_RUNSYNC_WAIT_MS", "2000"),
+        ],
     )
     .await;
     // A platform for the streamed chat's context: with it, a valid request

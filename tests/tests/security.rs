@@ -292,25 +292,19 @@ async fn a_recording_is_transcribed_once_and_a_job_s_audio_is_bounded() {
     worker_goes_on(&api).await;
 }
 
-/// A WAV header claiming `rate` Hz and `channels` channels over 3,000 bytes
-/// of silence, base64.
+/// A WAV of 3,000 bytes of silence whose header claims `rate` Hz and
+/// `channels` channels, base64.
 fn bomb_wav(rate: u32, channels: u16) -> String {
     use base64::Engine;
-    let body = vec![0u8; 3000];
-    let mut w = Vec::new();
-    w.extend_from_slice(b"RIFF");
-    w.extend_from_slice(&(36 + body.len() as u32).to_le_bytes());
-    w.extend_from_slice(b"WAVEfmt ");
-    w.extend_from_slice(&16u32.to_le_bytes());
-    w.extend_from_slice(&1u16.to_le_bytes());
-    w.extend_from_slice(&channels.to_le_bytes());
-    w.extend_from_slice(&rate.to_le_bytes());
-    w.extend_from_slice(&rate.wrapping_mul(2 * channels as u32).to_le_bytes());
-    w.extend_from_slice(&(2 * channels).to_le_bytes());
-    w.extend_from_slice(&16u16.to_le_bytes());
-    w.extend_from_slice(b"data");
-    w.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    w.extend_from_slice(&body);
+    let silence = models::speech::audio::Pcm {
+        samples: vec![0.0; 1500],
+        sample_rate: 16_000,
+    };
+    let mut w =
+        models::speech::audio::encode(&silence, models::speech::audio::AudioFormat::Wav).unwrap();
+    // The canonical header: channels at 22, rate at 24.
+    w[22..24].copy_from_slice(&channels.to_le_bytes());
+    w[24..28].copy_from_slice(&rate.to_le_bytes());
     base64::engine::general_purpose::STANDARD.encode(w)
 }
 

@@ -301,8 +301,8 @@ async fn heartbeats_keep_a_long_job_with_its_worker() {
 
 /// Every event of job `id`'s token stream, in order.
 async fn token_events(q: &RedisQueue, id: &str) -> Vec<TokenEvent> {
-    let mut conn = q.blocking_connection().await.unwrap();
-    q.read_tokens(&mut conn, id, "0", Duration::from_millis(1))
+    pipeline::queue::TokenHub::start(q)
+        .read(id, "0", Duration::from_millis(1))
         .await
         .unwrap()
         .into_iter()

@@ -2,10 +2,6 @@
 //! worker generates them, then one end event with the job's final state
 //! (written by the script that ended the job). Also stop requests.
 
-use std::time::Duration;
-
-use redis::aio::ConnectionManager;
-use redis::streams::{StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
 
 use super::keys::TOKEN_STREAM_TTL_SECS;
@@ -37,31 +33,6 @@ impl TokenEvent {
 }
 
 impl RedisQueue {
-    /// Events after entry `after` ("0" from the start), waiting up to
-    /// `block`. `conn` must be a connection of its own: the read blocks it.
-    pub async fn read_tokens(
-        &self,
-        conn: &mut ConnectionManager,
-        id: &str,
-        after: &str,
-        block: Duration,
-    ) -> Result<Vec<(String, TokenEvent)>, PipelineError> {
-        let opts = StreamReadOptions::default()
-            .count(256)
-            .block(block.as_millis().max(1) as usize);
-        let reply: Option<StreamReadReply> = conn
-            .xread_options(&[self.keys.tokens(id)], &[after], &opts)
-            .await?;
-        let mut out = Vec::new();
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            for e in key.ids {
-                let event = TokenEvent::from_entry(&e);
-                out.push((e.id, event));
-            }
-        }
-        Ok(out)
-    }
-
     /// The token events of job `id` since the previous poll (RunPod's polled
     /// `/stream/{id}`): a cursor per job remembers how far polls have read.
     pub async fn poll_tokens(&self, id: &str) -> Result<Vec<TokenEvent>, PipelineError> {

@@ -16,7 +16,7 @@ use tokio::sync::broadcast;
 
 use crate::auth::ApiKeys;
 use crate::config::ShimConfig;
-use crate::routes::{health, jobs, memory, openapi, stream};
+use crate::routes::{health, images, jobs, memory, openapi, stream};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -157,6 +157,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/v1/memory/condense",
             limited(post(memory::condense), NATIVE_BODY_MAX),
+        )
+        .route(
+            "/v1/images/generate",
+            limited(post(images::generate), NATIVE_BODY_MAX),
         )
         .route(
             "/v1/instances/{instance_id}/chat/stream",

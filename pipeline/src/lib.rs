@@ -68,6 +68,17 @@ pub(crate) fn field_error(root: &str, path: &str, message: String) -> InputError
         .strip_prefix("missing field `")
         .and_then(|rest| rest.split('`').next())
         .map(str::to_owned);
+    if let Some(name) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        let field = if field.is_empty() {
+            name.to_string()
+        } else {
+            format!("{field}.{name}")
+        };
+        return InputError::new(field, "is not a known field");
+    }
     match missing {
         Some(name) => {
             if field.is_empty() {

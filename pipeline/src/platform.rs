@@ -115,6 +115,9 @@ pub struct Skin {
     pub gender: Option<String>,
     pub style: Option<String>,
     pub cover_photo_url: Option<String>,
+    /// Every other field the platform sends (reference images included).
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -50,15 +50,51 @@ pub enum Command {
     /// in-process queue, no Redis, and print the output JSON.
     Run {
         job: PathBuf,
-        /// The job kind: chat or memory.
+        /// The job kind: chat, memory, chat_stream or image.
         #[arg(long, default_value = "chat")]
         kind: String,
         /// Sampling seed (option i uses seed + i).
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
-    /// Fetch the configured text model into MODELS_DIR and print its path.
+    /// Fetch the configured models into MODELS_DIR (the text model, speech
+    /// models, and the image checkpoint: the random default is written) and
+    /// print their paths.
     FetchModels,
+    /// Make one image with a Stable Diffusion checkpoint (diffusers layout).
+    GenerateImage {
+        /// Checkpoint folder or hub repo id [default: IMAGE_MODEL].
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        negative_prompt: Option<String>,
+        /// [default: the model's size]
+        #[arg(long)]
+        width: Option<usize>,
+        #[arg(long)]
+        height: Option<usize>,
+        /// [default: IMAGE_STEPS]
+        #[arg(long)]
+        steps: Option<usize>,
+        /// [default: IMAGE_GUIDANCE]
+        #[arg(long)]
+        guidance_scale: Option<f64>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Images from one batched run (image i seeded seed + i; files
+        /// OUT, OUT-1, ...).
+        #[arg(long, default_value_t = 1)]
+        num_images: usize,
+        /// Initial latents: a safetensors file with tensor `latents`
+        /// [1, C, H/f, W/f] (as diffusers' `latents=`).
+        #[arg(long)]
+        latents: Option<PathBuf>,
+        /// Output file: .png, .webp or .jpg.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the prompt the model would see for a job file.
     RenderPrompt {
         job: PathBuf,
@@ -231,8 +267,25 @@ pub struct WorkerConfig {
     /// First part of media keys: {tenant}/{yyyy}/{mm}/{job_id}/{name}.
     #[arg(long, env = "MEDIA_TENANT", default_value = "default")]
     pub media_tenant: String,
+    /// Local folder for media when no S3 bucket is set (the embedded mode).
+    #[arg(long, env = "MEDIA_DIR", default_value = "media")]
+    pub media_dir: PathBuf,
+    /// Stable Diffusion checkpoint (diffusers layout): a folder, a hub repo
+    /// id (stabilityai/sd-turbo), empty for the random default of
+    /// `fetch-models`, or none.
+    #[arg(long, env = "IMAGE_MODEL", default_value = "")]
+    pub image_model: String,
+    /// Weights' dtype for images: auto (f32 on CPU, f16 on CUDA), f32, f16, bf16.
+    #[arg(long, env = "IMAGE_DTYPE", default_value = "auto")]
+    pub image_dtype: String,
+    /// Denoising steps when a job gives none (Turbo checkpoints: 1-4).
+    #[arg(long, env = "IMAGE_STEPS", default_value_t = 4)]
+    pub image_steps: u32,
+    /// Guidance scale when a job gives none (<= 1: no classifier-free guidance).
+    #[arg(long, env = "IMAGE_GUIDANCE", default_value_t = 0.0)]
+    pub image_guidance: f64,
     /// Job kinds this worker takes, comma-separated (chat, memory,
-    /// chat_stream); empty: every kind its models serve.
+    /// chat_stream, image); empty: every kind its models serve.
     #[arg(long, env = "WORKER_KINDS", value_delimiter = ',')]
     pub worker_kinds: Vec<String>,
     /// Jobs of a kind run at once, as KIND=N pairs (chat=2): each kind named
@@ -260,6 +313,67 @@ impl WorkerConfig {
             c.s3_secret_access_key = "****".into();
         }
         c
+    }
+
+    /// Whether this worker can serve image jobs: a model is named, or the
+    /// random default is installed.
+    pub fn image_enabled(&self) -> bool {
+        match self.image_model.trim() {
+            "none" => false,
+            "" => self
+                .models_dir()
+                .join(models::image::random::DEFAULT_IMAGE_MODEL_NAME)
+                .join("model_index.json")
+                .is_file(),
+            _ => true,
+        }
+    }
+
+    /// Where media goes: the S3 bucket when one is set, else `MEDIA_DIR`.
+    pub fn media_store(&self) -> pipeline::media_store::MediaStore {
+        match &self.s3_bucket {
+            Some(bucket) => pipeline::media_store::MediaStore::s3(pipeline::media_store::S3Settings {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                bucket: bucket.clone(),
+                access_key_id: self.s3_access_key_id.clone(),
+                secret_access_key: self.s3_secret_access_key.clone(),
+                force_path_style: self.s3_force_path_style,
+                cdn_base_url: self.media_cdn_base_url.clone(),
+            }),
+            None => {
+                let dir = std::path::absolute(&self.media_dir).unwrap_or(self.media_dir.clone());
+                pipeline::media_store::MediaStore::local(dir, self.media_cdn_base_url.clone())
+            }
+        }
+    }
+
+    /// The image service when this worker takes image jobs (the checkpoint
+    /// is resolved, fetched from the hub if named so, and loaded on the
+    /// first job).
+    pub async fn image_service(
+        &self,
+        kinds: &[pipeline::JobKind],
+    ) -> anyhow::Result<Option<Arc<crate::image::ImageService>>> {
+        if !kinds.contains(&pipeline::JobKind::Image) {
+            return Ok(None);
+        }
+        let dir = models::image::resolve_image_model(&self.image_model, &self.models_dir()).await?;
+        let device = models::device::select_device(&self.device)?;
+        let dtype = match (self.image_dtype.as_str(), device.is_cuda()) {
+            ("auto", false) | ("f32", _) => candle_core::DType::F32,
+            ("auto", true) | ("f16", _) => candle_core::DType::F16,
+            ("bf16", _) => candle_core::DType::BF16,
+            (other, _) => anyhow::bail!("IMAGE_DTYPE {other:?}: expected auto, f32, f16 or bf16"),
+        };
+        Ok(Some(Arc::new(crate::image::ImageService::new(
+            dir,
+            device,
+            dtype,
+            self.image_steps,
+            self.image_guidance,
+            self.media_store(),
+        ))))
     }
 
     pub fn models_dir(&self) -> PathBuf {
@@ -326,7 +440,7 @@ impl WorkerConfig {
             .map(|k| k.trim())
             .filter(|k| !k.is_empty())
             .collect();
-        let served = crate::handlers::served_kinds();
+        let served = crate::handlers::served_kinds(self.image_enabled());
         if named.is_empty() {
             return Ok(served);
         }

@@ -4,6 +4,7 @@
 mod chat;
 mod config;
 mod handlers;
+mod image;
 mod memory;
 mod runtime;
 mod serve;
@@ -55,6 +56,18 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
                 println!("{}", dir.display());
             }
+            if cli.config.image_model.trim().is_empty() {
+                let dir =
+                    models::image::ensure_default_image_model(&cli.config.models_dir()).await?;
+                println!("{}", dir.display());
+            } else if cli.config.image_model.trim() != "none" {
+                let dir = models::image::resolve_image_model(
+                    &cli.config.image_model,
+                    &cli.config.models_dir(),
+                )
+                .await?;
+                println!("{}", dir.display());
+            }
             if cli.config.tts_backend == "piper" {
                 let voices = cli.config.voice_registry().await?;
                 for id in voices.ids() {
@@ -62,6 +75,92 @@ async fn main() -> anyhow::Result<()> {
                     println!("voice {id}");
                 }
             }
+            Ok(())
+        }
+        Command::GenerateImage {
+            model,
+            prompt,
+            negative_prompt,
+            width,
+            height,
+            steps,
+            guidance_scale,
+            seed,
+            num_images,
+            latents,
+            out,
+        } => {
+            let mut cfg = cli.config;
+            if let Some(m) = model {
+                cfg.image_model = m;
+            }
+            let service = cfg
+                .image_service(&[JobKind::Image])
+                .await?
+                .expect("the image kind was asked for");
+            let sd = service.model().await.map_err(|e| anyhow::anyhow!(e.0))?;
+            let format = out
+                .extension()
+                .and_then(|e| e.to_str())
+                .and_then(models::image::encode::ImageFormat::parse)
+                .ok_or_else(|| anyhow::anyhow!("--out must end in .png, .webp or .jpg"))?;
+            let latents = latents
+                .map(|p| -> anyhow::Result<candle_core::Tensor> {
+                    let l = models::image::pipeline::read_latents(&p, &service.device)?;
+                    // A file with more latents than images: the first ones.
+                    Ok(l.narrow(0, 0, num_images.min(l.dim(0)?))?)
+                })
+                .transpose()?;
+            let side = sd.default_side();
+            let (w, h) = match &latents {
+                Some(l) => {
+                    let (_, _, lh, lw) = l.dims4()?;
+                    let f = sd.vae_scale_factor();
+                    (width.unwrap_or(lw * f), height.unwrap_or(lh * f))
+                }
+                None => (width.unwrap_or(side), height.unwrap_or(side)),
+            };
+            let req = models::image::ImageRequest {
+                prompt,
+                negative_prompt,
+                width: w,
+                height: h,
+                steps: steps.unwrap_or(cfg.image_steps as usize),
+                guidance_scale: guidance_scale.unwrap_or(cfg.image_guidance),
+                seeds: (0..num_images as u64).map(|i| seed + i).collect(),
+                latents,
+            };
+            let bar = indicatif::ProgressBar::new(req.steps as u64);
+            let started = std::time::Instant::now();
+            let images = tokio::task::block_in_place(|| {
+                sd.generate(&req, &mut |step, _| {
+                    bar.set_position(step as u64);
+                    true
+                })
+            })?;
+            bar.finish_and_clear();
+            let secs = started.elapsed().as_secs_f64();
+            for (i, img) in images.iter().enumerate() {
+                let path = if i == 0 {
+                    out.clone()
+                } else {
+                    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+                    let ext = out.extension().and_then(|s| s.to_str()).unwrap_or("png");
+                    out.with_file_name(format!("{stem}-{i}.{ext}"))
+                };
+                let bytes = models::image::encode::encode(img, format)?;
+                std::fs::write(&path, &bytes)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!(
+                    "{} ({}x{}, {} steps, seed {})",
+                    path.display(),
+                    img.width,
+                    img.height,
+                    req.steps,
+                    req.seeds[i]
+                );
+            }
+            println!("gen {secs:.2} s");
             Ok(())
         }
         Command::RenderPrompt { job, explain, seed } => {
@@ -113,11 +212,13 @@ async fn run_embedded(
         platform_keys: cfg.platform_keys()?,
         history_messages: cfg.history_messages,
         memory_max_words: cfg.memory_max_words,
+        image: cfg.image_service(&[kind]).await?,
     });
     let (queue, mut consumer) = memory_queue();
     let worker = tokio::spawn(async move {
         while let Some(queued) = consumer.next().await {
             let (deltas, _) = tokio::sync::mpsc::unbounded_channel();
+            let (progress, _) = tokio::sync::mpsc::unbounded_channel();
             let ctx = handlers::RunCtx {
                 job_id: queued.id.clone(),
                 // The embedded mode runs the operator's own job.
@@ -126,6 +227,7 @@ async fn run_embedded(
                 clock: chrono::Utc::now().fixed_offset(),
                 cancel: Arc::default(),
                 deltas,
+                progress,
                 fence: None,
                 services: services.clone(),
             };

@@ -44,6 +44,7 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
         platform_keys: cfg.platform_keys()?,
         history_messages: cfg.history_messages,
         memory_max_words: cfg.memory_max_words,
+        image: cfg.image_service(&kinds).await?,
     });
     let queue = RedisQueue::connect_with_retry(&cfg.redis_url, cfg.queue_config()).await?;
     queue.warn_if_not_persistent().await;
@@ -257,6 +258,28 @@ async fn run_lease(
             }
         })
     };
+    // Progress of a media job: the latest goes to the record and the
+    // stream, only while this run holds the job.
+    let (progress, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    let progress_pump = {
+        let guard = guard.clone();
+        tokio::spawn(async move {
+            while let Some(mut latest) = progress_rx.recv().await {
+                while let Ok(newer) = progress_rx.try_recv() {
+                    latest = newer;
+                }
+                let sent = with_redis_retry(
+                    "publishing progress",
+                    || guard.is_lost(),
+                    || guard.publish_progress(&latest),
+                )
+                .await;
+                if sent != Some(true) {
+                    break;
+                }
+            }
+        })
+    };
     let seed = seed_from_job_id(&id);
     // The job's clock is its submission time, so a re-run renders the same
     // {{time}} and {{date}}.
@@ -272,6 +295,7 @@ async fn run_lease(
         clock,
         cancel: cancel.clone(),
         deltas,
+        progress,
         fence: Some(guard.clone()),
         services: services.clone(),
     };
@@ -349,10 +373,12 @@ async fn run_lease(
         RunEnd::LeaseLost => {
             tracing::warn!(job = %id, run = lease.run, "lease lost: another worker runs this job; nothing written");
             pump.abort();
+            progress_pump.abort();
             return;
         }
         RunEnd::HandBack => {
             pump.abort();
+            progress_pump.abort();
             let released = with_redis_retry(
                 "handing the job back",
                 || guard.is_lost(),
@@ -379,6 +405,7 @@ async fn run_lease(
     };
     // Every delta is written before the result (the end event follows it).
     let _ = pump.await;
+    let _ = progress_pump.await;
     // Totals first: once the result is written, callbacks and /status may
     // be read, and the metrics should already count this run.
     let stats = [

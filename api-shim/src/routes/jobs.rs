@@ -84,6 +84,8 @@ pub fn status_body(rec: &JobRecord) -> Value {
     });
     if let Some(o) = &rec.output {
         body["output"] = o.clone();
+    } else if let (Some(p), pipeline::JobState::InProgress) = (&rec.progress, rec.state) {
+        body["output"] = json!({ "progress": p });
     }
     if let Some(e) = &rec.error {
         body["error"] = json!(e);

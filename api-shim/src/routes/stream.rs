@@ -231,7 +231,7 @@ pub async fn chat_stream(
                             (reader, None, guard),
                         ))
                     }
-                    Some(TokenEvent::Text { .. }) => continue,
+                    Some(TokenEvent::Text { .. } | TokenEvent::Progress { .. }) => continue,
                     // The end, the shim shutting down, or Redis gone for
                     // good: the worker goes on and saves the whole reply,
                     // so no stop is requested.
@@ -276,6 +276,7 @@ pub async fn stream_route(
         .into_iter()
         .filter_map(|e| match e {
             TokenEvent::Text { option: 0, text } => Some(json!({ "output": text })),
+            TokenEvent::Progress { progress } => Some(json!({ "output": {"progress": progress} })),
             _ => None,
         })
         .collect();
@@ -286,7 +287,8 @@ pub async fn stream_route(
 }
 
 /// Server-Sent Events — `output` events `{"option", "text"}` as text is
-/// generated, then one `completed` event `{"id", "status"}`.
+/// generated, `progress` events `{"step", "steps"}` as a media job runs,
+/// then one `completed` event `{"id", "status"}`.
 async fn sse(
     State(state): State<AppState>,
     caller: Caller,
@@ -305,6 +307,12 @@ async fn sse(
                     let ev = Event::default()
                         .event("output")
                         .data(json!({"option": option, "text": text}).to_string());
+                    Some((Ok(ev), (reader, false)))
+                }
+                Ok(Some(TokenEvent::Progress { progress })) => {
+                    let ev = Event::default()
+                        .event("progress")
+                        .data(progress.to_string());
                     Some((Ok(ev), (reader, false)))
                 }
                 Ok(Some(TokenEvent::End { state })) => {

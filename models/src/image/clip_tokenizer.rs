@@ -48,6 +48,40 @@ fn bytes_to_unicode() -> Vec<(u8, char)> {
         .collect()
 }
 
+/// The vocabulary (index = id) and merges CLIP's BPE file defines, in
+/// open_clip's order: bytes, bytes ending a word, one token per merge, then
+/// the start and end tokens.
+pub fn vocab_from_bpe(text: &str) -> Result<(Vec<String>, Vec<String>), ModelError> {
+    let merges: Vec<String> = text
+        .split('\n')
+        .skip(1)
+        .take(49_152 - 256 - 2)
+        .map(String::from)
+        .collect();
+    let table = bytes_to_unicode();
+    let mut vocab: Vec<String> = table.iter().map(|(_, c)| c.to_string()).collect();
+    vocab.extend(table.iter().map(|(_, c)| format!("{c}</w>")));
+    for m in &merges {
+        let (a, b) = m
+            .split_once(' ')
+            .ok_or_else(|| ModelError::Format(format!("a merge without a space: {m:?}")))?;
+        vocab.push(format!("{a}{b}"));
+    }
+    vocab.push("<|startoftext|>".into());
+    vocab.push("<|endoftext|>".into());
+    Ok((vocab, merges))
+}
+
+/// Reads the gzipped BPE file.
+pub fn read_bpe_gz(path: &Path) -> Result<String, ModelError> {
+    let raw = std::fs::read(path).map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&raw[..])
+        .read_to_string(&mut text)
+        .map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?;
+    Ok(text)
+}
+
 pub struct ClipTokenizer {
     tokenizer: Tokenizer,
     bos: u32,
@@ -57,37 +91,60 @@ pub struct ClipTokenizer {
 impl ClipTokenizer {
     /// From the gzipped merges file.
     pub fn from_bpe_gz(path: &Path) -> Result<Self, ModelError> {
-        let raw =
-            std::fs::read(path).map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;
-        let mut text = String::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_string(&mut text)
-            .map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?;
-        Self::from_merges(&text)
+        Self::from_merges(&read_bpe_gz(path)?)
     }
 
     /// From the merges file's text: its first line is a header, then
     /// 49,152 − 256 − 2 merges (open_clip's `SimpleTokenizer`).
     pub fn from_merges(text: &str) -> Result<Self, ModelError> {
-        let merges: Vec<&str> = text.split('\n').skip(1).take(49_152 - 256 - 2).collect();
-        let table = bytes_to_unicode();
-        let mut vocab: Vec<String> = table.iter().map(|(_, c)| c.to_string()).collect();
-        vocab.extend(table.iter().map(|(_, c)| format!("{c}</w>")));
-        for m in &merges {
-            let (a, b) = m
-                .split_once(' ')
-                .ok_or_else(|| ModelError::Format(format!("a merge without a space: {m:?}")))?;
-            vocab.push(format!("{a}{b}"));
+        let (vocab, merges) = vocab_from_bpe(text)?;
+        Self::from_vocab(&vocab, &merges)
+    }
+
+    /// From a checkpoint's `tokenizer/` folder (`vocab.json`, `merges.txt`,
+    /// as transformers' `CLIPTokenizer` saves them).
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let read = |name: &str| {
+            let p = dir.join(name);
+            std::fs::read_to_string(&p).map_err(|e| ModelError::Io(format!("{}: {e}", p.display())))
+        };
+        let ids: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&read("vocab.json")?)
+                .map_err(|e| ModelError::Format(format!("{}/vocab.json: {e}", dir.display())))?;
+        let mut vocab = vec![String::new(); ids.len()];
+        for (t, i) in &ids {
+            let i = i
+                .as_u64()
+                .filter(|i| (*i as usize) < vocab.len())
+                .ok_or_else(|| ModelError::Format(format!("vocab.json: bad id for {t:?}")))?;
+            vocab[i as usize] = t.clone();
         }
-        vocab.push("<|startoftext|>".into());
-        vocab.push("<|endoftext|>".into());
+        let merges_text = read("merges.txt")?;
+        let merges: Vec<String> = merges_text
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.is_empty())
+            .map(String::from)
+            .collect();
+        Self::from_vocab(&vocab, &merges)
+    }
+
+    /// The tokenizer for a vocabulary (index = id, ending with the start
+    /// and end tokens) and its merges.
+    pub fn from_vocab(vocab: &[String], merges: &[String]) -> Result<Self, ModelError> {
+        let find = |t: &str| {
+            vocab
+                .iter()
+                .position(|v| v == t)
+                .map(|i| i as u32)
+                .ok_or_else(|| ModelError::Format(format!("the vocabulary lacks {t}")))
+        };
+        let bos = find("<|startoftext|>")?;
+        let eos = find("<|endoftext|>")?;
         let ids: serde_json::Map<String, serde_json::Value> = vocab
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), json!(i)))
             .collect();
-        let bos = (vocab.len() - 2) as u32;
-        let eos = (vocab.len() - 1) as u32;
         let spec = json!({
             "version": "1.0",
             "added_tokens": [
@@ -119,6 +176,12 @@ impl ClipTokenizer {
             bos,
             eos,
         })
+    }
+
+    /// The id of a token (the pad token a checkpoint's
+    /// `tokenizer_config.json` names).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
     }
 
     /// `<|startoftext|>`, the prompt's ids, `<|endoftext|>`; cut to

@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod chat_stream;
+pub mod image;
 pub mod memory;
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +17,7 @@ use serde_json::Value;
 use crate::InputError;
 use chat::ChatRespondJob;
 use chat_stream::ChatStreamJob;
+use image::ImageJob;
 use memory::MemoryCondenseJob;
 
 /// One kind's contract.
@@ -39,16 +41,23 @@ pub enum JobKind {
     Chat,
     Memory,
     ChatStream,
+    Image,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 3] = [JobKind::Chat, JobKind::Memory, JobKind::ChatStream];
+    pub const ALL: [JobKind; 4] = [
+        JobKind::Chat,
+        JobKind::Memory,
+        JobKind::ChatStream,
+        JobKind::Image,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Chat => "chat",
             JobKind::Memory => "memory",
             JobKind::ChatStream => "chat_stream",
+            JobKind::Image => "image",
         }
     }
 
@@ -62,6 +71,7 @@ impl JobKind {
             JobKind::Chat => ChatRespondJob::input_schema(),
             JobKind::Memory => MemoryCondenseJob::input_schema(),
             JobKind::ChatStream => ChatStreamJob::input_schema(),
+            JobKind::Image => ImageJob::input_schema(),
         }
     }
 
@@ -82,6 +92,7 @@ pub enum Job {
     Chat(Box<ChatRespondJob>),
     Memory(MemoryCondenseJob),
     ChatStream(Box<ChatStreamJob>),
+    Image(Box<ImageJob>),
 }
 
 impl Job {
@@ -91,6 +102,7 @@ impl Job {
             JobKind::Chat => Job::Chat(Box::new(ChatRespondJob::parse(input)?)),
             JobKind::Memory => Job::Memory(MemoryCondenseJob::parse(input)?),
             JobKind::ChatStream => Job::ChatStream(Box::new(ChatStreamJob::parse(input)?)),
+            JobKind::Image => Job::Image(Box::new(ImageJob::parse(input)?)),
         })
     }
 
@@ -99,6 +111,7 @@ impl Job {
             Job::Chat(_) => JobKind::Chat,
             Job::Memory(_) => JobKind::Memory,
             Job::ChatStream(_) => JobKind::ChatStream,
+            Job::Image(_) => JobKind::Image,
         }
     }
 }

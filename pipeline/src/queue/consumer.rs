@@ -126,6 +126,26 @@ impl LeaseGuard {
         Ok(ok == 1)
     }
 
+    /// Records the run's progress (`/status` shows it as `output.progress`,
+    /// `/stream` sends it as a `progress` event), only while this run holds
+    /// the job. False: refused.
+    pub async fn publish_progress(&self, progress: &serde_json::Value) -> Result<bool, PipelineError> {
+        let ok: i32 = self
+            .queue
+            .scripts
+            .progress
+            .key(self.queue.keys.job(&self.id))
+            .key(self.queue.keys.tokens(&self.id))
+            .arg(self.run)
+            .arg(progress.to_string())
+            .invoke_async(&mut self.queue.connection())
+            .await?;
+        if ok == 0 {
+            self.mark_lost_if_taken_over().await;
+        }
+        Ok(ok == 1)
+    }
+
     /// Sets the lost flag when the record's run moved on (not when the job
     /// was merely cancelled: that is seen through the state).
     async fn mark_lost_if_taken_over(&self) {

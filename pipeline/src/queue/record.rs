@@ -27,6 +27,9 @@ pub struct JobRecord {
     pub worker: Option<String>,
     pub output: Option<Value>,
     pub error: Option<String>,
+    /// The running job's last progress (`{step, steps}`), kinds that report
+    /// one (image).
+    pub progress: Option<Value>,
 }
 
 impl JobRecord {
@@ -63,6 +66,7 @@ impl JobRecord {
             run: num("run").unwrap_or(0),
             max_attempts: num("max_attempts").unwrap_or(1) as u32,
             worker: h.get("worker").cloned(),
+            progress: h.get("progress").and_then(|v| serde_json::from_str(v).ok()),
             output: json("output")?,
             error: h.get("error").cloned(),
         })

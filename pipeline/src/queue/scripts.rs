@@ -116,7 +116,7 @@ const LUA_RETRY: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'state')
 if st ~= 'FAILED' and st ~= 'TIMED_OUT' then return 0 end
 local policy = cjson.decode(redis.call('HGET', KEYS[1], 'policy'))
-redis.call('HDEL', KEYS[1], 'error', 'output', 'started_ms', 'finished_ms', 'worker', 'stop_requested')
+redis.call('HDEL', KEYS[1], 'error', 'output', 'started_ms', 'finished_ms', 'worker', 'stop_requested', 'progress')
 redis.call('HSET', KEYS[1], 'state', 'IN_QUEUE', 'attempts', 0, 'expires_ms', now_ms() + policy['ttl'])
 redis.call('PERSIST', KEYS[1])
 redis.call('HINCRBY', KEYS[2], st, -1)
@@ -177,6 +177,19 @@ redis.call('EXPIRE', KEYS[2], 3600)
 return 1
 "#;
 
+/// KEYS[1] record, KEYS[2] token stream. ARGV: run, progress JSON. The
+/// running job's progress, kept on the record and sent on its stream, only
+/// while that run holds the job.
+const LUA_PROGRESS: &str = r#"
+if redis.call('HGET', KEYS[1], 'state') ~= 'IN_PROGRESS' or redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'progress', ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'p', ARGV[2])
+redis.call('EXPIRE', KEYS[2], 3600)
+return 1
+"#;
+
 /// KEYS[1] record. ARGV: run. 1 while that run holds the job.
 const LUA_HOLDS: &str = r#"
 if redis.call('HGET', KEYS[1], 'state') == 'IN_PROGRESS' and redis.call('HGET', KEYS[1], 'run') == ARGV[1] then
@@ -194,6 +207,7 @@ pub(crate) struct Scripts {
     pub release: Script,
     pub heartbeat: Script,
     pub tokens: Script,
+    pub progress: Script,
     pub holds: Script,
 }
 
@@ -209,6 +223,7 @@ impl Scripts {
             release: Script::new(LUA_RELEASE),
             heartbeat: Script::new(LUA_HEARTBEAT),
             tokens: Script::new(LUA_TOKENS),
+            progress: Script::new(LUA_PROGRESS),
             holds: Script::new(LUA_HOLDS),
         }
     }

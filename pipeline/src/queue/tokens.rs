@@ -15,10 +15,17 @@ pub enum TokenEvent {
     Text { option: usize, text: String },
     /// The job ended in this state; no events follow.
     End { state: JobState },
+    /// The running job's progress (`{step, steps}`).
+    Progress { progress: serde_json::Value },
 }
 
 impl TokenEvent {
     pub(crate) fn from_entry(e: &redis::streams::StreamId) -> Self {
+        if let Some(p) = e.get::<String>("p") {
+            return TokenEvent::Progress {
+                progress: serde_json::from_str(&p).unwrap_or_default(),
+            };
+        }
         match e.get::<String>("end") {
             Some(state) => TokenEvent::End {
                 // Written by the job-ending scripts, always a state name.

@@ -38,8 +38,12 @@ pub struct Platform {
     pub hang_saves: AtomicBool,
     /// The memory scratchpad of every companion; None answers 404.
     pub scratchpad: Mutex<Option<String>>,
+    /// The skin every skin id answers (its `id` set to the one asked for).
+    pub skin: Mutex<Value>,
+    /// The activity every activity id answers.
+    pub activity: Mutex<Value>,
     /// Requests per route: "instance", "messages", "save", "personas",
-    /// "scratchpad".
+    /// "scratchpad", "skin", "activity".
     hits: Mutex<HashMap<&'static str, usize>>,
 }
 
@@ -67,6 +71,22 @@ impl Default for Platform {
             saved: Mutex::default(),
             hang_saves: AtomicBool::new(false),
             scratchpad: Mutex::default(),
+            skin: Mutex::new(json!({
+                "id": "", "name": "Luna (anime)", "gender": "female", "style": "anime",
+                "cover_photo_url": "https://cdn.example.com/skins/luna.png",
+                "reference_images": {"face": "https://cdn.example.com/skins/luna-face.png"},
+                "is_published": true
+            })),
+            activity: Mutex::new(json!({
+                "id": "", "title": "Luna",
+                "image_gen_character_short_text": "1girl, silver hair, violet eyes",
+                "image_gen_character_clothed_text": "barista apron over a white blouse",
+                "image_gen_character_naked_text": null,
+                "default_outfit_text": "star-print scarf",
+                "default_footwear_text": "white sneakers",
+                "llm_image_prompt_generation_help_text": "Luna loves astronomy; favour night skies.",
+                "anime_skin_id": "skin-anime", "realistic_skin_id": "skin-real"
+            })),
             hits: Mutex::default(),
         }
     }
@@ -195,6 +215,20 @@ async fn personas(State(p): State<Arc<Platform>>) -> Json<Value> {
     Json(json!({ "data": p.personas.lock().unwrap().clone() }))
 }
 
+async fn skin(State(p): State<Arc<Platform>>, Path(id): Path<String>) -> Json<Value> {
+    p.hit("skin");
+    let mut body = p.skin.lock().unwrap().clone();
+    body["id"] = json!(id);
+    Json(body)
+}
+
+async fn activity(State(p): State<Arc<Platform>>, Path(id): Path<String>) -> Json<Value> {
+    p.hit("activity");
+    let mut body = p.activity.lock().unwrap().clone();
+    body["id"] = json!(id);
+    Json(body)
+}
+
 /// Any other path: counted (as "other"), answered 404.
 async fn other(State(p): State<Arc<Platform>>) -> (StatusCode, Json<Value>) {
     p.hit("other");
@@ -209,6 +243,8 @@ impl PlatformFixture {
             .route("/v1/instances/{id}/messages", get(messages).post(save))
             .route("/v1/personas", get(personas))
             .route("/v1/memory/scratchpad", get(scratchpad))
+            .route("/v1/skins/{id}", get(skin))
+            .route("/v1/activities/{id}", get(activity))
             .fallback(other)
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -8,6 +8,7 @@
 
 mod chat;
 mod chat_stream;
+mod image;
 mod memory;
 
 use std::future::Future;
@@ -33,6 +34,9 @@ pub struct Services {
     pub history_messages: usize,
     /// Words of memory scratchpad a streamed chat's prompt includes.
     pub memory_max_words: u32,
+    /// The image model and media store (None: this worker serves no image
+    /// jobs).
+    pub image: Option<Arc<crate::image::ImageService>>,
 }
 
 /// One run of one job.
@@ -48,6 +52,9 @@ pub struct RunCtx {
     pub cancel: Arc<AtomicBool>,
     /// Text deltas by option, for the job's token stream.
     pub deltas: UnboundedSender<(usize, String)>,
+    /// Progress (`{step, steps}`) of a media job, for `/status` and the
+    /// stream.
+    pub progress: UnboundedSender<serde_json::Value>,
     /// The run's lease (None in the embedded mode): writes outside Redis
     /// (platform saves, uploads) check it first.
     pub fence: Option<LeaseGuard>,
@@ -57,6 +64,21 @@ pub struct RunCtx {
 impl RunCtx {
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Fails the run when another run holds the job now (or it was
+    /// cancelled): nothing more leaves the worker.
+    pub async fn check_lease(&self) -> Result<(), JobError> {
+        let Some(fence) = &self.fence else {
+            return Ok(());
+        };
+        match fence.holds().await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(JobError::new(
+                "this run no longer holds the job (taken over or cancelled): nothing delivered",
+            )),
+            Err(e) => Err(JobError::new(format!("checking the job's lease: {e}"))),
+        }
     }
 
     /// The platform client calling with this run's tenant's key.
@@ -82,10 +104,13 @@ pub trait Handler {
     ) -> impl Future<Output = Result<(<Self::Job as JobContract>::Output, Usage), JobError>> + Send;
 }
 
-/// The kinds this worker's models can serve (every kind needs only the text
-/// model today).
-pub fn served_kinds() -> Vec<JobKind> {
-    JobKind::ALL.to_vec()
+/// The kinds this worker's models can serve: the text kinds always, image
+/// when an image model is configured.
+pub fn served_kinds(image: bool) -> Vec<JobKind> {
+    JobKind::ALL
+        .into_iter()
+        .filter(|k| image || *k != JobKind::Image)
+        .collect()
 }
 
 /// The table: runs `job` with its kind's handler.
@@ -94,6 +119,7 @@ pub async fn run(job: Job, ctx: RunCtx) -> (Outcome, Usage) {
         Job::Chat(job) => finish::<chat::ChatHandler>(*job, ctx).await,
         Job::Memory(job) => finish::<memory::MemoryHandler>(job, ctx).await,
         Job::ChatStream(job) => finish::<chat_stream::ChatStreamHandler>(*job, ctx).await,
+        Job::Image(job) => finish::<image::ImageHandler>(*job, ctx).await,
     }
 }
 

@@ -74,6 +74,8 @@ pub(crate) fn field_error(root: &str, path: &str, message: String) -> InputError
     {
         let field = if field.is_empty() {
             name.to_string()
+        } else if field == name || field.ends_with(&format!(".{name}")) {
+            field
         } else {
             format!("{field}.{name}")
         };

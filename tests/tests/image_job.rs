@@ -228,7 +228,7 @@ async fn each_broken_rule_is_a_422_naming_its_field_and_nothing_is_queued() {
     let cases: Vec<(&str, Value)> = vec![
         ("category", json!({"positive_prompt": "x"})),
         ("category", json!({"category": "underwater", "positive_prompt": "x"})),
-        ("positive_prompt", json!({"category": "selfie"})),
+        ("positive_prompt", json!({"positive_prompt": null})),
         ("width", json!({"width": 100})),
         ("height", json!({"height": 4096})),
         ("num_options", json!({"num_options": 0})),

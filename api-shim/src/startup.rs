@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::{get, post, put, MethodRouter};
 use axum::Router;
 
 use crate::error::ApiError;
@@ -16,7 +16,7 @@ use tokio::sync::broadcast;
 
 use crate::auth::ApiKeys;
 use crate::config::ShimConfig;
-use crate::routes::{health, images, jobs, memory, openapi, stream};
+use crate::routes::{cog, health, images, jobs, memory, openai, openapi, stream};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -140,6 +140,10 @@ fn job_routes() -> Router<AppState> {
         .route("/run", limited(post(jobs::run), RUN_BODY_MAX))
         .route("/runsync", limited(post(jobs::runsync), RUNSYNC_BODY_MAX))
         .route("/status/{id}", get(jobs::status).post(jobs::status))
+        .route(
+            "/status-sync/{id}",
+            get(jobs::status_sync).post(jobs::status_sync),
+        )
         .route("/cancel/{id}", post(jobs::cancel))
         .route("/retry/{id}", post(jobs::retry))
         .route("/purge-queue", post(jobs::purge_queue))
@@ -166,6 +170,21 @@ pub fn router(state: AppState) -> Router {
             "/v1/instances/{instance_id}/chat/stream",
             limited(post(stream::chat_stream), NATIVE_BODY_MAX),
         )
+        .route(
+            "/openai/v1/chat/completions",
+            limited(post(openai::chat_completions), NATIVE_BODY_MAX),
+        )
+        .route("/openai/v1/models", get(openai::models))
+        .route("/cog/{kind}/health-check", get(cog::health_check))
+        .route(
+            "/cog/{kind}/predictions",
+            limited(post(cog::create), RUN_BODY_MAX),
+        )
+        .route(
+            "/cog/{kind}/predictions/{id}",
+            limited(put(cog::put), RUN_BODY_MAX).get(cog::get),
+        )
+        .route("/cog/{kind}/predictions/{id}/cancel", post(cog::cancel))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::openapi))
         .layer(axum::middleware::map_response(json_errors))
@@ -218,6 +237,12 @@ pub async fn build(cfg: ShimConfig) -> anyhow::Result<(Router, AppState)> {
             namespace: cfg.queue_namespace.clone(),
             max_attempts: cfg.max_attempts,
             result_ttl: Duration::from_secs(cfg.result_ttl_hours * 3600),
+            secrets: cfg
+                .job_secrets_key
+                .as_deref()
+                .map(pipeline::secrets::JobSecrets::from_base64)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!(e))?,
             ..QueueConfig::default()
         },
     )

@@ -97,6 +97,81 @@ struct RunRequestWire {
     webhook: Option<String>,
     #[serde(default)]
     policy: Option<PolicyWire>,
+    #[serde(default, rename = "s3Config")]
+    s3_config: Option<S3ConfigWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct S3ConfigWire {
+    #[serde(rename = "accessId")]
+    access_id: String,
+    #[serde(rename = "accessSecret")]
+    access_secret: String,
+    #[serde(rename = "bucketName")]
+    bucket_name: String,
+    #[serde(rename = "endpointUrl")]
+    endpoint_url: String,
+}
+
+impl std::fmt::Debug for S3ConfigWire {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("S3ConfigWire(****)")
+    }
+}
+
+/// RunPod's per-request `s3Config`: this job's media go to the caller's
+/// bucket with the caller's credentials. Never logged (its `Debug` hides
+/// it) and never stored in clear (sealed in the job record).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct S3Config {
+    #[serde(rename = "accessId")]
+    pub access_id: String,
+    #[serde(rename = "accessSecret")]
+    pub access_secret: String,
+    #[serde(rename = "bucketName")]
+    pub bucket_name: String,
+    #[serde(rename = "endpointUrl")]
+    pub endpoint_url: String,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "S3Config {{ bucket: {:?}, endpoint: {:?}, credentials: **** }}", self.bucket_name, self.endpoint_url)
+    }
+}
+
+fn s3_config(w: S3ConfigWire) -> Result<S3Config, RequestError> {
+    let invalid = |f: &str, r: &str| RequestError::Invalid(InputError::new(f, r));
+    if w.access_id.is_empty() || w.access_id.len() > 256 {
+        return Err(invalid("s3Config.accessId", "must be 1 to 256 characters"));
+    }
+    if w.access_secret.is_empty() || w.access_secret.len() > 256 {
+        return Err(invalid("s3Config.accessSecret", "must be 1 to 256 characters"));
+    }
+    let bucket_ok = (3..=63).contains(&w.bucket_name.len())
+        && w
+            .bucket_name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !bucket_ok {
+        return Err(invalid(
+            "s3Config.bucketName",
+            "must be an S3 bucket name (3 to 63 characters of a-z, 0-9, '-' and '.')",
+        ));
+    }
+    let ok = reqwest::Url::parse(&w.endpoint_url)
+        .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        .unwrap_or(false);
+    if !ok {
+        return Err(invalid("s3Config.endpointUrl", "must be an absolute http or https URL"));
+    }
+    Ok(S3Config {
+        access_id: w.access_id,
+        access_secret: w.access_secret,
+        bucket_name: w.bucket_name,
+        endpoint_url: w.endpoint_url,
+    })
 }
 
 /// Why a request body was refused: unreadable (400) or breaking a rule (422).
@@ -123,6 +198,8 @@ pub struct RunRequest {
     pub input: Value,
     pub webhook: Option<String>,
     pub policy: Policy,
+    /// The caller's own bucket for this job's media.
+    pub s3_config: Option<S3Config>,
 }
 
 impl RunRequest {
@@ -177,12 +254,14 @@ impl RunRequest {
             }
             policy.low_priority = p.low_priority.unwrap_or(false);
         }
+        let s3_config = wire.s3_config.map(s3_config).transpose()?;
         Ok(Self {
             kind,
             job,
             input,
             webhook: wire.webhook,
             policy,
+            s3_config,
         })
     }
 }
@@ -196,7 +275,7 @@ mod tests {
     #[test]
     fn parses_envelope_with_policy_and_webhook() {
         let body = format!(
-            r#"{{"input":{INPUT},"webhook":"http://127.0.0.1:9/cb","policy":{{"executionTimeout":60000,"ttl":20000,"lowPriority":true}},"s3Config":{{}}}}"#
+            r#"{{"input":{INPUT},"webhook":"http://127.0.0.1:9/cb","policy":{{"executionTimeout":60000,"ttl":20000,"lowPriority":true}},"s3Config":{{"accessId":"a","accessSecret":"s","bucketName":"my-bucket","endpointUrl":"http://127.0.0.1:9000"}}}}"#
         );
         let r = RunRequest::parse(JobKind::Chat, body.as_bytes()).unwrap();
         assert_eq!(
@@ -208,6 +287,12 @@ mod tests {
             }
         );
         assert_eq!(r.webhook.as_deref(), Some("http://127.0.0.1:9/cb"));
+        let s3 = r.s3_config.unwrap();
+        assert_eq!(s3.bucket_name, "my-bucket");
+        assert!(!format!("{s3:?}").contains("\"s\""), "the secret is not in Debug");
+        let body = format!(r#"{{"input":{INPUT},"s3Config":{{"accessId":"a","accessSecret":"s","bucketName":"B!","endpointUrl":"http://x"}}}}"#);
+        let e = RunRequest::parse(JobKind::Chat, body.as_bytes()).unwrap_err();
+        assert_eq!(e.input_error().field, "s3Config.bucketName");
     }
 
     #[test]

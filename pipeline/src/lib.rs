@@ -13,12 +13,14 @@
 //! - [`webhook`]: Standard Webhooks signing and the delivery schedule.
 //! - [`inprocess`]: an in-process queue for the embedded mode (no Redis).
 
+pub mod cog;
 pub mod envelope;
 pub mod inprocess;
 pub mod jobs;
 pub mod media_store;
 pub mod outbound;
 pub mod platform;
+pub mod secrets;
 pub mod queue;
 pub mod webhook;
 

@@ -67,16 +67,27 @@ pub struct WebhookConfig {
     pub allow: crate::outbound::OutboundAllow,
 }
 
-/// The callback body of a finished job.
-pub fn callback_body(
-    id: &str,
-    state: JobState,
-    output: Option<&Value>,
-    error: Option<&str>,
-) -> String {
-    let mut body = json!({"id": id, "status": state.as_str()});
-    match (output, error) {
-        (Some(o), _) if state == JobState::Completed => body["output"] = o.clone(),
+/// The callback body of a finished job: what `/status` answers for it
+/// (`id`, `status`, `delayTime`, `executionTime`, `workerId`, and `output`
+/// or `error`).
+pub fn callback_body(rec: &crate::queue::JobRecord) -> String {
+    // A Cog prediction's callback is the prediction object, named as the
+    // caller named it (`cog:{id}`; empty: the job id).
+    if let Some(id) = rec.hook_format.as_deref().and_then(|f| f.strip_prefix("cog:")) {
+        let id = if id.is_empty() { rec.id.as_str() } else { id };
+        return crate::cog::prediction(rec, id).to_string();
+    }
+    let mut body = json!({
+        "id": rec.id,
+        "status": rec.state.as_str(),
+        "delayTime": rec.delay_ms(),
+        "executionTime": rec.execution_ms(),
+    });
+    if let Some(w) = &rec.worker {
+        body["workerId"] = json!(w);
+    }
+    match (&rec.output, &rec.error) {
+        (Some(o), _) if rec.state == JobState::Completed => body["output"] = o.clone(),
         (_, Some(e)) => body["error"] = json!(e),
         _ => {}
     }
@@ -248,7 +259,7 @@ impl CallbackSender {
                     self.settle(id, msg_id, "done", &[]).await?;
                     return Ok(());
                 };
-                let body = callback_body(id, rec.state, rec.output.as_ref(), rec.error.as_deref());
+                let body = callback_body(&rec);
                 if !self
                     .settle(id, msg_id, "body", std::slice::from_ref(&body))
                     .await?
@@ -415,14 +426,39 @@ mod tests {
     }
 
     #[test]
-    fn body_has_output_or_error() {
+    fn body_has_the_status_timings_and_output_or_error() {
+        let mut rec = crate::queue::JobRecord {
+            id: "j".into(),
+            kind: crate::JobKind::Chat,
+            owner: "o".into(),
+            state: JobState::Completed,
+            input: json!({}),
+            webhook: None,
+            policy: crate::Policy::default(),
+            created_ms: 1_000,
+            started_ms: Some(1_250),
+            finished_ms: Some(4_250),
+            attempts: 1,
+            run: 1,
+            max_attempts: 3,
+            worker: Some("worker-x".into()),
+            output: Some(json!({"a": 1})),
+            error: None,
+            progress: None,
+            expires_ms: None,
+            sealed_s3: None,
+            hook_format: None,
+        };
         assert_eq!(
-            callback_body("j", JobState::Completed, Some(&json!({"a": 1})), None),
-            r#"{"id":"j","status":"COMPLETED","output":{"a":1}}"#
+            callback_body(&rec),
+            r#"{"id":"j","status":"COMPLETED","delayTime":250,"executionTime":3000,"workerId":"worker-x","output":{"a":1}}"#
         );
+        rec.state = JobState::Failed;
+        rec.output = None;
+        rec.error = Some("boom".into());
         assert_eq!(
-            callback_body("j", JobState::Failed, None, Some("boom")),
-            r#"{"id":"j","status":"FAILED","error":"boom"}"#
+            callback_body(&rec),
+            r#"{"id":"j","status":"FAILED","delayTime":250,"executionTime":3000,"workerId":"worker-x","error":"boom"}"#
         );
     }
 }

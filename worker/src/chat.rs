@@ -204,9 +204,17 @@ impl ChatEngine {
         })?;
         let card = CharacterCard::from_json(&raw)
             .map_err(|e| JobError::new(format!("character template {}: {e}", job.character)))?;
-        let character = card
+        let mut character = card
             .render(&job.character_params)
             .map_err(|e| JobError::new(format!("character template {}: {e}", job.character)))?;
+        // A job's own system instructions come after the character's.
+        if let Some(extra) = job.generation.as_ref().and_then(|g| g.system.as_deref()) {
+            character.system_prompt = if character.system_prompt.trim().is_empty() {
+                extra.to_string()
+            } else {
+                format!("{}\n\n{extra}", character.system_prompt.trim_end())
+            };
+        }
         let (transcripts, usage) = self.transcribe_recordings(job, cancelled)?;
         let mut history = Vec::with_capacity(job.messages.len());
         let mut resolved_texts = Vec::new();
@@ -308,6 +316,7 @@ impl ChatEngine {
     pub fn respond(
         &self,
         job: &ChatRespondJob,
+        job_store: Option<&MediaStore>,
         job_id: &str,
         seed: u64,
         clock: DateTime<FixedOffset>,
@@ -320,10 +329,24 @@ impl ChatEngine {
             ));
         }
         let prepared = self.prepare(job, seed, clock, cancelled)?;
-        let params = SamplingParams {
+        let mut params = SamplingParams {
             seed,
             ..self.sampling.clone()
         };
+        if let Some(g) = &job.generation {
+            if let Some(t) = g.temperature {
+                params.temperature = t;
+            }
+            if let Some(p) = g.top_p {
+                params.top_p = p;
+            }
+            if let Some(n) = g.max_tokens {
+                params.max_new_tokens = n as usize;
+            }
+            if let Some(s) = g.seed {
+                params.seed = s;
+            }
+        }
         let generation = self
             .model
             .generate_streaming(
@@ -348,7 +371,37 @@ impl ChatEngine {
             ..Usage::default()
         };
         usage.add(&generation);
-        let options: Vec<String> = generation.options.into_iter().map(|o| o.text).collect();
+        let stops: &[String] = job
+            .generation
+            .as_ref()
+            .map(|g| g.stop.as_slice())
+            .unwrap_or_default();
+        let mut finish_reasons = Vec::with_capacity(generation.options.len());
+        let options: Vec<String> = generation
+            .options
+            .iter()
+            .map(|o| {
+                let (text, cut) = cut_at_stop(&o.text, stops);
+                finish_reasons.push(
+                    if cut || o.stop != models::text::StopReason::MaxTokens {
+                        "stop"
+                    } else {
+                        "length"
+                    }
+                    .to_string(),
+                );
+                text
+            })
+            .collect();
+        let chat_usage = job
+            .generation
+            .as_ref()
+            .filter(|g| g.usage)
+            .map(|_| pipeline::jobs::chat::ChatUsage {
+                prompt_tokens: generation.prompt_tokens as u64,
+                completion_tokens: generation.options.iter().map(|o| o.tokens as u64).sum(),
+                finish_reasons,
+            });
         let audio = match (&self.tts, job.generate_audio) {
             (Some(tts), true) => {
                 let spoken = tts
@@ -363,7 +416,9 @@ impl ChatEngine {
                     format = spoken.format.extension(),
                     "reply spoken"
                 );
-                let url = match &self.media {
+                // The caller's own bucket (s3Config) wins over the worker's.
+                let store = job_store.or(self.media.as_deref());
+                let url = match store {
                     Some(store) => {
                         let name = format!("response.{}", spoken.format.extension());
                         let key = media_key(&self.media_tenant, chrono::Utc::now(), job_id, &name);
@@ -386,10 +441,18 @@ impl ChatEngine {
             }
             _ => None,
         };
-        Ok((
-            ChatRespondOutput::build(job, &prepared.resolved_texts, options, audio),
-            usage,
-        ))
+        let mut output = ChatRespondOutput::build(job, &prepared.resolved_texts, options, audio);
+        output.usage = chat_usage;
+        Ok((output, usage))
+    }
+}
+
+/// `text` up to the first of `stops` (OpenAI's `stop`), and whether one was
+/// found.
+pub fn cut_at_stop(text: &str, stops: &[String]) -> (String, bool) {
+    match stops.iter().filter_map(|s| text.find(s.as_str())).min() {
+        Some(at) => (text[..at].to_string(), true),
+        None => (text.to_string(), false),
     }
 }
 

@@ -267,6 +267,10 @@ pub struct WorkerConfig {
     /// First part of media keys: {tenant}/{yyyy}/{mm}/{job_id}/{name}.
     #[arg(long, env = "MEDIA_TENANT", default_value = "default")]
     pub media_tenant: String,
+    /// 32 bytes, base64 (the shim's JOB_SECRETS_KEY): opens the secrets a
+    /// job carries (RunPod's per-request `s3Config`).
+    #[arg(long, env = "JOB_SECRETS_KEY", hide_env_values = true)]
+    pub job_secrets_key: Option<String>,
     /// Local folder for media when no S3 bucket is set (the embedded mode).
     #[arg(long, env = "MEDIA_DIR", default_value = "media")]
     pub media_dir: PathBuf,
@@ -311,6 +315,9 @@ impl WorkerConfig {
         }
         if !c.s3_secret_access_key.is_empty() {
             c.s3_secret_access_key = "****".into();
+        }
+        if c.job_secrets_key.is_some() {
+            c.job_secrets_key = Some("****".into());
         }
         c
     }
@@ -509,6 +516,16 @@ impl WorkerConfig {
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             missed_heartbeats: self.missed_heartbeats,
             result_ttl: Duration::from_secs(self.result_ttl_hours * 3600),
+            secrets: self
+                .job_secrets_key
+                .as_deref()
+                .and_then(|k| match pipeline::secrets::JobSecrets::from_base64(k) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::error!(error = %e, "JOB_SECRETS_KEY unusable: jobs with an s3Config will fail");
+                        None
+                    }
+                }),
             // Stored in each record by the shim at submission.
             ..QueueConfig::default()
         }

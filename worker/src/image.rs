@@ -285,6 +285,7 @@ impl ImageRun<'_> {
     /// Encodes and uploads each image; the records and output.
     pub async fn upload(
         &self,
+        store: &MediaStore,
         req: &ImageRequest,
         images: Vec<models::image::RgbImage>,
     ) -> Result<ImageOutput, JobError> {
@@ -301,9 +302,7 @@ impl ImageRun<'_> {
             let name = format!("image-{i}.{}", format.extension());
             let key = media_key(self.tenant, now, self.job_id, &name);
             let size = bytes.len() as u64;
-            let stored = self
-                .service
-                .store
+            let stored = store
                 .put(&key, bytes, format.content_type())
                 .await
                 .map_err(|e| JobError::new(format!("uploading image {i} failed: {e}")))?;

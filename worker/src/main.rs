@@ -228,6 +228,7 @@ async fn run_embedded(
                 cancel: Arc::default(),
                 deltas,
                 progress,
+                media: None,
                 fence: None,
                 services: services.clone(),
             };

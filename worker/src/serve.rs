@@ -280,6 +280,25 @@ async fn run_lease(
             }
         })
     };
+    // The caller's own bucket (RunPod's s3Config), opened from the record.
+    let job_store = match queue.s3_config(&lease.record) {
+        Ok(Some(s3)) => Some(Arc::new(pipeline::media_store::MediaStore::s3(
+            pipeline::media_store::S3Settings {
+                endpoint: Some(s3.endpoint_url),
+                region: "us-east-1".into(),
+                bucket: s3.bucket_name,
+                access_key_id: s3.access_id,
+                secret_access_key: s3.access_secret,
+                force_path_style: true,
+                cdn_base_url: None,
+            },
+        ))),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::error!(job = %id, error = %e, "the job's s3Config cannot be opened");
+            None
+        }
+    };
     let seed = seed_from_job_id(&id);
     // The job's clock is its submission time, so a re-run renders the same
     // {{time}} and {{date}}.
@@ -296,6 +315,7 @@ async fn run_lease(
         cancel: cancel.clone(),
         deltas,
         progress,
+        media: job_store,
         fence: Some(guard.clone()),
         services: services.clone(),
     };
@@ -310,7 +330,15 @@ async fn run_lease(
             tokio::spawn(async move { failed })
         }
     };
-    let timeout = Duration::from_millis(lease.record.policy.execution_timeout_ms);
+    // The run ends at its execution timeout or when the job's ttl (its
+    // whole life, queue and run, as RunPod counts it) runs out.
+    let exec_timeout = Duration::from_millis(lease.record.policy.execution_timeout_ms);
+    let life_left = lease
+        .record
+        .expires_ms
+        .map(|e| Duration::from_millis(e.saturating_sub(pipeline::now_ms())));
+    let ttl_first = life_left.is_some_and(|l| l < exec_timeout);
+    let timeout = life_left.map_or(exec_timeout, |l| l.min(exec_timeout));
     let deadline = tokio::time::Instant::now() + timeout;
     // A run told to stop gets this long to end by itself before it is
     // abandoned (its result, if any, is never written).
@@ -390,7 +418,12 @@ async fn run_lease(
         }
         RunEnd::Done(outcome, usage) => (outcome, usage),
     };
-    let outcome = if timed_out {
+    let outcome = if timed_out && ttl_first {
+        Outcome::TimedOut(format!(
+            "the job outlived its policy.ttl ({} ms from submission)",
+            lease.record.policy.ttl_ms
+        ))
+    } else if timed_out {
         Outcome::TimedOut(format!(
             "the run took longer than policy.executionTimeout ({} ms)",
             timeout.as_millis()

@@ -120,13 +120,32 @@ async fn owned(state: &AppState, caller: &Caller, id: &str) -> Result<JobRecord,
 /// refused now, not after the job ran (a host name is checked when the
 /// callback is sent).
 pub(crate) fn check_webhook(state: &AppState, req: &RunRequest) -> Result<(), ApiError> {
+    let refuse = |field: &str, rule: String| {
+        ApiError::input(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            &pipeline::InputError::new(field, rule),
+        )
+    };
     if let Some(url) = &req.webhook {
-        state.callbacks.guard().check_url(url).map_err(|e| {
-            ApiError::input(
-                axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-                &pipeline::InputError::new("webhook", e.to_string()),
-            )
-        })?;
+        state
+            .callbacks
+            .guard()
+            .check_url(url)
+            .map_err(|e| refuse("webhook", e.to_string()))?;
+    }
+    if let Some(s3) = &req.s3_config {
+        // The workers dial it on the caller's behalf: the same guard.
+        state
+            .callbacks
+            .guard()
+            .check_url(&s3.endpoint_url)
+            .map_err(|e| refuse("s3Config.endpointUrl", e.to_string()))?;
+        if !state.queue.takes_secrets() {
+            return Err(refuse(
+                "s3Config",
+                "this endpoint does not take per-request storage (no JOB_SECRETS_KEY)".into(),
+            ));
+        }
     }
     Ok(())
 }
@@ -232,12 +251,57 @@ pub async fn wait_until_done(
     }
 }
 
+/// `wait`: milliseconds (1000–300000), as `/runsync` takes it.
+fn wait_ms(wait: Option<u64>, default: Option<u64>) -> Result<Option<u64>, ApiError> {
+    match wait {
+        None => Ok(default),
+        Some(w) if (1_000..=300_000).contains(&w) => Ok(Some(w)),
+        Some(_) => Err(ApiError::input(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &pipeline::InputError::new("wait", "must be between 1000 and 300000 milliseconds"),
+        )),
+    }
+}
+
+/// `GET|POST /status/{id}[?wait=MS]`: the job's status; with `wait`, held
+/// until the job ends or the wait runs out.
 pub async fn status(
     State(state): State<AppState>,
     caller: Caller,
     raw: RawPathParams,
+    Query(q): Query<WaitQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let rec = owned_job(&state, &caller, &raw).await?;
+    let wait = wait_ms(q.wait, None)?;
+    status_waiting(&state, &caller, &raw, wait).await
+}
+
+/// `GET|POST /status-sync/{id}[?wait=MS]`: `/status` held until the job
+/// ends (at most `wait`, default the `/runsync` wait).
+pub async fn status_sync(
+    State(state): State<AppState>,
+    caller: Caller,
+    raw: RawPathParams,
+    Query(q): Query<WaitQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let wait = wait_ms(q.wait, Some(state.cfg.runsync_wait_ms))?;
+    status_waiting(&state, &caller, &raw, wait).await
+}
+
+async fn status_waiting(
+    state: &AppState,
+    caller: &Caller,
+    raw: &RawPathParams,
+    wait: Option<u64>,
+) -> Result<Json<Value>, ApiError> {
+    // Subscribe before reading so an end between the two is not missed.
+    let mut events = state.events.subscribe();
+    let rec = owned_job(state, caller, raw).await?;
+    let rec = match wait {
+        Some(w) if !rec.state.is_terminal() => {
+            wait_until_done(state, &rec.id, &mut events, Duration::from_millis(w)).await?
+        }
+        _ => rec,
+    };
     Ok(Json(status_body(&rec)))
 }
 

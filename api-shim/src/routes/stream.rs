@@ -63,7 +63,7 @@ impl Drop for StopOnDrop {
 
 /// Reads a job's token events in order, ending at its End event (or when the
 /// job is over and no more events come).
-struct TokenReader {
+pub(crate) struct TokenReader {
     queue: RedisQueue,
     /// The process's one connection for token streams.
     hub: pipeline::queue::TokenHub,
@@ -81,7 +81,7 @@ struct TokenReader {
 
 impl TokenReader {
     /// `slot`: the caller's stream slot (taken before anything is queued).
-    async fn new(
+    pub(crate) async fn new(
         state: &AppState,
         slot: tokio::sync::OwnedSemaphorePermit,
         id: &str,
@@ -102,7 +102,7 @@ impl TokenReader {
     /// The next event; None once the stream is over (or the shim shuts
     /// down). While Redis is unreachable it keeps trying for
     /// [`REDIS_OUTAGE_GRACE`], so a Redis restart does not cut streams.
-    async fn next(&mut self) -> Result<Option<TokenEvent>, pipeline::PipelineError> {
+    pub(crate) async fn next(&mut self) -> Result<Option<TokenEvent>, pipeline::PipelineError> {
         let mut outage_since: Option<tokio::time::Instant> = None;
         loop {
             match self.next_once().await {
@@ -275,7 +275,9 @@ pub async fn stream_route(
         .await?
         .into_iter()
         .filter_map(|e| match e {
+            // Option 0 as RunPod's SDKs read it; the other options say which.
             TokenEvent::Text { option: 0, text } => Some(json!({ "output": text })),
+            TokenEvent::Text { option, text } => Some(json!({ "output": text, "option": option })),
             TokenEvent::Progress { progress } => Some(json!({ "output": {"progress": progress} })),
             _ => None,
         })

@@ -62,6 +62,90 @@ struct ChatInputWire {
     /// The instance's `assigned_voice_id` (platform API), for spoken replies.
     #[serde(default)]
     voice_id: Option<String>,
+    #[serde(default)]
+    generation: Option<GenerationWire>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerationWire {
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<i64>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Option<Vec<String>>,
+    #[serde(default)]
+    usage: Option<bool>,
+}
+
+pub const MAX_GENERATED_TOKENS: u32 = 2048;
+pub const MAX_STOP_SEQUENCES: usize = 4;
+pub const MAX_SYSTEM_CHARS: usize = 32_000;
+
+/// Per-job generation settings (the OpenAI-compatible route's): extra
+/// system instructions after the character's, sampling overrides, stop
+/// sequences, and whether the output reports token usage.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationParams {
+    pub system: Option<String>,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub usage: bool,
+}
+
+fn generation_params(w: GenerationWire) -> Result<GenerationParams, InputError> {
+    let f = |n: &str| format!("input.generation.{n}");
+    if let Some(s) = &w.system {
+        if s.chars().count() > MAX_SYSTEM_CHARS {
+            return Err(err(f("system"), format!("must be at most {MAX_SYSTEM_CHARS} characters")));
+        }
+    }
+    let max_tokens = match w.max_tokens {
+        None => None,
+        Some(n) if (1..=MAX_GENERATED_TOKENS as i64).contains(&n) => Some(n as u32),
+        Some(_) => {
+            return Err(err(
+                f("max_tokens"),
+                format!("must be between 1 and {MAX_GENERATED_TOKENS}"),
+            ))
+        }
+    };
+    if let Some(t) = w.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(err(f("temperature"), "must be between 0 and 2"));
+        }
+    }
+    if let Some(p) = w.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(err(f("top_p"), "must be greater than 0 and at most 1"));
+        }
+    }
+    let stop = w.stop.unwrap_or_default();
+    if stop.len() > MAX_STOP_SEQUENCES || stop.iter().any(|s| s.is_empty() || s.chars().count() > 64) {
+        return Err(err(
+            f("stop"),
+            format!("must be at most {MAX_STOP_SEQUENCES} non-empty strings of at most 64 characters"),
+        ));
+    }
+    Ok(GenerationParams {
+        system: w.system.filter(|s| !s.trim().is_empty()),
+        max_tokens,
+        temperature: w.temperature,
+        top_p: w.top_p,
+        seed: w.seed,
+        stop,
+        usage: w.usage.unwrap_or(false),
+    })
 }
 
 /// A message of the conversation, in request order.
@@ -90,6 +174,8 @@ pub struct ChatRespondJob {
     pub num_options: u8,
     /// Voice for the spoken reply; the worker's default when absent.
     pub voice_id: Option<String>,
+    /// Per-job generation settings (absent in seed 003's jobs).
+    pub generation: Option<GenerationParams>,
 }
 
 static MAX_AUDIO_BYTES: std::sync::atomic::AtomicUsize =
@@ -207,6 +293,7 @@ impl ChatRespondJob {
             generate_audio,
             num_options,
             voice_id: wire.voice_id.filter(|v| !v.is_empty()),
+            generation: wire.generation.map(generation_params).transpose()?,
         })
     }
 
@@ -327,6 +414,18 @@ pub struct ReplyAudio {
 pub struct ChatRespondOutput {
     pub messages: Vec<OutputMessage>,
     pub audio_files: BTreeMap<String, String>,
+    /// Token counts, when the job's `generation.usage` asks for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<ChatUsage>,
+}
+
+/// What a reply cost, and why each option ended (`stop`: end of turn or a
+/// stop sequence; `length`: `max_tokens`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatUsage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub finish_reasons: Vec<String>,
 }
 
 /// The key of the generated reply in `audio_files`.
@@ -379,6 +478,7 @@ impl ChatRespondOutput {
         Self {
             messages,
             audio_files,
+            usage: None,
         }
     }
 }
@@ -405,7 +505,15 @@ impl super::JobContract for ChatRespondJob {
             "character_params": {"type": "object"},
             "generate_audio": {"type": "boolean", "description": "must be false when num_options > 1"},
             "num_options": {"type": "integer", "minimum": 1, "maximum": MAX_OPTIONS, "default": 1},
-            "voice_id": {"type": "string", "description": "the instance's assigned_voice_id"}}})
+            "voice_id": {"type": "string", "description": "the instance's assigned_voice_id"},
+            "generation": {"type": "object", "additionalProperties": false, "description": "per-job generation settings (the OpenAI-compatible route's)", "properties": {
+                "system": {"type": "string", "maxLength": MAX_SYSTEM_CHARS, "description": "instructions after the character's system prompt"},
+                "max_tokens": {"type": "integer", "minimum": 1, "maximum": MAX_GENERATED_TOKENS},
+                "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+                "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                "seed": {"type": "integer", "minimum": 0},
+                "stop": {"type": "array", "maxItems": MAX_STOP_SEQUENCES, "items": {"type": "string", "minLength": 1, "maxLength": 64}},
+                "usage": {"type": "boolean", "description": "report token usage in the output"}}}}})
     }
 }
 

@@ -25,17 +25,67 @@ pub struct KindQueue {
     pub running: u64,
 }
 
+/// How [`RedisQueue::enqueue_opts`] stores a job.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EnqueueOptions<'a> {
+    pub id: Option<&'a str>,
+    pub hook_format: Option<&'a str>,
+}
+
 impl RedisQueue {
     /// Stores a new job and queues it on its kind's lane.
     pub async fn enqueue(&self, req: &RunRequest, owner: &str) -> Result<JobRecord, PipelineError> {
-        self.enqueue_input(
+        if req.s3_config.is_some() && self.cfg.secrets.is_none() {
+            return Err(PipelineError::Other(
+                "s3Config needs JOB_SECRETS_KEY on the shim and the workers".into(),
+            ));
+        }
+        self.enqueue_opts(req, owner, EnqueueOptions::default()).await
+    }
+
+    /// [`Self::enqueue`] with a chosen job id (Cog's `PUT
+    /// /predictions/{id}`: the caller checks the id is free) and the
+    /// callback's format (`cog`: the prediction object).
+    pub async fn enqueue_opts(
+        &self,
+        req: &RunRequest,
+        owner: &str,
+        opts: EnqueueOptions<'_>,
+    ) -> Result<JobRecord, PipelineError> {
+        if req.s3_config.is_some() && self.cfg.secrets.is_none() {
+            return Err(PipelineError::Other(
+                "s3Config needs JOB_SECRETS_KEY on the shim and the workers".into(),
+            ));
+        }
+        self.enqueue_with(
             req.kind,
             &req.input,
             req.webhook.as_deref(),
             &req.policy,
             owner,
+            req.s3_config.as_ref(),
+            opts,
         )
         .await
+    }
+
+    /// Whether jobs may carry secrets (`s3Config`).
+    pub fn takes_secrets(&self) -> bool {
+        self.cfg.secrets.is_some()
+    }
+
+    /// The `s3Config` job `rec` carries, opened.
+    pub fn s3_config(&self, rec: &JobRecord) -> Result<Option<crate::envelope::S3Config>, PipelineError> {
+        let Some(sealed) = &rec.sealed_s3 else {
+            return Ok(None);
+        };
+        let secrets = self.cfg.secrets.as_ref().ok_or_else(|| {
+            PipelineError::Other("this job carries an s3Config: set JOB_SECRETS_KEY on the worker".into())
+        })?;
+        let raw = secrets.open(&rec.id, sealed).map_err(PipelineError::Other)?;
+        serde_json::from_slice(&raw)
+            .map(Some)
+            .map_err(|e| PipelineError::BadRecord(rec.id.clone(), format!("s3Config: {e}")))
     }
 
     /// Stores `input` as a job of `kind` as it is, unchecked: [`Self::enqueue`]
@@ -49,8 +99,25 @@ impl RedisQueue {
         policy: &crate::Policy,
         owner: &str,
     ) -> Result<JobRecord, PipelineError> {
+        self.enqueue_with(kind, input, webhook, policy, owner, None, EnqueueOptions::default())
+            .await
+    }
+
+    async fn enqueue_with(
+        &self,
+        kind: JobKind,
+        input: &serde_json::Value,
+        webhook: Option<&str>,
+        policy: &crate::Policy,
+        owner: &str,
+        s3: Option<&crate::envelope::S3Config>,
+        opts: EnqueueOptions<'_>,
+    ) -> Result<JobRecord, PipelineError> {
         self.ensure_groups(kind).await?;
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = opts
+            .id
+            .map(String::from)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let mut fields: Vec<(&str, String)> = vec![
             ("id", id.clone()),
             ("kind", kind.as_str().into()),
@@ -67,6 +134,13 @@ impl RedisQueue {
         ];
         if let Some(w) = webhook {
             fields.push(("webhook", w.to_string()));
+        }
+        if let Some(f) = opts.hook_format {
+            fields.push(("hook_format", f.to_string()));
+        }
+        if let (Some(s3), Some(secrets)) = (s3, &self.cfg.secrets) {
+            let plain = serde_json::to_vec(s3).expect("s3Config serializes");
+            fields.push(("s3", secrets.seal(&id, &plain)));
         }
         let mut inv = self.scripts.enqueue.prepare_invoke();
         for k in self.terminal_keys(&id) {

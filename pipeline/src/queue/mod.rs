@@ -47,7 +47,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 use serde_json::Value;
 
-pub use admin::{KindQueue, RetryOutcome};
+pub use admin::{EnqueueOptions, KindQueue, RetryOutcome};
 pub use consumer::{Consumer, Finished, Lease, LeaseGuard, RunControl};
 pub use fleet::{mask_redis_url, unique_worker_name, FleetView};
 pub use hub::TokenHub;
@@ -75,6 +75,9 @@ pub struct QueueConfig {
     pub max_attempts: u32,
     /// How long a finished record is kept.
     pub result_ttl: Duration,
+    /// Seals and opens the secrets a job carries (`s3Config`); None: jobs
+    /// with secrets are refused.
+    pub secrets: Option<crate::secrets::JobSecrets>,
 }
 
 impl Default for QueueConfig {
@@ -85,6 +88,7 @@ impl Default for QueueConfig {
             missed_heartbeats: 5,
             max_attempts: 3,
             result_ttl: Duration::from_secs(48 * 3600),
+            secrets: None,
         }
     }
 }

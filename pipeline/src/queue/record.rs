@@ -30,6 +30,13 @@ pub struct JobRecord {
     /// The running job's last progress (`{step, steps}`), kinds that report
     /// one (image).
     pub progress: Option<Value>,
+    /// When the job's `policy.ttl` (its whole life, queue and run) ends.
+    pub expires_ms: Option<u64>,
+    /// The job's sealed `s3Config` (see [`crate::secrets`]), never shown.
+    pub sealed_s3: Option<String>,
+    /// The callback's body format: None for RunPod's, `cog` for the
+    /// prediction object.
+    pub hook_format: Option<String>,
 }
 
 impl JobRecord {
@@ -67,6 +74,9 @@ impl JobRecord {
             max_attempts: num("max_attempts").unwrap_or(1) as u32,
             worker: h.get("worker").cloned(),
             progress: h.get("progress").and_then(|v| serde_json::from_str(v).ok()),
+            expires_ms: num("expires_ms"),
+            sealed_s3: h.get("s3").cloned(),
+            hook_format: h.get("hook_format").cloned(),
             output: json("output")?,
             error: h.get("error").cloned(),
         })

@@ -19,6 +19,7 @@ impl Handler for ChatHandler {
             let deltas = ctx.deltas.clone();
             engine.respond(
                 &job,
+                ctx.media.as_deref(),
                 &ctx.job_id,
                 ctx.seed,
                 ctx.clock,

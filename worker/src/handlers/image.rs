@@ -68,7 +68,8 @@ impl Handler for ImageHandler {
             prompt,
             negative_prompt: negative,
         };
-        let mut output = run.upload(&req, images).await?;
+        let store = ctx.media.clone().unwrap_or_else(|| service.store.clone());
+        let mut output = run.upload(&store, &req, images).await?;
         if job.activity_instance_id.is_some() {
             ctx.check_lease().await?;
             output.message = deliver(&ctx.platform()?, &job, &ctx.job_id, &output).await?;

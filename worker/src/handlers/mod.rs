@@ -55,6 +55,8 @@ pub struct RunCtx {
     /// Progress (`{step, steps}`) of a media job, for `/status` and the
     /// stream.
     pub progress: UnboundedSender<serde_json::Value>,
+    /// The caller's own bucket for this job's media (RunPod's `s3Config`).
+    pub media: Option<Arc<pipeline::media_store::MediaStore>>,
     /// The run's lease (None in the embedded mode): writes outside Redis
     /// (platform saves, uploads) check it first.
     pub fence: Option<LeaseGuard>,

@@ -60,7 +60,11 @@ pub struct ShimConfig {
     #[arg(long, env = "OPENAI_MODEL_NAME", default_value = "companion-chat")]
     pub openai_model: String,
     /// The character card of an OpenAI-style request without `character`.
-    #[arg(long, env = "OPENAI_DEFAULT_CHARACTER", default_value = "github:partner/character")]
+    #[arg(
+        long,
+        env = "OPENAI_DEFAULT_CHARACTER",
+        default_value = "github:partner/character"
+    )]
     pub openai_default_character: String,
     /// Runs a job gets (runs lost to worker crashes count) before it is FAILED.
     #[arg(long, env = "JOB_MAX_ATTEMPTS", default_value_t = 3)]

@@ -32,9 +32,12 @@ fn script() -> PathBuf {
 }
 
 async fn bpe() -> PathBuf {
-    models::registry::resolve_model(DEFAULT_CLIP_BPE, &home().join(".cache/companion-worker/models"))
-        .await
-        .expect("CLIP's BPE file")
+    models::registry::resolve_model(
+        DEFAULT_CLIP_BPE,
+        &home().join(".cache/companion-worker/models"),
+    )
+    .await
+    .expect("CLIP's BPE file")
 }
 
 /// Builds a tiny checkpoint of `family` with diffusers into `dir`.
@@ -90,9 +93,10 @@ fn reference(dir: &Path, cases: &mut [Value]) -> Vec<RgbImage> {
 }
 
 fn ours(sd: &mut StableDiffusion, dir: &Path, case: &Value) -> Vec<RgbImage> {
-    let mut sched: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("scheduler/scheduler_config.json")).unwrap())
-            .unwrap();
+    let mut sched: Value = serde_json::from_slice(
+        &std::fs::read(dir.join("scheduler/scheduler_config.json")).unwrap(),
+    )
+    .unwrap();
     let class = match case["scheduler"].as_str() {
         Some("ddim") => "DDIMScheduler",
         Some("euler_a") => "EulerAncestralDiscreteScheduler",
@@ -141,14 +145,20 @@ async fn check_family(family: &str, mut cases: Vec<Value>) {
         let got = ours(&mut sd, dir.path(), case);
         let d = max_diff(&got[0], want);
         eprintln!("{family} {case}: max |Δ| = {d}/255");
-        assert!(d <= 2, "{family} {case}: max pixel difference {d}/255 > 2/255");
+        assert!(
+            d <= 2,
+            "{family} {case}: max pixel difference {d}/255 > 2/255"
+        );
         worst = worst.max(d);
         // Not a flat image: the comparison means something.
         let (lo, hi) = got[0]
             .pixels
             .iter()
             .fold((255u8, 0u8), |(lo, hi), p| (lo.min(*p), hi.max(*p)));
-        assert!(hi - lo > 32, "{family}: the image is nearly flat ({lo}..{hi})");
+        assert!(
+            hi - lo > 32,
+            "{family}: the image is nearly flat ({lo}..{hi})"
+        );
     }
     eprintln!("{family}: worst {worst}/255 over {} cases", cases.len());
 }
@@ -203,12 +213,20 @@ async fn seeds_and_prompts_decide_the_image() {
         seeds,
         latents: None,
     };
-    let a = sd.generate(&req("a cat", vec![5]), &mut |_, _| true).unwrap();
-    let b = sd.generate(&req("a cat", vec![5]), &mut |_, _| true).unwrap();
+    let a = sd
+        .generate(&req("a cat", vec![5]), &mut |_, _| true)
+        .unwrap();
+    let b = sd
+        .generate(&req("a cat", vec![5]), &mut |_, _| true)
+        .unwrap();
     assert_eq!(a, b, "same seed, same bytes");
-    let c = sd.generate(&req("a cat", vec![6]), &mut |_, _| true).unwrap();
+    let c = sd
+        .generate(&req("a cat", vec![6]), &mut |_, _| true)
+        .unwrap();
     assert_ne!(a[0].pixels, c[0].pixels, "another seed, another image");
-    let batch = sd.generate(&req("a cat", vec![5, 6]), &mut |_, _| true).unwrap();
+    let batch = sd
+        .generate(&req("a cat", vec![5, 6]), &mut |_, _| true)
+        .unwrap();
     assert!(max_diff(&batch[0], &a[0]) <= 1);
     assert!(max_diff(&batch[1], &c[0]) <= 1);
     assert_eq!((a[0].width, a[0].height), (side, side));
@@ -225,7 +243,10 @@ async fn seeds_and_prompts_decide_the_image() {
     // The checkpoint is deterministic from its seed.
     let again = tempfile::tempdir().unwrap();
     models::image::random::write_random_checkpoint(again.path(), &text, 7).unwrap();
-    for f in ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"] {
+    for f in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ] {
         assert_eq!(
             std::fs::read(dir.path().join(f)).unwrap(),
             std::fs::read(again.path().join(f)).unwrap(),

@@ -45,7 +45,11 @@ pub fn prediction(rec: &JobRecord, id: &str) -> Value {
             p["metrics"]["predict_time"] = json!(f.saturating_sub(s) as f64 / 1000.0);
         }
     }
-    if let Some(progress) = rec.progress.as_ref().filter(|_| rec.state == JobState::InProgress) {
+    if let Some(progress) = rec
+        .progress
+        .as_ref()
+        .filter(|_| rec.state == JobState::InProgress)
+    {
         p["logs"] = json!(format!(
             "step {}/{}\n",
             progress["step"].as_u64().unwrap_or(0),

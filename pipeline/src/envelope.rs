@@ -137,7 +137,11 @@ pub struct S3Config {
 
 impl std::fmt::Debug for S3Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "S3Config {{ bucket: {:?}, endpoint: {:?}, credentials: **** }}", self.bucket_name, self.endpoint_url)
+        write!(
+            f,
+            "S3Config {{ bucket: {:?}, endpoint: {:?}, credentials: **** }}",
+            self.bucket_name, self.endpoint_url
+        )
     }
 }
 
@@ -147,11 +151,13 @@ fn s3_config(w: S3ConfigWire) -> Result<S3Config, RequestError> {
         return Err(invalid("s3Config.accessId", "must be 1 to 256 characters"));
     }
     if w.access_secret.is_empty() || w.access_secret.len() > 256 {
-        return Err(invalid("s3Config.accessSecret", "must be 1 to 256 characters"));
+        return Err(invalid(
+            "s3Config.accessSecret",
+            "must be 1 to 256 characters",
+        ));
     }
     let bucket_ok = (3..=63).contains(&w.bucket_name.len())
-        && w
-            .bucket_name
+        && w.bucket_name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
     if !bucket_ok {
@@ -164,7 +170,10 @@ fn s3_config(w: S3ConfigWire) -> Result<S3Config, RequestError> {
         .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
         .unwrap_or(false);
     if !ok {
-        return Err(invalid("s3Config.endpointUrl", "must be an absolute http or https URL"));
+        return Err(invalid(
+            "s3Config.endpointUrl",
+            "must be an absolute http or https URL",
+        ));
     }
     Ok(S3Config {
         access_id: w.access_id,
@@ -289,8 +298,13 @@ mod tests {
         assert_eq!(r.webhook.as_deref(), Some("http://127.0.0.1:9/cb"));
         let s3 = r.s3_config.unwrap();
         assert_eq!(s3.bucket_name, "my-bucket");
-        assert!(!format!("{s3:?}").contains("\"s\""), "the secret is not in Debug");
-        let body = format!(r#"{{"input":{INPUT},"s3Config":{{"accessId":"a","accessSecret":"s","bucketName":"B!","endpointUrl":"http://x"}}}}"#);
+        assert!(
+            !format!("{s3:?}").contains("\"s\""),
+            "the secret is not in Debug"
+        );
+        let body = format!(
+            r#"{{"input":{INPUT},"s3Config":{{"accessId":"a","accessSecret":"s","bucketName":"B!","endpointUrl":"http://x"}}}}"#
+        );
         let e = RunRequest::parse(JobKind::Chat, body.as_bytes()).unwrap_err();
         assert_eq!(e.input_error().field, "s3Config.bucketName");
     }

@@ -20,8 +20,8 @@ pub mod jobs;
 pub mod media_store;
 pub mod outbound;
 pub mod platform;
-pub mod secrets;
 pub mod queue;
+pub mod secrets;
 pub mod webhook;
 
 pub use envelope::{JobState, Policy, RunRequest};

@@ -52,6 +52,12 @@ pub enum MediaStore {
         client: aws_sdk_s3::Client,
         settings: S3Settings,
     },
+    /// Cog's `output_file_prefix`: each file is PUT at the prefix + its
+    /// name, through the outbound guard (the caller named the URL).
+    HttpPut {
+        prefix: String,
+        client: reqwest::Client,
+    },
 }
 
 /// A key part made safe: letters, digits, `.`, `_`, `-` kept, the rest `_`.
@@ -121,8 +127,24 @@ impl MediaStore {
         }
     }
 
+    /// A store that PUTs each file at `prefix` + its name (Cog's
+    /// `output_file_prefix`), dialling only what `guard` lets through.
+    pub fn http_put(
+        prefix: String,
+        guard: &crate::outbound::OutboundGuard,
+    ) -> Result<Self, MediaError> {
+        let client = guard
+            .client(std::time::Duration::from_secs(60))
+            .map_err(|e| MediaError::Io(e.to_string()))?;
+        Ok(MediaStore::HttpPut { prefix, client })
+    }
+
     fn url_of(&self, key: &str) -> String {
         match self {
+            MediaStore::HttpPut { prefix, .. } => {
+                // Only the file name goes after the prefix.
+                format!("{prefix}{}", key.rsplit('/').next().unwrap_or(key))
+            }
             MediaStore::Local { base_url, .. } => {
                 format!("{}/{key}", base_url.trim_end_matches('/'))
             }
@@ -148,6 +170,25 @@ impl MediaStore {
         content_type: &str,
     ) -> Result<Stored, MediaError> {
         match self {
+            MediaStore::HttpPut { client, .. } => {
+                let url = self.url_of(key);
+                let resp = client
+                    .put(&url)
+                    .header("content-type", content_type)
+                    .body(bytes)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        MediaError::Io(format!("PUT {}: {e}", crate::outbound::redact_url(&url)))
+                    })?;
+                if !resp.status().is_success() {
+                    return Err(MediaError::Io(format!(
+                        "PUT {}: answered {}",
+                        crate::outbound::redact_url(&url),
+                        resp.status()
+                    )));
+                }
+            }
             MediaStore::Local { dir, .. } => {
                 let path = dir.join(key);
                 let parent = path.parent().expect("a key has a parent").to_path_buf();

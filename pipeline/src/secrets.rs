@@ -87,7 +87,9 @@ mod tests {
         assert!(!sealed.contains("top secret"));
         assert_eq!(s.open("job-1", &sealed).unwrap(), b"top secret");
         assert!(s.open("job-2", &sealed).is_err());
-        let other = JobSecrets::from_base64(&base64::engine::general_purpose::STANDARD.encode([8u8; 32])).unwrap();
+        let other =
+            JobSecrets::from_base64(&base64::engine::general_purpose::STANDARD.encode([8u8; 32]))
+                .unwrap();
         assert!(other.open("job-1", &sealed).is_err());
         assert!(JobSecrets::from_base64("c2hvcnQ=").is_err());
     }

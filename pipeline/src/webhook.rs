@@ -73,7 +73,11 @@ pub struct WebhookConfig {
 pub fn callback_body(rec: &crate::queue::JobRecord) -> String {
     // A Cog prediction's callback is the prediction object, named as the
     // caller named it (`cog:{id}`; empty: the job id).
-    if let Some(id) = rec.hook_format.as_deref().and_then(|f| f.strip_prefix("cog:")) {
+    if let Some(id) = rec
+        .hook_format
+        .as_deref()
+        .and_then(|f| f.strip_prefix("cog:"))
+    {
         let id = if id.is_empty() { rec.id.as_str() } else { id };
         return crate::cog::prediction(rec, id).to_string();
     }
@@ -192,6 +196,34 @@ impl CallbackSender {
             cfg,
             settle_script: std::sync::Arc::new(redis::Script::new(LUA_SETTLE)),
         })
+    }
+
+    /// Sends one signed event (a Cog prediction's `start`, `output` or
+    /// `logs` webhook) once, no retries (as Cog sends them); the final
+    /// callback goes through the retried delivery instead.
+    pub async fn send_event(&self, url: &str, body: &str) -> Result<u16, PipelineError> {
+        let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+        let ts = (now_ms() / 1000) as i64;
+        let signature = self
+            .signer
+            .sign(&msg_id, ts, body.as_bytes())
+            .map_err(|e| PipelineError::Other(format!("signing: {e:?}")))?;
+        let target = self
+            .guard
+            .check_url(url)
+            .map_err(|e| PipelineError::Other(e.to_string()))?;
+        let resp = self
+            .http
+            .post(target)
+            .header("content-type", "application/json")
+            .header("webhook-id", msg_id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature)
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| PipelineError::Other(describe(e)))?;
+        Ok(resp.status().as_u16())
     }
 
     /// Leases the callbacks that are due now.
@@ -448,6 +480,7 @@ mod tests {
             expires_ms: None,
             sealed_s3: None,
             hook_format: None,
+            output_prefix: None,
         };
         assert_eq!(
             callback_body(&rec),

@@ -37,14 +37,21 @@ async fn cog_predictions_sync_async_put_events_webhook_and_cancel() {
 
     // Synchronous by default: the finished prediction.
     let hook = Receiver::start(0).await;
-    let body = json!({"input": chat_input(), "webhook": hook.url, "webhook_events_filter": ["completed"]});
+    let body =
+        json!({"input": chat_input(), "webhook": hook.url, "webhook_events_filter": ["completed"]});
     let (code, p) = api
         .post("/cog/chat/predictions", Some(API_KEY), body.to_string())
         .await;
     assert_eq!(code, StatusCode::OK, "{p}");
     assert_eq!(p["status"], "succeeded");
     assert_eq!(p["input"], chat_input());
-    assert_eq!(p["output"]["messages"][1]["options"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        p["output"]["messages"][1]["options"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
     for f in ["created_at", "started_at", "completed_at"] {
         assert!(p[f].as_str().is_some_and(|t| t.ends_with('Z')), "{f}: {p}");
     }
@@ -73,11 +80,16 @@ async fn cog_predictions_sync_async_put_events_webhook_and_cancel() {
     assert_eq!(p["status"], "starting");
     let id = p["id"].as_str().unwrap().to_string();
     let done = loop {
-        let (_, p) = api.get(&format!("/cog/chat/predictions/{id}"), Some(API_KEY)).await;
+        let (_, p) = api
+            .get(&format!("/cog/chat/predictions/{id}"), Some(API_KEY))
+            .await;
         if p["status"] == "succeeded" {
             break p;
         }
-        assert!(["starting", "processing"].contains(&p["status"].as_str().unwrap()), "{p}");
+        assert!(
+            ["starting", "processing"].contains(&p["status"].as_str().unwrap()),
+            "{p}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(done["output"].is_object());
@@ -129,8 +141,15 @@ async fn cog_predictions_sync_async_put_events_webhook_and_cancel() {
         .filter_map(|l| l.strip_prefix("event: "))
         .collect();
     assert_eq!(names.first(), Some(&"start"), "{text}");
-    assert_eq!(&names[names.len() - 2..], &["metric", "completed"], "{text}");
-    assert!(names[1..names.len() - 2].iter().all(|n| *n == "output") && names.len() > 3, "{names:?}");
+    assert_eq!(
+        &names[names.len() - 2..],
+        &["metric", "completed"],
+        "{text}"
+    );
+    assert!(
+        names[1..names.len() - 2].iter().all(|n| *n == "output") && names.len() > 3,
+        "{names:?}"
+    );
 
     // Cancel a queued prediction (no worker takes memory jobs here).
     let resp = api
@@ -144,7 +163,11 @@ async fn cog_predictions_sync_async_put_events_webhook_and_cancel() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 202);
     let (code, c) = api
-        .post("/cog/memory/predictions/to-cancel/cancel", Some(API_KEY), "")
+        .post(
+            "/cog/memory/predictions/to-cancel/cancel",
+            Some(API_KEY),
+            "",
+        )
         .await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(c["status"], "canceled", "{c}");
@@ -158,4 +181,135 @@ async fn cog_predictions_sync_async_put_events_webhook_and_cancel() {
         .await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(err["field"], "webhook_events_filter");
+}
+
+/// A PUT receiver: stores each body with its content type, by path.
+async fn put_receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>,
+) {
+    use axum::routing::put;
+    let got: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>> = Default::default();
+    let g = got.clone();
+    let app = axum::Router::new().route(
+        "/uploads/{name}",
+        put(
+            move |axum::extract::Path(name): axum::extract::Path<String>,
+                  headers: axum::http::HeaderMap,
+                  body: axum::body::Bytes| {
+                let g = g.clone();
+                async move {
+                    let ct = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    g.lock().unwrap().push((name, ct, body.to_vec()));
+                    StatusCode::CREATED
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/uploads/", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cog_event_webhooks_and_output_file_prefix() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let _worker = start_worker(
+        &redis,
+        &[
+            ("WORKER_KINDS", "chat,image"),
+            ("OUTBOUND_ALLOW", "127.0.0.0/8"),
+            ("IMAGE_STEPS", "2"),
+            ("MAX_NEW_TOKENS", "40"),
+        ],
+    );
+    let api = Api::new(&shim);
+    // start + output + completed: the start first, outputs with the text so
+    // far, one final prediction; all signed.
+    let hook = Receiver::start(0).await;
+    let body = json!({"input": chat_input(), "webhook": hook.url,
+                      "webhook_events_filter": ["start", "output", "completed"]});
+    let (code, p) = api
+        .post("/cog/chat/predictions", Some(API_KEY), body.to_string())
+        .await;
+    assert_eq!(code, StatusCode::OK, "{p}");
+    let wh = standardwebhooks::Webhook::new(WEBHOOK_SECRET).unwrap();
+    // Until the final prediction has come (the events may still be coming).
+    let mut n = 2;
+    let got = loop {
+        let got = hook.wait_for(n, Duration::from_secs(30)).await;
+        if got
+            .iter()
+            .any(|r| r.body.windows(11).any(|w| w == b"\"succeeded\""))
+        {
+            break got;
+        }
+        n = got.len() + 1;
+    };
+    let bodies: Vec<Value> = got
+        .iter()
+        .map(|r| {
+            wh.verify(&r.body, &r.headers).expect("signed");
+            serde_json::from_slice(&r.body).unwrap()
+        })
+        .collect();
+    assert_eq!(bodies[0]["status"], "processing", "start first: {bodies:?}");
+    assert!(bodies[0]["output"].is_null());
+    let finals: Vec<&Value> = bodies
+        .iter()
+        .filter(|b| b["status"] == "succeeded")
+        .collect();
+    assert_eq!(finals.len(), 1, "{bodies:?}");
+    assert_eq!(finals[0]["output"], p["output"]);
+    let outputs: Vec<&Value> = bodies
+        .iter()
+        .filter(|b| b["status"] == "processing" && b["output"].is_string())
+        .collect();
+    assert!(!outputs.is_empty(), "{bodies:?}");
+    let first_option = p["output"]["messages"][1]["options"][0]["text"]
+        .as_str()
+        .unwrap();
+    for o in &outputs {
+        let so_far = o["output"].as_str().unwrap();
+        assert!(
+            !so_far.is_empty() && first_option.starts_with(so_far.trim_end()),
+            "{so_far:?} / {first_option:?}"
+        );
+    }
+
+    // output_file_prefix: the image is PUT there, its URL is the output's.
+    let (prefix, uploads) = put_receiver().await;
+    let body = json!({"input": {"category": "portrait", "positive_prompt": "x", "width": 64, "height": 64},
+                      "output_file_prefix": prefix});
+    let (code, p) = api
+        .post("/cog/image/predictions", Some(API_KEY), body.to_string())
+        .await;
+    assert_eq!(code, StatusCode::OK, "{p}");
+    assert_eq!(p["status"], "succeeded", "{p}");
+    let url = p["output"]["images"][0]["cdnUrl"].as_str().unwrap();
+    assert_eq!(url, format!("{prefix}image-0.png"));
+    let got = uploads.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].0.as_str(), got[0].1.as_str()),
+        ("image-0.png", "image/png")
+    );
+    assert_eq!(&got[0].2[..4], b"\x89PNG");
+    // A prefix the shim's guard refuses (not loopback-allowed there) is a 422
+    // — the shim here allows 127.0.0.0/8, so a bad scheme shows the rule.
+    let (code, err) = api
+        .post(
+            "/cog/image/predictions",
+            Some(API_KEY),
+            json!({"input": {"category": "portrait", "positive_prompt": "x"}, "output_file_prefix": "ftp://127.0.0.1/x/"}).to_string(),
+        )
+        .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{err}");
+    assert_eq!(err["field"], "output_file_prefix");
 }

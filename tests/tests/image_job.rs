@@ -77,14 +77,25 @@ async fn an_image_by_skin_and_category_is_uploaded_recorded_called_back_and_deli
     let out = &done["output"];
     assert_eq!(out["generation_id"], generation_id.as_str());
     assert_eq!(out["seed"], 1234);
-    assert_eq!((out["width"].as_u64(), out["height"].as_u64()), (Some(128), Some(96)));
+    assert_eq!(
+        (out["width"].as_u64(), out["height"].as_u64()),
+        (Some(128), Some(96))
+    );
     // The prompt: the skin's style, the category's framing, the activity's
     // image fields and the job's own words.
     let prompt = out["prompt"].as_str().unwrap();
-    for part in ["smiling under the stars", "anime style", "portrait, head and shoulders", "silver hair"] {
+    for part in [
+        "smiling under the stars",
+        "anime style",
+        "portrait, head and shoulders",
+        "silver hair",
+    ] {
         assert!(prompt.contains(part), "{part:?} missing from {prompt:?}");
     }
-    assert!(out["negative_prompt"].as_str().unwrap().starts_with("blurry, "));
+    assert!(out["negative_prompt"]
+        .as_str()
+        .unwrap()
+        .starts_with("blurry, "));
     let images = out["images"].as_array().unwrap();
     assert_eq!(images.len(), 2);
     let mut shas = Vec::new();
@@ -136,7 +147,8 @@ async fn an_image_by_skin_and_category_is_uploaded_recorded_called_back_and_deli
     // The signed callback carries the same output.
     let got = hook.wait_for(1, Duration::from_secs(30)).await;
     let wh = standardwebhooks::Webhook::new(WEBHOOK_SECRET).unwrap();
-    wh.verify(&got[0].body, &got[0].headers).expect("callback signature verifies");
+    wh.verify(&got[0].body, &got[0].headers)
+        .expect("callback signature verifies");
     let cb: Value = serde_json::from_slice(&got[0].body).unwrap();
     assert_eq!(cb["status"], "COMPLETED");
     assert_eq!(cb["output"], *out);
@@ -170,23 +182,40 @@ async fn the_same_seed_gives_the_same_bytes_and_generation_mode_writes_the_promp
     let mut shas = Vec::new();
     for _ in 0..2 {
         let (code, queued) = api
-            .post("/v2/image/run", Some(API_KEY), json!({"input": input}).to_string())
+            .post(
+                "/v2/image/run",
+                Some(API_KEY),
+                json!({"input": input}).to_string(),
+            )
             .await;
         assert_eq!(code, StatusCode::OK, "{queued}");
         let done = api.wait_terminal(queued["id"].as_str().unwrap()).await;
         assert_eq!(done["status"], "COMPLETED", "{done}");
-        assert!(done["output"]["prompt"].as_str().unwrap().contains("photorealistic"));
+        assert!(done["output"]["prompt"]
+            .as_str()
+            .unwrap()
+            .contains("photorealistic"));
         shas.push(done["output"]["images"][0]["sha256"].clone());
     }
     assert_eq!(shas[0], shas[1], "same seed, same bytes");
     let mut other = input.clone();
     other["seed"] = json!(78);
     let (_, queued) = api
-        .post("/v2/image/run", Some(API_KEY), json!({"input": other}).to_string())
+        .post(
+            "/v2/image/run",
+            Some(API_KEY),
+            json!({"input": other}).to_string(),
+        )
         .await;
     let done = api.wait_terminal(queued["id"].as_str().unwrap()).await;
-    assert_ne!(done["output"]["images"][0]["sha256"], shas[0], "another seed, another image");
-    assert_eq!(platform.state.hits("skin") + platform.state.hits("activity"), 0);
+    assert_ne!(
+        done["output"]["images"][0]["sha256"], shas[0],
+        "another seed, another image"
+    );
+    assert_eq!(
+        platform.state.hits("skin") + platform.state.hits("activity"),
+        0
+    );
 
     // generation_mode: the text model writes the scene from the chat.
     let input = json!({
@@ -196,7 +225,11 @@ async fn the_same_seed_gives_the_same_bytes_and_generation_mode_writes_the_promp
         "messages": ["user: Let's go to the beach tonight!", "assistant: Yes! I'll bring a blanket and we can watch the waves."]
     });
     let (code, queued) = api
-        .post("/v2/image/run", Some(API_KEY), json!({"input": input}).to_string())
+        .post(
+            "/v2/image/run",
+            Some(API_KEY),
+            json!({"input": input}).to_string(),
+        )
         .await;
     assert_eq!(code, StatusCode::OK, "{queued}");
     let done = api.wait_terminal(queued["id"].as_str().unwrap()).await;
@@ -227,7 +260,10 @@ async fn each_broken_rule_is_a_422_naming_its_field_and_nothing_is_queued() {
     let ok = json!({"category": "selfie", "positive_prompt": "x"});
     let cases: Vec<(&str, Value)> = vec![
         ("category", json!({"positive_prompt": "x"})),
-        ("category", json!({"category": "underwater", "positive_prompt": "x"})),
+        (
+            "category",
+            json!({"category": "underwater", "positive_prompt": "x"}),
+        ),
         ("positive_prompt", json!({"positive_prompt": null})),
         ("width", json!({"width": 100})),
         ("height", json!({"height": 4096})),
@@ -239,8 +275,14 @@ async fn each_broken_rule_is_a_422_naming_its_field_and_nothing_is_queued() {
         ("seed", json!({"seed": "abc"})),
         ("skin_id", json!({"skin_id": "a/b"})),
         ("user_id", json!({"user_id": ""})),
-        ("generation_mode", json!({"generation_mode": "chat", "positive_prompt": null})),
-        ("negative_prompt", json!({"negative_prompt": "n".repeat(2001)})),
+        (
+            "generation_mode",
+            json!({"generation_mode": "chat", "positive_prompt": null}),
+        ),
+        (
+            "negative_prompt",
+            json!({"negative_prompt": "n".repeat(2001)}),
+        ),
         ("colour", json!({"colour": "red"})),
         ("webhook", json!({"webhook": "not a url"})),
     ];
@@ -265,19 +307,28 @@ async fn each_broken_rule_is_a_422_naming_its_field_and_nothing_is_queued() {
         // The same input through RunPod's form names it under input.
         if field != "webhook" {
             let (code, err) = api
-                .post("/v2/image/run", Some(API_KEY), json!({"input": body}).to_string())
+                .post(
+                    "/v2/image/run",
+                    Some(API_KEY),
+                    json!({"input": body}).to_string(),
+                )
                 .await;
             assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {err}");
             assert_eq!(err["field"], format!("input.{field}"), "{err}");
         }
     }
-    let (code, err) = api
-        .post("/v1/images/generate", Some(API_KEY), "[1]")
-        .await;
-    assert_eq!((code, err["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("body")));
+    let (code, err) = api.post("/v1/images/generate", Some(API_KEY), "[1]").await;
+    assert_eq!(
+        (code, err["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("body"))
+    );
     // Nothing reached the queue.
     let mut conn = redis.conn().await;
-    let keys: Vec<String> = redis::cmd("KEYS").arg("cw:job:*").query_async(&mut conn).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("cw:job:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(keys.is_empty(), "{keys:?}");
 }
 

@@ -399,7 +399,10 @@ async fn progress_is_recorded_and_streamed_only_while_the_run_holds_the_job() {
     let guard = LeaseGuard::new(&q, &lease);
     let one = json!({"step": 1, "steps": 4});
     assert!(guard.publish_progress(&one).await.unwrap());
-    assert_eq!(q.get(&rec.id).await.unwrap().unwrap().progress, Some(one.clone()));
+    assert_eq!(
+        q.get(&rec.id).await.unwrap().unwrap().progress,
+        Some(one.clone())
+    );
     consumer
         .finish(&lease, Outcome::Completed(json!({"ok": true})))
         .await

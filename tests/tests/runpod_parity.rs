@@ -60,7 +60,10 @@ async fn s3_config_sends_the_media_to_the_callers_bucket_and_the_callback_has_ti
     assert!(fields.iter().all(|v| !v.contains(S3_SECRET)), "{fields:?}");
     // /status-sync holds until the job ends.
     let (code, done) = api
-        .get(&format!("/v2/image/status-sync/{id}?wait=120000"), Some(API_KEY))
+        .get(
+            &format!("/v2/image/status-sync/{id}?wait=120000"),
+            Some(API_KEY),
+        )
         .await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(done["status"], "COMPLETED", "{done}");
@@ -128,7 +131,9 @@ async fn status_waits_and_the_polled_stream_carries_every_option() {
     let mut options = std::collections::BTreeSet::new();
     let mut texts = vec![String::new(); 3];
     loop {
-        let (_, polled) = api.get(&format!("/v2/chat/stream/{id}"), Some(API_KEY)).await;
+        let (_, polled) = api
+            .get(&format!("/v2/chat/stream/{id}"), Some(API_KEY))
+            .await;
         for chunk in polled["stream"].as_array().unwrap() {
             let o = chunk["option"].as_u64().unwrap_or(0) as usize;
             options.insert(o);
@@ -143,7 +148,9 @@ async fn status_waits_and_the_polled_stream_carries_every_option() {
             .await;
         assert!(st["status"].is_string());
     }
-    let (_, last) = api.get(&format!("/v2/chat/stream/{id}"), Some(API_KEY)).await;
+    let (_, last) = api
+        .get(&format!("/v2/chat/stream/{id}"), Some(API_KEY))
+        .await;
     for chunk in last["stream"].as_array().unwrap() {
         let o = chunk["option"].as_u64().unwrap_or(0) as usize;
         options.insert(o);
@@ -155,10 +162,17 @@ async fn status_waits_and_the_polled_stream_carries_every_option() {
         .await;
     let reply = &done["output"]["messages"][1]["options"];
     for (i, t) in texts.iter().enumerate() {
-        assert_eq!(reply[i]["text"].as_str().unwrap().trim(), t.trim(), "option {i}");
+        assert_eq!(
+            reply[i]["text"].as_str().unwrap().trim(),
+            t.trim(),
+            "option {i}"
+        );
     }
     let (code, err) = api
         .get(&format!("/v2/chat/status/{id}?wait=5"), Some(API_KEY))
         .await;
-    assert_eq!((code, err["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("wait")));
+    assert_eq!(
+        (code, err["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("wait"))
+    );
 }

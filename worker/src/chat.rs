@@ -393,15 +393,15 @@ impl ChatEngine {
                 text
             })
             .collect();
-        let chat_usage = job
-            .generation
-            .as_ref()
-            .filter(|g| g.usage)
-            .map(|_| pipeline::jobs::chat::ChatUsage {
-                prompt_tokens: generation.prompt_tokens as u64,
-                completion_tokens: generation.options.iter().map(|o| o.tokens as u64).sum(),
-                finish_reasons,
-            });
+        let chat_usage =
+            job.generation
+                .as_ref()
+                .filter(|g| g.usage)
+                .map(|_| pipeline::jobs::chat::ChatUsage {
+                    prompt_tokens: generation.prompt_tokens as u64,
+                    completion_tokens: generation.options.iter().map(|o| o.tokens as u64).sum(),
+                    finish_reasons,
+                });
         let audio = match (&self.tts, job.generate_audio) {
             (Some(tts), true) => {
                 let spoken = tts

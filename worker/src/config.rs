@@ -271,6 +271,10 @@ pub struct WorkerConfig {
     /// job carries (RunPod's per-request `s3Config`).
     #[arg(long, env = "JOB_SECRETS_KEY", hide_env_values = true)]
     pub job_secrets_key: Option<String>,
+    /// CIDRs and host names the worker may dial besides public addresses
+    /// for URLs a caller named (Cog's `output_file_prefix`); as the shim's.
+    #[arg(long, env = "OUTBOUND_ALLOW", default_value = "")]
+    pub outbound_allow: String,
     /// Local folder for media when no S3 bucket is set (the embedded mode).
     #[arg(long, env = "MEDIA_DIR", default_value = "media")]
     pub media_dir: PathBuf,
@@ -322,6 +326,13 @@ impl WorkerConfig {
         c
     }
 
+    /// The outbound guard (`OUTBOUND_ALLOW`).
+    pub fn outbound_guard(&self) -> anyhow::Result<pipeline::outbound::OutboundGuard> {
+        let allow = pipeline::outbound::OutboundAllow::parse(&self.outbound_allow)
+            .map_err(|e| anyhow::anyhow!("OUTBOUND_ALLOW: {e}"))?;
+        Ok(pipeline::outbound::OutboundGuard::new(allow))
+    }
+
     /// Whether this worker can serve image jobs: a model is named, or the
     /// random default is installed.
     pub fn image_enabled(&self) -> bool {
@@ -339,15 +350,17 @@ impl WorkerConfig {
     /// Where media goes: the S3 bucket when one is set, else `MEDIA_DIR`.
     pub fn media_store(&self) -> pipeline::media_store::MediaStore {
         match &self.s3_bucket {
-            Some(bucket) => pipeline::media_store::MediaStore::s3(pipeline::media_store::S3Settings {
-                endpoint: self.s3_endpoint.clone(),
-                region: self.s3_region.clone(),
-                bucket: bucket.clone(),
-                access_key_id: self.s3_access_key_id.clone(),
-                secret_access_key: self.s3_secret_access_key.clone(),
-                force_path_style: self.s3_force_path_style,
-                cdn_base_url: self.media_cdn_base_url.clone(),
-            }),
+            Some(bucket) => {
+                pipeline::media_store::MediaStore::s3(pipeline::media_store::S3Settings {
+                    endpoint: self.s3_endpoint.clone(),
+                    region: self.s3_region.clone(),
+                    bucket: bucket.clone(),
+                    access_key_id: self.s3_access_key_id.clone(),
+                    secret_access_key: self.s3_secret_access_key.clone(),
+                    force_path_style: self.s3_force_path_style,
+                    cdn_base_url: self.media_cdn_base_url.clone(),
+                })
+            }
             None => {
                 let dir = std::path::absolute(&self.media_dir).unwrap_or(self.media_dir.clone());
                 pipeline::media_store::MediaStore::local(dir, self.media_cdn_base_url.clone())

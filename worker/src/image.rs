@@ -118,7 +118,10 @@ pub async fn gather_context(
                 .get(&format!("/v1/instances/{}", encode_segment(id)), None)
                 .await
                 .map_err(|e| fetch_err("instance", e))?;
-            match instance["activity_id"].as_str().filter(|a| pipeline::platform::is_valid_id(a)) {
+            match instance["activity_id"]
+                .as_str()
+                .filter(|a| pipeline::platform::is_valid_id(a))
+            {
                 Some(activity) => client
                     .get(&format!("/v1/activities/{activity}"), None)
                     .await
@@ -205,7 +208,12 @@ pub fn build_prompts(
             .generate(&prompt, 1, &params, cancelled)
             .map_err(|e| JobError::new(format!("writing the image prompt failed: {e}")))?;
         usage.add(&g);
-        let answer = g.options.into_iter().next().map(|o| o.text).unwrap_or_default();
+        let answer = g
+            .options
+            .into_iter()
+            .next()
+            .map(|o| o.text)
+            .unwrap_or_default();
         let scene = media::clean_generated_prompt(&answer, 300);
         tracing::info!(scene = %scene, "the text model wrote the scene");
         media::merge_generated(&character, style, category, nsfw, &scene, seed)
@@ -242,7 +250,9 @@ pub fn job_seed(job: &ImageJob, run_seed: u64) -> u64 {
 
 /// The generation id: the job's own, else the job id.
 pub fn generation_id(job: &ImageJob, job_id: &str) -> String {
-    job.generation_id.clone().unwrap_or_else(|| job_id.to_string())
+    job.generation_id
+        .clone()
+        .unwrap_or_else(|| job_id.to_string())
 }
 
 impl ImageRun<'_> {
@@ -259,7 +269,10 @@ impl ImageRun<'_> {
             width: self.job.width.map(|w| w as usize).unwrap_or(side),
             height: self.job.height.map(|h| h as usize).unwrap_or(side),
             steps: self.job.steps.unwrap_or(self.service.default_steps) as usize,
-            guidance_scale: self.job.guidance_scale.unwrap_or(self.service.default_guidance),
+            guidance_scale: self
+                .job
+                .guidance_scale
+                .unwrap_or(self.service.default_guidance),
             seeds: (0..self.job.num_options as u64)
                 .map(|i| self.seed.wrapping_add(i))
                 .collect(),
@@ -307,8 +320,10 @@ impl ImageRun<'_> {
                 .await
                 .map_err(|e| JobError::new(format!("uploading image {i} failed: {e}")))?;
             // Stable ids: a re-run of the job names the same media.
-            let media_id =
-                uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("{}/{i}", self.job_id).as_bytes());
+            let media_id = uuid::Uuid::new_v5(
+                &uuid::Uuid::NAMESPACE_URL,
+                format!("{}/{i}", self.job_id).as_bytes(),
+            );
             let record_id = uuid::Uuid::new_v5(&media_id, b"user_media");
             media_records.push(UserMedia {
                 id: record_id.to_string(),

@@ -213,6 +213,7 @@ async fn run_embedded(
         history_messages: cfg.history_messages,
         memory_max_words: cfg.memory_max_words,
         image: cfg.image_service(&[kind]).await?,
+        outbound: cfg.outbound_guard()?,
     });
     let (queue, mut consumer) = memory_queue();
     let worker = tokio::spawn(async move {

@@ -45,6 +45,7 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
         history_messages: cfg.history_messages,
         memory_max_words: cfg.memory_max_words,
         image: cfg.image_service(&kinds).await?,
+        outbound: cfg.outbound_guard()?,
     });
     let queue = RedisQueue::connect_with_retry(&cfg.redis_url, cfg.queue_config()).await?;
     queue.warn_if_not_persistent().await;
@@ -293,7 +294,20 @@ async fn run_lease(
                 cdn_base_url: None,
             },
         ))),
-        Ok(None) => None,
+        Ok(None) => match &lease.record.output_prefix {
+            // Cog's output_file_prefix: PUT there, through the guard.
+            Some(prefix) => match pipeline::media_store::MediaStore::http_put(
+                prefix.clone(),
+                &services.outbound,
+            ) {
+                Ok(store) => Some(Arc::new(store)),
+                Err(e) => {
+                    tracing::error!(job = %id, error = %e, "output_file_prefix store");
+                    None
+                }
+            },
+            None => None,
+        },
         Err(e) => {
             tracing::error!(job = %id, error = %e, "the job's s3Config cannot be opened");
             None

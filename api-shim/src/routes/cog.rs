@@ -48,7 +48,11 @@ fn invalid(field: &str, rule: &str) -> ApiError {
 /// The job id of the caller's prediction `id` (a `PUT`): stable, and
 /// private to the caller's tenant.
 fn job_id_for(owner: &str, id: &str) -> String {
-    uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, format!("cog/{owner}/{id}").as_bytes()).to_string()
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_URL,
+        format!("cog/{owner}/{id}").as_bytes(),
+    )
+    .to_string()
 }
 
 /// The prediction's id as the caller named it.
@@ -78,7 +82,9 @@ pub async fn health_check(
     } else {
         "READY"
     };
-    Ok(Json(json!({"status": status, "setup": {"status": if workers > 0 { "succeeded" } else { "starting" }}})))
+    Ok(Json(
+        json!({"status": status, "setup": {"status": if workers > 0 { "succeeded" } else { "starting" }}}),
+    ))
 }
 
 /// `POST /cog/{kind}/predictions`.
@@ -126,9 +132,15 @@ pub async fn cancel(
 ) -> Result<Json<Value>, ApiError> {
     kind(&name)?;
     let rec = find(&state, &caller, &id).await?;
-    state.queue.cancel(&rec.id, "cancelled by the client").await?;
+    state
+        .queue
+        .cancel(&rec.id, "cancelled by the client")
+        .await?;
     if rec.state == pipeline::JobState::InProgress {
-        let _ = state.queue.request_stop(&rec.id, "cancelled by the client").await;
+        let _ = state
+            .queue
+            .request_stop(&rec.id, "cancelled by the client")
+            .await;
     }
     let rec = find(&state, &caller, &id).await?;
     Ok(Json(cog::prediction(&rec, &id)))
@@ -168,25 +180,51 @@ async fn predict(
         return Err(invalid("body", "must be a JSON object"));
     };
     for k in body.keys() {
-        if !["input", "id", "webhook", "webhook_events_filter", "output_file_prefix", "created_at", "context"]
-            .contains(&k.as_str())
+        if ![
+            "input",
+            "id",
+            "webhook",
+            "webhook_events_filter",
+            "output_file_prefix",
+            "created_at",
+            "context",
+        ]
+        .contains(&k.as_str())
         {
             return Err(invalid(k, "is not a field of a prediction request"));
         }
     }
-    if body.get("output_file_prefix").is_some_and(|v| !v.is_null()) {
-        return Err(invalid(
-            "output_file_prefix",
-            "is not supported: media go to the worker's store (or the request's s3Config on /run)",
-        ));
-    }
+    let output_prefix = match body.get("output_file_prefix") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(p)) => {
+            // The workers PUT there on the caller's behalf: the same guard.
+            let url = state
+                .callbacks
+                .guard()
+                .check_url(p)
+                .map_err(|e| invalid("output_file_prefix", &e.to_string()))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(invalid(
+                    "output_file_prefix",
+                    "must be an absolute http or https URL",
+                ));
+            }
+            Some(p.clone())
+        }
+        Some(_) => return Err(invalid("output_file_prefix", "must be a URL")),
+    };
     let filter: Vec<String> = match body.get("webhook_events_filter") {
         None | Some(Value::Null) => EVENTS.iter().map(|e| e.to_string()).collect(),
         Some(Value::Array(a)) => a
             .iter()
             .map(|e| e.as_str().filter(|e| EVENTS.contains(e)).map(String::from))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| invalid("webhook_events_filter", "must list start, output, logs or completed"))?,
+            .ok_or_else(|| {
+                invalid(
+                    "webhook_events_filter",
+                    "must list start, output, logs or completed",
+                )
+            })?,
         Some(_) => return Err(invalid("webhook_events_filter", "must be an array")),
     };
     let mut envelope = json!({ "input": body.get("input").cloned().unwrap_or(json!({})) });
@@ -227,6 +265,7 @@ async fn predict(
                         EnqueueOptions {
                             id: Some(&job),
                             hook_format: Some(&format),
+                            output_prefix: output_prefix.as_deref(),
                         },
                     )
                     .await?
@@ -240,7 +279,10 @@ async fn predict(
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 let rec = found.ok_or_else(|| {
-                    ApiError::new(StatusCode::CONFLICT, format!("prediction {id} is being created"))
+                    ApiError::new(
+                        StatusCode::CONFLICT,
+                        format!("prediction {id} is being created"),
+                    )
                 })?;
                 return Ok((StatusCode::ACCEPTED, Json(cog::prediction(&rec, id))).into_response());
             }
@@ -254,6 +296,7 @@ async fn predict(
                     EnqueueOptions {
                         id: None,
                         hook_format: Some("cog:"),
+                        output_prefix: output_prefix.as_deref(),
                     },
                 )
                 .await?
@@ -265,6 +308,21 @@ async fn predict(
         .with_label_values(&[kind.as_str()])
         .inc();
     let shown = shown.unwrap_or_else(|| shown_id(&rec));
+    // start / output / logs webhooks: sent once each, as they happen.
+    let intermediate: Vec<String> = filter
+        .iter()
+        .filter(|e| *e != "completed")
+        .cloned()
+        .collect();
+    if let (Some(Value::String(url)), false) = (body.get("webhook"), intermediate.is_empty()) {
+        tokio::spawn(send_intermediate(
+            state.clone(),
+            rec.id.clone(),
+            shown.clone(),
+            url.clone(),
+            intermediate,
+        ));
+    }
     let wants_events = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -291,6 +349,94 @@ async fn predict(
     Ok((code, Json(cog::prediction(&done, &shown))).into_response())
 }
 
+/// A prediction's `start`, `output` and `logs` webhooks (those the filter
+/// names): `start` when a worker takes the job, `output`/`logs` with the
+/// text and progress so far, at most every 500 ms; each sent once, signed.
+/// The final (`completed`) webhook is the retried callback.
+async fn send_intermediate(
+    state: AppState,
+    job: String,
+    shown: String,
+    url: String,
+    events: Vec<String>,
+) {
+    const EVERY: Duration = Duration::from_millis(500);
+    let wants = |e: &str| events.iter().any(|x| x == e);
+    let send = |p: Value| {
+        let (state, url) = (state.clone(), url.clone());
+        async move {
+            if let Err(e) = state.callbacks.send_event(&url, &p.to_string()).await {
+                tracing::warn!(error = %e, "a prediction event webhook failed");
+            }
+        }
+    };
+    // The worker's pickup: the record leaves IN_QUEUE.
+    let rec = loop {
+        match state.queue.get(&job).await {
+            Ok(Some(r)) if r.state != pipeline::JobState::InQueue => break r,
+            Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ => return,
+        }
+    };
+    if rec.state.is_terminal() {
+        return;
+    }
+    if wants("start") {
+        send(cog::prediction(&rec, &shown)).await;
+    }
+    if !wants("output") && !wants("logs") {
+        return;
+    }
+    let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+        .acquire_owned()
+        .await
+        .expect("a new semaphore");
+    let Ok(mut reader) = TokenReader::new(&state, permit, &job).await else {
+        return;
+    };
+    let (mut output, mut logs) = (String::new(), String::new());
+    let (mut new_output, mut new_logs) = (false, false);
+    let mut last = tokio::time::Instant::now() - EVERY;
+    loop {
+        let ended = match reader.next().await {
+            Ok(Some(TokenEvent::Text { option: 0, text })) => {
+                output.push_str(&text);
+                new_output = true;
+                false
+            }
+            Ok(Some(TokenEvent::Progress { progress })) => {
+                logs.push_str(&format!(
+                    "step {}/{}\n",
+                    progress["step"], progress["steps"]
+                ));
+                new_logs = true;
+                false
+            }
+            Ok(Some(TokenEvent::Text { .. })) => false,
+            _ => true,
+        };
+        if ended {
+            return;
+        }
+        let due = (new_output && wants("output")) || (new_logs && wants("logs"));
+        if due && last.elapsed() >= EVERY {
+            let Ok(Some(rec)) = state.queue.get(&job).await else {
+                return;
+            };
+            if rec.state.is_terminal() {
+                return;
+            }
+            let mut p = cog::prediction(&rec, &shown);
+            p["output"] = json!(output);
+            p["logs"] = json!(logs);
+            send(p).await;
+            last = tokio::time::Instant::now();
+            new_output = false;
+            new_logs = false;
+        }
+    }
+}
+
 /// The prediction's events: `start`, `output` per text delta, `log` per
 /// progress step, then `metric` and `completed`.
 fn events_response(
@@ -315,24 +461,28 @@ fn events_response(
                 }
                 match reader.next().await {
                     Ok(Some(TokenEvent::Text { option: 0, text })) => {
-                        queue.push_back(Event::default().event("output").data(json!(text).to_string()));
+                        queue.push_back(
+                            Event::default()
+                                .event("output")
+                                .data(json!(text).to_string()),
+                        );
                     }
                     Ok(Some(TokenEvent::Text { .. })) => {}
                     Ok(Some(TokenEvent::Progress { progress })) => {
-                        queue.push_back(Event::default().event("log").data(format!(
-                            "step {}/{}",
-                            progress["step"], progress["steps"]
-                        )));
+                        queue.push_back(
+                            Event::default()
+                                .event("log")
+                                .data(format!("step {}/{}", progress["step"], progress["steps"])),
+                        );
                     }
                     Ok(Some(TokenEvent::End { .. })) | Ok(None) | Err(_) => {
                         if let Ok(Some(rec)) = state.queue.get(&job).await {
                             let p = cog::prediction(&rec, &shown);
-                            queue.push_back(
-                                Event::default()
-                                    .event("metric")
-                                    .data(json!({"predict_time": p["metrics"]["predict_time"]}).to_string()),
-                            );
-                            queue.push_back(Event::default().event("completed").data(p.to_string()));
+                            queue.push_back(Event::default().event("metric").data(
+                                json!({"predict_time": p["metrics"]["predict_time"]}).to_string(),
+                            ));
+                            queue
+                                .push_back(Event::default().event("completed").data(p.to_string()));
                         }
                         done = true;
                     }

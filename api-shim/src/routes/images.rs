@@ -55,6 +55,8 @@ pub async fn generate(
     tracing::info!(job = %rec.id, generation = %generation_id, "image job queued");
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"job_id": rec.id, "generation_id": generation_id, "status": rec.state.as_str()})),
+        Json(
+            json!({"job_id": rec.id, "generation_id": generation_id, "status": rec.state.as_str()}),
+        ),
     ))
 }

@@ -59,7 +59,9 @@ impl From<ApiError> for OpenAiError {
             400..=499 => "invalid_request_error",
             _ => "server_error",
         };
-        let param = e.field.map(|f| f.strip_prefix("input.").unwrap_or(&f).to_string());
+        let param = e
+            .field
+            .map(|f| f.strip_prefix("input.").unwrap_or(&f).to_string());
         Self {
             status: e.status,
             message: e.message,
@@ -122,29 +124,66 @@ fn text_of(content: &Value, at: &str) -> Result<String, OpenAiError> {
             })
             .collect::<Result<Vec<_>, _>>()
             .map(|v| v.join("\n")),
-        _ => Err(OpenAiError::invalid(at, "must be a string or an array of text parts")),
+        _ => Err(OpenAiError::invalid(
+            at,
+            "must be a string or an array of text parts",
+        )),
     }
 }
 
 /// The chat job's input for an OpenAI request.
-fn job_input(body: &Map<String, Value>, default_character: &str) -> Result<(Value, Asked), OpenAiError> {
+fn job_input(
+    body: &Map<String, Value>,
+    default_character: &str,
+) -> Result<(Value, Asked), OpenAiError> {
     const KNOWN: &[&str] = &[
-        "model", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-        "seed", "stop", "stream", "stream_options", "character", "character_params", "user",
-        "frequency_penalty", "presence_penalty", "logit_bias", "response_format", "metadata", "store",
+        "model",
+        "messages",
+        "n",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "character",
+        "character_params",
+        "user",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "response_format",
+        "metadata",
+        "store",
     ];
     if let Some(k) = body.keys().find(|k| !KNOWN.contains(&k.as_str())) {
-        return Err(OpenAiError::invalid(k, format!("unrecognized request argument: {k}")));
+        return Err(OpenAiError::invalid(
+            k,
+            format!("unrecognized request argument: {k}"),
+        ));
     }
     let model = match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
-        _ => return Err(OpenAiError::invalid("model", "you must provide a model parameter")),
+        _ => {
+            return Err(OpenAiError::invalid(
+                "model",
+                "you must provide a model parameter",
+            ))
+        }
     };
     let Some(Value::Array(msgs)) = body.get("messages") else {
-        return Err(OpenAiError::invalid("messages", "must be a non-empty array of messages"));
+        return Err(OpenAiError::invalid(
+            "messages",
+            "must be a non-empty array of messages",
+        ));
     };
     if msgs.is_empty() {
-        return Err(OpenAiError::invalid("messages", "must be a non-empty array of messages"));
+        return Err(OpenAiError::invalid(
+            "messages",
+            "must be a non-empty array of messages",
+        ));
     }
     let mut system = Vec::new();
     let mut turns = Vec::new();
@@ -195,8 +234,15 @@ fn job_input(body: &Map<String, Value>, default_character: &str) -> Result<(Valu
             .iter()
             .map(|s| s.as_str().map(String::from))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| OpenAiError::invalid("stop", "must be a string or an array of strings"))?,
-        Some(_) => return Err(OpenAiError::invalid("stop", "must be a string or an array of strings")),
+            .ok_or_else(|| {
+                OpenAiError::invalid("stop", "must be a string or an array of strings")
+            })?,
+        Some(_) => {
+            return Err(OpenAiError::invalid(
+                "stop",
+                "must be a string or an array of strings",
+            ))
+        }
     };
     let stream = match body.get("stream") {
         None | Some(Value::Null) => false,
@@ -270,11 +316,17 @@ pub async fn chat_completions(
         return Err(OpenAiError::invalid("body", "must be a JSON object"));
     };
     let (input, asked) = job_input(&body, &state.cfg.openai_default_character)?;
-    let req = RunRequest::parse(JobKind::Chat, json!({ "input": input }).to_string().as_bytes())
-        .map_err(|e| {
-            let e = e.input_error();
-            OpenAiError::invalid(&openai_param(&e.field), format!("{}: {}", openai_param(&e.field), e.rule))
-        })?;
+    let req = RunRequest::parse(
+        JobKind::Chat,
+        json!({ "input": input }).to_string().as_bytes(),
+    )
+    .map_err(|e| {
+        let e = e.input_error();
+        OpenAiError::invalid(
+            &openai_param(&e.field),
+            format!("{}: {}", openai_param(&e.field), e.rule),
+        )
+    })?;
     let slot = if asked.stream {
         Some(state.limits.open_stream(caller.key)?)
     } else {
@@ -314,14 +366,22 @@ pub async fn chat_completions(
         }
         (st, _) if st.is_terminal() => Err(OpenAiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: format!("the completion {} ended {}: {}", rec.id, st.as_str(), done.error.unwrap_or_default()),
+            message: format!(
+                "the completion {} ended {}: {}",
+                rec.id,
+                st.as_str(),
+                done.error.unwrap_or_default()
+            ),
             kind: "server_error",
             param: None,
             code: None,
         }),
         _ => Err(OpenAiError {
             status: StatusCode::GATEWAY_TIMEOUT,
-            message: format!("the completion {} is still running; poll /status/{}", rec.id, rec.id),
+            message: format!(
+                "the completion {} is still running; poll /status/{}",
+                rec.id, rec.id
+            ),
             kind: "timeout",
             param: None,
             code: None,
@@ -335,13 +395,20 @@ fn read_output(output: &Value) -> (Vec<String>, Value) {
         .as_array()
         .and_then(|m| m.last())
         .and_then(|m| m["options"].as_array())
-        .map(|o| o.iter().map(|x| x["text"].as_str().unwrap_or_default().to_string()).collect())
+        .map(|o| {
+            o.iter()
+                .map(|x| x["text"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
         .unwrap_or_default();
     (texts, output["usage"].clone())
 }
 
 fn finish_reason(usage: &Value, i: usize) -> Value {
-    usage["finish_reasons"].get(i).cloned().unwrap_or(json!("stop"))
+    usage["finish_reasons"]
+        .get(i)
+        .cloned()
+        .unwrap_or(json!("stop"))
 }
 
 fn usage_body(usage: &Value) -> Value {
@@ -391,7 +458,11 @@ impl Streaming {
         }
         c.pending.push_str(text);
         let mut emit = String::new();
-        if let Some(at) = stops.iter().filter_map(|s| c.pending.find(s.as_str())).min() {
+        if let Some(at) = stops
+            .iter()
+            .filter_map(|s| c.pending.find(s.as_str()))
+            .min()
+        {
             emit.push_str(&c.pending[..at]);
             c.pending.clear();
             c.stopped = true;
@@ -399,7 +470,11 @@ impl Streaming {
             // Hold back the longest tail that begins some stop sequence.
             let hold = stops
                 .iter()
-                .flat_map(|s| (1..s.len()).filter(|k| s.is_char_boundary(*k)).map(move |k| &s[..k]))
+                .flat_map(|s| {
+                    (1..s.len())
+                        .filter(|k| s.is_char_boundary(*k))
+                        .map(move |k| &s[..k])
+                })
                 .filter(|prefix| c.pending.ends_with(prefix))
                 .map(|p| p.len())
                 .max()

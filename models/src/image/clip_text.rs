@@ -108,12 +108,15 @@ impl EncoderLayer {
     }
 
     fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let h = (xs + self
-            .self_attn
-            .forward(&self.layer_norm1.forward(xs)?, mask)?)?;
-        let m = self
-            .fc2
-            .forward(&self.act.forward(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?)?;
+        let h = (xs
+            + self
+                .self_attn
+                .forward(&self.layer_norm1.forward(xs)?, mask)?)?;
+        let m = self.fc2.forward(
+            &self
+                .act
+                .forward(&self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?,
+        )?;
         h + m
     }
 }
@@ -142,7 +145,11 @@ pub struct ClipTextModel {
 impl ClipTextModel {
     /// `with_projection`: a `CLIPTextModelWithProjection` (SDXL's second
     /// encoder), whose `text_projection` makes the pooled embedding.
-    pub fn new(vb: VarBuilder, c: &ClipTextConfig, with_projection: bool) -> std::result::Result<Self, ModelError> {
+    pub fn new(
+        vb: VarBuilder,
+        c: &ClipTextConfig,
+        with_projection: bool,
+    ) -> std::result::Result<Self, ModelError> {
         let act = Activation::parse(&c.hidden_act)?;
         let tm = vb.pp("text_model");
         let layers = (0..c.num_hidden_layers)

@@ -74,7 +74,8 @@ pub fn vocab_from_bpe(text: &str) -> Result<(Vec<String>, Vec<String>), ModelErr
 
 /// Reads the gzipped BPE file.
 pub fn read_bpe_gz(path: &Path) -> Result<String, ModelError> {
-    let raw = std::fs::read(path).map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;
+    let raw =
+        std::fs::read(path).map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;
     let mut text = String::new();
     flate2::read::GzDecoder::new(&raw[..])
         .read_to_string(&mut text)

@@ -167,7 +167,11 @@ impl UNetConfig {
         }
         if !(self.only_cross_attention.is_null() || self.only_cross_attention == Value::Bool(false))
         {
-            return Err(refuse(f, "only_cross_attention", &self.only_cross_attention));
+            return Err(refuse(
+                f,
+                "only_cross_attention",
+                &self.only_cross_attention,
+            ));
         }
         if let PerBlock::Each(v) = &self.layers_per_block {
             if v.iter().any(|x| *x != v[0]) {

@@ -48,22 +48,19 @@ impl ImageFormat {
 pub fn encode(img: &RgbImage, format: ImageFormat) -> Result<Vec<u8>, ModelError> {
     let mut out = Cursor::new(Vec::new());
     let (w, h) = (img.width as u32, img.height as u32);
-    let res = match format {
-        ImageFormat::Png => image::codecs::png::PngEncoder::new(&mut out).write_image(
-            &img.pixels,
-            w,
-            h,
-            ExtendedColorType::Rgb8,
-        ),
-        ImageFormat::Webp => image::codecs::webp::WebPEncoder::new_lossless(&mut out).write_image(
-            &img.pixels,
-            w,
-            h,
-            ExtendedColorType::Rgb8,
-        ),
-        ImageFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-            .write_image(&img.pixels, w, h, ExtendedColorType::Rgb8),
-    };
+    let res =
+        match format {
+            ImageFormat::Png => image::codecs::png::PngEncoder::new(&mut out).write_image(
+                &img.pixels,
+                w,
+                h,
+                ExtendedColorType::Rgb8,
+            ),
+            ImageFormat::Webp => image::codecs::webp::WebPEncoder::new_lossless(&mut out)
+                .write_image(&img.pixels, w, h, ExtendedColorType::Rgb8),
+            ImageFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+                .write_image(&img.pixels, w, h, ExtendedColorType::Rgb8),
+        };
     res.map_err(|e| ModelError::Format(format!("encoding {format:?}: {e}")))?;
     Ok(out.into_inner())
 }

@@ -21,12 +21,24 @@ use crate::ModelError;
 /// The files of a diffusers checkpoint the pipeline reads, per component.
 const COMPONENT_FILES: &[(&str, &[&str])] = &[
     ("scheduler", &["scheduler_config.json"]),
-    ("tokenizer", &["vocab.json", "merges.txt", "tokenizer_config.json"]),
-    ("tokenizer_2", &["vocab.json", "merges.txt", "tokenizer_config.json"]),
+    (
+        "tokenizer",
+        &["vocab.json", "merges.txt", "tokenizer_config.json"],
+    ),
+    (
+        "tokenizer_2",
+        &["vocab.json", "merges.txt", "tokenizer_config.json"],
+    ),
     ("text_encoder", &["config.json", "model.safetensors"]),
     ("text_encoder_2", &["config.json", "model.safetensors"]),
-    ("unet", &["config.json", "diffusion_pytorch_model.safetensors"]),
-    ("vae", &["config.json", "diffusion_pytorch_model.safetensors"]),
+    (
+        "unet",
+        &["config.json", "diffusion_pytorch_model.safetensors"],
+    ),
+    (
+        "vae",
+        &["config.json", "diffusion_pytorch_model.safetensors"],
+    ),
 ];
 
 /// The checkpoint folder `IMAGE_MODEL` names: empty for the random default
@@ -66,7 +78,10 @@ pub async fn resolve_image_model(spec: &str, models_dir: &Path) -> Result<PathBu
         .map_err(|e| ModelError::Fetch(format!("{spec}:model_index.json from the hub: {e}")))?;
     let listed: serde_json::Value = config::read_json(&index)?;
     for (component, files) in COMPONENT_FILES {
-        if listed.get(component).is_none_or(|v| v.get(0).is_none_or(|x| x.is_null())) {
+        if listed
+            .get(component)
+            .is_none_or(|v| v.get(0).is_none_or(|x| x.is_null()))
+        {
             continue;
         }
         for file in *files {
@@ -75,7 +90,9 @@ pub async fn resolve_image_model(spec: &str, models_dir: &Path) -> Result<PathBu
                 // Some repos ship only the fp16 variant of the weights.
                 let variant = name.replace(".safetensors", ".fp16.safetensors");
                 if name == variant || repo.get(&variant).await.is_err() {
-                    return Err(ModelError::Fetch(format!("{spec}:{name} from the hub: {e}")));
+                    return Err(ModelError::Fetch(format!(
+                        "{spec}:{name} from the hub: {e}"
+                    )));
                 }
             }
         }

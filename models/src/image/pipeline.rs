@@ -118,7 +118,12 @@ impl Encoder {
 
 /// The safetensors file of one component (`NAME.safetensors`, or its
 /// fp16/bf16 variant).
-fn weights(dir: &Path, stem: &str, dtype: DType, device: &Device) -> Result<VarBuilder<'static>, ModelError> {
+fn weights(
+    dir: &Path,
+    stem: &str,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>, ModelError> {
     let candidates = [
         format!("{stem}.safetensors"),
         format!("{stem}.fp16.safetensors"),
@@ -168,9 +173,23 @@ impl StableDiffusion {
                 )))
             }
         };
-        let mut encoders = vec![Encoder::load(dir, "tokenizer", "text_encoder", false, dtype, device)?];
+        let mut encoders = vec![Encoder::load(
+            dir,
+            "tokenizer",
+            "text_encoder",
+            false,
+            dtype,
+            device,
+        )?];
         if family == Family::StableDiffusionXl {
-            encoders.push(Encoder::load(dir, "tokenizer_2", "text_encoder_2", true, dtype, device)?);
+            encoders.push(Encoder::load(
+                dir,
+                "tokenizer_2",
+                "text_encoder_2",
+                true,
+                dtype,
+                device,
+            )?);
         }
         let unet_config: UNetConfig = read_json(&dir.join("unet").join("config.json"))?;
         let wants_added = unet_config.addition_embed_type.is_some();
@@ -254,12 +273,19 @@ impl StableDiffusion {
 
     /// Standard normal latents for one image from its seed (ChaCha20, so
     /// the same seed gives the same latents on every machine).
-    pub fn seeded_latents(&self, seed: u64, width: usize, height: usize) -> Result<Tensor, ModelError> {
+    pub fn seeded_latents(
+        &self,
+        seed: u64,
+        width: usize,
+        height: usize,
+    ) -> Result<Tensor, ModelError> {
         let f = self.vae_scale_factor();
         let shape = (1, self.latent_channels(), height / f, width / f);
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
         let n = shape.1 * shape.2 * shape.3;
-        let v: Vec<f32> = (0..n).map(|_| rand_distr::StandardNormal.sample(&mut rng)).collect();
+        let v: Vec<f32> = (0..n)
+            .map(|_| rand_distr::StandardNormal.sample(&mut rng))
+            .collect();
         Ok(Tensor::from_vec(v, shape, &self.device)?)
     }
 
@@ -275,7 +301,9 @@ impl StableDiffusion {
             }
         }
         if req.steps == 0 || req.steps > MAX_STEPS {
-            return Err(ModelError::Invalid(format!("steps must be 1 to {MAX_STEPS}")));
+            return Err(ModelError::Invalid(format!(
+                "steps must be 1 to {MAX_STEPS}"
+            )));
         }
         if !(0.0..=MAX_GUIDANCE).contains(&req.guidance_scale) {
             return Err(ModelError::Invalid(format!(
@@ -432,7 +460,11 @@ impl StableDiffusion {
         let (_, _, h, w) = images.dims4()?;
         let mut out = Vec::with_capacity(n);
         for i in 0..n {
-            let pixels = images.get(i)?.permute((1, 2, 0))?.flatten_all()?.to_vec1::<u8>()?;
+            let pixels = images
+                .get(i)?
+                .permute((1, 2, 0))?
+                .flatten_all()?
+                .to_vec1::<u8>()?;
             out.push(RgbImage {
                 width: w,
                 height: h,
@@ -448,7 +480,7 @@ impl StableDiffusion {
 pub fn read_latents(path: &Path, device: &Device) -> Result<Tensor, ModelError> {
     let mut tensors = candle_core::safetensors::load(path, device)
         .map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))?;
-    tensors.remove("latents").ok_or_else(|| {
-        ModelError::Format(format!("{}: no tensor named latents", path.display()))
-    })
+    tensors
+        .remove("latents")
+        .ok_or_else(|| ModelError::Format(format!("{}: no tensor named latents", path.display())))
 }

@@ -120,7 +120,8 @@ fn fill(map: &VarMap, rng: &mut rand_chacha::ChaCha20Rng) -> Result<(), ModelErr
 
 fn write(path: &Path, value: &Value) -> Result<(), ModelError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::Io(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ModelError::Io(format!("{}: {e}", dir.display())))?;
     }
     std::fs::write(path, serde_json::to_vec_pretty(value).expect("JSON"))
         .map_err(|e| ModelError::Io(format!("{}: {e}", path.display())))
@@ -221,7 +222,11 @@ pub fn write_random_checkpoint(dir: &Path, bpe_text: &str, seed: u64) -> Result<
     write(&tmp.join("text_encoder/config.json"), &tc)?;
     let parsed: ClipTextConfig = serde_json::from_value(tc).expect("the text config");
     let map = VarMap::new();
-    ClipTextModel::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu), &parsed, false)?;
+    ClipTextModel::new(
+        VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
+        &parsed,
+        false,
+    )?;
     fill(&map, &mut rng)?;
     save(&map, &tmp.join("text_encoder/model.safetensors"))?;
 
@@ -230,7 +235,10 @@ pub fn write_random_checkpoint(dir: &Path, bpe_text: &str, seed: u64) -> Result<
     write(&tmp.join("unet/config.json"), &uc)?;
     let parsed: UNetConfig = serde_json::from_value(uc).expect("the unet config");
     let map = VarMap::new();
-    UNet::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu), parsed)?;
+    UNet::new(
+        VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
+        parsed,
+    )?;
     fill(&map, &mut rng)?;
     save(&map, &tmp.join("unet/diffusion_pytorch_model.safetensors"))?;
 

@@ -140,10 +140,14 @@ impl SchedulerSpec {
         let t_train = c.num_train_timesteps;
         // betas and alphas_cumprod in f32, as torch computes them.
         let betas: Vec<f32> = match c.beta_schedule.as_str() {
-            "scaled_linear" => linspace_f32(c.beta_start.sqrt() as f32, c.beta_end.sqrt() as f32, t_train)
-                .into_iter()
-                .map(|b| b * b)
-                .collect(),
+            "scaled_linear" => linspace_f32(
+                c.beta_start.sqrt() as f32,
+                c.beta_end.sqrt() as f32,
+                t_train,
+            )
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
             _ => linspace_f32(c.beta_start as f32, c.beta_end as f32, t_train),
         };
         let mut alphas_cumprod = Vec::with_capacity(t_train);
@@ -369,7 +373,9 @@ mod tests {
     #[test]
     fn timesteps_follow_each_spacing() {
         assert_eq!(
-            spec("EulerDiscreteScheduler", "trailing").build(4).timesteps,
+            spec("EulerDiscreteScheduler", "trailing")
+                .build(4)
+                .timesteps,
             vec![999.0, 749.0, 499.0, 249.0]
         );
         assert_eq!(
@@ -377,10 +383,14 @@ mod tests {
             vec![751.0, 501.0, 251.0, 1.0]
         );
         assert_eq!(
-            spec("EulerDiscreteScheduler", "trailing").build(1).timesteps,
+            spec("EulerDiscreteScheduler", "trailing")
+                .build(1)
+                .timesteps,
             vec![999.0]
         );
-        let lin = spec("EulerDiscreteScheduler", "linspace").build(3).timesteps;
+        let lin = spec("EulerDiscreteScheduler", "linspace")
+            .build(3)
+            .timesteps;
         assert_eq!(lin, vec![999.0, 499.5, 0.0]);
     }
 

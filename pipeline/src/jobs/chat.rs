@@ -107,7 +107,10 @@ fn generation_params(w: GenerationWire) -> Result<GenerationParams, InputError> 
     let f = |n: &str| format!("input.generation.{n}");
     if let Some(s) = &w.system {
         if s.chars().count() > MAX_SYSTEM_CHARS {
-            return Err(err(f("system"), format!("must be at most {MAX_SYSTEM_CHARS} characters")));
+            return Err(err(
+                f("system"),
+                format!("must be at most {MAX_SYSTEM_CHARS} characters"),
+            ));
         }
     }
     let max_tokens = match w.max_tokens {
@@ -131,10 +134,14 @@ fn generation_params(w: GenerationWire) -> Result<GenerationParams, InputError> 
         }
     }
     let stop = w.stop.unwrap_or_default();
-    if stop.len() > MAX_STOP_SEQUENCES || stop.iter().any(|s| s.is_empty() || s.chars().count() > 64) {
+    if stop.len() > MAX_STOP_SEQUENCES
+        || stop.iter().any(|s| s.is_empty() || s.chars().count() > 64)
+    {
         return Err(err(
             f("stop"),
-            format!("must be at most {MAX_STOP_SEQUENCES} non-empty strings of at most 64 characters"),
+            format!(
+                "must be at most {MAX_STOP_SEQUENCES} non-empty strings of at most 64 characters"
+            ),
         ));
     }
     Ok(GenerationParams {

@@ -120,7 +120,10 @@ fn object_field(name: &str, v: Option<Value>) -> Result<Option<Value>, InputErro
     match v {
         Some(Value::Null) | None => Ok(None),
         Some(o @ Value::Object(_)) => Ok(Some(o)),
-        Some(_) => Err(InputError::new(format!("input.{name}"), "must be an object")),
+        Some(_) => Err(InputError::new(
+            format!("input.{name}"),
+            "must be an object",
+        )),
     }
 }
 
@@ -161,7 +164,10 @@ impl ImageJob {
             ));
         }
         let generation_mode = text_field("generation_mode", w.generation_mode)?;
-        if generation_mode.as_ref().is_some_and(|m| m.chars().count() > 64) {
+        if generation_mode
+            .as_ref()
+            .is_some_and(|m| m.chars().count() > 64)
+        {
             return Err(InputError::new(
                 "input.generation_mode",
                 "must be at most 64 characters",
@@ -180,7 +186,9 @@ impl ImageJob {
                 if !(MIN_SIDE..=MAX_SIDE).contains(&v) || v % SIDE_MULTIPLE != 0 {
                     return Err(InputError::new(
                         format!("input.{name}"),
-                        format!("must be a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}"),
+                        format!(
+                            "must be a multiple of {SIDE_MULTIPLE} from {MIN_SIDE} to {MAX_SIDE}"
+                        ),
                     ));
                 }
             }
@@ -209,7 +217,11 @@ impl ImageJob {
             }
         }
         let format = w.format.unwrap_or_else(|| "png".into()).to_lowercase();
-        let format = if format == "jpg" { "jpeg".into() } else { format };
+        let format = if format == "jpg" {
+            "jpeg".into()
+        } else {
+            format
+        };
         if !FORMATS.contains(&format.as_str()) {
             return Err(InputError::new(
                 "input.format",
@@ -392,7 +404,15 @@ mod tests {
     #[test]
     fn parses_a_job_and_names_each_broken_rule() {
         let j = ImageJob::parse(&json!({"skin_id": "s1", "category": "Full Body", "positive_prompt": "on a beach", "nsfw_level": "suggestive", "format": "jpg"})).unwrap();
-        assert_eq!((j.category.as_str(), j.nsfw_level, j.format.as_str(), j.num_options), ("full_body", 1, "jpeg", 1));
+        assert_eq!(
+            (
+                j.category.as_str(),
+                j.nsfw_level,
+                j.format.as_str(),
+                j.num_options
+            ),
+            ("full_body", 1, "jpeg", 1)
+        );
         let ok = json!({"category": "selfie", "positive_prompt": "x"});
         let with = |k: &str, v: Value| {
             let mut o = ok.clone();
@@ -401,12 +421,18 @@ mod tests {
         };
         assert_eq!(field(json!({"positive_prompt": "x"})).0, "input.category");
         assert_eq!(field(with("category", json!("nope"))).0, "input.category");
-        assert_eq!(field(json!({"category": "selfie"})).0, "input.positive_prompt");
+        assert_eq!(
+            field(json!({"category": "selfie"})).0,
+            "input.positive_prompt"
+        );
         assert_eq!(field(with("width", json!(100))).0, "input.width");
         assert_eq!(field(with("height", json!(4096))).0, "input.height");
         assert_eq!(field(with("num_options", json!(5))).0, "input.num_options");
         assert_eq!(field(with("steps", json!(0))).0, "input.steps");
-        assert_eq!(field(with("guidance_scale", json!(31))).0, "input.guidance_scale");
+        assert_eq!(
+            field(with("guidance_scale", json!(31))).0,
+            "input.guidance_scale"
+        );
         assert_eq!(field(with("format", json!("gif"))).0, "input.format");
         assert_eq!(field(with("nsfw_level", json!(3))).0, "input.nsfw_level");
         assert_eq!(field(with("skin_id", json!("../x"))).0, "input.skin_id");
@@ -416,7 +442,10 @@ mod tests {
             field(json!({"category": "selfie", "generation_mode": "chat"})).0,
             "input.generation_mode"
         );
-        assert!(ImageJob::parse(&json!({"category": "selfie", "generation_mode": "chat", "activity_instance_id": "i1"})).is_ok());
+        assert!(ImageJob::parse(
+            &json!({"category": "selfie", "generation_mode": "chat", "activity_instance_id": "i1"})
+        )
+        .is_ok());
         assert_eq!(field(with("messages", json!([1]))).0, "input.messages[0]");
     }
 }

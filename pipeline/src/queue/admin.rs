@@ -30,6 +30,8 @@ pub struct KindQueue {
 pub struct EnqueueOptions<'a> {
     pub id: Option<&'a str>,
     pub hook_format: Option<&'a str>,
+    /// Cog's `output_file_prefix`: the job's media are PUT there.
+    pub output_prefix: Option<&'a str>,
 }
 
 impl RedisQueue {
@@ -40,7 +42,8 @@ impl RedisQueue {
                 "s3Config needs JOB_SECRETS_KEY on the shim and the workers".into(),
             ));
         }
-        self.enqueue_opts(req, owner, EnqueueOptions::default()).await
+        self.enqueue_opts(req, owner, EnqueueOptions::default())
+            .await
     }
 
     /// [`Self::enqueue`] with a chosen job id (Cog's `PUT
@@ -75,14 +78,21 @@ impl RedisQueue {
     }
 
     /// The `s3Config` job `rec` carries, opened.
-    pub fn s3_config(&self, rec: &JobRecord) -> Result<Option<crate::envelope::S3Config>, PipelineError> {
+    pub fn s3_config(
+        &self,
+        rec: &JobRecord,
+    ) -> Result<Option<crate::envelope::S3Config>, PipelineError> {
         let Some(sealed) = &rec.sealed_s3 else {
             return Ok(None);
         };
         let secrets = self.cfg.secrets.as_ref().ok_or_else(|| {
-            PipelineError::Other("this job carries an s3Config: set JOB_SECRETS_KEY on the worker".into())
+            PipelineError::Other(
+                "this job carries an s3Config: set JOB_SECRETS_KEY on the worker".into(),
+            )
         })?;
-        let raw = secrets.open(&rec.id, sealed).map_err(PipelineError::Other)?;
+        let raw = secrets
+            .open(&rec.id, sealed)
+            .map_err(PipelineError::Other)?;
         serde_json::from_slice(&raw)
             .map(Some)
             .map_err(|e| PipelineError::BadRecord(rec.id.clone(), format!("s3Config: {e}")))
@@ -99,8 +109,16 @@ impl RedisQueue {
         policy: &crate::Policy,
         owner: &str,
     ) -> Result<JobRecord, PipelineError> {
-        self.enqueue_with(kind, input, webhook, policy, owner, None, EnqueueOptions::default())
-            .await
+        self.enqueue_with(
+            kind,
+            input,
+            webhook,
+            policy,
+            owner,
+            None,
+            EnqueueOptions::default(),
+        )
+        .await
     }
 
     async fn enqueue_with(
@@ -137,6 +155,9 @@ impl RedisQueue {
         }
         if let Some(f) = opts.hook_format {
             fields.push(("hook_format", f.to_string()));
+        }
+        if let Some(p) = opts.output_prefix {
+            fields.push(("output_prefix", p.to_string()));
         }
         if let (Some(s3), Some(secrets)) = (s3, &self.cfg.secrets) {
             let plain = serde_json::to_vec(s3).expect("s3Config serializes");

@@ -129,7 +129,10 @@ impl LeaseGuard {
     /// Records the run's progress (`/status` shows it as `output.progress`,
     /// `/stream` sends it as a `progress` event), only while this run holds
     /// the job. False: refused.
-    pub async fn publish_progress(&self, progress: &serde_json::Value) -> Result<bool, PipelineError> {
+    pub async fn publish_progress(
+        &self,
+        progress: &serde_json::Value,
+    ) -> Result<bool, PipelineError> {
         let ok: i32 = self
             .queue
             .scripts

@@ -37,6 +37,8 @@ pub struct JobRecord {
     /// The callback's body format: None for RunPod's, `cog` for the
     /// prediction object.
     pub hook_format: Option<String>,
+    /// Cog's `output_file_prefix`: where the job's media are PUT.
+    pub output_prefix: Option<String>,
 }
 
 impl JobRecord {
@@ -77,6 +79,7 @@ impl JobRecord {
             expires_ms: num("expires_ms"),
             sealed_s3: h.get("s3").cloned(),
             hook_format: h.get("hook_format").cloned(),
+            output_prefix: h.get("output_prefix").cloned(),
             output: json("output")?,
             error: h.get("error").cloned(),
         })

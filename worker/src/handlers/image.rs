@@ -16,9 +16,11 @@ impl Handler for ImageHandler {
     type Job = ImageJob;
 
     async fn run(job: ImageJob, ctx: RunCtx) -> Result<(ImageOutput, Usage), JobError> {
-        let service = ctx.services.image.clone().ok_or_else(|| {
-            JobError::new("this worker has no image model (IMAGE_MODEL)")
-        })?;
+        let service = ctx
+            .services
+            .image
+            .clone()
+            .ok_or_else(|| JobError::new("this worker has no image model (IMAGE_MODEL)"))?;
         let model = service.model().await?;
         let context =
             gather_context(&job, || ctx.platform(), ctx.services.history_messages).await?;

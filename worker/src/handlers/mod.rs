@@ -37,6 +37,8 @@ pub struct Services {
     /// The image model and media store (None: this worker serves no image
     /// jobs).
     pub image: Option<Arc<crate::image::ImageService>>,
+    /// The guard for URLs callers name (`OUTBOUND_ALLOW`).
+    pub outbound: pipeline::outbound::OutboundGuard,
 }
 
 /// One run of one job.

@@ -183,13 +183,13 @@ async fn cog_predictions_sync_async_put_events_webhook_and_cancel() {
     assert_eq!(err["field"], "webhook_events_filter");
 }
 
+/// (file name, content type, bytes) of each PUT.
+type Uploads = std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>;
+
 /// A PUT receiver: stores each body with its content type, by path.
-async fn put_receiver() -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>,
-) {
+async fn put_receiver() -> (String, Uploads) {
     use axum::routing::put;
-    let got: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>> = Default::default();
+    let got: Uploads = Default::default();
     let g = got.clone();
     let app = axum::Router::new().route(
         "/uploads/{name}",

@@ -316,13 +316,11 @@ impl ChatEngine {
     pub fn respond(
         &self,
         job: &ChatRespondJob,
-        job_store: Option<&MediaStore>,
-        job_id: &str,
-        seed: u64,
-        clock: DateTime<FixedOffset>,
+        run: &ChatRun<'_>,
         cancelled: &dyn Fn() -> bool,
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<(ChatRespondOutput, Usage), JobError> {
+        let (job_id, seed, clock, job_store) = (run.job_id, run.seed, run.clock, run.job_store);
         if job.generate_audio && self.tts.is_none() {
             return Err(JobError::new(
                 "generate_audio: text-to-speech is not configured on this worker (TTS_BACKEND=none)",
@@ -454,6 +452,17 @@ pub fn cut_at_stop(text: &str, stops: &[String]) -> (String, bool) {
         Some(at) => (text[..at].to_string(), true),
         None => (text.to_string(), false),
     }
+}
+
+/// What a chat run knows besides its job.
+pub struct ChatRun<'a> {
+    pub job_id: &'a str,
+    /// Sampling seed (the job's own `generation.seed` wins).
+    pub seed: u64,
+    /// The job's clock (its submission time).
+    pub clock: DateTime<FixedOffset>,
+    /// The caller's own bucket (RunPod's `s3Config`), over the worker's.
+    pub job_store: Option<&'a MediaStore>,
 }
 
 /// A stable 64-bit seed from a job id (FNV-1a).

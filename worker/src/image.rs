@@ -93,8 +93,7 @@ pub async fn gather_context(
     let fetch_err = |what: &str, e: pipeline::platform::PlatformError| {
         JobError::new(format!("fetching the {what} from the platform failed: {e}"))
     };
-    let mut ctx = ImageContext::default();
-    ctx.skin = match (&job.skin, &job.skin_id) {
+    let skin = match (&job.skin, &job.skin_id) {
         (Some(s), _) => Some(s.clone()),
         (None, Some(id)) => Some(
             platform()?
@@ -104,7 +103,7 @@ pub async fn gather_context(
         ),
         (None, None) => None,
     };
-    ctx.character = match (&job.activity, &job.activity_id, &job.activity_instance_id) {
+    let character = match (&job.activity, &job.activity_id, &job.activity_instance_id) {
         (Some(a), _, _) => a.clone(),
         (None, Some(id), _) => platform()?
             .get(&format!("/v1/activities/{}", encode_segment(id)), None)
@@ -131,7 +130,7 @@ pub async fn gather_context(
         }
         _ => json!({}),
     };
-    ctx.persona_style = match &job.persona {
+    let persona_style = match &job.persona {
         Some(p) => p["style_preference"].as_str().map(String::from),
         None if job.activity_instance_id.is_some() => platform()?
             .default_persona()
@@ -140,8 +139,9 @@ pub async fn gather_context(
             .and_then(|p| p.style_preference),
         None => None,
     };
+    let mut recent = Vec::new();
     if job.generation_mode.is_some() {
-        ctx.recent = match (&job.messages, &job.activity_instance_id) {
+        recent = match (&job.messages, &job.activity_instance_id) {
             (Some(m), _) => m.clone(),
             (None, Some(id)) => platform()?
                 .recent_messages(id, history)
@@ -153,7 +153,12 @@ pub async fn gather_context(
             (None, None) => Vec::new(),
         };
     }
-    Ok(ctx)
+    Ok(ImageContext {
+        skin,
+        character,
+        persona_style,
+        recent,
+    })
 }
 
 fn encode_segment(id: &str) -> String {

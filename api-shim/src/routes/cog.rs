@@ -266,6 +266,7 @@ async fn predict(
                             id: Some(&job),
                             hook_format: Some(&format),
                             output_prefix: output_prefix.as_deref(),
+                            s3: None,
                         },
                     )
                     .await?
@@ -297,6 +298,7 @@ async fn predict(
                         id: None,
                         hook_format: Some("cog:"),
                         output_prefix: output_prefix.as_deref(),
+                        s3: None,
                     },
                 )
                 .await?

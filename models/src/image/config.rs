@@ -203,15 +203,15 @@ impl UNetConfig {
         }
         match self.addition_embed_type.as_deref() {
             None => {}
-            Some("text_time") => {
+            Some("text_time")
                 if self.addition_time_embed_dim.is_none()
-                    || self.projection_class_embeddings_input_dim.is_none()
-                {
-                    return Err(ModelError::Format(format!(
-                        "{f}: addition_embed_type text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim"
-                    )));
-                }
+                    || self.projection_class_embeddings_input_dim.is_none() =>
+            {
+                return Err(ModelError::Format(format!(
+                    "{f}: addition_embed_type text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim"
+                )));
             }
+            Some("text_time") => {}
             Some(other) => return Err(refuse(f, "addition_embed_type", other)),
         }
         if self.resnet_time_scale_shift != "default" {

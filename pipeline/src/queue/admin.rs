@@ -32,6 +32,8 @@ pub struct EnqueueOptions<'a> {
     pub hook_format: Option<&'a str>,
     /// Cog's `output_file_prefix`: the job's media are PUT there.
     pub output_prefix: Option<&'a str>,
+    /// RunPod's `s3Config` (set from the request by `enqueue_opts`).
+    pub s3: Option<&'a crate::envelope::S3Config>,
 }
 
 impl RedisQueue {
@@ -66,8 +68,10 @@ impl RedisQueue {
             req.webhook.as_deref(),
             &req.policy,
             owner,
-            req.s3_config.as_ref(),
-            opts,
+            EnqueueOptions {
+                s3: req.s3_config.as_ref(),
+                ..opts
+            },
         )
         .await
     }
@@ -115,7 +119,6 @@ impl RedisQueue {
             webhook,
             policy,
             owner,
-            None,
             EnqueueOptions::default(),
         )
         .await
@@ -128,7 +131,6 @@ impl RedisQueue {
         webhook: Option<&str>,
         policy: &crate::Policy,
         owner: &str,
-        s3: Option<&crate::envelope::S3Config>,
         opts: EnqueueOptions<'_>,
     ) -> Result<JobRecord, PipelineError> {
         self.ensure_groups(kind).await?;
@@ -159,7 +161,7 @@ impl RedisQueue {
         if let Some(p) = opts.output_prefix {
             fields.push(("output_prefix", p.to_string()));
         }
-        if let (Some(s3), Some(secrets)) = (s3, &self.cfg.secrets) {
+        if let (Some(s3), Some(secrets)) = (opts.s3, &self.cfg.secrets) {
             let plain = serde_json::to_vec(s3).expect("s3Config serializes");
             fields.push(("s3", secrets.seal(&id, &plain)));
         }

@@ -19,10 +19,12 @@ impl Handler for ChatHandler {
             let deltas = ctx.deltas.clone();
             engine.respond(
                 &job,
-                ctx.media.as_deref(),
-                &ctx.job_id,
-                ctx.seed,
-                ctx.clock,
+                &crate::chat::ChatRun {
+                    job_id: &ctx.job_id,
+                    seed: ctx.seed,
+                    clock: ctx.clock,
+                    job_store: ctx.media.as_deref(),
+                },
                 &|| ctx.cancel.load(Ordering::Relaxed),
                 &mut |i, d| {
                     let _ = deltas.send((i, d.to_string()));

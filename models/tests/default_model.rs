@@ -200,3 +200,49 @@ fn streamed_deltas_concatenate_to_each_option() {
         assert_eq!(&o.text, s);
     }
 }
+
+/// With `whole_sentences`, an option the limit stops is cut back to a whole
+/// sentence and only whole sentences are handed out while it runs: the
+/// deltas add up to the final text. A stop sequence ends an option where it
+/// begins, and none of it is handed out.
+#[test]
+fn whole_sentences_and_stop_sequences_hold_back_what_is_not_final() {
+    let m = model();
+    for (seed, stop) in [
+        (1u64, vec![]),
+        (2, vec![" and".to_string()]),
+        (3, vec!["!".to_string(), ",".to_string()]),
+    ] {
+        let params = SamplingParams {
+            max_new_tokens: 20,
+            seed,
+            whole_sentences: true,
+            stop: stop.clone(),
+            ..SamplingParams::default()
+        };
+        let mut streamed = vec![String::new(); 3];
+        let g = m
+            .generate_streaming(PROMPT, 3, &params, &|| false, &mut |i, d| {
+                streamed[i].push_str(d)
+            })
+            .unwrap();
+        for (o, s) in g.options.iter().zip(&streamed) {
+            assert_eq!(&o.text, s, "streamed == final (seed {seed})");
+            for st in &stop {
+                assert!(!o.text.contains(st.as_str()), "{st:?} in {:?}", o.text);
+            }
+            if o.trimmed {
+                assert_eq!(o.stop, StopReason::MaxTokens);
+                assert_eq!(
+                    models::text::reply::sentence_end(&o.text),
+                    Some(o.text.len()),
+                    "{:?}",
+                    o.text
+                );
+            }
+            if o.stop == StopReason::StopSequence {
+                assert!(!stop.is_empty());
+            }
+        }
+    }
+}

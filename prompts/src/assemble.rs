@@ -426,6 +426,7 @@ mod tests {
             first_message: "Hey {{user}}, the usual?".into(),
             alternate_greetings: vec![],
             lorebook: None,
+            max_new_tokens: None,
         }
     }
 

@@ -38,6 +38,9 @@ pub struct CardData {
     pub creator_notes: String,
     pub tags: Vec<String>,
     pub character_book: Option<LorebookWire>,
+    /// Card extensions; `max_new_tokens` (or `companion.max_new_tokens`)
+    /// sets the reply's token budget.
+    pub extensions: Map<String, Value>,
 }
 
 /// A card with every field rendered.
@@ -53,6 +56,23 @@ pub struct RenderedCharacter {
     pub first_message: String,
     pub alternate_greetings: Vec<String>,
     pub lorebook: Option<Lorebook>,
+    /// The reply's token budget when the card (or activity) sets one.
+    pub max_new_tokens: Option<usize>,
+}
+
+/// A token budget from a card's extensions or an activity: a positive
+/// integer under `max_new_tokens`, `max_response_tokens` or
+/// `companion.max_new_tokens`.
+fn token_budget(v: &Map<String, Value>) -> Option<usize> {
+    ["max_new_tokens", "max_response_tokens"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(|x| x.as_u64()))
+        .or_else(|| {
+            v.get("companion")
+                .and_then(|c| c["max_new_tokens"].as_u64())
+        })
+        .filter(|n| (1..=4096).contains(n))
+        .map(|n| n as usize)
 }
 
 impl CharacterCard {
@@ -107,6 +127,7 @@ impl CharacterCard {
                 .map(|(i, g)| render(&format!("alternate_greetings[{i}]"), g))
                 .collect::<Result<_, _>>()?,
             lorebook,
+            max_new_tokens: token_budget(&d.extensions),
         })
     }
 }
@@ -153,6 +174,7 @@ impl RenderedCharacter {
             first_message: a.first_message,
             alternate_greetings: a.alternate_greetings,
             lorebook: None,
+            max_new_tokens: v.as_object().and_then(token_budget),
         })
     }
 }

@@ -181,6 +181,8 @@ async fn cog_predictions_sync_async_put_events_webhook_and_cancel() {
         .await;
     assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(err["field"], "webhook_events_filter");
+    // The ["completed"] prediction's hook got exactly one call in all this.
+    assert_eq!(hook.got.lock().unwrap().len(), 1);
 }
 
 /// (file name, content type, bytes) of each PUT.

@@ -63,7 +63,7 @@ async fn the_openai_python_sdk_works_against_the_shim() {
         .iter()
         .map(|d| d.as_str().unwrap())
         .collect();
-    assert!(s["deltas"].as_array().unwrap().len() > 1, "{s}");
+    assert!(!s["deltas"].as_array().unwrap().is_empty(), "{s}");
     assert_eq!(streamed, got["single"].as_str().unwrap());
     assert!(["stop", "length"].contains(&s["finish"].as_str().unwrap()));
     assert!(s["usage"]["completion_tokens"].as_u64().unwrap() > 0);

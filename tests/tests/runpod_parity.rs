@@ -132,7 +132,7 @@ async fn status_waits_and_the_polled_stream_carries_every_option() {
     let mut texts = vec![String::new(); 3];
     loop {
         let (_, polled) = api
-            .get(&format!("/v2/chat/stream/{id}"), Some(API_KEY))
+            .get(&format!("/v2/chat/stream/{id}?options=all"), Some(API_KEY))
             .await;
         for chunk in polled["stream"].as_array().unwrap() {
             let o = chunk["option"].as_u64().unwrap_or(0) as usize;
@@ -149,7 +149,7 @@ async fn status_waits_and_the_polled_stream_carries_every_option() {
         assert!(st["status"].is_string());
     }
     let (_, last) = api
-        .get(&format!("/v2/chat/stream/{id}"), Some(API_KEY))
+        .get(&format!("/v2/chat/stream/{id}?options=all"), Some(API_KEY))
         .await;
     for chunk in last["stream"].as_array().unwrap() {
         let o = chunk["option"].as_u64().unwrap_or(0) as usize;
@@ -174,5 +174,40 @@ async fn status_waits_and_the_polled_stream_carries_every_option() {
     assert_eq!(
         (code, err["field"].as_str()),
         (StatusCode::UNPROCESSABLE_ENTITY, Some("wait"))
+    );
+}
+
+/// `policy.ttl` is the job's whole life, queue and run: a run still going
+/// when it runs out ends TIMED_OUT (before its executionTimeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_bounds_the_whole_life_of_a_running_job() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    // A reply that would take far longer than the ttl.
+    let _worker = start_worker(
+        &redis,
+        &[
+            ("WORKER_KINDS", "chat"),
+            ("MAX_NEW_TOKENS", "4000"),
+            ("IGNORE_EOS", "true"),
+        ],
+    );
+    let api = Api::new(&shim);
+    let mut chat = seed_file("multiple_options.json");
+    chat["policy"] = json!({"ttl": 10_000, "executionTimeout": 600_000});
+    let (_, queued) = api
+        .post("/v2/chat/run", Some(API_KEY), chat.to_string())
+        .await;
+    let id = queued["id"].as_str().unwrap().to_string();
+    let done = api.wait_terminal(&id).await;
+    assert_eq!(done["status"], "TIMED_OUT", "{done}");
+    assert!(
+        done["error"].as_str().unwrap().contains("policy.ttl"),
+        "{done}"
+    );
+    let life = done["delayTime"].as_u64().unwrap() + done["executionTime"].as_u64().unwrap();
+    assert!(
+        (9_000..30_000).contains(&life),
+        "ended {life} ms after submission"
     );
 }

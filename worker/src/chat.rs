@@ -40,6 +40,11 @@ pub struct ChatEngine {
     /// Where spoken replies are also stored (S3), with the tenant of keys.
     media: Option<Arc<MediaStore>>,
     media_tenant: String,
+    /// Replies the token limit stops are cut back to a whole sentence.
+    whole_sentences: bool,
+    /// Phrases that break character (lower case), and resampling rounds.
+    reject_phrases: Vec<String>,
+    resample_tries: usize,
 }
 
 /// What a chat prompt is made of.
@@ -64,9 +69,26 @@ pub struct Usage {
     /// Recordings transcribed, and their audio in milliseconds.
     pub transcriptions: u64,
     pub transcribed_ms: u64,
+    /// Options cut back to a whole sentence, and options a stop sequence
+    /// ended (the user's next line, a role header, special tokens).
+    pub reply_trims: u64,
+    pub stop_sequence_hits: u64,
+    /// Options sampled again (near-duplicates, out of character).
+    pub reply_resamples: u64,
 }
 
 impl Usage {
+    /// Counts what the reply rules did to a generation's options.
+    pub fn add_reply_rules(&mut self, g: &models::text::Generation) {
+        self.reply_trims += g.options.iter().filter(|o| o.trimmed).count() as u64;
+        self.stop_sequence_hits += g
+            .options
+            .iter()
+            .filter(|o| o.stop == models::text::StopReason::StopSequence)
+            .count() as u64;
+        self.reply_resamples += g.resamples as u64;
+    }
+
     /// Adds what one generation cost (the one place its counts are read).
     pub fn add(&mut self, g: &models::text::Generation) {
         self.prompt_tokens += g.prompt_tokens as u64;
@@ -92,6 +114,8 @@ fn message_text(m: &ChatMessage, transcripts: &HashMap<String, String>) -> Strin
 /// The prompt of a job and the texts of its new messages, as resolved.
 pub struct PreparedChat {
     pub prompt: String,
+    /// The reply's token budget when the card sets one.
+    pub max_new_tokens: Option<usize>,
     pub resolved_texts: Vec<String>,
     /// What transcribing the job's recordings cost.
     pub usage: Usage,
@@ -126,7 +150,35 @@ impl ChatEngine {
             stt: None,
             media: None,
             media_tenant: "default".into(),
+            whole_sentences: true,
+            reject_phrases: models::text::reply::DEFAULT_REJECT_PHRASES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            resample_tries: 2,
         })
+    }
+
+    /// Whether replies stopped by the token limit are cut back to a whole
+    /// sentence (`WHOLE_SENTENCES`).
+    pub fn with_whole_sentences(mut self, on: bool) -> Self {
+        self.whole_sentences = on;
+        self
+    }
+
+    /// The character-breaking phrases (`REJECT_PHRASES`; empty keeps the
+    /// default list) and resampling rounds (`RESAMPLE_TRIES`).
+    pub fn with_reply_rules(mut self, phrases: &[String], tries: usize) -> Self {
+        let phrases: Vec<String> = phrases
+            .iter()
+            .map(|p| p.trim().to_lowercase())
+            .filter(|p| !p.is_empty())
+            .collect();
+        if !phrases.is_empty() {
+            self.reject_phrases = phrases;
+        }
+        self.resample_tries = tries;
+        self
     }
 
     /// Transcribe audio messages with `stt`.
@@ -181,8 +233,27 @@ impl ChatEngine {
         Ok((prompt, report))
     }
 
-    pub fn sampling(&self) -> &SamplingParams {
-        &self.sampling
+    /// The sampling of a reply: whole sentences, the user's next line and
+    /// special tokens as stops, the card's token budget over the worker's.
+    pub fn reply_params(
+        &self,
+        seed: u64,
+        card_budget: Option<usize>,
+        user: &str,
+    ) -> SamplingParams {
+        let mut p = SamplingParams {
+            seed,
+            stop: reply_stops(user),
+            whole_sentences: self.whole_sentences,
+            distinct_options: true,
+            reject_phrases: self.reject_phrases.clone(),
+            resample_tries: self.resample_tries,
+            ..self.sampling.clone()
+        };
+        if let Some(n) = card_budget {
+            p.max_new_tokens = n;
+        }
+        p
     }
 
     /// Resolves message texts and renders the prompt the model will see.
@@ -243,6 +314,7 @@ impl ChatEngine {
         })?;
         Ok(PreparedChat {
             prompt,
+            max_new_tokens: character.max_new_tokens,
             resolved_texts,
             usage,
             report,
@@ -327,10 +399,12 @@ impl ChatEngine {
             ));
         }
         let prepared = self.prepare(job, seed, clock, cancelled)?;
-        let mut params = SamplingParams {
-            seed,
-            ..self.sampling.clone()
-        };
+        let user = job
+            .character_params
+            .get("user")
+            .and_then(|u| u.as_str())
+            .unwrap_or("User");
+        let mut params = self.reply_params(seed, prepared.max_new_tokens, user);
         if let Some(g) = &job.generation {
             if let Some(t) = g.temperature {
                 params.temperature = t;
@@ -344,6 +418,7 @@ impl ChatEngine {
             if let Some(s) = g.seed {
                 params.seed = s;
             }
+            params.stop.extend(g.stop.iter().cloned());
         }
         let generation = self
             .model
@@ -369,28 +444,13 @@ impl ChatEngine {
             ..Usage::default()
         };
         usage.add(&generation);
-        let stops: &[String] = job
-            .generation
-            .as_ref()
-            .map(|g| g.stop.as_slice())
-            .unwrap_or_default();
-        let mut finish_reasons = Vec::with_capacity(generation.options.len());
-        let options: Vec<String> = generation
+        let finish_reasons: Vec<String> = generation
             .options
             .iter()
-            .map(|o| {
-                let (text, cut) = cut_at_stop(&o.text, stops);
-                finish_reasons.push(
-                    if cut || o.stop != models::text::StopReason::MaxTokens {
-                        "stop"
-                    } else {
-                        "length"
-                    }
-                    .to_string(),
-                );
-                text
-            })
+            .map(|o| finish_reason(o).to_string())
             .collect();
+        usage.add_reply_rules(&generation);
+        let options: Vec<String> = generation.options.iter().map(|o| o.text.clone()).collect();
         let chat_usage =
             job.generation
                 .as_ref()
@@ -398,7 +458,7 @@ impl ChatEngine {
                 .map(|_| pipeline::jobs::chat::ChatUsage {
                     prompt_tokens: generation.prompt_tokens as u64,
                     completion_tokens: generation.options.iter().map(|o| o.tokens as u64).sum(),
-                    finish_reasons,
+                    finish_reasons: finish_reasons.clone(),
                 });
         let audio = match (&self.tts, job.generate_audio) {
             (Some(tts), true) => {
@@ -440,18 +500,53 @@ impl ChatEngine {
             _ => None,
         };
         let mut output = ChatRespondOutput::build(job, &prepared.resolved_texts, options, audio);
+        if let Some(reply) = output.messages.last_mut().and_then(|m| m.options.as_mut()) {
+            for ((o, reason), g) in reply
+                .iter_mut()
+                .zip(&finish_reasons)
+                .zip(&generation.options)
+            {
+                o.finish_reason = Some(reason.clone());
+                if g.resampled {
+                    o.resampled_seed = Some(g.seed);
+                }
+            }
+        }
         output.usage = chat_usage;
         Ok((output, usage))
     }
 }
 
-/// `text` up to the first of `stops` (OpenAI's `stop`), and whether one was
-/// found.
-pub fn cut_at_stop(text: &str, stops: &[String]) -> (String, bool) {
-    match stops.iter().filter_map(|s| text.find(s.as_str())).min() {
-        Some(at) => (text[..at].to_string(), true),
-        None => (text.to_string(), false),
+/// Why an option ended, in the output's words: `stop` (end of turn or a
+/// stop sequence), `length-trimmed` (the token limit, cut back to a whole
+/// sentence), `length` (the limit, no sentence to cut back to),
+/// `cancelled`.
+pub fn finish_reason(o: &models::text::GeneratedOption) -> &'static str {
+    use models::text::StopReason;
+    match o.stop {
+        StopReason::EndOfSequence | StopReason::StopSequence => "stop",
+        StopReason::MaxTokens if o.trimmed => "length-trimmed",
+        StopReason::MaxTokens => "length",
+        StopReason::Cancelled => "cancelled",
+        StopReason::Rejected => "stop",
     }
+}
+
+/// The stop sequences of a reply: the user's next line in the usual
+/// spellings (never speak for the user), and special-token markup.
+pub fn reply_stops(user: &str) -> Vec<String> {
+    let mut stops: Vec<String> = vec!["\nUser:".into(), "\nuser:".into(), "\n{{user}}:".into()];
+    let user = user.trim();
+    if !user.is_empty() && user != "User" {
+        stops.push(format!("\n{user}:"));
+        stops.push(format!("\n**{user}:**"));
+    }
+    stops.extend(
+        models::text::reply::SPECIAL_TOKEN_STOPS
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    stops
 }
 
 /// What a chat run knows besides its job.

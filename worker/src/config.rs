@@ -275,6 +275,17 @@ pub struct WorkerConfig {
     /// for URLs a caller named (Cog's `output_file_prefix`); as the shim's.
     #[arg(long, env = "OUTBOUND_ALLOW", default_value = "")]
     pub outbound_allow: String,
+    /// Cut a reply the token limit stops back to its last whole sentence
+    /// (streams then send whole sentences only).
+    #[arg(long, env = "WHOLE_SENTENCES", default_value_t = true, action = clap::ArgAction::Set)]
+    pub whole_sentences: bool,
+    /// Phrases that break character, comma-separated (a reply whose first
+    /// sentence has one is resampled); empty: the default list.
+    #[arg(long, env = "REJECT_PHRASES", value_delimiter = ',')]
+    pub reject_phrases: Vec<String>,
+    /// Rounds of resampling near-duplicate or out-of-character options.
+    #[arg(long, env = "RESAMPLE_TRIES", default_value_t = 2)]
+    pub resample_tries: usize,
     /// Local folder for media when no S3 bucket is set (the embedded mode).
     #[arg(long, env = "MEDIA_DIR", default_value = "media")]
     pub media_dir: PathBuf,
@@ -646,6 +657,8 @@ impl WorkerConfig {
             self.tts().await?,
         )?
         .with_stt(self.transcriber().await?)
-        .with_media(media, self.media_tenant.clone()))
+        .with_media(media, self.media_tenant.clone())
+        .with_whole_sentences(self.whole_sentences)
+        .with_reply_rules(&self.reject_phrases, self.resample_tries))
     }
 }

@@ -463,6 +463,9 @@ async fn run_lease(
         ("decode_ms", usage.decode_ms),
         ("transcriptions", usage.transcriptions),
         ("transcribed_ms", usage.transcribed_ms),
+        ("reply_trims", usage.reply_trims),
+        ("stop_sequence_hits", usage.stop_sequence_hits),
+        ("reply_resamples", usage.reply_resamples),
     ];
     if !guard.is_lost() {
         with_redis_retry(

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, FixedOffset};
 use models::text::StopReason;
-use models::SamplingParams;
+
 use pipeline::jobs::chat_stream::{ChatStreamJob, ChatStreamOutput};
 use pipeline::jobs::memory::MemoryCondenseJob;
 use pipeline::platform::{NewMessage, PlatformClient};
@@ -151,6 +151,12 @@ impl StreamRun {
             clock: self.clock,
         })?;
 
+        let budget = character.max_new_tokens;
+        let user = persona
+            .as_ref()
+            .map(|p| p.name.clone())
+            .filter(|n| !n.trim().is_empty())
+            .unwrap_or_else(|| "User".into());
         let (engine, cancel, deltas, seed) = (
             self.engine.clone(),
             self.cancel.clone(),
@@ -158,10 +164,7 @@ impl StreamRun {
             self.seed,
         );
         let generation = tokio::task::spawn_blocking(move || {
-            let params = SamplingParams {
-                seed,
-                ..engine.sampling().clone()
-            };
+            let params = engine.reply_params(seed, budget, &user);
             engine.model().generate_streaming(
                 &prompt,
                 1,
@@ -176,6 +179,7 @@ impl StreamRun {
         .map_err(|e| JobError::new(format!("generation task: {e}")))?
         .map_err(|e| JobError::new(format!("text generation failed: {e}")))?;
         usage.add(&generation);
+        usage.add_reply_rules(&generation);
         let option =
             generation
                 .options
@@ -185,6 +189,9 @@ impl StreamRun {
                     text: String::new(),
                     tokens: 0,
                     stop: StopReason::Cancelled,
+                    trimmed: false,
+                    seed: 0,
+                    resampled: false,
                 });
         let partial = option.stop == StopReason::Cancelled;
         let skin = job.skin_id.as_deref();

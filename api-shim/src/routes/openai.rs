@@ -404,11 +404,13 @@ fn read_output(output: &Value) -> (Vec<String>, Value) {
     (texts, output["usage"].clone())
 }
 
+/// OpenAI's word for why choice `i` ended (a reply cut back to a whole
+/// sentence at the limit is `length`).
 fn finish_reason(usage: &Value, i: usize) -> Value {
-    usage["finish_reasons"]
-        .get(i)
-        .cloned()
-        .unwrap_or(json!("stop"))
+    match usage["finish_reasons"].get(i).and_then(|r| r.as_str()) {
+        Some("length") | Some("length-trimmed") => json!("length"),
+        _ => json!("stop"),
+    }
 }
 
 fn usage_body(usage: &Value) -> Value {

@@ -254,12 +254,20 @@ pub async fn chat_stream(
 /// (see [`sse`]); otherwise RunPod's polled form, `{"id", "status",
 /// "stream": [{"output": text}]}` with the text produced since the previous
 /// poll, which RunPod's SDKs read with `Job.stream()`.
+/// `?options=all`: the polled form carries every option.
+#[derive(serde::Deserialize)]
+pub struct StreamQuery {
+    options: Option<String>,
+}
+
 pub async fn stream_route(
     State(state): State<AppState>,
     caller: Caller,
     headers: axum::http::HeaderMap,
     raw: RawPathParams,
+    axum::extract::Query(q): axum::extract::Query<StreamQuery>,
 ) -> Result<Response, ApiError> {
+    let all_options = q.options.as_deref() == Some("all");
     let wants_events = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -275,9 +283,12 @@ pub async fn stream_route(
         .await?
         .into_iter()
         .filter_map(|e| match e {
-            // Option 0 as RunPod's SDKs read it; the other options say which.
-            TokenEvent::Text { option: 0, text } => Some(json!({ "output": text })),
-            TokenEvent::Text { option, text } => Some(json!({ "output": text, "option": option })),
+            // Option 0 as RunPod's SDKs read it (they join every chunk's
+            // output); with ?options=all every option, each saying which.
+            TokenEvent::Text { option: 0, text } if !all_options => Some(json!({ "output": text })),
+            TokenEvent::Text { option, text } if all_options => {
+                Some(json!({ "output": text, "option": option }))
+            }
             TokenEvent::Progress { progress } => Some(json!({ "output": {"progress": progress} })),
             _ => None,
         })

@@ -4,6 +4,8 @@
 pub mod quantized_llama;
 pub mod tokenizer;
 
+pub mod reply;
+
 use std::path::Path;
 use std::time::Instant;
 
@@ -28,6 +30,21 @@ pub struct SamplingParams {
     pub seed: u64,
     /// Keep generating past end-of-turn tokens (benchmarks and load tests).
     pub ignore_eos: bool,
+    /// Texts that end an option where they begin (never part of it): the
+    /// user's next line, role headers, special-token markup.
+    pub stop: Vec<String>,
+    /// An option the token limit stops is trimmed back to its last whole
+    /// sentence, and only whole sentences are handed out while it runs.
+    pub whole_sentences: bool,
+    /// Resample an option that nearly repeats another (same first sentence
+    /// or most of its words).
+    pub distinct_options: bool,
+    /// Lower-case phrases that break character ("as an ai"): an option
+    /// whose first sentence has one is resampled; a later sentence with one
+    /// ends the option before it (needs `whole_sentences`).
+    pub reject_phrases: Vec<String>,
+    /// Rounds of resampling, each from the shared prefill.
+    pub resample_tries: usize,
 }
 
 impl Default for SamplingParams {
@@ -41,6 +58,11 @@ impl Default for SamplingParams {
             max_new_tokens: 80,
             seed: 299_792_458,
             ignore_eos: false,
+            stop: Vec::new(),
+            whole_sentences: false,
+            distinct_options: false,
+            reject_phrases: Vec::new(),
+            resample_tries: 0,
         }
     }
 }
@@ -51,6 +73,11 @@ pub enum StopReason {
     EndOfSequence,
     MaxTokens,
     Cancelled,
+    /// One of [`SamplingParams::stop`] began.
+    StopSequence,
+    /// Its first sentence broke character ([`SamplingParams::reject_phrases`])
+    /// and no resample was left.
+    Rejected,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +85,12 @@ pub struct GeneratedOption {
     pub text: String,
     pub tokens: usize,
     pub stop: StopReason,
+    /// Cut back to its last whole sentence ([`SamplingParams::whole_sentences`]).
+    pub trimmed: bool,
+    /// The seed it was sampled with.
+    pub seed: u64,
+    /// Sampled again (a near-duplicate or out of character).
+    pub resampled: bool,
 }
 
 /// The options of one prompt and what they cost.
@@ -69,6 +102,8 @@ pub struct Generation {
     pub decode_secs: f64,
     /// Batched forward passes after the prefill.
     pub decode_steps: usize,
+    /// Options sampled again.
+    pub resamples: usize,
 }
 
 /// A chat model: its prompt format and a way to continue a prompt N ways.
@@ -202,15 +237,32 @@ struct Sequence {
     stop: Option<StopReason>,
     /// Bytes of the (trimmed) text already handed out.
     emitted: usize,
+    /// The option's text once it ended.
+    final_text: Option<String>,
+    trimmed: bool,
+    /// Bytes of whole sentences already checked against reject phrases.
+    checked: usize,
+    /// Where a sentence with a reject phrase begins (the option ends there).
+    cut_at: Option<usize>,
+    seed: u64,
+    resampled: bool,
+    /// Its first whole sentence, once written (for the duplicate check).
+    first: Option<String>,
+    /// Whether this try may still be rejected (false on the last try).
+    may_reject: bool,
 }
 
 impl GgufChatModel {
     /// Hands out the text a sequence gained: only once it decodes to whole
     /// characters (no U+FFFD from a split UTF-8 sequence), without the
     /// leading and trailing whitespace the final text is trimmed of.
+    /// Text that could still become a stop sequence, and with
+    /// `whole_sentences` an unfinished sentence, wait for the next tokens.
     fn emit_delta(
         &self,
         seq: &mut Sequence,
+        params: &SamplingParams,
+        others: &[String],
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<(), ModelError> {
         let text = self
@@ -220,11 +272,101 @@ impl GgufChatModel {
         if text.ends_with('\u{FFFD}') {
             return Ok(());
         }
-        let visible = text.trim();
-        if visible.len() > seq.emitted && visible.is_char_boundary(seq.emitted) {
-            on_text(seq.option, &visible[seq.emitted..]);
-            seq.emitted = visible.len();
+        let visible = text.trim_start();
+        if reply::find_stop(visible, &params.stop).is_some() {
+            seq.stop = Some(StopReason::StopSequence);
+            return self.finish_sequence(seq, params, on_text);
         }
+        // Each newly whole sentence, against the character-breaking
+        // phrases; the first one also against the other options' first.
+        if params.whole_sentences {
+            if let Some(end) = reply::sentence_end(visible) {
+                if end > seq.checked {
+                    let fresh = visible[seq.checked..end].to_lowercase();
+                    let breaks = params
+                        .reject_phrases
+                        .iter()
+                        .any(|p| fresh.contains(p.as_str()));
+                    let repeats = seq.checked == 0
+                        && params.distinct_options
+                        && others
+                            .iter()
+                            .any(|o| reply::near_duplicate(o, &visible[..end]));
+                    if breaks && seq.checked > 0 {
+                        seq.cut_at = Some(seq.checked);
+                        seq.stop = Some(StopReason::StopSequence);
+                        return self.finish_sequence(seq, params, on_text);
+                    }
+                    if (breaks || repeats) && seq.may_reject {
+                        seq.stop = Some(StopReason::Rejected);
+                        return self.finish_sequence(seq, params, on_text);
+                    }
+                    if seq.checked == 0 {
+                        seq.first = Some(visible[..end].to_string());
+                    }
+                    seq.checked = end;
+                }
+            }
+        }
+        let mut safe = visible
+            .trim_end()
+            .len()
+            .min(visible.len() - reply::stop_hold(visible, &params.stop));
+        if params.whole_sentences {
+            safe = safe.min(reply::sentence_end(visible).unwrap_or(0));
+        }
+        if safe > seq.emitted
+            && visible.is_char_boundary(safe)
+            && visible.is_char_boundary(seq.emitted)
+        {
+            on_text(seq.option, &visible[seq.emitted..safe]);
+            seq.emitted = safe;
+        }
+        Ok(())
+    }
+
+    /// An ended option's text (cut at a stop sequence, trimmed to a whole
+    /// sentence when the limit stopped it), and what of it was held back.
+    fn finish_sequence(
+        &self,
+        seq: &mut Sequence,
+        params: &SamplingParams,
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<(), ModelError> {
+        if seq.final_text.is_some() {
+            return Ok(());
+        }
+        let text = self
+            .tokenizer
+            .decode(&seq.tokens, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let visible = text.trim();
+        let cut = match reply::find_stop(visible, &params.stop) {
+            Some(at) => visible[..at].trim_end(),
+            None => visible,
+        };
+        let cut = match seq.cut_at {
+            Some(at) if at <= cut.len() && cut.is_char_boundary(at) => cut[..at].trim_end(),
+            _ => cut,
+        };
+        // A rejected first sentence is never handed out (a resample comes).
+        let cut = if seq.stop == Some(StopReason::Rejected) && seq.emitted == 0 {
+            ""
+        } else {
+            cut
+        };
+        let (final_text, trimmed) =
+            if params.whole_sentences && seq.stop == Some(StopReason::MaxTokens) {
+                reply::trim_to_sentence(cut)
+            } else {
+                (cut.to_string(), false)
+            };
+        if final_text.len() > seq.emitted && final_text.is_char_boundary(seq.emitted) {
+            on_text(seq.option, &final_text[seq.emitted..]);
+        }
+        seq.emitted = final_text.len();
+        seq.trimmed = trimmed;
+        seq.final_text = Some(final_text);
         Ok(())
     }
 }
@@ -270,15 +412,12 @@ impl TextGeneration for GgufChatModel {
             )));
         }
         let max_new = params.max_new_tokens.min(budget);
-        let device = self.model.device();
+        let device = self.model.device().clone();
         let started = Instant::now();
-        let mut cache = self.model.new_cache();
-        let input = Tensor::new(prompt_ids.as_slice(), device)?.unsqueeze(0)?;
-        let mut logits = self.model.forward(&input, &mut cache)?;
+        let mut prefill = self.model.new_cache();
+        let input = Tensor::new(prompt_ids.as_slice(), &device)?.unsqueeze(0)?;
+        let first_logits = self.model.forward(&input, &mut prefill)?;
         let prefill_secs = started.elapsed().as_secs_f64();
-        if n > 1 {
-            cache = cache.expand(n)?;
-        }
         let sampling = if params.temperature <= 0.0 {
             Sampling::ArgMax
         } else {
@@ -288,29 +427,162 @@ impl TextGeneration for GgufChatModel {
                 temperature: params.temperature,
             }
         };
+        let new_sequence = |option: usize, seed: u64| Sequence {
+            option,
+            tokens: Vec::new(),
+            sampler: LogitsProcessor::from_sampling(seed, sampling.clone()),
+            stop: None,
+            emitted: 0,
+            final_text: None,
+            trimmed: false,
+            checked: 0,
+            cut_at: None,
+            seed,
+            resampled: false,
+            first: None,
+            may_reject: params.resample_tries > 0,
+        };
         let mut seqs: Vec<Sequence> = (0..n)
-            .map(|i| Sequence {
-                option: i,
-                tokens: Vec::new(),
-                sampler: LogitsProcessor::from_sampling(
-                    params.seed.wrapping_add(i as u64),
-                    sampling.clone(),
-                ),
-                stop: None,
-                emitted: 0,
+            .map(|i| new_sequence(i, params.seed.wrapping_add(i as u64)))
+            .collect();
+        // An option whose first sentence repeats another's or breaks
+        // character is rejected before any of it is handed out, and
+        // sampled again from the shared prefill: what was streamed is what
+        // the result says.
+        let may_resample = params.resample_tries > 0
+            && params.whole_sentences
+            && ((n > 1 && params.distinct_options) || !params.reject_phrases.is_empty());
+        let sink: &mut dyn FnMut(usize, &str) = on_text;
+        let decode_started = Instant::now();
+        let all: Vec<usize> = (0..n).collect();
+        let mut steps = self.decode(
+            &prefill,
+            &first_logits,
+            &mut seqs,
+            &all,
+            &prompt_ids,
+            max_new,
+            params,
+            cancelled,
+            sink,
+        )?;
+        let mut resamples = 0;
+        if may_resample {
+            for round in 1..=params.resample_tries {
+                let bad: Vec<usize> = seqs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.stop == Some(StopReason::Rejected))
+                    .map(|(i, _)| i)
+                    .collect();
+                if bad.is_empty() || cancelled() {
+                    break;
+                }
+                for &b in &bad {
+                    let seed = params
+                        .seed
+                        .wrapping_add((round * n + b) as u64)
+                        .wrapping_add(0x5EED);
+                    seqs[b] = new_sequence(b, seed);
+                    seqs[b].resampled = true;
+                    seqs[b].may_reject = round < params.resample_tries;
+                }
+                resamples += bad.len();
+                steps += self.decode(
+                    &prefill,
+                    &first_logits,
+                    &mut seqs,
+                    &bad,
+                    &prompt_ids,
+                    max_new,
+                    params,
+                    cancelled,
+                    sink,
+                )?;
+            }
+        }
+        // Still out of character after the last try: its text rather than
+        // nothing.
+        for s in seqs.iter_mut() {
+            if s.stop == Some(StopReason::Rejected) && s.final_text.as_deref() == Some("") {
+                let t = self
+                    .tokenizer
+                    .decode(&s.tokens, true)
+                    .map_err(|e| ModelError::Tokenizer(e.to_string()))?
+                    .trim()
+                    .to_string();
+                if !t.is_empty() {
+                    sink(s.option, &t);
+                }
+                s.final_text = Some(t);
+            }
+        }
+        let decode_secs = decode_started.elapsed().as_secs_f64();
+        let options: Vec<GeneratedOption> = seqs
+            .into_iter()
+            .map(|s| GeneratedOption {
+                text: s.final_text.unwrap_or_default(),
+                tokens: s.tokens.len(),
+                stop: s.stop.unwrap_or(StopReason::MaxTokens),
+                trimmed: s.trimmed,
+                seed: s.seed,
+                resampled: s.resampled,
             })
             .collect();
-        let decode_started = Instant::now();
+        Ok(Generation {
+            options,
+            prompt_tokens: prompt_ids.len(),
+            prefill_secs,
+            decode_secs,
+            decode_steps: steps,
+            resamples,
+        })
+    }
+}
+
+impl GgufChatModel {
+    /// Decodes the sequences `which` (indices into `seqs`) from the shared
+    /// prefill until each ends; returns the batched steps taken.
+    #[allow(clippy::too_many_arguments)]
+    fn decode(
+        &self,
+        prefill: &quantized_llama::KvCache,
+        first_logits: &Tensor,
+        seqs: &mut [Sequence],
+        which: &[usize],
+        prompt_ids: &[u32],
+        max_new: usize,
+        params: &SamplingParams,
+        cancelled: &dyn Fn() -> bool,
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<usize, ModelError> {
+        let device = self.model.device().clone();
+        let mut cache = if which.len() > 1 {
+            prefill.expand(which.len())?
+        } else {
+            prefill.clone()
+        };
+        let mut logits = first_logits.clone();
         let mut steps = 0;
         // `active[r]` is the sequence in batch row `r` of `logits` and `cache`.
-        let mut active: Vec<usize> = (0..n).collect();
+        let mut active: Vec<usize> = which.to_vec();
         loop {
             let mut next = Vec::with_capacity(active.len());
             for (row, &s) in active.iter().enumerate() {
+                // The other options' first sentences, while this one has none.
+                let others: Vec<String> = if params.distinct_options && seqs[s].first.is_none() {
+                    seqs.iter()
+                        .enumerate()
+                        .filter(|(j, q)| *j != s && q.stop != Some(StopReason::Rejected))
+                        .filter_map(|(_, q)| q.first.clone())
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 let seq = &mut seqs[s];
                 let row_logits = logits.get(if logits.dim(0)? == 1 { 0 } else { row })?;
                 let row_logits = if params.repetition_penalty != 1.0 {
-                    let mut recent: Vec<u32> = prompt_ids.clone();
+                    let mut recent: Vec<u32> = prompt_ids.to_vec();
                     recent.extend_from_slice(&seq.tokens);
                     let start = recent.len().saturating_sub(params.repeat_last_n);
                     candle_transformers::utils::apply_repeat_penalty(
@@ -329,13 +601,17 @@ impl TextGeneration for GgufChatModel {
                     if seq.tokens.len() >= max_new {
                         seq.stop = Some(StopReason::MaxTokens);
                     }
-                    self.emit_delta(seq, on_text)?;
+                    self.emit_delta(seq, params, &others, on_text)?;
+                }
+                if seq.stop.is_some() {
+                    self.finish_sequence(seq, params, on_text)?;
                 }
                 next.push(token);
             }
             if cancelled() {
                 for &s in &active {
                     seqs[s].stop.get_or_insert(StopReason::Cancelled);
+                    self.finish_sequence(&mut seqs[s], params, on_text)?;
                 }
             }
             let keep: Vec<u32> = (0..active.len() as u32)
@@ -349,32 +625,10 @@ impl TextGeneration for GgufChatModel {
             }
             let tokens: Vec<u32> = keep.iter().map(|&r| next[r as usize]).collect();
             active = keep.iter().map(|&r| active[r as usize]).collect();
-            let input = Tensor::new(tokens.as_slice(), device)?.unsqueeze(1)?;
+            let input = Tensor::new(tokens.as_slice(), &device)?.unsqueeze(1)?;
             logits = self.model.forward(&input, &mut cache)?;
             steps += 1;
         }
-        let decode_secs = decode_started.elapsed().as_secs_f64();
-        seqs.sort_by_key(|s| s.option);
-        let options = seqs
-            .into_iter()
-            .map(|s| {
-                let text = self
-                    .tokenizer
-                    .decode(&s.tokens, true)
-                    .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-                Ok(GeneratedOption {
-                    text: text.trim().to_string(),
-                    tokens: s.tokens.len(),
-                    stop: s.stop.unwrap_or(StopReason::MaxTokens),
-                })
-            })
-            .collect::<Result<_, ModelError>>()?;
-        Ok(Generation {
-            options,
-            prompt_tokens: prompt_ids.len(),
-            prefill_secs,
-            decode_secs,
-            decode_steps: steps,
-        })
+        Ok(steps)
     }
 }

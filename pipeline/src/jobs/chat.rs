@@ -389,6 +389,14 @@ pub struct ResponseOption {
     #[serde(rename = "type")]
     pub kind: MessageType,
     pub text: String,
+    /// Why the option ended: `stop`, `length-trimmed`, `length`,
+    /// `cancelled` (an extra key beside seed 003's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// The seed of an option sampled again (it nearly repeated another or
+    /// broke character).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resampled_seed: Option<u64>,
 }
 
 /// A message of the response: an echoed input message, or the new bot
@@ -474,7 +482,12 @@ impl ChatRespondOutput {
             options: Some(
                 options
                     .into_iter()
-                    .map(|text| ResponseOption { kind, text })
+                    .map(|text| ResponseOption {
+                        kind,
+                        text,
+                        finish_reason: None,
+                        resampled_seed: None,
+                    })
                     .collect(),
             ),
         });

@@ -76,7 +76,13 @@ impl JobRecord {
             max_attempts: num("max_attempts").unwrap_or(1) as u32,
             worker: h.get("worker").cloned(),
             progress: h.get("progress").and_then(|v| serde_json::from_str(v).ok()),
-            expires_ms: num("expires_ms"),
+            // 0: a job handed back on drain (no queue expiry); its life
+            // still ends `ttl` after it was submitted.
+            expires_ms: num("expires_ms").filter(|&e| e > 0).or_else(|| {
+                let created = num("created_ms")?;
+                let policy: crate::Policy = serde_json::from_str(h.get("policy")?).ok()?;
+                Some(created + policy.ttl_ms)
+            }),
             sealed_s3: h.get("s3").cloned(),
             hook_format: h.get("hook_format").cloned(),
             output_prefix: h.get("output_prefix").cloned(),

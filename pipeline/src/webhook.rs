@@ -203,27 +203,47 @@ impl CallbackSender {
     /// callback goes through the retried delivery instead.
     pub async fn send_event(&self, url: &str, body: &str) -> Result<u16, PipelineError> {
         let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+        let resp = self
+            .post_signed(url, &msg_id, body.to_string())
+            .await?
+            .map_err(|f| match f {
+                Failure::Refused(e) | Failure::Other(e) => PipelineError::Other(e),
+            })?;
+        Ok(resp.status().as_u16())
+    }
+
+    /// POSTs `body` to `url` signed as message `msg_id` (Standard Webhooks
+    /// headers), through the guard: an address literal is checked here, a
+    /// host name by the client's resolver, which connects only to the
+    /// addresses it checked.
+    async fn post_signed(
+        &self,
+        url: &str,
+        msg_id: &str,
+        body: String,
+    ) -> Result<Result<reqwest::Response, Failure>, PipelineError> {
         let ts = (now_ms() / 1000) as i64;
         let signature = self
             .signer
-            .sign(&msg_id, ts, body.as_bytes())
+            .sign(msg_id, ts, body.as_bytes())
             .map_err(|e| PipelineError::Other(format!("signing: {e:?}")))?;
-        let target = self
-            .guard
-            .check_url(url)
-            .map_err(|e| PipelineError::Other(e.to_string()))?;
-        let resp = self
-            .http
-            .post(target)
-            .header("content-type", "application/json")
-            .header("webhook-id", msg_id)
-            .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", signature)
-            .body(body.to_string())
-            .send()
-            .await
-            .map_err(|e| PipelineError::Other(describe(e)))?;
-        Ok(resp.status().as_u16())
+        Ok(match self.guard.check_url(url) {
+            Ok(target) => self
+                .http
+                .post(target)
+                .header("content-type", "application/json")
+                .header("webhook-id", msg_id)
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", signature)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| match refusal_in(&e) {
+                    Some(r) => Failure::Refused(r.to_string()),
+                    None => Failure::Other(describe(e)),
+                }),
+            Err(r) => Err(Failure::Refused(r.to_string())),
+        })
     }
 
     /// Leases the callbacks that are due now.
@@ -302,30 +322,7 @@ impl CallbackSender {
             }
         };
         let attempts: usize = cb.get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0) + 1;
-        let ts = (now_ms() / 1000) as i64;
-        let signature = self
-            .signer
-            .sign(msg_id, ts, body.as_bytes())
-            .map_err(|e| PipelineError::Other(format!("signing: {e:?}")))?;
-        // An address literal is checked here; a host name by the client's
-        // resolver, which connects only to the addresses it checked.
-        let sent = match self.guard.check_url(url) {
-            Ok(target) => self
-                .http
-                .post(target)
-                .header("content-type", "application/json")
-                .header("webhook-id", msg_id)
-                .header("webhook-timestamp", ts.to_string())
-                .header("webhook-signature", signature)
-                .body(body.clone())
-                .send()
-                .await
-                .map_err(|e| match refusal_in(&e) {
-                    Some(r) => Failure::Refused(r.to_string()),
-                    None => Failure::Other(describe(e)),
-                }),
-            Err(r) => Err(Failure::Refused(r.to_string())),
-        };
+        let sent = self.post_signed(url, msg_id, body.clone()).await?;
         let refused = matches!(sent, Err(Failure::Refused(_)));
         let (status, error, retry_after) = match sent {
             Ok(r) => (

@@ -217,6 +217,13 @@ pub fn assemble(
     } else {
         parts.default_system_prompt.unwrap_or(DEFAULT_SYSTEM_PROMPT)
     });
+    // The character is the speaker: a card's own system prompt that never
+    // names it gets the name first.
+    let system_prompt = if system_prompt.contains(&ctx.char_name) {
+        system_prompt
+    } else {
+        format!("You are {}. {system_prompt}", ctx.char_name)
+    };
     let mut system = vec![system_prompt];
     if !persona.description.is_empty() {
         system.push(x(&persona.description));
@@ -466,6 +473,35 @@ mod tests {
             gender: Gender::Female,
             description: "{{user}} is a nurse; {{user_they}} works nights.".into(),
         }
+    }
+
+    #[test]
+    fn a_card_system_prompt_without_the_name_gets_it_first() {
+        let mut c = luna();
+        c.system_prompt = "Be kind and brief.".into();
+        let (turns, _) = assemble(
+            &parts(&c, None, &[msg(Role::User, "Hi")], 10_000),
+            &WordCounter,
+        )
+        .unwrap();
+        assert!(
+            turns[0]
+                .content
+                .starts_with("You are Luna. Be kind and brief."),
+            "{}",
+            turns[0].content
+        );
+        c.system_prompt = "{{char}} is playful.".into();
+        let (turns, _) = assemble(
+            &parts(&c, None, &[msg(Role::User, "Hi")], 10_000),
+            &WordCounter,
+        )
+        .unwrap();
+        assert!(
+            turns[0].content.starts_with("Luna is playful."),
+            "{}",
+            turns[0].content
+        );
     }
 
     #[test]

@@ -225,6 +225,27 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[test]
+    fn the_reply_token_budget_comes_from_the_card_or_the_activity() {
+        let card = CharacterCard::from_json(
+            &json!({"spec": "chara_card_v2", "data": {"name": "Luna", "extensions": {"companion": {"max_new_tokens": 120}}}}).to_string(),
+        )
+        .unwrap();
+        assert_eq!(card.render(&Map::new()).unwrap().max_new_tokens, Some(120));
+        let plain = CharacterCard::from_json(
+            &json!({"spec": "chara_card_v2", "data": {"name": "Luna"}}).to_string(),
+        )
+        .unwrap();
+        assert_eq!(plain.render(&Map::new()).unwrap().max_new_tokens, None);
+        let a =
+            RenderedCharacter::from_activity(&json!({"title": "Luna", "max_response_tokens": 64}))
+                .unwrap();
+        assert_eq!(a.max_new_tokens, Some(64));
+        let bad = RenderedCharacter::from_activity(&json!({"title": "Luna", "max_new_tokens": 0}))
+            .unwrap();
+        assert_eq!(bad.max_new_tokens, None);
+    }
+
     fn card(system: &str) -> CharacterCard {
         CharacterCard::from_json(
             &json!({

@@ -60,6 +60,9 @@ async fn stream_relays_chunks_while_generating_and_saves_both_messages_once() {
                 ("MAX_NEW_TOKENS", "60"),
                 ("IGNORE_EOS", "true"),
                 ("MEMORY_MAX_WORDS", "60"),
+                // Token by token, to see the relay at work (whole sentences
+                // are the default, tested in reply_quality.rs).
+                ("WHOLE_SENTENCES", "false"),
             ],
         ),
     );

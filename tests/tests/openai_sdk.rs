@@ -13,9 +13,7 @@ async fn the_openai_python_sdk_works_against_the_shim() {
     let redis = Redis::start();
     let shim = Shim::start(&redis, &[]).await;
     let _worker = start_worker(&redis, &[("WORKER_KINDS", "chat")]);
-    let python = std::path::PathBuf::from(std::env::var_os("HOME").unwrap())
-        .join(".cache/companion-worker/venv/bin/python");
-    let out = tokio::process::Command::new(&python)
+    let out = tokio::process::Command::new(sdk_python())
         .arg(repo_root().join("tests/openai_sdk/use_sdk.py"))
         .env("OPENAI_BASE_URL", format!("{}/openai/v1", shim.base))
         .env("OPENAI_API_KEY", API_KEY)

@@ -6,21 +6,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-fn sdk_python() -> std::path::PathBuf {
-    let python = std::env::var_os("SDK_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var_os("HOME").unwrap())
-                .join(".cache/companion-worker/venv/bin/python")
-        });
-    assert!(
-        python.exists(),
-        "{} is missing: scripts/setup installs the runpod SDK there",
-        python.display()
-    );
-    python
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runpod_python_sdk_works_against_the_shim() {
     let redis = Redis::start();

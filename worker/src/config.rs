@@ -358,25 +358,27 @@ impl WorkerConfig {
         }
     }
 
+    /// The S3 bucket's store, when `S3_BUCKET` is set.
+    fn s3_store(&self) -> Option<pipeline::media_store::MediaStore> {
+        self.s3_bucket.as_ref().map(|bucket| {
+            pipeline::media_store::MediaStore::s3(pipeline::media_store::S3Settings {
+                endpoint: self.s3_endpoint.clone(),
+                region: self.s3_region.clone(),
+                bucket: bucket.clone(),
+                access_key_id: self.s3_access_key_id.clone(),
+                secret_access_key: self.s3_secret_access_key.clone(),
+                force_path_style: self.s3_force_path_style,
+                cdn_base_url: self.media_cdn_base_url.clone(),
+            })
+        })
+    }
+
     /// Where media goes: the S3 bucket when one is set, else `MEDIA_DIR`.
     pub fn media_store(&self) -> pipeline::media_store::MediaStore {
-        match &self.s3_bucket {
-            Some(bucket) => {
-                pipeline::media_store::MediaStore::s3(pipeline::media_store::S3Settings {
-                    endpoint: self.s3_endpoint.clone(),
-                    region: self.s3_region.clone(),
-                    bucket: bucket.clone(),
-                    access_key_id: self.s3_access_key_id.clone(),
-                    secret_access_key: self.s3_secret_access_key.clone(),
-                    force_path_style: self.s3_force_path_style,
-                    cdn_base_url: self.media_cdn_base_url.clone(),
-                })
-            }
-            None => {
-                let dir = std::path::absolute(&self.media_dir).unwrap_or(self.media_dir.clone());
-                pipeline::media_store::MediaStore::local(dir, self.media_cdn_base_url.clone())
-            }
-        }
+        self.s3_store().unwrap_or_else(|| {
+            let dir = std::path::absolute(&self.media_dir).unwrap_or(self.media_dir.clone());
+            pipeline::media_store::MediaStore::local(dir, self.media_cdn_base_url.clone())
+        })
     }
 
     /// The image service when this worker takes image jobs (the checkpoint
@@ -639,17 +641,7 @@ impl WorkerConfig {
             ignore_eos: self.ignore_eos,
             ..SamplingParams::default()
         };
-        let media = self.s3_bucket.as_ref().map(|bucket| {
-            pipeline::media_store::MediaStore::s3(pipeline::media_store::S3Settings {
-                endpoint: self.s3_endpoint.clone(),
-                region: self.s3_region.clone(),
-                bucket: bucket.clone(),
-                access_key_id: self.s3_access_key_id.clone(),
-                secret_access_key: self.s3_secret_access_key.clone(),
-                force_path_style: self.s3_force_path_style,
-                cdn_base_url: self.media_cdn_base_url.clone(),
-            })
-        });
+        let media = self.s3_store();
         Ok(ChatEngine::new(
             Arc::new(model),
             self.character_templates_dir.clone(),

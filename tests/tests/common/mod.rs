@@ -505,6 +505,37 @@ impl Receiver {
     }
 }
 
+/// The test venv's python (scripts/setup installs the runpod and openai
+/// SDKs there); `SDK_PYTHON` overrides it.
+pub fn sdk_python() -> PathBuf {
+    let python = std::env::var_os("SDK_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap())
+                .join(".cache/companion-worker/venv/bin/python")
+        });
+    assert!(
+        python.exists(),
+        "{} is missing: scripts/setup installs the SDKs there",
+        python.display()
+    );
+    python
+}
+
+impl Api {
+    /// A `fleet_worker_totals` figure from /metrics (0 when not there yet).
+    pub async fn worker_total(&self, stat: &str) -> f64 {
+        let metrics = self.metrics().await;
+        let key = format!("stat=\"{stat}\"");
+        metrics
+            .lines()
+            .find(|l| l.starts_with("fleet_worker_totals") && l.contains(&key))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
 pub fn seed_file(name: &str) -> Value {
     let raw = std::fs::read_to_string(repo_root().join("examples").join(name)).unwrap();
     serde_json::from_str(&raw).unwrap()

@@ -26,23 +26,29 @@ def bytes_to_unicode():
     return [chr(c) for c in cs]
 
 
-def main():
-    merges = gzip.open(sys.argv[1]).read().decode("utf-8").split("\n")
+def clip_tokenizer(bpe_gz, pad_token="<|endoftext|>"):
+    """transformers' CLIPTokenizer on CLIP's BPE file: the vocabulary and
+    merges written as the files it reads (into a temporary folder)."""
+    merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
     merges = merges[1 : 49152 - 256 - 2 + 1]
     vocab = bytes_to_unicode()
     vocab = vocab + [v + "</w>" for v in vocab]
     vocab += ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as d:
-        vocab_file = os.path.join(d, "vocab.json")
-        merges_file = os.path.join(d, "merges.txt")
-        with open(vocab_file, "w", encoding="utf-8") as f:
-            json.dump({t: i for i, t in enumerate(vocab)}, f)
-        with open(merges_file, "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tok = CLIPTokenizer(vocab_file, merges_file)
-        prompts = json.load(sys.stdin)
-        ids = [tok(p, truncation=True, max_length=77)["input_ids"] for p in prompts]
+    d = tempfile.mkdtemp()
+    with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump({t: i for i, t in enumerate(vocab)}, f)
+    with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(
+        os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), pad_token=pad_token, model_max_length=77
+    )
+
+
+def main():
+    tok = clip_tokenizer(sys.argv[1])
+    prompts = json.load(sys.stdin)
+    ids = [tok(p, truncation=True, max_length=77)["input_ids"] for p in prompts]
     json.dump(ids, sys.stdout)
 
 

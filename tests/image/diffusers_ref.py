@@ -13,7 +13,6 @@
         at "out". Prints {"seconds": [...]} (one wall time per case).
 """
 
-import gzip
 import json
 import os
 import sys
@@ -21,35 +20,7 @@ import time
 
 import torch
 
-
-def bytes_to_unicode():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def clip_tokenizer(bpe_gz, pad_token):
-    from transformers import CLIPTokenizer
-    import tempfile
-
-    merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")
-    merges = merges[1 : 49152 - 256 - 2 + 1]
-    vocab = bytes_to_unicode()
-    vocab = vocab + [v + "</w>" for v in vocab]
-    vocab += ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    d = tempfile.mkdtemp()
-    with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), pad_token=pad_token, model_max_length=77)
+from clip_tokens import clip_tokenizer
 
 
 def text_config(hidden, layers, heads, act, projection_dim):

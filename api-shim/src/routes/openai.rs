@@ -345,7 +345,7 @@ pub async fn chat_completions(
         let reader = TokenReader::new(&state, slot, &rec.id).await?;
         return Ok(stream_response(state, reader, rec.id, id, created, asked).into_response());
     }
-    let wait = Duration::from_millis(state.cfg.runsync_wait_ms.max(300_000));
+    let wait = Duration::from_millis(state.cfg.runsync_wait_ms);
     let done = wait_until_done(&state, &rec.id, &mut events, wait).await?;
     match (done.state, done.output) {
         (JobState::Completed, Some(output)) => {

@@ -66,6 +66,9 @@ fn job_routes(prefix: &str, tag: &str) -> Vec<(String, Value)> {
         }
         o
     };
+    let mut with_wait = with_id.clone();
+    with_wait.push(json!({"name": "wait", "in": "query", "required": false,
+        "description": "milliseconds to wait for the end, 1000..=300000", "schema": {"type": "integer"}}));
     let mut runsync_params = params.clone();
     runsync_params.push(json!({"name": "wait", "in": "query", "required": false,
         "description": "milliseconds to wait for the result, 1000..=300000", "schema": {"type": "integer"}}));
@@ -80,7 +83,11 @@ fn job_routes(prefix: &str, tag: &str) -> Vec<(String, Value)> {
         ),
         (
             format!("{prefix}/status/{{id}}"),
-            json!({"get": op("A job's state and result", &with_id, None, "JobStatus", &[])}),
+            json!({"get": op("A job's state and result; with ?wait=MS held until it ends or the wait runs out", &with_wait, None, "JobStatus", &[400, 422])}),
+        ),
+        (
+            format!("{prefix}/status-sync/{{id}}"),
+            json!({"get": op("A job's state and result, held until it ends (at most ?wait=MS, default the /runsync wait)", &with_wait, None, "JobStatus", &[400, 422])}),
         ),
         (
             format!("{prefix}/cancel/{{id}}"),
@@ -158,6 +165,75 @@ pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
     paths.insert("/health".into(), json!({"get": {"tags": ["ops"],
         "summary": "Liveness, jobs by state and kind, workers seen, callbacks pending and dead-lettered; with a key, also that tenant's recent dead letters",
         "security": [{}, {"bearer": []}], "responses": health_errors}}));
+    // OpenAI-compatible chat (errors in OpenAI's shape; the body limit and
+    // the rate limit answer ours).
+    let oai_errors = |codes: &[u16]| -> Value {
+        let mut m = serde_json::Map::new();
+        for c in codes {
+            m.insert(c.to_string(), json!({"description": "error", "content": {"application/json": {"schema": {"anyOf": [
+                {"$ref": "#/components/schemas/OpenAiError"}, {"$ref": "#/components/schemas/Error"}]}}}}));
+        }
+        Value::Object(m)
+    };
+    let mut completions = oai_errors(&[400, 401, 413, 429, 500, 503, 504]);
+    completions["200"] = json!({"description": "a chat.completion, or with stream: true a stream of chat.completion.chunk events then [DONE]",
+        "content": {"application/json": {"schema": {"type": "object", "required": ["id", "object", "choices"], "properties": {
+            "id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"}, "model": {"type": "string"},
+            "choices": {"type": "array"}, "usage": {"type": "object"}}}}, "text/event-stream": {}}});
+    paths.insert("/openai/v1/chat/completions".into(), json!({"post": {
+        "tags": ["openai"], "summary": "OpenAI-compatible chat completion on the chat job (character via the extra `character` field)",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": true, "x-max-body-bytes": crate::startup::NATIVE_BODY_MAX, "content": {"application/json": {"schema": {
+            "type": "object", "required": ["model", "messages"], "properties": {
+                "model": {"type": "string"}, "messages": {"type": "array", "items": {"type": "object"}},
+                "n": {"type": "integer", "minimum": 1, "maximum": 8}, "max_tokens": {"type": "integer"},
+                "max_completion_tokens": {"type": "integer"}, "temperature": {"type": "number"}, "top_p": {"type": "number"},
+                "seed": {"type": "integer"}, "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                "stream": {"type": "boolean"}, "character": {"type": "string"}, "character_params": {"type": "object"}}}}}},
+        "responses": completions
+    }}));
+    let mut models = oai_errors(&[401, 429, 503]);
+    models["200"] = json!({"description": "the chat model", "content": {"application/json": {"schema": {"type": "object", "properties": {
+        "object": {"type": "string"}, "data": {"type": "array"}}}}}});
+    paths.insert(
+        "/openai/v1/models".into(),
+        json!({"get": {"tags": ["openai"], "summary": "The model the OpenAI routes serve",
+        "security": [{"bearer": []}], "responses": models}}),
+    );
+    // Cog's prediction API.
+    let kinds: Vec<&str> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
+    let kind_param = json!({"name": "kind", "in": "path", "required": true, "schema": {"type": "string", "enum": kinds}});
+    let pred_id =
+        json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}});
+    let prediction = json!({"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Prediction"}}}});
+    let pred_ok = |extra: &[u16]| {
+        let mut ok = serde_json::Map::new();
+        let mut done = prediction.clone();
+        done["description"] = json!("the prediction (finished)");
+        let mut running = prediction.clone();
+        running["description"] =
+            json!("the prediction, still running (Prefer: respond-async, or the wait ran out)");
+        ok.insert("200".into(), done);
+        ok.insert("202".into(), running);
+        responses(Value::Object(ok), extra)
+    };
+    let pred_body = json!({"required": true, "x-max-body-bytes": crate::startup::RUN_BODY_MAX, "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"input": {"type": "object"}, "webhook": {"type": "string", "format": "uri"},
+            "webhook_events_filter": {"type": "array", "items": {"type": "string", "enum": ["start", "output", "logs", "completed"]}},
+            "output_file_prefix": {"type": "string", "format": "uri"}}}}}});
+    paths.insert("/cog/{kind}/predictions".into(), json!({"post": {"tags": ["cog"], "summary": "Create a prediction (Cog's HTTP API)",
+        "security": [{"bearer": []}], "parameters": [kind_param], "requestBody": pred_body, "responses": pred_ok(&[400, 413, 422])}}));
+    paths.insert("/cog/{kind}/predictions/{id}".into(), json!({
+        "put": {"tags": ["cog"], "summary": "Create a prediction with this id (idempotent)", "security": [{"bearer": []}],
+            "parameters": [kind_param, pred_id], "requestBody": pred_body, "responses": pred_ok(&[400, 409, 413, 422])},
+        "get": {"tags": ["cog"], "summary": "A prediction", "security": [{"bearer": []}], "parameters": [kind_param, pred_id],
+            "responses": responses(json!({"200": prediction}), &[])}}));
+    paths.insert("/cog/{kind}/predictions/{id}/cancel".into(), json!({"post": {"tags": ["cog"], "summary": "Cancel a prediction",
+        "security": [{"bearer": []}], "parameters": [kind_param, pred_id], "responses": responses(json!({"200": prediction}), &[])}}));
+    paths.insert("/cog/{kind}/health-check".into(), json!({"get": {"tags": ["cog"], "summary": "STARTING, READY or BUSY",
+        "security": [{"bearer": []}], "parameters": [kind_param],
+        "responses": responses(json!({"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object", "properties": {
+            "status": {"type": "string", "enum": ["STARTING", "READY", "BUSY", "SETUP_FAILED"]}, "setup": {"type": "object"}}}}}}}), &[])}}));
     paths.insert("/metrics".into(), json!({"get": {"tags": ["ops"], "summary": "Prometheus metrics", "security": [{"bearer": []}],
         "responses": responses(json!({"200": {"description": "OK", "content": {"text/plain; version=0.0.4": {"schema": {"type": "string"}}}}}), &[])}}));
     // One input schema per kind, from its contract.
@@ -178,6 +254,9 @@ pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
                 "RunRequest": {"type": "object", "required": ["input"], "properties": {
                     "input": {"oneOf": input_refs, "description": "the input of the kind the route names (chat on the bare routes)"},
                     "webhook": {"type": "string", "format": "uri"},
+                    "s3Config": {"type": "object", "required": ["accessId", "accessSecret", "bucketName", "endpointUrl"], "properties": {
+                        "accessId": {"type": "string"}, "accessSecret": {"type": "string"}, "bucketName": {"type": "string"},
+                        "endpointUrl": {"type": "string", "format": "uri"}}},
                     "policy": {"type": "object", "properties": {
                         "executionTimeout": {"type": "integer", "minimum": 5000, "maximum": 604800000},
                         "ttl": {"type": "integer", "minimum": 10000, "maximum": 604800000},
@@ -191,7 +270,14 @@ pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
                 "MemoryCondensed": {"type": "object", "required": ["content", "word_count"], "properties": {
                     "content": {"type": "string"}, "word_count": {"type": "integer"},
                     "version": {"type": ["integer", "string"]}}},
-                "Purged": {"type": "object", "properties": {"removed": {"type": "integer"}, "status": {"type": "string"}}}
+                "Purged": {"type": "object", "properties": {"removed": {"type": "integer"}, "status": {"type": "string"}}},
+                "OpenAiError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["message", "type"], "properties": {
+                    "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}},
+                "Prediction": {"type": "object", "required": ["id", "status"], "properties": {
+                    "id": {"type": "string"}, "input": {"type": "object"}, "output": {}, "logs": {"type": "string"}, "error": {"type": ["string", "null"]},
+                    "status": {"type": "string", "enum": ["starting", "processing", "succeeded", "failed", "canceled"]},
+                    "created_at": {"type": ["string", "null"]}, "started_at": {"type": ["string", "null"]}, "completed_at": {"type": ["string", "null"]},
+                    "metrics": {"type": "object"}}}
             }
         }
     });

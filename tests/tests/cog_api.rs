@@ -77,7 +77,11 @@ async fn cog_predictions_sync_async_put_events_webhook_and_cancel() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 202);
     let p: Value = resp.json().await.unwrap();
-    assert_eq!(p["status"], "starting");
+    // Answered at once: queued, or already taken by the idle worker.
+    assert!(
+        ["starting", "processing"].contains(&p["status"].as_str().unwrap()),
+        "{p}"
+    );
     let id = p["id"].as_str().unwrap().to_string();
     let done = loop {
         let (_, p) = api

@@ -280,7 +280,7 @@ impl GgufChatModel {
         // Each newly whole sentence, against the character-breaking
         // phrases; the first one also against the other options' first.
         if params.whole_sentences {
-            if let Some(end) = reply::sentence_end(visible) {
+            if let Some(end) = reply::settled_sentence_end(visible) {
                 if end > seq.checked {
                     let fresh = visible[seq.checked..end].to_lowercase();
                     let breaks = params
@@ -313,7 +313,9 @@ impl GgufChatModel {
             .len()
             .min(visible.len() - reply::stop_hold(visible, &params.stop));
         if params.whole_sentences {
-            safe = safe.min(reply::sentence_end(visible).unwrap_or(0));
+            // Only a settled end: one the text goes on past (a "..." at the
+            // very end may still continue without a space).
+            safe = safe.min(reply::settled_sentence_end(visible).unwrap_or(0));
         }
         if safe > seq.emitted
             && visible.is_char_boundary(safe)

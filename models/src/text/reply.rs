@@ -23,6 +23,15 @@ pub fn sentence_end(text: &str) -> Option<usize> {
     sentence_ends(text).last().copied()
 }
 
+/// The last sentence end that more text already follows (an end at the
+/// very end of a text still being written may turn out not to be one).
+pub fn settled_sentence_end(text: &str) -> Option<usize> {
+    sentence_ends(text)
+        .into_iter()
+        .filter(|&e| e < text.len())
+        .last()
+}
+
 /// Byte index just past the first complete sentence of `text`.
 pub fn first_sentence_end(text: &str) -> Option<usize> {
     sentence_ends(text).first().copied()
@@ -215,6 +224,8 @@ mod tests {
         assert_eq!(cut(""), "");
         assert!(!trim_to_sentence("All good!").1);
         assert!(trim_to_sentence("All good! And").1);
+        assert_eq!(settled_sentence_end("Nice scenery..."), None);
+        assert_eq!(settled_sentence_end("Nice. Scenery..."), Some(5));
     }
 
     #[test]

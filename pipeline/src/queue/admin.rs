@@ -39,11 +39,6 @@ pub struct EnqueueOptions<'a> {
 impl RedisQueue {
     /// Stores a new job and queues it on its kind's lane.
     pub async fn enqueue(&self, req: &RunRequest, owner: &str) -> Result<JobRecord, PipelineError> {
-        if req.s3_config.is_some() && self.cfg.secrets.is_none() {
-            return Err(PipelineError::Other(
-                "s3Config needs JOB_SECRETS_KEY on the shim and the workers".into(),
-            ));
-        }
         self.enqueue_opts(req, owner, EnqueueOptions::default())
             .await
     }

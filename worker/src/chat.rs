@@ -256,6 +256,31 @@ impl ChatEngine {
         p
     }
 
+    /// One answer to `turns` (rendered with the model's chat template), its
+    /// cost added to `usage`.
+    pub fn complete(
+        &self,
+        turns: &[prompts::ChatTurn],
+        params: &SamplingParams,
+        cancelled: &dyn Fn() -> bool,
+        usage: &mut Usage,
+    ) -> Result<String, JobError> {
+        let prompt = self
+            .chat_template()
+            .render(turns)
+            .map_err(|e| JobError::new(e.to_string()))?;
+        let g = self
+            .model()
+            .generate(&prompt, 1, params, cancelled)
+            .map_err(|e| JobError::new(format!("text generation failed: {e}")))?;
+        usage.add(&g);
+        Ok(g.options
+            .into_iter()
+            .next()
+            .map(|o| o.text)
+            .unwrap_or_default())
+    }
+
     /// Resolves message texts and renders the prompt the model will see.
     pub fn prepare(
         &self,

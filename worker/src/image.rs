@@ -198,27 +198,13 @@ pub fn build_prompts(
     let nsfw = nsfw_level(job.nsfw_level);
     let base = if job.generation_mode.is_some() {
         let turns = media::image_prompt_request(&character, category, nsfw, &ctx.recent);
-        let prompt = engine
-            .chat_template()
-            .render(&turns)
-            .map_err(|e| JobError::new(e.to_string()))?;
         let params = SamplingParams {
             temperature: 0.7,
             max_new_tokens: 60,
             seed,
             ..SamplingParams::default()
         };
-        let g = engine
-            .model()
-            .generate(&prompt, 1, &params, cancelled)
-            .map_err(|e| JobError::new(format!("writing the image prompt failed: {e}")))?;
-        usage.add(&g);
-        let answer = g
-            .options
-            .into_iter()
-            .next()
-            .map(|o| o.text)
-            .unwrap_or_default();
+        let answer = engine.complete(&turns, &params, cancelled, usage)?;
         let scene = media::clean_generated_prompt(&answer, 300);
         tracing::info!(scene = %scene, "the text model wrote the scene");
         media::merge_generated(&character, style, category, nsfw, &scene, seed)

@@ -65,21 +65,7 @@ pub fn condense(
     };
     for stricter in [false, true] {
         let turns = condense_turns(&extract, job.hint.as_deref(), max, stricter);
-        let prompt = engine
-            .chat_template()
-            .render(&turns)
-            .map_err(|e| JobError::new(e.to_string()))?;
-        let g = engine
-            .model()
-            .generate(&prompt, 1, &params, cancelled)
-            .map_err(|e| JobError::new(format!("text generation failed: {e}")))?;
-        usage.add(&g);
-        let answer = g
-            .options
-            .into_iter()
-            .next()
-            .map(|o| o.text)
-            .unwrap_or_default();
+        let answer = engine.complete(&turns, &params, cancelled, &mut usage)?;
         let words = word_count(&answer);
         if words > 0 && words <= max && keeps_facts(&answer, &facts) {
             tracing::info!(stricter, words, "scratchpad condensed by the model");

@@ -28,8 +28,8 @@ pub fn sentence_end(text: &str) -> Option<usize> {
 pub fn settled_sentence_end(text: &str) -> Option<usize> {
     sentence_ends(text)
         .into_iter()
-        .filter(|&e| e < text.len())
-        .last()
+        .rev()
+        .find(|&e| e < text.len())
 }
 
 /// Byte index just past the first complete sentence of `text`.

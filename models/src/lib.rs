@@ -11,6 +11,7 @@
 
 pub mod device;
 pub mod image;
+pub mod video;
 pub mod registry;
 pub mod speech;
 pub mod text;

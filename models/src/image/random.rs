@@ -93,7 +93,7 @@ fn text_config() -> Value {
 
 /// Fills every variable of `map` from `rng`, in name order: norm weights 1,
 /// biases 0, other tensors uniform in ±1/√fan_in (torch's default init).
-fn fill(map: &VarMap, rng: &mut rand_chacha::ChaCha20Rng) -> Result<(), ModelError> {
+pub(crate) fn fill(map: &VarMap, rng: &mut rand_chacha::ChaCha20Rng) -> Result<(), ModelError> {
     let data = map.data().lock().expect("the var map lock");
     let sorted: BTreeMap<_, _> = data.iter().collect();
     for (name, var) in sorted {
@@ -118,7 +118,7 @@ fn fill(map: &VarMap, rng: &mut rand_chacha::ChaCha20Rng) -> Result<(), ModelErr
     Ok(())
 }
 
-fn write(path: &Path, value: &Value) -> Result<(), ModelError> {
+pub(crate) fn write(path: &Path, value: &Value) -> Result<(), ModelError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| ModelError::Io(format!("{}: {e}", dir.display())))?;

@@ -167,6 +167,10 @@ pub fn router(state: AppState) -> Router {
             limited(post(images::generate), NATIVE_BODY_MAX),
         )
         .route(
+            "/v1/videos/generate",
+            limited(post(images::generate_video), NATIVE_BODY_MAX),
+        )
+        .route(
             "/v1/instances/{instance_id}/chat/stream",
             limited(post(stream::chat_stream), NATIVE_BODY_MAX),
         )

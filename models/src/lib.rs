@@ -11,10 +11,10 @@
 
 pub mod device;
 pub mod image;
-pub mod video;
 pub mod registry;
 pub mod speech;
 pub mod text;
+pub mod video;
 
 pub use text::{Generation, GgufChatModel, LoadOptions, SamplingParams, TextGeneration};
 

@@ -43,7 +43,12 @@ fn run_ref(args: &[&str], dir: &Path, stdin: Option<&Value>) -> String {
         .spawn()
         .expect("the diffusers venv's python (scripts/setup installs it)");
     let input = stdin.map(|v| v.to_string()).unwrap_or_default();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -153,7 +158,11 @@ fn check(dir: &Path, cases: &[Value]) {
             })
             .unwrap();
         assert_eq!(frames.len(), req.num_frames);
-        assert_eq!(stages.len(), req.steps + (req.num_frames - 1) / 4 + 1, "{stages:?}");
+        assert_eq!(
+            stages.len(),
+            req.steps + (req.num_frames - 1) / 4 + 1,
+            "{stages:?}"
+        );
         ours.push(frames);
     }
     run_ref(&["run"], dir, Some(&json!(ref_cases)));
@@ -167,10 +176,17 @@ fn check(dir: &Path, cases: &[Value]) {
             .max()
             .unwrap();
         eprintln!("case {i}: {} frames, max |diff| {worst}/255", frames.len());
-        assert!(worst <= 2, "case {i} ({}): max |diff| {worst}/255", cases[i]);
+        assert!(
+            worst <= 2,
+            "case {i} ({}): max |diff| {worst}/255",
+            cases[i]
+        );
         // The frames are not flat: the comparison means something.
         let f = &frames[frames.len() - 1];
-        let (lo, hi) = f.pixels.iter().fold((255u8, 0u8), |(l, h), p| (l.min(*p), h.max(*p)));
+        let (lo, hi) = f
+            .pixels
+            .iter()
+            .fold((255u8, 0u8), |(l, h), p| (l.min(*p), h.max(*p)));
         assert!(hi - lo > 20, "case {i}: a flat frame");
     }
 }
@@ -181,7 +197,11 @@ fn wan21_text_to_video_matches_diffusers() {
     let base = json!({"prompt": "a girl with silver hair walks through a neon city at night",
         "width": 32, "height": 32, "num_frames": 9});
     let mut cases = Vec::new();
-    for (steps, guidance, negative) in [(1, 1.0, None), (3, 1.0, None), (3, 5.0, Some("low quality, blurred"))] {
+    for (steps, guidance, negative) in [
+        (1, 1.0, None),
+        (3, 1.0, None),
+        (3, 5.0, Some("low quality, blurred")),
+    ] {
         let mut c = base.clone();
         c["steps"] = json!(steps);
         c["guidance_scale"] = json!(guidance);

@@ -50,7 +50,7 @@ pub enum Command {
     /// in-process queue, no Redis, and print the output JSON.
     Run {
         job: PathBuf,
-        /// The job kind: chat, memory, chat_stream or image.
+        /// The job kind: chat, memory, chat_stream, image or video.
         #[arg(long, default_value = "chat")]
         kind: String,
         /// Sampling seed (option i uses seed + i).
@@ -92,6 +92,50 @@ pub enum Command {
         #[arg(long)]
         latents: Option<PathBuf>,
         /// Output file: .png, .webp or .jpg.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make one video with a Wan checkpoint (diffusers layout).
+    GenerateVideo {
+        /// Checkpoint folder or hub repo id [default: VIDEO_MODEL].
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        negative_prompt: Option<String>,
+        /// First frame to animate (image-to-video; TI2V checkpoints):
+        /// resized and center-cropped to the video size.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// 4k+1 [default: VIDEO_FRAMES]
+        #[arg(long)]
+        num_frames: Option<usize>,
+        /// [default: VIDEO_WIDTH]
+        #[arg(long)]
+        width: Option<usize>,
+        /// [default: VIDEO_HEIGHT]
+        #[arg(long)]
+        height: Option<usize>,
+        /// [default: VIDEO_FPS]
+        #[arg(long)]
+        fps: Option<u32>,
+        /// [default: VIDEO_STEPS]
+        #[arg(long)]
+        steps: Option<usize>,
+        /// [default: VIDEO_GUIDANCE]
+        #[arg(long)]
+        guidance_scale: Option<f64>,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Initial latents: a safetensors file with tensor `latents`
+        /// [1, C, F', H/f, W/f] (as diffusers' `latents=`).
+        #[arg(long)]
+        latents: Option<PathBuf>,
+        /// Also write every decoded frame as a lossless PNG (00000.png, ...).
+        #[arg(long)]
+        frames_dir: Option<PathBuf>,
+        /// Output file (.mp4).
         #[arg(long)]
         out: PathBuf,
     },
@@ -303,8 +347,34 @@ pub struct WorkerConfig {
     /// Guidance scale when a job gives none (<= 1: no classifier-free guidance).
     #[arg(long, env = "IMAGE_GUIDANCE", default_value_t = 0.0)]
     pub image_guidance: f64,
+    /// Wan checkpoint (diffusers layout): a folder, a hub repo id
+    /// (Wan-AI/Wan2.2-TI2V-5B-Diffusers), empty for the random default of
+    /// `fetch-models`, or none.
+    #[arg(long, env = "VIDEO_MODEL", default_value = "")]
+    pub video_model: String,
+    /// Weights' dtype for video: auto (f32 on CPU, bf16 on CUDA), f32, f16, bf16.
+    #[arg(long, env = "VIDEO_DTYPE", default_value = "auto")]
+    pub video_dtype: String,
+    /// Denoising steps when a job gives none (Wan: 30-50 for real checkpoints).
+    #[arg(long, env = "VIDEO_STEPS", default_value_t = 4)]
+    pub video_steps: u32,
+    /// Guidance scale when a job gives none (Wan: 5.0; <= 1: none).
+    #[arg(long, env = "VIDEO_GUIDANCE", default_value_t = 1.0)]
+    pub video_guidance: f64,
+    /// Frames when a job gives none (4k+1).
+    #[arg(long, env = "VIDEO_FRAMES", default_value_t = 17)]
+    pub video_frames: u32,
+    /// Frames per second when a job gives none.
+    #[arg(long, env = "VIDEO_FPS", default_value_t = 16)]
+    pub video_fps: u32,
+    /// Width when a job gives none.
+    #[arg(long, env = "VIDEO_WIDTH", default_value_t = 256)]
+    pub video_width: u32,
+    /// Height when a job gives none.
+    #[arg(long, env = "VIDEO_HEIGHT", default_value_t = 256)]
+    pub video_height: u32,
     /// Job kinds this worker takes, comma-separated (chat, memory,
-    /// chat_stream, image); empty: every kind its models serve.
+    /// chat_stream, image, video); empty: every kind its models serve.
     #[arg(long, env = "WORKER_KINDS", value_delimiter = ',')]
     pub worker_kinds: Vec<String>,
     /// Jobs of a kind run at once, as KIND=N pairs (chat=2): each kind named
@@ -356,6 +426,59 @@ impl WorkerConfig {
                 .is_file(),
             _ => true,
         }
+    }
+
+    /// Whether this worker can serve video jobs: a model is named, or the
+    /// random default is installed.
+    pub fn video_enabled(&self) -> bool {
+        match self.video_model.trim() {
+            "none" => false,
+            "" => self
+                .models_dir()
+                .join(models::video::random::DEFAULT_VIDEO_MODEL_NAME)
+                .join("model_index.json")
+                .is_file(),
+            _ => true,
+        }
+    }
+
+    /// The video service when this worker takes video jobs (with the image
+    /// service for generated first frames when an image model is there).
+    pub async fn video_service(
+        &self,
+        kinds: &[pipeline::JobKind],
+    ) -> anyhow::Result<Option<Arc<crate::video::VideoService>>> {
+        if !kinds.contains(&pipeline::JobKind::Video) {
+            return Ok(None);
+        }
+        let dir = models::video::resolve_video_model(&self.video_model, &self.models_dir()).await?;
+        let device = models::device::select_device(&self.device)?;
+        let dtype = match (self.video_dtype.as_str(), device.is_cuda()) {
+            ("auto", false) | ("f32", _) => candle_core::DType::F32,
+            ("auto", true) | ("bf16", _) => candle_core::DType::BF16,
+            ("f16", _) => candle_core::DType::F16,
+            (other, _) => anyhow::bail!("VIDEO_DTYPE {other:?}: expected auto, f32, f16 or bf16"),
+        };
+        let image = if self.image_enabled() {
+            self.image_service(&[pipeline::JobKind::Image]).await?
+        } else {
+            None
+        };
+        Ok(Some(Arc::new(crate::video::VideoService::new(
+            dir,
+            device,
+            dtype,
+            crate::video::VideoDefaults {
+                steps: self.video_steps,
+                guidance: self.video_guidance,
+                frames: self.video_frames,
+                fps: self.video_fps,
+                width: self.video_width,
+                height: self.video_height,
+            },
+            self.media_store(),
+            image,
+        ))))
     }
 
     /// The S3 bucket's store, when `S3_BUCKET` is set.
@@ -473,7 +596,7 @@ impl WorkerConfig {
             .map(|k| k.trim())
             .filter(|k| !k.is_empty())
             .collect();
-        let served = crate::handlers::served_kinds(self.image_enabled());
+        let served = crate::handlers::served_kinds(self.image_enabled(), self.video_enabled());
         if named.is_empty() {
             return Ok(served);
         }

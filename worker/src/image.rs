@@ -185,6 +185,58 @@ pub fn build_prompts(
     cancelled: &dyn Fn() -> bool,
     usage: &mut Usage,
 ) -> Result<(String, String), JobError> {
+    let scene = write_scene(job, ctx, engine, seed, cancelled, usage)?;
+    image_prompts(job, ctx, scene.as_deref(), seed)
+}
+
+/// For `generation_mode`: the scene the text model writes from the chat.
+pub fn write_scene(
+    job: &ImageJob,
+    ctx: &ImageContext,
+    engine: &ChatEngine,
+    seed: u64,
+    cancelled: &dyn Fn() -> bool,
+    usage: &mut Usage,
+) -> Result<Option<String>, JobError> {
+    if job.generation_mode.is_none() {
+        return Ok(None);
+    }
+    let category = media::category(&job.category).map_err(|e| JobError::new(e.to_string()))?;
+    let character =
+        ImageCharacter::from_activity(&ctx.character).map_err(|e| JobError::new(e.to_string()))?;
+    let turns = media::image_prompt_request(
+        &character,
+        category,
+        nsfw_level(job.nsfw_level),
+        &ctx.recent,
+    );
+    let params = SamplingParams {
+        temperature: 0.7,
+        max_new_tokens: 60,
+        seed,
+        ..SamplingParams::default()
+    };
+    let answer = engine.complete(&turns, &params, cancelled, usage)?;
+    let scene = media::clean_generated_prompt(&answer, 300);
+    tracing::info!(scene = %scene, "the text model wrote the scene");
+    Ok(Some(scene))
+}
+
+fn join_prompt(a: Option<&str>, b: &str) -> String {
+    match a {
+        Some(a) if !b.is_empty() => format!("{}, {b}", a.trim()),
+        Some(a) => a.trim().to_string(),
+        None => b.to_string(),
+    }
+}
+
+/// The image prompts from the context, and the scene when one was written.
+pub fn image_prompts(
+    job: &ImageJob,
+    ctx: &ImageContext,
+    scene: Option<&str>,
+    seed: u64,
+) -> Result<(String, String), JobError> {
     let category = media::category(&job.category).map_err(|e| JobError::new(e.to_string()))?;
     let character =
         ImageCharacter::from_activity(&ctx.character).map_err(|e| JobError::new(e.to_string()))?;
@@ -196,30 +248,36 @@ pub fn build_prompts(
     let persona_style = ctx.persona_style.as_deref().and_then(Style::parse);
     let style = media::choose_style(skin_style, persona_style);
     let nsfw = nsfw_level(job.nsfw_level);
-    let base = if job.generation_mode.is_some() {
-        let turns = media::image_prompt_request(&character, category, nsfw, &ctx.recent);
-        let params = SamplingParams {
-            temperature: 0.7,
-            max_new_tokens: 60,
-            seed,
-            ..SamplingParams::default()
-        };
-        let answer = engine.complete(&turns, &params, cancelled, usage)?;
-        let scene = media::clean_generated_prompt(&answer, 300);
-        tracing::info!(scene = %scene, "the text model wrote the scene");
-        media::merge_generated(&character, style, category, nsfw, &scene, seed)
-    } else {
-        media::image_prompt(&character, style, category, nsfw, seed)
-    };
-    let join = |a: Option<&str>, b: &str| match a {
-        Some(a) if !b.is_empty() => format!("{}, {b}", a.trim()),
-        Some(a) => a.trim().to_string(),
-        None => b.to_string(),
+    let base = match scene {
+        Some(scene) => media::merge_generated(&character, style, category, nsfw, scene, seed),
+        None => media::image_prompt(&character, style, category, nsfw, seed),
     };
     Ok((
-        join(job.positive_prompt.as_deref(), &base.positive),
-        join(job.negative_prompt.as_deref(), &base.negative),
+        join_prompt(job.positive_prompt.as_deref(), &base.positive),
+        join_prompt(job.negative_prompt.as_deref(), &base.negative),
     ))
+}
+
+/// The video prompts: the character's (nsfw) video prompt with the
+/// category's motion, the scene when one was written, the job's own
+/// prompts; the negative as the image's.
+pub fn video_prompts(
+    job: &ImageJob,
+    ctx: &ImageContext,
+    scene: Option<&str>,
+    seed: u64,
+) -> Result<(String, String), JobError> {
+    let category = media::category(&job.category).map_err(|e| JobError::new(e.to_string()))?;
+    let character =
+        ImageCharacter::from_activity(&ctx.character).map_err(|e| JobError::new(e.to_string()))?;
+    let motion = media::video_prompt(&character, category, nsfw_level(job.nsfw_level));
+    let base = match scene {
+        Some(scene) if !motion.is_empty() => format!("{scene}, {motion}"),
+        Some(scene) => scene.to_string(),
+        None => motion,
+    };
+    let (_, negative) = image_prompts(job, ctx, scene, seed)?;
+    Ok((join_prompt(job.positive_prompt.as_deref(), &base), negative))
 }
 
 /// Everything after the prompts: the run, uploads, records, delivery.

@@ -10,6 +10,7 @@ mod runtime;
 mod serve;
 mod speech;
 mod stream;
+mod video;
 
 use std::sync::Arc;
 
@@ -63,6 +64,18 @@ async fn main() -> anyhow::Result<()> {
             } else if cli.config.image_model.trim() != "none" {
                 let dir = models::image::resolve_image_model(
                     &cli.config.image_model,
+                    &cli.config.models_dir(),
+                )
+                .await?;
+                println!("{}", dir.display());
+            }
+            if cli.config.video_model.trim().is_empty() {
+                let dir =
+                    models::video::ensure_default_video_model(&cli.config.models_dir()).await?;
+                println!("{}", dir.display());
+            } else if cli.config.video_model.trim() != "none" {
+                let dir = models::video::resolve_video_model(
+                    &cli.config.video_model,
                     &cli.config.models_dir(),
                 )
                 .await?;
@@ -163,6 +176,107 @@ async fn main() -> anyhow::Result<()> {
             println!("gen {secs:.2} s");
             Ok(())
         }
+        Command::GenerateVideo {
+            model,
+            prompt,
+            negative_prompt,
+            image,
+            num_frames,
+            width,
+            height,
+            fps,
+            steps,
+            guidance_scale,
+            seed,
+            latents,
+            frames_dir,
+            out,
+        } => {
+            let mut cfg = cli.config;
+            if let Some(m) = model {
+                cfg.video_model = m;
+            }
+            // No image model needed here: the first frame is a file or none.
+            cfg.image_model = "none".into();
+            let service = cfg
+                .video_service(&[JobKind::Video])
+                .await?
+                .expect("the video kind was asked for");
+            let wan = service.model().await.map_err(|e| anyhow::anyhow!(e.0))?;
+            let latents = latents
+                .map(|p| models::image::pipeline::read_latents(&p, &service.device))
+                .transpose()?;
+            let (mut w, mut h, mut n) = (
+                width.unwrap_or(cfg.video_width as usize),
+                height.unwrap_or(cfg.video_height as usize),
+                num_frames.unwrap_or(cfg.video_frames as usize),
+            );
+            if let Some(l) = &latents {
+                // The size follows the latents unless given.
+                if let [_, _, f, lh, lw] = l.dims() {
+                    let s = wan.spatial_factor();
+                    w = width.unwrap_or(lw * s);
+                    h = height.unwrap_or(lh * s);
+                    n = num_frames.unwrap_or((f - 1) * wan.temporal_factor() + 1);
+                }
+            }
+            let first = image
+                .map(|p| -> anyhow::Result<models::image::RgbImage> {
+                    let bytes =
+                        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                    video::decode_reference(&bytes, w as u32, h as u32)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+                })
+                .transpose()?;
+            let req = models::video::VideoRequest {
+                prompt,
+                negative_prompt,
+                width: w,
+                height: h,
+                num_frames: n,
+                steps: steps.unwrap_or(cfg.video_steps as usize),
+                guidance_scale: guidance_scale.unwrap_or(cfg.video_guidance),
+                seed,
+                latents,
+                image: first,
+            };
+            let fps = fps.unwrap_or(cfg.video_fps);
+            let bar = indicatif::ProgressBar::new(
+                (req.steps + (n - 1) / wan.temporal_factor() + 1) as u64,
+            );
+            let started = std::time::Instant::now();
+            let frames = tokio::task::block_in_place(|| {
+                wan.generate(&req, &mut |_| {
+                    bar.inc(1);
+                    true
+                })
+            })?;
+            bar.finish_and_clear();
+            let secs = started.elapsed().as_secs_f64();
+            if let Some(dir) = &frames_dir {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                for (i, f) in frames.iter().enumerate() {
+                    let bytes =
+                        models::image::encode::encode(f, models::image::encode::ImageFormat::Png)?;
+                    std::fs::write(dir.join(format!("{i:05}.png")), bytes)?;
+                }
+            }
+            let mp4 = models::video::mp4::encode_mp4(&frames, fps as f64)?;
+            std::fs::write(&out, &mp4.bytes)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "{} ({}x{}, {} frames at {fps} fps, {:.2} s, {} steps, seed {seed})",
+                out.display(),
+                w,
+                h,
+                frames.len(),
+                mp4.duration_s(),
+                req.steps
+            );
+            println!("gen {secs:.2} s");
+            Ok(())
+        }
         Command::RenderPrompt { job, explain, seed } => {
             let engine = cli.config.chat_engine().await?;
             let input = read_job_input(&job)?;
@@ -213,6 +327,7 @@ async fn run_embedded(
         history_messages: cfg.history_messages,
         memory_max_words: cfg.memory_max_words,
         image: cfg.image_service(&[kind]).await?,
+        video: cfg.video_service(&[kind]).await?,
         outbound: cfg.outbound_guard()?,
     });
     let (queue, mut consumer) = memory_queue();

@@ -45,6 +45,7 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
         history_messages: cfg.history_messages,
         memory_max_words: cfg.memory_max_words,
         image: cfg.image_service(&kinds).await?,
+        video: cfg.video_service(&kinds).await?,
         outbound: cfg.outbound_guard()?,
     });
     let queue = RedisQueue::connect_with_retry(&cfg.redis_url, cfg.queue_config()).await?;

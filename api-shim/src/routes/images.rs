@@ -1,9 +1,10 @@
-//! `POST /v1/images/generate` (seed 000 "Generate image from skin +
-//! category"): the body is the image job's input (plus an optional
-//! `webhook` and `policy`, as RunPod's `/run` takes them), answered at once
-//! with `202 {"job_id", "generation_id"}`. Progress and the result are read
-//! as for any job (`/v2/image/status/{job_id}`, `/stream/{job_id}`, the
-//! signed callback).
+//! `POST /v1/images/generate` and `POST /v1/videos/generate` (seed 000
+//! "Generate image / video from skin + category"): the body is the job's
+//! input (plus an optional `webhook` and `policy`, as RunPod's `/run` takes
+//! them), answered at once with `202 {"job_id", "generation_id"}`.
+//! Progress and the result are read as for any job
+//! (`/v2/{image,video}/status/{job_id}`, `/stream/{job_id}`, the signed
+//! callback).
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -19,6 +20,23 @@ use crate::routes::jobs::{body_or_error, check_webhook, native_input};
 use crate::startup::AppState;
 
 pub async fn generate(
+    state: State<AppState>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    generate_media(JobKind::Image, state, caller, body).await
+}
+
+pub async fn generate_video(
+    state: State<AppState>,
+    caller: Caller,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    generate_media(JobKind::Video, state, caller, body).await
+}
+
+async fn generate_media(
+    kind: JobKind,
     State(state): State<AppState>,
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
@@ -43,16 +61,16 @@ pub async fn generate(
     if let Some(p) = policy {
         envelope["policy"] = p;
     }
-    let req = RunRequest::parse(JobKind::Image, envelope.to_string().as_bytes())
-        .map_err(ApiError::native_input)?;
+    let req =
+        RunRequest::parse(kind, envelope.to_string().as_bytes()).map_err(ApiError::native_input)?;
     check_webhook(&state, &req)?;
     let rec = state.queue.enqueue(&req, &caller.owner).await?;
     state
         .metrics
         .jobs_submitted
-        .with_label_values(&[JobKind::Image.as_str()])
+        .with_label_values(&[kind.as_str()])
         .inc();
-    tracing::info!(job = %rec.id, generation = %generation_id, "image job queued");
+    tracing::info!(job = %rec.id, generation = %generation_id, kind = kind.as_str(), "media job queued");
     Ok((
         StatusCode::ACCEPTED,
         Json(

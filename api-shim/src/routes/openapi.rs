@@ -138,6 +138,20 @@ pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
             &[400, 413, 422],
         )
     }}));
+    let mut video_body = JobKind::Video.input_schema();
+    video_body["properties"]["webhook"] = json!({"type": "string", "format": "uri", "description": "signed callback URL (as RunPod's /run)"});
+    video_body["properties"]["policy"] = json!({"type": "object"});
+    paths.insert("/v1/videos/generate".into(), json!({"post": {
+        "tags": ["video"], "summary": "Generate a video from skin + category (seed 000)",
+        "description": "Queues a video job; poll /v2/video/status/{job_id} (output.progress {stage: first_frame | denoise | decode | encode, step, steps} while running), read /stream/{job_id} (`progress` events), or take the signed callback. The result holds the uploaded H.264 MP4, its JPEG poster and the user-media record.",
+        "security": [{"bearer": []}],
+        "requestBody": {"required": true, "x-max-body-bytes": crate::startup::NATIVE_BODY_MAX, "content": {"application/json": {"schema": video_body}}},
+        "responses": responses(
+            json!({"202": {"description": "queued", "content": {"application/json": {"schema": {"type": "object", "required": ["job_id", "generation_id"], "properties": {
+                "job_id": {"type": "string"}, "generation_id": {"type": "string"}, "status": {"type": "string"}}}}}}}),
+            &[400, 413, 422],
+        )
+    }}));
     paths.insert("/v1/instances/{instance_id}/chat/stream".into(), json!({"post": {
         "tags": ["chat"], "summary": "Send a user message and stream the reply as plain-text chunks",
         "description": "Context (instance snapshot, default persona, recent messages, memory scratchpad) comes from the platform API. When the stream closes, the user and assistant messages have been saved; a client that disconnects stops generation and the partial reply is saved with \"partial\": true.",

@@ -76,3 +76,48 @@ pub fn decode(bytes: &[u8]) -> Result<RgbImage, ModelError> {
         pixels: img.into_raw(),
     })
 }
+
+/// Decodes a JPEG, PNG or WebP (nothing else) of at most `max_pixels`,
+/// then resizes and center-crops it to fill `width` x `height` (Lanczos3).
+pub fn decode_to_fill(
+    bytes: &[u8],
+    width: u32,
+    height: u32,
+    max_pixels: u64,
+) -> Result<RgbImage, String> {
+    use image::ImageFormat as F;
+    let reader = || -> Result<image::ImageReader<std::io::Cursor<&[u8]>>, String> {
+        let mut r = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| e.to_string())?;
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(max_pixels.saturating_mul(4));
+        r.limits(limits);
+        Ok(r)
+    };
+    let probe = reader()?;
+    match probe.format() {
+        Some(F::Jpeg | F::Png | F::WebP) => {}
+        other => {
+            return Err(format!(
+                "not a JPEG, PNG or WebP image ({})",
+                other
+                    .map(|f| format!("{f:?}"))
+                    .unwrap_or_else(|| "unknown format".into())
+            ))
+        }
+    }
+    let (w, h) = probe.into_dimensions().map_err(|e| e.to_string())?;
+    if w as u64 * h as u64 > max_pixels {
+        return Err(format!("{w}x{h} is more than {max_pixels} pixels"));
+    }
+    let img = reader()?.decode().map_err(|e| e.to_string())?;
+    let filled = img
+        .resize_to_fill(width, height, image::imageops::FilterType::Lanczos3)
+        .to_rgb8();
+    Ok(RgbImage {
+        width: width as usize,
+        height: height as usize,
+        pixels: filled.into_raw(),
+    })
+}

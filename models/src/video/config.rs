@@ -9,7 +9,9 @@ use serde_json::Value;
 use crate::ModelError;
 
 fn refuse(file: &str, field: &str, value: impl std::fmt::Debug, why: &str) -> ModelError {
-    ModelError::Format(format!("{file}: {field} = {value:?} is not supported ({why})"))
+    ModelError::Format(format!(
+        "{file}: {field} = {value:?} is not supported ({why})"
+    ))
 }
 
 /// `model_index.json` of a Wan pipeline.
@@ -139,7 +141,12 @@ impl TransformerConfig {
             ));
         }
         if self.patch_size.contains(&0) || self.num_layers == 0 || self.num_attention_heads == 0 {
-            return Err(refuse(F, "patch_size", self.patch_size, "sizes must be > 0"));
+            return Err(refuse(
+                F,
+                "patch_size",
+                self.patch_size,
+                "sizes must be > 0",
+            ));
         }
         Ok(())
     }

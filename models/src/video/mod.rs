@@ -68,11 +68,20 @@ pub async fn resolve_video_model(spec: &str, models_dir: &Path) -> Result<PathBu
             continue;
         }
         // Sharded: the index names every shard.
-        let listing = fetch(&repo, spec, &format!("{component}/{stem}.safetensors.index.json")).await?;
+        let listing = fetch(
+            &repo,
+            spec,
+            &format!("{component}/{stem}.safetensors.index.json"),
+        )
+        .await?;
         let listed: serde_json::Value = read_json(&listing)?;
         let mut shards: Vec<String> = listed["weight_map"]
             .as_object()
-            .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         shards.sort();
         shards.dedup();

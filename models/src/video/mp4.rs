@@ -48,9 +48,11 @@ pub fn encode_mp4(frames: &[RgbImage], fps: f64) -> Result<Mp4, ModelError> {
     let config = EncoderConfig::new()
         .usage_type(UsageType::CameraVideoRealTime)
         .rate_control_mode(RateControlMode::Quality)
-        .bitrate(BitRate::from_bps((pixels_per_s * 2.0).clamp(1e6, 4e8) as u32))
+        .bitrate(BitRate::from_bps(
+            (pixels_per_s * 2.0).clamp(1e6, 4e8) as u32
+        ))
         .max_frame_rate(FrameRate::from_hz(fps as f32))
-        .qp(QpRange::new(8, 24))
+        .qp(QpRange::new(4, 18))
         .skip_frames(false)
         .intra_frame_period(IntraFramePeriod::from_num_frames((fps * 2.0).round() as u32))
         .num_threads(1);

@@ -100,7 +100,8 @@ impl Wan {
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, ModelError> {
         let index: WanIndex = read_json(&dir.join("model_index.json"))?;
         index.check()?;
-        let scheduler: FlowSchedulerConfig = read_json(&dir.join("scheduler/scheduler_config.json"))?;
+        let scheduler: FlowSchedulerConfig =
+            read_json(&dir.join("scheduler/scheduler_config.json"))?;
         UniPc::check(&scheduler)?;
         let tcfg: TransformerConfig = read_json(&dir.join("transformer/config.json"))?;
         let vcfg: WanVaeConfig = read_json(&dir.join("vae/config.json"))?;
@@ -130,7 +131,8 @@ impl Wan {
         }
         // The text encoder stays f32 on CPU; on GPU it runs in `dtype`.
         let text = Umt5Encoder::new(weights(&dir.join("text_encoder"), dtype, device)?, &ecfg)?;
-        let transformer = WanTransformer::new(weights(&dir.join("transformer"), dtype, device)?, &tcfg)?;
+        let transformer =
+            WanTransformer::new(weights(&dir.join("transformer"), dtype, device)?, &tcfg)?;
         let vae = WanVae::new(
             weights(&dir.join("vae"), dtype, device)?,
             &vcfg,
@@ -209,7 +211,9 @@ impl Wan {
             )));
         }
         if req.steps == 0 || req.steps > MAX_STEPS {
-            return Err(ModelError::Invalid(format!("steps must be from 1 to {MAX_STEPS}")));
+            return Err(ModelError::Invalid(format!(
+                "steps must be from 1 to {MAX_STEPS}"
+            )));
         }
         if !(0.0..=MAX_GUIDANCE).contains(&req.guidance_scale) {
             return Err(ModelError::Invalid(format!(
@@ -249,7 +253,11 @@ impl Wan {
         let n = states.dim(1)?;
         let d = states.dim(2)?;
         let states = if n < MAX_SEQUENCE_LENGTH {
-            let zeros = Tensor::zeros((1, MAX_SEQUENCE_LENGTH - n, d), states.dtype(), &self.device)?;
+            let zeros = Tensor::zeros(
+                (1, MAX_SEQUENCE_LENGTH - n, d),
+                states.dtype(),
+                &self.device,
+            )?;
             Tensor::cat(&[&states, &zeros], 1)?
         } else {
             states
@@ -289,9 +297,10 @@ impl Wan {
         // TI2V: the first frame's latents, kept fixed (timestep 0).
         let first = match &req.image {
             Some(img) => {
-                let frame = Tensor::from_vec(img.pixels.clone(), (img.height, img.width, 3), &self.device)?
-                    .permute((2, 0, 1))?
-                    .to_dtype(DType::F32)?;
+                let frame =
+                    Tensor::from_vec(img.pixels.clone(), (img.height, img.width, 3), &self.device)?
+                        .permute((2, 0, 1))?
+                        .to_dtype(DType::F32)?;
                 let frame = (frame / 255.0)?.affine(2.0, -1.0)?.unsqueeze(0)?;
                 Some(self.vae.encode(&frame)?)
             }
@@ -310,7 +319,13 @@ impl Wan {
         for (i, &t) in timesteps.iter().enumerate() {
             let input = with_first(&latents)?;
             let ts: Vec<f32> = (0..f)
-                .map(|k| if k == 0 && first.is_some() { 0.0 } else { t as f32 })
+                .map(|k| {
+                    if k == 0 && first.is_some() {
+                        0.0
+                    } else {
+                        t as f32
+                    }
+                })
                 .collect();
             let pred = self.transformer.forward(&input, &ts, &cond)?;
             let pred = match &uncond {
@@ -321,10 +336,7 @@ impl Wan {
                 None => pred,
             };
             latents = sched.step(&pred, &latents)?;
-            if !progress(Stage::Denoise {
-                done: i + 1,
-                total,
-            }) {
+            if !progress(Stage::Denoise { done: i + 1, total }) {
                 return Err(ModelError::Cancelled);
             }
         }
@@ -340,11 +352,18 @@ impl Wan {
                 frames.push(RgbImage {
                     width: ww,
                     height: hh,
-                    pixels: chunk.get(k)?.permute((1, 2, 0))?.flatten_all()?.to_vec1::<u8>()?,
+                    pixels: chunk
+                        .get(k)?
+                        .permute((1, 2, 0))?
+                        .flatten_all()?
+                        .to_vec1::<u8>()?,
                 });
             }
             decoded += 1;
-            if !progress(Stage::Decode { done: decoded, total: f }) {
+            if !progress(Stage::Decode {
+                done: decoded,
+                total: f,
+            }) {
                 cancelled = true;
                 return Err(ModelError::Cancelled);
             }

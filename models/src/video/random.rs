@@ -74,7 +74,7 @@ fn text_config() -> Value {
     json!({
         "architectures": ["UMT5EncoderModel"],
         "model_type": "umt5",
-        "vocab_size": 128,
+        "vocab_size": 192,
         "d_model": 64,
         "d_kv": 16,
         "d_ff": 128,
@@ -106,10 +106,14 @@ fn tokenizer() -> Result<tokenizers::Tokenizer, ModelError> {
         vocab.push((c.to_string(), -3.0));
         vocab.push((format!("\u{2581}{c}"), -3.5));
     }
-    let model = Unigram::from(vocab, Some(2), false)
-        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let model =
+        Unigram::from(vocab, Some(2), false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
     let mut tok = tokenizers::Tokenizer::new(model);
-    tok.with_pre_tokenizer(Some(Metaspace::new('\u{2581}', PrependScheme::Always, true)));
+    tok.with_pre_tokenizer(Some(Metaspace::new(
+        '\u{2581}',
+        PrependScheme::Always,
+        true,
+    )));
     tok.with_decoder(Some(tokenizers::decoders::metaspace::Metaspace::new(
         '\u{2581}',
         PrependScheme::Always,
@@ -186,7 +190,11 @@ pub fn write_random_checkpoint(dir: &Path, seed: u64) -> Result<(), ModelError> 
     write(&tmp.join("vae/config.json"), &vc)?;
     let parsed: WanVaeConfig = serde_json::from_value(vc).expect("the vae config");
     let map = VarMap::new();
-    WanVae::new(VarBuilder::from_varmap(&map, DType::F32, &cpu), &parsed, true)?;
+    WanVae::new(
+        VarBuilder::from_varmap(&map, DType::F32, &cpu),
+        &parsed,
+        true,
+    )?;
     fill(&map, &mut rng)?;
     map.save(tmp.join("vae/diffusion_pytorch_model.safetensors"))?;
 

@@ -44,10 +44,16 @@ impl UniPc {
                 "Wan's flow matching: use_flow_sigmas true, flow_prediction",
             );
         }
-        if !config.predict_x0 || config.thresholding || config.solver_p.as_ref().is_some_and(|v| !v.is_null()) {
+        if !config.predict_x0
+            || config.thresholding
+            || config.solver_p.as_ref().is_some_and(|v| !v.is_null())
+        {
             return bad(
                 "predict_x0 / thresholding / solver_p",
-                format!("{} / {} / {:?}", config.predict_x0, config.thresholding, config.solver_p),
+                format!(
+                    "{} / {} / {:?}",
+                    config.predict_x0, config.thresholding, config.solver_p
+                ),
                 "only the data-prediction UniPC without thresholding",
             );
         }
@@ -58,9 +64,13 @@ impl UniPc {
             return bad("solver_order", config.solver_order.to_string(), "1 to 3");
         }
         if config.use_dynamic_shifting
-            || [config.use_karras_sigmas, config.use_exponential_sigmas, config.use_beta_sigmas]
-                .iter()
-                .any(|v| *v == Some(true))
+            || [
+                config.use_karras_sigmas,
+                config.use_exponential_sigmas,
+                config.use_beta_sigmas,
+            ]
+            .iter()
+            .any(|v| *v == Some(true))
         {
             return bad(
                 "use_dynamic_shifting / use_*_sigmas",
@@ -69,7 +79,11 @@ impl UniPc {
             );
         }
         if !matches!(config.final_sigmas_type.as_str(), "zero" | "sigma_min") {
-            return bad("final_sigmas_type", config.final_sigmas_type.clone(), "zero or sigma_min");
+            return bad(
+                "final_sigmas_type",
+                config.final_sigmas_type.clone(),
+                "zero or sigma_min",
+            );
         }
         Ok(())
     }
@@ -86,7 +100,13 @@ impl UniPc {
         let stop = 1.0 / n;
         let step = (stop - start) / steps as f64;
         let alphas: Vec<f64> = (0..=steps)
-            .map(|i| if i == steps { stop } else { start + i as f64 * step })
+            .map(|i| {
+                if i == steps {
+                    stop
+                } else {
+                    start + i as f64 * step
+                }
+            })
             .collect();
         let shift = config.flow_shift;
         let shifted: Vec<f64> = alphas
@@ -162,12 +182,16 @@ impl UniPc {
         let (_, sig_s0) = Self::alpha_sigma(sigma_s0);
         let (h, h_phi_1, b_h, b) = self.coefficients(sigma_t, sigma_s0, order);
         let m = self.model_outputs.len();
-        let m0 = self.model_outputs[m - 1].as_ref().expect("an output was stored");
+        let m0 = self.model_outputs[m - 1]
+            .as_ref()
+            .expect("an output was stored");
         let lambda_s0 = Self::lambda(sigma_s0);
         let mut rks = Vec::new();
         let mut d1s = Vec::new();
         for i in 1..order {
-            let mi = self.model_outputs[m - 1 - i].as_ref().expect("warm-up keeps the order");
+            let mi = self.model_outputs[m - 1 - i]
+                .as_ref()
+                .expect("warm-up keeps the order");
             let rk = (Self::lambda(self.sigmas[i0 - i]) - lambda_s0) / h;
             rks.push(rk);
             d1s.push(((mi - m0)? / rk as f64)?);
@@ -204,12 +228,16 @@ impl UniPc {
         let (_, sig_s0) = Self::alpha_sigma(sigma_s0);
         let (h, h_phi_1, b_h, b) = self.coefficients(sigma_t, sigma_s0, order);
         let m = self.model_outputs.len();
-        let m0 = self.model_outputs[m - 1].as_ref().expect("an output was stored");
+        let m0 = self.model_outputs[m - 1]
+            .as_ref()
+            .expect("an output was stored");
         let lambda_s0 = Self::lambda(sigma_s0);
         let mut rks = Vec::new();
         let mut d1s = Vec::new();
         for i in 1..order {
-            let mi = self.model_outputs[m - 1 - i].as_ref().expect("warm-up keeps the order");
+            let mi = self.model_outputs[m - 1 - i]
+                .as_ref()
+                .expect("warm-up keeps the order");
             let rk = (Self::lambda(self.sigmas[i0 - (i + 1)]) - lambda_s0) / h;
             rks.push(rk);
             d1s.push(((mi - m0)? / rk as f64)?);
@@ -239,7 +267,10 @@ impl UniPc {
         // flow_prediction: x0 = sample - sigma * v
         let converted = (sample - (model_output * sigma as f64)?)?;
         let use_corrector = self.step_index > 0
-            && !self.config.disable_corrector.contains(&(self.step_index - 1))
+            && !self
+                .config
+                .disable_corrector
+                .contains(&(self.step_index - 1))
             && self.last_sample.is_some();
         let sample = if use_corrector {
             let last = self.last_sample.take().expect("checked");
@@ -328,7 +359,10 @@ mod tests {
     #[test]
     fn solve_inverts_a_small_system() {
         let x = solve(vec![vec![1.0, 1.0], vec![0.5, 1.0]], vec![3.0, 2.0]);
-        assert!((x[0] - 2.0).abs() < 1e-6 && (x[1] - 1.0).abs() < 1e-6, "{x:?}");
+        assert!(
+            (x[0] - 2.0).abs() < 1e-6 && (x[1] - 1.0).abs() < 1e-6,
+            "{x:?}"
+        );
     }
 
     #[test]

@@ -173,9 +173,10 @@ impl Block {
         let part = |i: usize| m.narrow(1, i, 1).and_then(|t| t.squeeze(1)); // (t, dim)
         let (shift, scale, gate) = (part(0)?, part(1)?, part(2)?);
         let (c_shift, c_scale, c_gate) = (part(3)?, part(4)?, part(5)?);
-        let modulate = |h: &Tensor, shift: &Tensor, scale: &Tensor| -> candle_core::Result<Tensor> {
-            h.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
-        };
+        let modulate =
+            |h: &Tensor, shift: &Tensor, scale: &Tensor| -> candle_core::Result<Tensor> {
+                h.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+            };
         let h = modulate(&self.norm1.forward(x)?, &shift, &scale)?;
         let a = self.attn1.forward(&h, None, Some(rope))?;
         let x = (x + a.broadcast_mul(&gate)?)?;
@@ -186,9 +187,7 @@ impl Block {
         let a = self.attn2.forward(&h, Some(context), None)?;
         let x = (x + a)?;
         let h = modulate(&self.norm3.forward(&x)?, &c_shift, &c_scale)?;
-        let f = self
-            .ffn_out
-            .forward(&self.ffn_in.forward(&h)?.gelu()?)?;
+        let f = self.ffn_out.forward(&self.ffn_in.forward(&h)?.gelu()?)?;
         x + f.broadcast_mul(&c_gate)?
     }
 }
@@ -267,35 +266,37 @@ impl WanTransformer {
         Tensor::from_vec(v, (t.len(), half * 2), device)
     }
 
-    /// The rotary (cos, sin) of every token, `(n, head_dim/2)` each.
+    /// The rotary (cos, sin) of every token, `(n, head_dim/2)` each: each
+    /// axis's columns of the tables at the token's position, side by side,
+    /// then every other column (diffusers' `freqs[..., 0::2]`).
     fn rope(&self, frames: usize, h: usize, w: usize) -> candle_core::Result<(Tensor, Tensor)> {
         let d = self.config.attention_head_dim;
         let sizes = [d - 2 * (d / 3), d / 3, d / 3];
-        let mut cos_parts = Vec::new();
-        let mut sin_parts = Vec::new();
-        let mut offset = 0;
-        for (axis, (&size, len)) in sizes.iter().zip([frames, h, w]).enumerate() {
-            let pick = |table: &Tensor| -> candle_core::Result<Tensor> {
-                // the 0::2 half of this axis's columns, rows 0..len
-                let t = table.narrow(1, offset, size)?.narrow(0, 0, len)?;
-                let t = t.reshape((len, size / 2, 2))?.narrow(2, 0, 1)?.squeeze(2)?;
-                let shape = match axis {
-                    0 => (len, 1, 1, size / 2),
-                    1 => (1, len, 1, size / 2),
-                    _ => (1, 1, len, size / 2),
-                };
-                t.reshape(shape)?
-                    .broadcast_as((frames, h, w, size / 2))?
-                    .contiguous()
-            };
-            cos_parts.push(pick(&self.freqs_cos)?);
-            sin_parts.push(pick(&self.freqs_sin)?);
-            offset += size;
-        }
         let n = frames * h * w;
-        let cos = Tensor::cat(&cos_parts, 3)?.reshape((n, d / 2))?;
-        let sin = Tensor::cat(&sin_parts, 3)?.reshape((n, d / 2))?;
-        Ok((cos, sin))
+        let build = |table: &Tensor| -> candle_core::Result<Tensor> {
+            let mut parts = Vec::new();
+            let mut offset = 0;
+            for (axis, (&size, len)) in sizes.iter().zip([frames, h, w]).enumerate() {
+                let t = table.narrow(1, offset, size)?.narrow(0, 0, len)?;
+                let shape = match axis {
+                    0 => (len, 1, 1, size),
+                    1 => (1, len, 1, size),
+                    _ => (1, 1, len, size),
+                };
+                parts.push(
+                    t.reshape(shape)?
+                        .broadcast_as((frames, h, w, size))?
+                        .contiguous()?,
+                );
+                offset += size;
+            }
+            Tensor::cat(&parts, 3)?
+                .reshape((n, d / 2, 2))?
+                .narrow(2, 0, 1)?
+                .squeeze(2)?
+                .contiguous()
+        };
+        Ok((build(&self.freqs_cos)?, build(&self.freqs_sin)?))
     }
 
     /// Projects the text encoder's states `(b, m, text_dim)` once per run
@@ -372,7 +373,12 @@ impl WanTransformer {
         // The time embedder stays in f32 (diffusers keeps it there).
         let temb = self
             .time_2
-            .forward(&self.time_1.forward(&feats.to_dtype(self.time_1.weight().dtype())?)?.silu()?)?
+            .forward(
+                &self
+                    .time_1
+                    .forward(&feats.to_dtype(self.time_1.weight().dtype())?)?
+                    .silu()?,
+            )?
             .to_dtype(DType::F32)?;
         let proj = self
             .time_proj

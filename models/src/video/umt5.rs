@@ -111,10 +111,12 @@ impl Attention {
         let v = split(self.v.forward(x)?)?;
         // T5 does not scale the scores.
         let scores = q.matmul(&k.t()?)?;
-        let bias = self.position_bias(len, x.device())?.to_dtype(scores.dtype())?;
+        let bias = self
+            .position_bias(len, x.device())?
+            .to_dtype(scores.dtype())?;
         let scores = scores.broadcast_add(&bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-            .to_dtype(v.dtype())?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -256,9 +258,9 @@ impl WanTokenizer {
         tokenizer
             .with_truncation(None)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let eos = tokenizer.token_to_id("</s>").ok_or_else(|| {
-            ModelError::Tokenizer(format!("{}: no </s> token", file.display()))
-        })?;
+        let eos = tokenizer
+            .token_to_id("</s>")
+            .ok_or_else(|| ModelError::Tokenizer(format!("{}: no </s> token", file.display())))?;
         Ok(Self { tokenizer, eos })
     }
 
@@ -299,7 +301,10 @@ mod tests {
     fn prompt_clean_follows_the_pipeline() {
         assert_eq!(prompt_clean("  a\tcat \n\n sleeps "), "a cat sleeps");
         assert_eq!(prompt_clean("Tom &amp;amp; Jerry"), "Tom & Jerry");
-        assert_eq!(prompt_clean("\u{201C}hi\u{201D} it\u{2019}s"), "\"hi\" it's");
+        assert_eq!(
+            prompt_clean("\u{201C}hi\u{201D} it\u{2019}s"),
+            "\"hi\" it's"
+        );
         assert_eq!(prompt_clean("\u{FB01}ne \u{FF21}"), "fine A");
     }
 }

@@ -121,9 +121,8 @@ impl CausalConv3d {
                 if self.stride_t == 1 {
                     x.narrow(0, i, out_t)
                 } else {
-                    let idx: Vec<u32> = (0..out_t)
-                        .map(|o| (o * self.stride_t + i) as u32)
-                        .collect();
+                    let idx: Vec<u32> =
+                        (0..out_t).map(|o| (o * self.stride_t + i) as u32).collect();
                     x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)
                 }
             })
@@ -177,7 +176,11 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> R<Tensor> {
-        let norm = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::INFINITY)?;
+        let norm = x
+            .sqr()?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .clamp(1e-12, f64::INFINITY)?;
         (x.broadcast_div(&norm)? * self.scale)?.broadcast_mul(&self.gamma)
     }
 }
@@ -358,11 +361,16 @@ impl Resample {
                 let (_, _, h, w) = x.dims4()?;
                 self.conv.forward(&x.upsample_nearest2d(h * 2, w * 2)?)?
             }
-            Mode::Down2d | Mode::Down3d => self.conv.forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?,
+            Mode::Down2d | Mode::Down3d => self
+                .conv
+                .forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?,
         };
         if self.mode == Mode::Down3d {
             if let Some(cache) = cache {
-                let tc = self.time_conv.as_ref().expect("downsample3d has a time conv");
+                let tc = self
+                    .time_conv
+                    .as_ref()
+                    .expect("downsample3d has a time conv");
                 let (i, prev) = cache.take();
                 match prev {
                     Slot::Frames(p) => {
@@ -487,7 +495,14 @@ impl Encoder {
             .chain(c.dim_mult.iter().copied())
             .map(|u| dim * u)
             .collect();
-        let conv_in = CausalConv3d::new(vb.pp("conv_in"), c.in_channels, dims[0], (3, 3, 3), 1, (1, 1))?;
+        let conv_in = CausalConv3d::new(
+            vb.pp("conv_in"),
+            c.in_channels,
+            dims[0],
+            (3, 3, 3),
+            1,
+            (1, 1),
+        )?;
         let mut layers = Vec::new();
         let mut scale = 1.0f64;
         let last = c.dim_mult.len() - 1;
@@ -535,7 +550,12 @@ impl Encoder {
                     } else {
                         Mode::Down2d
                     };
-                    layers.push(EncLayer::Resample(Resample::new(down.pp(k), cout, mode, cout)?));
+                    layers.push(EncLayer::Resample(Resample::new(
+                        down.pp(k),
+                        cout,
+                        mode,
+                        cout,
+                    )?));
                     k += 1;
                     scale /= 2.0;
                 }
@@ -642,7 +662,14 @@ impl Decoder {
             mid,
             ups,
             norm_out: RmsNorm::new(vb.pp("norm_out"), out, false)?,
-            conv_out: CausalConv3d::new(vb.pp("conv_out"), out, c.out_channels, (3, 3, 3), 1, (1, 1))?,
+            conv_out: CausalConv3d::new(
+                vb.pp("conv_out"),
+                out,
+                c.out_channels,
+                (3, 3, 3),
+                1,
+                (1, 1),
+            )?,
         })
     }
 
@@ -680,14 +707,22 @@ pub struct WanVae {
 impl WanVae {
     /// Loads the decoder, and the encoder when `with_encoder` (image-to-video
     /// encodes the first frame).
-    pub fn new(vb: VarBuilder, config: &WanVaeConfig, with_encoder: bool) -> Result<Self, ModelError> {
+    pub fn new(
+        vb: VarBuilder,
+        config: &WanVaeConfig,
+        with_encoder: bool,
+    ) -> Result<Self, ModelError> {
         config.check()?;
         let z = config.z_dim;
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let col = |v: &[f64]| -> R<Tensor> {
-            Tensor::from_vec(v.iter().map(|x| *x as f32).collect::<Vec<_>>(), (1, z, 1, 1), &device)?
-                .to_dtype(dtype)
+            Tensor::from_vec(
+                v.iter().map(|x| *x as f32).collect::<Vec<_>>(),
+                (1, z, 1, 1),
+                &device,
+            )?
+            .to_dtype(dtype)
         };
         Ok(Self {
             encoder: if with_encoder {
@@ -697,7 +732,14 @@ impl WanVae {
             },
             decoder: Decoder::new(vb.pp("decoder"), config)?,
             quant_conv: CausalConv3d::new(vb.pp("quant_conv"), z * 2, z * 2, (1, 1, 1), 1, (0, 0))?,
-            post_quant_conv: CausalConv3d::new(vb.pp("post_quant_conv"), z, z, (1, 1, 1), 1, (0, 0))?,
+            post_quant_conv: CausalConv3d::new(
+                vb.pp("post_quant_conv"),
+                z,
+                z,
+                (1, 1, 1),
+                1,
+                (0, 0),
+            )?,
             mean: col(&config.latents_mean)?,
             std: col(&config.latents_std)?,
             config: config.clone(),
@@ -718,7 +760,10 @@ impl WanVae {
     ) -> Result<(), ModelError> {
         let dtype = self.mean.dtype();
         // (C, F, H, W) → (F, C, H, W), then x / (1/std) + mean.
-        let z = latents.to_dtype(dtype)?.permute((1, 0, 2, 3))?.contiguous()?;
+        let z = latents
+            .to_dtype(dtype)?
+            .permute((1, 0, 2, 3))?
+            .contiguous()?;
         let z = z.broadcast_mul(&self.std)?.broadcast_add(&self.mean)?;
         let x = self.post_quant_conv.forward(&z, None)?;
         let mut cache = FeatCache::new();
@@ -736,9 +781,10 @@ impl WanVae {
     /// Frames `(T, 3, H, W)` in [-1, 1] → normalised latents `(C, F', H', W')`
     /// (the posterior's mean, diffusers' `sample_mode="argmax"`).
     pub fn encode(&self, frames: &Tensor) -> Result<Tensor, ModelError> {
-        let enc = self.encoder.as_ref().ok_or_else(|| {
-            ModelError::Invalid("this VAE was loaded without its encoder".into())
-        })?;
+        let enc = self
+            .encoder
+            .as_ref()
+            .ok_or_else(|| ModelError::Invalid("this VAE was loaded without its encoder".into()))?;
         let x = patchify(&frames.to_dtype(self.mean.dtype())?, self.patch())?;
         let t = x.dim(0)?;
         let mut cache = FeatCache::new();
@@ -757,7 +803,10 @@ impl WanVae {
         let h = self.quant_conv.forward(&Tensor::cat(&outs, 0)?, None)?;
         let mu = h.narrow(1, 0, self.config.z_dim)?;
         let normed = mu.broadcast_sub(&self.mean)?.broadcast_div(&self.std)?;
-        Ok(normed.permute((1, 0, 2, 3))?.contiguous()?.to_dtype(DType::F32)?)
+        Ok(normed
+            .permute((1, 0, 2, 3))?
+            .contiguous()?
+            .to_dtype(DType::F32)?)
     }
 }
 

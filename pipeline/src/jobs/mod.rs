@@ -10,6 +10,7 @@ pub mod chat;
 pub mod chat_stream;
 pub mod image;
 pub mod memory;
+pub mod video;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -19,6 +20,7 @@ use chat::ChatRespondJob;
 use chat_stream::ChatStreamJob;
 use image::ImageJob;
 use memory::MemoryCondenseJob;
+use video::VideoJob;
 
 /// One kind's contract.
 pub trait JobContract: Sized + Send + 'static {
@@ -42,14 +44,16 @@ pub enum JobKind {
     Memory,
     ChatStream,
     Image,
+    Video,
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 4] = [
+    pub const ALL: [JobKind; 5] = [
         JobKind::Chat,
         JobKind::Memory,
         JobKind::ChatStream,
         JobKind::Image,
+        JobKind::Video,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +62,7 @@ impl JobKind {
             JobKind::Memory => "memory",
             JobKind::ChatStream => "chat_stream",
             JobKind::Image => "image",
+            JobKind::Video => "video",
         }
     }
 
@@ -72,6 +77,7 @@ impl JobKind {
             JobKind::Memory => MemoryCondenseJob::input_schema(),
             JobKind::ChatStream => ChatStreamJob::input_schema(),
             JobKind::Image => ImageJob::input_schema(),
+            JobKind::Video => VideoJob::input_schema(),
         }
     }
 
@@ -93,6 +99,7 @@ pub enum Job {
     Memory(MemoryCondenseJob),
     ChatStream(Box<ChatStreamJob>),
     Image(Box<ImageJob>),
+    Video(Box<VideoJob>),
 }
 
 impl Job {
@@ -103,6 +110,7 @@ impl Job {
             JobKind::Memory => Job::Memory(MemoryCondenseJob::parse(input)?),
             JobKind::ChatStream => Job::ChatStream(Box::new(ChatStreamJob::parse(input)?)),
             JobKind::Image => Job::Image(Box::new(ImageJob::parse(input)?)),
+            JobKind::Video => Job::Video(Box::new(VideoJob::parse(input)?)),
         })
     }
 
@@ -112,6 +120,7 @@ impl Job {
             Job::Memory(_) => JobKind::Memory,
             Job::ChatStream(_) => JobKind::ChatStream,
             Job::Image(_) => JobKind::Image,
+            Job::Video(_) => JobKind::Video,
         }
     }
 }

@@ -10,6 +10,7 @@ mod chat;
 mod chat_stream;
 mod image;
 mod memory;
+mod video;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +38,8 @@ pub struct Services {
     /// The image model and media store (None: this worker serves no image
     /// jobs).
     pub image: Option<Arc<crate::image::ImageService>>,
+    /// The video model (None: this worker serves no video jobs).
+    pub video: Option<Arc<crate::video::VideoService>>,
     /// The guard for URLs callers name (`OUTBOUND_ALLOW`).
     pub outbound: pipeline::outbound::OutboundGuard,
 }
@@ -109,11 +112,12 @@ pub trait Handler {
 }
 
 /// The kinds this worker's models can serve: the text kinds always, image
-/// when an image model is configured.
-pub fn served_kinds(image: bool) -> Vec<JobKind> {
+/// and video when their models are configured.
+pub fn served_kinds(image: bool, video: bool) -> Vec<JobKind> {
     JobKind::ALL
         .into_iter()
         .filter(|k| image || *k != JobKind::Image)
+        .filter(|k| video || *k != JobKind::Video)
         .collect()
 }
 
@@ -124,6 +128,7 @@ pub async fn run(job: Job, ctx: RunCtx) -> (Outcome, Usage) {
         Job::Memory(job) => finish::<memory::MemoryHandler>(job, ctx).await,
         Job::ChatStream(job) => finish::<chat_stream::ChatStreamHandler>(*job, ctx).await,
         Job::Image(job) => finish::<image::ImageHandler>(*job, ctx).await,
+        Job::Video(job) => finish::<video::VideoHandler>(*job, ctx).await,
     }
 }
 

@@ -9,6 +9,7 @@
 //!
 //! This crate never touches Redis or the job contract.
 
+pub mod conv;
 pub mod device;
 pub mod image;
 pub mod registry;

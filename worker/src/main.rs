@@ -245,14 +245,21 @@ async fn main() -> anyhow::Result<()> {
                 (req.steps + (n - 1) / wan.temporal_factor() + 1) as u64,
             );
             let started = std::time::Instant::now();
+            let mut denoised = None;
             let frames = tokio::task::block_in_place(|| {
-                wan.generate(&req, &mut |_| {
+                wan.generate(&req, &mut |stage| {
+                    if let models::video::Stage::Denoise { done, total } = stage {
+                        if done == total {
+                            denoised = Some(started.elapsed().as_secs_f64());
+                        }
+                    }
                     bar.inc(1);
                     true
                 })
             })?;
             bar.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
+            let denoise = denoised.unwrap_or(secs);
             if let Some(dir) = &frames_dir {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
@@ -274,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
                 mp4.duration_s(),
                 req.steps
             );
+            println!("denoise {denoise:.2} s, decode {:.2} s", secs - denoise);
             println!("gen {secs:.2} s");
             Ok(())
         }

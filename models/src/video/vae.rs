@@ -10,7 +10,9 @@
 //! per-frame operation is a batched 2-D one.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{conv2d, Conv2d, VarBuilder};
+
+use crate::conv::FrameConv;
 
 use super::config::WanVaeConfig;
 use crate::ModelError;
@@ -55,12 +57,10 @@ impl FeatCache {
 }
 
 /// `WanCausalConv3d`: zero padding in front in time (none behind), the
-/// cached frames taking the padding's place. Computed as one 2-D
-/// convolution over the kernel's frames stacked on the channel axis.
+/// cached frames taking the padding's place; the convolution itself is a
+/// [`FrameConv`] over the frames.
 struct CausalConv3d {
-    conv: Conv2d,
-    kt: usize,
-    stride_t: usize,
+    conv: FrameConv,
     pad_t: usize,
 }
 
@@ -75,21 +75,9 @@ impl CausalConv3d {
     ) -> R<Self> {
         let (kt, kh, kw) = k;
         let w = vb.get((cout, cin, kt, kh, kw), "weight")?;
-        // (cout, cin, kt, kh, kw) → (cout, kt * cin, kh, kw): frame-major
-        // channels, matching the stacked input below.
-        let w = w
-            .permute((0, 2, 1, 3, 4))?
-            .contiguous()?
-            .reshape((cout, kt * cin, kh, kw))?;
         let b = vb.get(cout, "bias")?;
-        let cfg = Conv2dConfig {
-            padding: padding.1,
-            ..Default::default()
-        };
         Ok(Self {
-            conv: Conv2d::new(w, Some(b), cfg),
-            kt,
-            stride_t,
+            conv: FrameConv::new(&w, Some(b), stride_t, 1, padding.1)?,
             pad_t: 2 * padding.0,
         })
     }
@@ -108,26 +96,7 @@ impl CausalConv3d {
             let zeros = Tensor::zeros((pad, c, h, w), x.dtype(), x.device())?;
             x = Tensor::cat(&[&zeros, &x], 0)?;
         }
-        let t = x.dim(0)?;
-        if t < self.kt {
-            candle_core::bail!("causal conv: {t} frames for a kernel of {}", self.kt);
-        }
-        let out_t = (t - self.kt) / self.stride_t + 1;
-        if self.kt == 1 && self.stride_t == 1 {
-            return self.conv.forward(&x);
-        }
-        let parts = (0..self.kt)
-            .map(|i| {
-                if self.stride_t == 1 {
-                    x.narrow(0, i, out_t)
-                } else {
-                    let idx: Vec<u32> =
-                        (0..out_t).map(|o| (o * self.stride_t + i) as u32).collect();
-                    x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)
-                }
-            })
-            .collect::<R<Vec<_>>>()?;
-        self.conv.forward(&Tensor::cat(&parts, 1)?)
+        self.conv.forward(&x)
     }
 
     /// The cached call every causal convolution site makes in diffusers:
@@ -270,19 +239,22 @@ enum Mode {
 /// `WanResample`.
 struct Resample {
     mode: Mode,
-    conv: Conv2d,
+    conv: FrameConv,
     time_conv: Option<CausalConv3d>,
+}
+
+/// A 3x3 conv2d of the checkpoint as a one-frame [`FrameConv`].
+fn conv3x3(vb: VarBuilder, cin: usize, cout: usize, stride: usize, pad: usize) -> R<FrameConv> {
+    let w = vb.get((cout, cin, 3, 3), "weight")?.unsqueeze(2)?;
+    let b = vb.get(cout, "bias")?;
+    FrameConv::new(&w, Some(b), 1, stride, pad)
 }
 
 impl Resample {
     fn new(vb: VarBuilder, dim: usize, mode: Mode, up_out: usize) -> R<Self> {
         let (conv, time_conv) = match mode {
             Mode::Up2d | Mode::Up3d => {
-                let cfg = Conv2dConfig {
-                    padding: 1,
-                    ..Default::default()
-                };
-                let conv = conv2d(dim, up_out, 3, cfg, vb.pp("resample.1"))?;
+                let conv = conv3x3(vb.pp("resample.1"), dim, up_out, 1, 1)?;
                 let tc = if mode == Mode::Up3d {
                     Some(CausalConv3d::new(
                         vb.pp("time_conv"),
@@ -298,11 +270,7 @@ impl Resample {
                 (conv, tc)
             }
             Mode::Down2d | Mode::Down3d => {
-                let cfg = Conv2dConfig {
-                    stride: 2,
-                    ..Default::default()
-                };
-                let conv = conv2d(dim, dim, 3, cfg, vb.pp("resample.1"))?;
+                let conv = conv3x3(vb.pp("resample.1"), dim, dim, 2, 0)?;
                 let tc = if mode == Mode::Down3d {
                     Some(CausalConv3d::new(
                         vb.pp("time_conv"),

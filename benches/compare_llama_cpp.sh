@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# Our text model against llama.cpp's llama-bench on the same GGUF, same
-# machine, same run. llama.cpp comes from the source vendored in the PyPI
+# Our text model against llama.cpp on the same GGUF, same machine, same
+# threads, same run. llama.cpp comes from the source vendored in the PyPI
 # sdist of llama-cpp-python (this machine reaches PyPI, not GitHub), built
-# once into ~/.cache/companion-worker/peers.
+# once into ~/.cache/companion-worker/peers for x86-64-v3 (AVX2, FMA, F16C,
+# BMI2; no AVX-512): the level our release build's kernels run at (candle's
+# and gemm's runtime-dispatched AVX2/FMA paths), so neither side gets an
+# instruction set the other lacks, and the peer runs on any x86-64-v3 CPU
+# (a GGML_NATIVE build died with "Illegal instruction" on this machine).
 #
-#   benches/compare_llama_cpp.sh [PROMPT_TOKENS] [GEN_TOKENS] [THREADS]
+#   benches/compare_llama_cpp.sh [single] [PROMPT_TOKENS] [GEN_TOKENS] [THREADS]
+#       llama-bench's prompt processing and generation vs text_bench
+#   benches/compare_llama_cpp.sh batched [PROMPT_TOKENS] [GEN_TOKENS] [THREADS]
+#       llama-batched-bench's aggregate generation rate at batch 1 and 8 vs
+#       ours: 8 sequences decoded together (one job's 8 options from one
+#       prefill) and 8 jobs one after another
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=single
+if [ "${1:-}" = single ] || [ "${1:-}" = batched ]; then MODE=$1; shift; fi
 PP=${1:-128}
-TG=${2:-32}
+TG=${2:-$([ "$MODE" = batched ] && echo 128 || echo 32)}
 THREADS=${3:-$(nproc)}
 PEERS=${PEERS_DIR:-$HOME/.cache/companion-worker/peers}
+ISA="x86-64-v3 (AVX2 FMA F16C BMI2, no AVX-512)"
 mkdir -p "$PEERS"
 
 command -v cmake >/dev/null || { apt-get update -qq && apt-get install -y -qq cmake >/dev/null; }
 
-LLAMA_BENCH=$(ls "$PEERS"/llama_cpp_python-*/vendor/llama.cpp/build/bin/llama-bench 2>/dev/null | tail -1 || true)
-if [ -z "$LLAMA_BENCH" ]; then
+SRC=$(ls -d "$PEERS"/llama_cpp_python-*/vendor/llama.cpp 2>/dev/null | tail -1 || true)
+if [ -z "$SRC" ]; then
   # The newest sdist, through pip (the operator's index configuration).
   DL=$(mktemp -d)
   python3 -m pip download -q --no-deps --no-binary=:all: -d "$DL" llama-cpp-python >&2
@@ -26,27 +38,36 @@ if [ -z "$LLAMA_BENCH" ]; then
   tar -xzf "$SDIST" -C "$PEERS"
   rm -rf "$DL"
   SRC="$PEERS/${NAME%.tar.gz}/vendor/llama.cpp"
-  cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-  cmake --build "$SRC/build" --target llama-bench -j "$THREADS" >/dev/null
-  LLAMA_BENCH="$SRC/build/bin/llama-bench"
+fi
+BUILD="$SRC/build-x86-64-v3"
+if [ ! -x "$BUILD/bin/llama-bench" ] || [ ! -x "$BUILD/bin/llama-batched-bench" ]; then
+  echo "building llama.cpp for $ISA" >&2
+  cmake -S "$SRC" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+    -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+    -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
+  cmake --build "$BUILD" --target llama-bench llama-batched-bench -j "$THREADS" >/dev/null
 fi
 
 cargo build --release -p benches --bin text_bench >/dev/null 2>&1
-MODEL=$(cargo run --release -q -p worker -- fetch-models 2>/dev/null)
+# The GGUF: one place (benches::model_path, as the worker resolves it) for
+# both sides.
+MODEL=$(./target/release/text_bench path)
+export TEXT_MODEL="$MODEL"
+echo "model: $MODEL; $THREADS threads; llama.cpp built for $ISA" >&2
 
-echo "model: $MODEL; pp $PP tokens, tg $TG tokens, $THREADS threads" >&2
-LLAMA_JSON=$("$LLAMA_BENCH" -m "$MODEL" -p "$PP" -n "$TG" -t "$THREADS" -r 3 -o json 2>/dev/null)
-OURS_1=$(./target/release/text_bench "$PP" "$TG" 1 3 2>/dev/null)
-OURS_3=$(./target/release/text_bench "$PP" "$TG" 3 3 2>/dev/null)
-OURS_1_F=$(CPU_REPACK=false ./target/release/text_bench "$PP" "$TG" 1 2 2>/dev/null)
-
-python3 - "$LLAMA_JSON" "$OURS_1" "$OURS_3" "$OURS_1_F" <<'PY'
+if [ "$MODE" = single ]; then
+  LLAMA_JSON=$("$BUILD/bin/llama-bench" -m "$MODEL" -p "$PP" -n "$TG" -t "$THREADS" -r 3 -o json 2>/dev/null)
+  OURS_1=$(./target/release/text_bench "$PP" "$TG" 1 3 2>/dev/null)
+  OURS_3=$(./target/release/text_bench "$PP" "$TG" 3 3 2>/dev/null)
+  OURS_1_F=$(CPU_REPACK=false ./target/release/text_bench "$PP" "$TG" 1 2 2>/dev/null)
+  python3 - "$LLAMA_JSON" "$OURS_1" "$OURS_3" "$OURS_1_F" "$ISA" <<'PY'
 import json, sys
 llama = json.loads(sys.argv[1])
 ours1, ours3, plain = (json.loads(a) for a in sys.argv[2:5])
 pp = next(r["avg_ts"] for r in llama if r["n_prompt"] > 0 and r["n_gen"] == 0)
 tg = next(r["avg_ts"] for r in llama if r["n_gen"] > 0 and r["n_prompt"] == 0)
+print(f"llama.cpp built for {sys.argv[5]}")
 rows = [
     ("prompt processing tok/s", pp, ours1["pp_tok_s"], plain["pp_tok_s"]),
     ("generation tok/s (1 sequence)", tg, ours1["tg_tok_s"], plain["tg_tok_s"]),
@@ -58,3 +79,26 @@ print(f"{'generation tok/s, 3 options':34} {'':>10} {ours3['tg_tok_s']:10.1f}")
 print(f"job time, 1 option vs 3 options: {ours1['seconds_per_job']:.2f} s vs {ours3['seconds_per_job']:.2f} s "
       f"({ours3['seconds_per_job'] / ours1['seconds_per_job']:.2f}x)")
 PY
+else
+  LLAMA_MD=$("$BUILD/bin/llama-batched-bench" -m "$MODEL" -c $(( (PP + TG) * 8 + 64 )) -b 2048 -ub 512 \
+    -npp "$PP" -ntg "$TG" -npl 1,8 -t "$THREADS" 2>/dev/null)
+  OURS_8=$(./target/release/text_bench "$PP" "$TG" 8 2 2>/dev/null)
+  OURS_1=$(./target/release/text_bench "$PP" "$TG" 1 2 2>/dev/null)
+  python3 - "$LLAMA_MD" "$OURS_1" "$OURS_8" "$ISA" "$PP" "$TG" <<'PY'
+import json, sys
+md, ours1, ours8 = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+pp, tg = int(sys.argv[5]), int(sys.argv[6])
+rows = {}
+for line in md.splitlines():
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    # |    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |
+    if len(cells) >= 10 and cells[0].isdigit():
+        rows[int(cells[2])] = float(cells[7])
+print(f"llama.cpp built for {sys.argv[4]}; {pp}-token prompts, {tg} generated tokens each")
+print(f"{'aggregate generation tok/s':40} {'llama.cpp':>10} {'ours':>10} {'ours/llama':>10}")
+print(f"{'batch 1':40} {rows[1]:10.1f} {ours1['tg_tok_s']:10.1f} {ours1['tg_tok_s'] / rows[1]:10.2f}")
+print(f"{'batch 8 (ours: 8 options, one prefill)':40} {rows[8]:10.1f} {ours8['tg_tok_s']:10.1f} {ours8['tg_tok_s'] / rows[8]:10.2f}")
+# 8 separate jobs run one after another: each job's own rate.
+print(f"{'8 jobs one after another (ours today)':40} {rows[8]:10.1f} {ours1['tg_tok_s']:10.1f} {ours1['tg_tok_s'] / rows[8]:10.2f}")
+PY
+fi

@@ -17,6 +17,7 @@ pub mod speech;
 pub mod text;
 pub mod video;
 
+pub use text::engine::{BatchEngine, EngineConfig, EngineStats};
 pub use text::{Generation, GgufChatModel, LoadOptions, SamplingParams, TextGeneration};
 
 #[derive(Debug, thiserror::Error)]

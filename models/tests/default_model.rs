@@ -143,17 +143,13 @@ fn q8_0_repack_keeps_the_models_predictions() {
     };
     let (orig, repacked) = (load(false), load(true));
     let ids: Vec<u32> = vec![1, 9690, 198, 2683, 359, 253, 5356, 30, 2, 198, 1, 4093, 198];
-    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
     let a = orig
-        .forward(&input, &mut orig.new_cache())
+        .forward(&ids, &mut orig.new_cache(ids.len()).unwrap())
         .unwrap()
         .flatten_all()
         .unwrap();
     let b = repacked
-        .forward(&input, &mut repacked.new_cache())
+        .forward(&ids, &mut repacked.new_cache(ids.len()).unwrap())
         .unwrap()
         .flatten_all()
         .unwrap();
@@ -245,4 +241,200 @@ fn whole_sentences_and_stop_sequences_hold_back_what_is_not_final() {
             }
         }
     }
+}
+
+// ---- continuous batching (models::BatchEngine) ----
+
+use std::sync::Arc;
+
+use models::{BatchEngine, EngineConfig};
+
+fn engine(config: EngineConfig) -> BatchEngine {
+    let m = GgufChatModel::load(&model_path(), &Device::Cpu, LoadOptions::default()).unwrap();
+    BatchEngine::start(Arc::new(m), config)
+}
+
+/// A user turn long enough to take several prefill chunks.
+fn long_prompt(turns: usize) -> String {
+    let mut p = String::from("<|im_start|>system\nYou are Luna, a cheerful guide who loves the night sky and old maps.<|im_end|>\n");
+    for i in 0..turns {
+        p.push_str(&format!(
+            "<|im_start|>user\nTell me about star number {i} and the map it is drawn on.<|im_end|>\n<|im_start|>assistant\nStar {i} sits low in the north, inked in blue on a sailor's chart.<|im_end|>\n"
+        ));
+    }
+    p.push_str("<|im_start|>user\nWhich one should we visit tonight?<|im_end|>\n<|im_start|>assistant\n");
+    p
+}
+
+struct Run {
+    texts: Vec<String>,
+    tokens: Vec<usize>,
+    streamed: Vec<String>,
+}
+
+fn run(m: &dyn TextGeneration, prompt: &str, n: usize, params: &SamplingParams) -> Run {
+    let mut streamed = vec![String::new(); n];
+    let g = m
+        .generate_streaming(prompt, n, params, &|| false, &mut |o, d| {
+            streamed[o].push_str(d)
+        })
+        .unwrap();
+    Run {
+        texts: g.options.iter().map(|o| o.text.clone()).collect(),
+        tokens: g.options.iter().map(|o| o.tokens).collect(),
+        streamed,
+    }
+}
+
+fn jobs() -> Vec<(String, usize, SamplingParams)> {
+    let p = |seed, max| SamplingParams {
+        max_new_tokens: max,
+        seed,
+        ..SamplingParams::default()
+    };
+    vec![
+        (PROMPT.to_string(), 1, p(11, 20)),
+        (long_prompt(3), 3, p(12, 28)),
+        (long_prompt(1), 1, p(13, 12)),
+        (
+            "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n".into(),
+            2,
+            SamplingParams {
+                temperature: 0.0,
+                ..p(14, 24)
+            },
+        ),
+    ]
+}
+
+#[test]
+fn batched_jobs_sample_the_same_tokens_as_alone() {
+    let alone: Vec<Run> = jobs()
+        .iter()
+        .map(|(prompt, n, params)| run(model(), prompt, *n, params))
+        .collect();
+    let e = engine(EngineConfig {
+        prefix_cache: false,
+        ..EngineConfig::default()
+    });
+    let batched: Vec<Run> = std::thread::scope(|s| {
+        let handles: Vec<_> = jobs()
+            .into_iter()
+            .map(|(prompt, n, params)| {
+                let e = &e;
+                s.spawn(move || run(e, &prompt, n, &params))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(a.texts, b.texts, "job {i}: same seed, same text");
+        assert_eq!(a.tokens, b.tokens, "job {i}");
+        assert_eq!(b.streamed, b.texts, "job {i}: the stream adds up to the text");
+    }
+    let stats: std::collections::HashMap<_, _> = e.stats().snapshot().into_iter().collect();
+    // Sequences of different jobs shared forward passes.
+    assert!(
+        stats["batch_rows"] > stats["decode_steps"] + 10,
+        "{stats:?}"
+    );
+    assert_eq!(stats["running_sequences"], 0, "{stats:?}");
+    assert_eq!(stats["kv_blocks_used"], 0, "{stats:?}");
+}
+
+#[test]
+fn a_job_that_does_not_fit_the_kv_pool_waits_for_room() {
+    let (prompt, n, params) = jobs().swap_remove(1);
+    let alone = run(model(), &prompt, n, &params);
+    // Room for one such job at a time.
+    let prompt_tokens = model().count_tokens(&prompt).unwrap();
+    let one_job = prompt_tokens + n * (prompt_tokens + params.max_new_tokens) + 4 * 16;
+    let e = engine(EngineConfig {
+        kv_cache_tokens: one_job,
+        prefix_cache: false,
+        ..EngineConfig::default()
+    });
+    let runs: Vec<Run> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let (e, prompt, params) = (&e, &prompt, &params);
+                s.spawn(move || run(e, prompt, n, params))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &runs {
+        assert_eq!(r.texts, alone.texts, "neither failed nor changed");
+    }
+    let stats: std::collections::HashMap<_, _> = e.stats().snapshot().into_iter().collect();
+    // One job's 3 options at a time, never 6 rows in a step: the second
+    // waited for the first to give its blocks back.
+    let steps = stats["decode_steps"];
+    assert!(stats["batch_rows"] <= 3 * steps, "{stats:?}");
+    assert!(steps >= 2 * params.max_new_tokens as u64 - 2, "{stats:?}");
+}
+
+#[test]
+fn a_cached_prefix_skips_its_prefill_and_changes_nothing() {
+    let params = SamplingParams {
+        max_new_tokens: 16,
+        seed: 5,
+        ..SamplingParams::default()
+    };
+    let e = engine(EngineConfig::default());
+    // Turn by turn: each prompt starts with the one before it.
+    let turns: Vec<String> = (2..5).map(long_prompt).collect();
+    let mut saved = 0;
+    for prompt in &turns {
+        let cached = run(&e, prompt, 2, &params);
+        let fresh = run(model(), prompt, 2, &params);
+        assert_eq!(cached.texts, fresh.texts);
+        let stats: std::collections::HashMap<_, _> = e.stats().snapshot().into_iter().collect();
+        saved = stats["prefix_hit_tokens"];
+    }
+    let stats: std::collections::HashMap<_, _> = e.stats().snapshot().into_iter().collect();
+    assert_eq!(stats["prefix_hits"], 2, "turns 2 and 3 reuse turn 1 and 2: {stats:?}");
+    assert!(saved >= 2 * 64, "{stats:?}");
+    assert!(stats["prefix_cache_blocks"] > 0, "{stats:?}");
+}
+
+#[test]
+fn cancelling_one_batched_job_leaves_the_others_running() {
+    let e = engine(EngineConfig::default());
+    let params = SamplingParams {
+        max_new_tokens: 30,
+        ignore_eos: true,
+        seed: 3,
+        ..SamplingParams::default()
+    };
+    let alone = run(model(), PROMPT, 1, &params);
+    let (cancelled, kept) = std::thread::scope(|s| {
+        let e = &e;
+        let params = &params;
+        let a = s.spawn(move || {
+            let seen = std::sync::atomic::AtomicUsize::new(0);
+            e.generate_streaming(
+                &long_prompt(2),
+                2,
+                params,
+                &|| seen.load(std::sync::atomic::Ordering::Relaxed) > 0,
+                &mut |_, _| {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                },
+            )
+            .unwrap()
+        });
+        let b = s.spawn(move || run(e, PROMPT, 1, params));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert!(
+        cancelled
+            .options
+            .iter()
+            .all(|o| o.stop == StopReason::Cancelled && o.tokens < 30),
+        "{:?}",
+        cancelled.options
+    );
+    assert_eq!(kept.texts, alone.texts);
+    assert_eq!(kept.tokens, vec![30]);
 }

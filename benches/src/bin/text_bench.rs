@@ -4,12 +4,20 @@
 //! `benches/compare_llama_cpp.sh` can set the two side by side.
 //!
 //! `text_bench [PROMPT_TOKENS] [GEN_TOKENS] [OPTIONS] [REPS]` (defaults 128 32 1 3)
+//!
+//! `text_bench path` prints the GGUF file it runs (`TEXT_MODEL`, fetched
+//! like the worker does): the comparison scripts hand the same file to the
+//! peer.
 
 use std::time::Instant;
 
 use models::{SamplingParams, TextGeneration};
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("path") {
+        println!("{}", benches::model_path().display());
+        return;
+    }
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .map(|a| a.parse().expect("numbers"))

@@ -1,15 +1,15 @@
 //! Text generation: a GGUF chat model on candle, N options per prompt from one
 //! shared prefill.
 
+pub mod engine;
 pub mod quantized_llama;
 pub mod tokenizer;
 
 pub mod reply;
 
 use std::path::Path;
-use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use tokenizers::Tokenizer;
 
@@ -220,6 +220,33 @@ impl GgufChatModel {
         })
     }
 
+    /// The prompt's token ids and the reply's token limit, or why the
+    /// prompt cannot run.
+    fn prepare(
+        &self,
+        prompt: &str,
+        n: usize,
+        params: &SamplingParams,
+    ) -> Result<(Vec<u32>, usize), ModelError> {
+        if n == 0 {
+            return Err(ModelError::Invalid("at least one option is needed".into()));
+        }
+        let prompt_ids = self.encode(prompt)?;
+        if prompt_ids.is_empty() {
+            return Err(ModelError::Invalid("the prompt is empty".into()));
+        }
+        let budget = self.context_length().saturating_sub(prompt_ids.len());
+        if budget == 0 {
+            return Err(ModelError::Invalid(format!(
+                "the prompt has {} tokens, the model's context holds {}",
+                prompt_ids.len(),
+                self.context_length()
+            )));
+        }
+        let max_new = params.max_new_tokens.min(budget).max(1);
+        Ok((prompt_ids, max_new))
+    }
+
     fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         Ok(self
             .tokenizer
@@ -250,6 +277,26 @@ struct Sequence {
     first: Option<String>,
     /// Whether this try may still be rejected (false on the last try).
     may_reject: bool,
+}
+
+impl Sequence {
+    fn new(option: usize, seed: u64, sampling: Sampling, may_reject: bool) -> Self {
+        Self {
+            option,
+            tokens: Vec::new(),
+            sampler: LogitsProcessor::from_sampling(seed, sampling),
+            stop: None,
+            emitted: 0,
+            final_text: None,
+            trimmed: false,
+            checked: 0,
+            cut_at: None,
+            seed,
+            resampled: false,
+            first: None,
+            may_reject,
+        }
+    }
 }
 
 impl GgufChatModel {
@@ -398,239 +445,7 @@ impl TextGeneration for GgufChatModel {
         cancelled: &dyn Fn() -> bool,
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<Generation, ModelError> {
-        if n == 0 {
-            return Err(ModelError::Invalid("at least one option is needed".into()));
-        }
-        let prompt_ids = self.encode(prompt)?;
-        if prompt_ids.is_empty() {
-            return Err(ModelError::Invalid("the prompt is empty".into()));
-        }
-        let budget = self.context_length().saturating_sub(prompt_ids.len());
-        if budget == 0 {
-            return Err(ModelError::Invalid(format!(
-                "the prompt has {} tokens, the model's context holds {}",
-                prompt_ids.len(),
-                self.context_length()
-            )));
-        }
-        let max_new = params.max_new_tokens.min(budget);
-        let device = self.model.device().clone();
-        let started = Instant::now();
-        let mut prefill = self.model.new_cache();
-        let input = Tensor::new(prompt_ids.as_slice(), &device)?.unsqueeze(0)?;
-        let first_logits = self.model.forward(&input, &mut prefill)?;
-        let prefill_secs = started.elapsed().as_secs_f64();
-        let sampling = if params.temperature <= 0.0 {
-            Sampling::ArgMax
-        } else {
-            Sampling::TopKThenTopP {
-                k: params.top_k.max(1),
-                p: params.top_p,
-                temperature: params.temperature,
-            }
-        };
-        let new_sequence = |option: usize, seed: u64| Sequence {
-            option,
-            tokens: Vec::new(),
-            sampler: LogitsProcessor::from_sampling(seed, sampling.clone()),
-            stop: None,
-            emitted: 0,
-            final_text: None,
-            trimmed: false,
-            checked: 0,
-            cut_at: None,
-            seed,
-            resampled: false,
-            first: None,
-            may_reject: params.resample_tries > 0,
-        };
-        let mut seqs: Vec<Sequence> = (0..n)
-            .map(|i| new_sequence(i, params.seed.wrapping_add(i as u64)))
-            .collect();
-        // An option whose first sentence repeats another's or breaks
-        // character is rejected before any of it is handed out, and
-        // sampled again from the shared prefill: what was streamed is what
-        // the result says.
-        let may_resample = params.resample_tries > 0
-            && params.whole_sentences
-            && ((n > 1 && params.distinct_options) || !params.reject_phrases.is_empty());
-        let sink: &mut dyn FnMut(usize, &str) = on_text;
-        let decode_started = Instant::now();
-        let all: Vec<usize> = (0..n).collect();
-        let mut steps = self.decode(
-            &prefill,
-            &first_logits,
-            &mut seqs,
-            &all,
-            &prompt_ids,
-            max_new,
-            params,
-            cancelled,
-            sink,
-        )?;
-        let mut resamples = 0;
-        if may_resample {
-            for round in 1..=params.resample_tries {
-                let bad: Vec<usize> = seqs
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.stop == Some(StopReason::Rejected))
-                    .map(|(i, _)| i)
-                    .collect();
-                if bad.is_empty() || cancelled() {
-                    break;
-                }
-                for &b in &bad {
-                    let seed = params
-                        .seed
-                        .wrapping_add((round * n + b) as u64)
-                        .wrapping_add(0x5EED);
-                    seqs[b] = new_sequence(b, seed);
-                    seqs[b].resampled = true;
-                    seqs[b].may_reject = round < params.resample_tries;
-                }
-                resamples += bad.len();
-                steps += self.decode(
-                    &prefill,
-                    &first_logits,
-                    &mut seqs,
-                    &bad,
-                    &prompt_ids,
-                    max_new,
-                    params,
-                    cancelled,
-                    sink,
-                )?;
-            }
-        }
-        // Still out of character after the last try: its text rather than
-        // nothing.
-        for s in seqs.iter_mut() {
-            if s.stop == Some(StopReason::Rejected) && s.final_text.as_deref() == Some("") {
-                let t = self
-                    .tokenizer
-                    .decode(&s.tokens, true)
-                    .map_err(|e| ModelError::Tokenizer(e.to_string()))?
-                    .trim()
-                    .to_string();
-                if !t.is_empty() {
-                    sink(s.option, &t);
-                }
-                s.final_text = Some(t);
-            }
-        }
-        let decode_secs = decode_started.elapsed().as_secs_f64();
-        let options: Vec<GeneratedOption> = seqs
-            .into_iter()
-            .map(|s| GeneratedOption {
-                text: s.final_text.unwrap_or_default(),
-                tokens: s.tokens.len(),
-                stop: s.stop.unwrap_or(StopReason::MaxTokens),
-                trimmed: s.trimmed,
-                seed: s.seed,
-                resampled: s.resampled,
-            })
-            .collect();
-        Ok(Generation {
-            options,
-            prompt_tokens: prompt_ids.len(),
-            prefill_secs,
-            decode_secs,
-            decode_steps: steps,
-            resamples,
-        })
-    }
-}
-
-impl GgufChatModel {
-    /// Decodes the sequences `which` (indices into `seqs`) from the shared
-    /// prefill until each ends; returns the batched steps taken.
-    #[allow(clippy::too_many_arguments)]
-    fn decode(
-        &self,
-        prefill: &quantized_llama::KvCache,
-        first_logits: &Tensor,
-        seqs: &mut [Sequence],
-        which: &[usize],
-        prompt_ids: &[u32],
-        max_new: usize,
-        params: &SamplingParams,
-        cancelled: &dyn Fn() -> bool,
-        on_text: &mut dyn FnMut(usize, &str),
-    ) -> Result<usize, ModelError> {
-        let device = self.model.device().clone();
-        let mut cache = if which.len() > 1 {
-            prefill.expand(which.len())?
-        } else {
-            prefill.clone()
-        };
-        let mut logits = first_logits.clone();
-        let mut steps = 0;
-        // `active[r]` is the sequence in batch row `r` of `logits` and `cache`.
-        let mut active: Vec<usize> = which.to_vec();
-        loop {
-            let mut next = Vec::with_capacity(active.len());
-            for (row, &s) in active.iter().enumerate() {
-                // The other options' first sentences, while this one has none.
-                let others: Vec<String> = if params.distinct_options && seqs[s].first.is_none() {
-                    seqs.iter()
-                        .enumerate()
-                        .filter(|(j, q)| *j != s && q.stop != Some(StopReason::Rejected))
-                        .filter_map(|(_, q)| q.first.clone())
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                let seq = &mut seqs[s];
-                let row_logits = logits.get(if logits.dim(0)? == 1 { 0 } else { row })?;
-                let row_logits = if params.repetition_penalty != 1.0 {
-                    let mut recent: Vec<u32> = prompt_ids.to_vec();
-                    recent.extend_from_slice(&seq.tokens);
-                    let start = recent.len().saturating_sub(params.repeat_last_n);
-                    candle_transformers::utils::apply_repeat_penalty(
-                        &row_logits,
-                        params.repetition_penalty,
-                        &recent[start..],
-                    )?
-                } else {
-                    row_logits
-                };
-                let token = seq.sampler.sample(&row_logits)?;
-                if !params.ignore_eos && self.stop_ids.contains(&token) {
-                    seq.stop = Some(StopReason::EndOfSequence);
-                } else {
-                    seq.tokens.push(token);
-                    if seq.tokens.len() >= max_new {
-                        seq.stop = Some(StopReason::MaxTokens);
-                    }
-                    self.emit_delta(seq, params, &others, on_text)?;
-                }
-                if seq.stop.is_some() {
-                    self.finish_sequence(seq, params, on_text)?;
-                }
-                next.push(token);
-            }
-            if cancelled() {
-                for &s in &active {
-                    seqs[s].stop.get_or_insert(StopReason::Cancelled);
-                    self.finish_sequence(&mut seqs[s], params, on_text)?;
-                }
-            }
-            let keep: Vec<u32> = (0..active.len() as u32)
-                .filter(|&r| seqs[active[r as usize]].stop.is_none())
-                .collect();
-            if keep.is_empty() {
-                break;
-            }
-            if keep.len() < active.len() {
-                cache = cache.select_rows(&keep)?;
-            }
-            let tokens: Vec<u32> = keep.iter().map(|&r| next[r as usize]).collect();
-            active = keep.iter().map(|&r| active[r as usize]).collect();
-            let input = Tensor::new(tokens.as_slice(), &device)?.unsqueeze(1)?;
-            logits = self.model.forward(&input, &mut cache)?;
-            steps += 1;
-        }
-        Ok(steps)
+        let (prompt_ids, max_new) = self.prepare(prompt, n, params)?;
+        self.run_inline(prompt_ids, n, params, max_new, cancelled, on_text)
     }
 }

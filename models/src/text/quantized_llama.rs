@@ -1,11 +1,11 @@
-//! Quantized llama (GGUF) with the KV cache held outside the weights, so one
-//! prompt can be prefilled once and its cache shared by N sampled sequences.
+//! Quantized llama (GGUF) with the KV cache held outside the weights: one
+//! cache per sequence, so a prompt is prefilled once and copied to N sampled
+//! sequences, and sequences of different jobs decode together in one batch.
 //!
 //! Follows candle-transformers' `quantized_llama` (interleaved RoPE for the
 //! llama family, whose GGUF q/k weights llama.cpp permutes; NEOX RoPE for the
 //! families llama.cpp marks so), but the weights are immutable and every
-//! forward pass takes a [`KvCache`] whose batch dimension can grow from 1 to N
-//! after the prefill and shrink as sequences finish.
+//! forward pass takes the [`SeqCache`] of each row it runs.
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -83,69 +83,64 @@ struct Layer {
     ffn_norm: RmsNorm,
 }
 
-/// Per-layer keys and values, shaped `(batch, n_kv_head, seq, head_dim)`.
-#[derive(Clone, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+/// One sequence's keys and values: per layer, `(1, n_kv_head, capacity,
+/// head_dim)` buffers written in place as tokens arrive (no copy of the
+/// history per token); the first `len` positions are filled. The capacity is
+/// what the sequence reserved (prompt plus reply); a sequence that outgrows
+/// it gets a larger buffer.
+pub struct SeqCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    capacity: usize,
 }
 
-impl KvCache {
-    pub fn new(n_layer: usize) -> Self {
-        Self {
-            layers: vec![None; n_layer],
-        }
-    }
-
+impl SeqCache {
     /// Tokens already in the cache.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// Repeats a batch-1 cache `n` times: the shared prefill becomes the start
-    /// of `n` sequences.
-    pub fn expand(&self, n: usize) -> Result<Self> {
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// A new cache of `capacity` tokens holding this one's first `len`
+    /// tokens (a shared prefill handed to an option, or a cached prefix).
+    pub fn copy_prefix(&self, len: usize, capacity: usize) -> Result<Self> {
+        if len > self.len || len > capacity {
+            candle_core::bail!("copying {len} tokens of a {}-token cache", self.len);
+        }
         let layers = self
             .layers
             .iter()
-            .map(|l| {
-                l.as_ref()
-                    .map(|(k, v)| Ok((k.repeat((n, 1, 1, 1))?, v.repeat((n, 1, 1, 1))?)))
-                    .transpose()
+            .map(|(k, v)| {
+                let (_, h, _, d) = k.dims4()?;
+                let nk = Tensor::zeros((1, h, capacity, d), k.dtype(), k.device())?;
+                let nv = Tensor::zeros((1, h, capacity, d), v.dtype(), v.device())?;
+                if len > 0 {
+                    nk.slice_set(&k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                    nv.slice_set(&v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                }
+                Ok((nk, nv))
             })
             .collect::<Result<_>>()?;
-        Ok(Self { layers })
+        Ok(Self {
+            layers,
+            len,
+            capacity,
+        })
     }
 
-    /// Keeps only the batch rows in `rows` (sequences still generating).
-    pub fn select_rows(&self, rows: &[u32]) -> Result<Self> {
-        let Some(device) = self
-            .layers
+    /// Bytes the buffers hold.
+    pub fn bytes(&self) -> usize {
+        self.layers
             .iter()
-            .flatten()
-            .next()
-            .map(|(k, _)| k.device().clone())
-        else {
-            return Ok(self.clone());
-        };
-        let idx = Tensor::new(rows, &device)?;
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                l.as_ref()
-                    .map(|(k, v)| Ok((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?)))
-                    .transpose()
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self { layers })
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
     }
 }
 
@@ -220,39 +215,98 @@ impl QuantizedLlama {
         &self.device
     }
 
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.n_layer)
+    /// An empty cache with room for `capacity` tokens.
+    pub fn new_cache(&self, capacity: usize) -> Result<SeqCache> {
+        let c = &self.config;
+        let capacity = capacity.max(1);
+        let layers = (0..c.n_layer)
+            .map(|_| {
+                let shape = (1, c.n_kv_head, capacity, c.head_dim);
+                Ok((
+                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                    Tensor::zeros(shape, DType::F32, &self.device)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(SeqCache {
+            layers,
+            len: 0,
+            capacity,
+        })
     }
 
-    /// Runs `tokens` (`(batch, seq)`, u32) after what `cache` holds and returns
-    /// the logits of the last position of each row, `(batch, vocab)`, in f32.
-    pub fn forward(&self, tokens: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (batch, seq) = tokens.dims2()?;
-        let pos = cache.len();
-        if pos + seq > self.config.context_length {
-            candle_core::bail!(
-                "prompt and reply need {} tokens, the model's context holds {}",
-                pos + seq,
-                self.config.context_length
-            );
+    /// Runs `tokens` after what `cache` holds and returns the logits of
+    /// the last position, `(1, vocab)`, in f32.
+    pub fn forward(&self, tokens: &[u32], cache: &mut SeqCache) -> Result<Tensor> {
+        self.forward_rows(tokens, tokens.len(), &mut [cache])
+    }
+
+    /// One forward pass over several sequences at once: row `r` runs
+    /// `tokens[r * seq..(r + 1) * seq]` after what `caches[r]` holds (each
+    /// at its own position). The projections and the MLP run as one
+    /// batched matmul over every row; attention runs per row against that
+    /// row's cache. Every row's numbers are the same whatever the other
+    /// rows are (the quantized matmul computes each output row on its own),
+    /// so a sequence samples the same tokens alone or in a batch. Several
+    /// rows take one token each (`seq == 1`). Returns `(rows, vocab)`, the
+    /// logits of each row's last position, in f32.
+    pub fn forward_rows(
+        &self,
+        tokens: &[u32],
+        seq: usize,
+        caches: &mut [&mut SeqCache],
+    ) -> Result<Tensor> {
+        let rows = caches.len();
+        if rows == 0 || seq == 0 || tokens.len() != rows * seq {
+            candle_core::bail!("{} tokens for {rows} rows of {seq}", tokens.len());
         }
+        if rows > 1 && seq > 1 {
+            candle_core::bail!("batched rows take one token each");
+        }
+        let c = &self.config;
+        for cache in caches.iter_mut() {
+            let need = cache.len + seq;
+            if need > c.context_length {
+                candle_core::bail!(
+                    "prompt and reply need {need} tokens, the model's context holds {}",
+                    c.context_length
+                );
+            }
+            if need > cache.capacity {
+                **cache = cache.copy_prefix(cache.len, need.max(cache.capacity * 2))?;
+            }
+        }
+        let (cos, sin) = if rows == 1 {
+            let pos = caches[0].len;
+            (self.cos.narrow(0, pos, seq)?, self.sin.narrow(0, pos, seq)?)
+        } else {
+            let pos: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
+            let pos = Tensor::new(pos.as_slice(), &self.device)?;
+            let half = self.cos.dim(1)?;
+            (
+                self.cos.index_select(&pos, 0)?.reshape((rows, 1, half))?,
+                self.sin.index_select(&pos, 0)?.reshape((rows, 1, half))?,
+            )
+        };
         let mask = if seq > 1 {
-            Some(causal_mask(seq, pos, &self.device)?)
+            Some(causal_mask(seq, caches[0].len, &self.device)?)
         } else {
             None
         };
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
-        let mut x = self.embeddings.forward(tokens)?;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let input = Tensor::new(tokens, &self.device)?.reshape((rows, seq))?;
+        let mut x = self.embeddings.forward(&input)?;
+        for (i, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
-            let h = self.attention(layer, &h, mask.as_ref(), &cos, &sin, slot, batch, seq)?;
+            let h = self.attention(layer, i, &h, mask.as_ref(), &cos, &sin, caches, seq)?;
             let x1 = (h + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
             let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
             let h = layer.w_down.forward(&(gate * layer.w_up.forward(&h)?)?)?;
             x = (h + x1)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.len += seq;
         }
         let last = x.narrow(1, seq - 1, 1)?.squeeze(1)?;
         let last = self.norm.forward(&last)?;
@@ -263,56 +317,67 @@ impl QuantizedLlama {
     fn attention(
         &self,
         layer: &Layer,
+        index: usize,
         x: &Tensor,
         mask: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
-        slot: &mut Option<(Tensor, Tensor)>,
-        batch: usize,
+        caches: &mut [&mut SeqCache],
         seq: usize,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let q = layer
-            .wq
-            .forward(x)?
-            .reshape((batch, seq, c.n_head, c.head_dim))?
-            .transpose(1, 2)?;
-        let k = layer
-            .wk
-            .forward(x)?
-            .reshape((batch, seq, c.n_kv_head, c.head_dim))?
-            .transpose(1, 2)?;
-        let v = layer
-            .wv
-            .forward(x)?
-            .reshape((batch, seq, c.n_kv_head, c.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let rows = caches.len();
+        let heads = |w: &QMatMul, n: usize| -> Result<Tensor> {
+            w.forward(x)?
+                .reshape((rows, seq, n, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
         let rope = if c.rope_is_neox {
             candle_nn::rotary_emb::rope
         } else {
             candle_nn::rotary_emb::rope_i
         };
-        let q = rope(&q.contiguous()?, cos, sin)?;
-        let k = rope(&k.contiguous()?, cos, sin)?;
-        let (k, v) = match slot.take() {
-            None => (k, v),
-            Some((kc, vc)) => (Tensor::cat(&[&kc, &k], 2)?, Tensor::cat(&[&vc, &v], 2)?),
-        };
-        *slot = Some((k.clone(), v.clone()));
+        let q = rope(&heads(&layer.wq, c.n_head)?, cos, sin)?;
+        let k = rope(&heads(&layer.wk, c.n_kv_head)?, cos, sin)?;
+        let v = heads(&layer.wv, c.n_kv_head)?;
         let n_rep = c.n_head / c.n_kv_head;
-        let k = candle_transformers::utils::repeat_kv(k, n_rep)?;
-        let v = candle_transformers::utils::repeat_kv(v, n_rep)?;
-        let att = (q.matmul(&k.t()?)? / (c.head_dim as f64).sqrt())?;
-        let att = match mask {
-            Some(m) => att.broadcast_add(m)?,
-            None => att,
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let mut ys = Vec::with_capacity(rows);
+        for (r, cache) in caches.iter_mut().enumerate() {
+            let pos = cache.len;
+            let (kc, vc) = &cache.layers[index];
+            kc.slice_set(&k.narrow(0, r, 1)?.contiguous()?, 2, pos)?;
+            vc.slice_set(&v.narrow(0, r, 1)?.contiguous()?, 2, pos)?;
+            let total = pos + seq;
+            let kr = kc.narrow(2, 0, total)?;
+            let vr = vc.narrow(2, 0, total)?;
+            // Grouped-query attention without copying the keys: the
+            // `n_rep` query heads of one key head are rows of one matmul.
+            let qr = q
+                .narrow(0, r, 1)?
+                .reshape((1, c.n_kv_head, n_rep * seq, c.head_dim))?;
+            let att = (qr.matmul(&kr.t()?)? * scale)?;
+            let att = match mask {
+                Some(m) => att
+                    .reshape((1, c.n_kv_head, n_rep, seq, total))?
+                    .broadcast_add(m)?
+                    .reshape((1, c.n_kv_head, n_rep * seq, total))?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att
+                .matmul(&vr)?
+                .reshape((1, c.n_head, seq, c.head_dim))?
+                .transpose(1, 2)?
+                .reshape((1, seq, c.n_head * c.head_dim))?;
+            ys.push(y);
+        }
+        let y = if rows == 1 {
+            ys.pop().expect("one row")
+        } else {
+            Tensor::cat(&ys, 0)?
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((batch, seq, c.n_head * c.head_dim))?;
         layer.wo.forward(&y)
     }
 }

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub worker_totals: IntGaugeVec,
     pub kind_jobs: IntGaugeVec,
     pub kind_workers: IntGaugeVec,
+    pub worker_gauges: IntGaugeVec,
 }
 
 impl Metrics {
@@ -70,6 +71,14 @@ impl Metrics {
         )?;
         registry.register(Box::new(kind_jobs.clone()))?;
         registry.register(Box::new(kind_workers.clone()))?;
+        let worker_gauges = IntGaugeVec::new(
+            Opts::new(
+                "fleet_text_engine",
+                "Text engines of live workers, summed: running_jobs, waiting_jobs, running_sequences, kv_blocks_used, kv_blocks_total, prefix_cache_blocks, tokens_per_s, and the running totals generated_tokens, prompt_tokens, prefix_hit_tokens, prefix_hits, decode_steps, batch_rows, peak_batch_rows (as of each worker's last heartbeat)",
+            ),
+            &["stat"],
+        )?;
+        registry.register(Box::new(worker_gauges.clone()))?;
         Ok(Self {
             registry,
             jobs_submitted,
@@ -79,6 +88,7 @@ impl Metrics {
             worker_totals,
             kind_jobs,
             kind_workers,
+            worker_gauges,
         })
     }
 }

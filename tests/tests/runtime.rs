@@ -339,8 +339,10 @@ async fn a_worker_runs_as_many_jobs_of_a_kind_as_its_concurrency_says() {
         ],
     );
     wait_workers(&api, 3).await;
-    let a = submit(&api, "/run", seed_file("multiple_options.json")).await;
-    let b = submit(&api, "/run", seed_file("multiple_options.json")).await;
+    let mut job = seed_file("multiple_options.json");
+    job["input"]["seed"] = json!(42);
+    let a = submit(&api, "/run", job.clone()).await;
+    let b = submit(&api, "/run", job).await;
     // Both run at once on the one worker process.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -357,9 +359,50 @@ async fn a_worker_runs_as_many_jobs_of_a_kind_as_its_concurrency_says() {
         assert!(Instant::now() < deadline, "{sa} {sb}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let mut outputs = Vec::new();
     for id in [a, b] {
-        assert_eq!(api.wait_terminal(&id).await["status"], "COMPLETED");
+        let done = api.wait_terminal(&id).await;
+        assert_eq!(done["status"], "COMPLETED");
+        outputs.push(done["output"]["options"].clone());
     }
+    // The two ran in one batch on the worker's text engine (more rows than
+    // forward passes), and the same seed gave the same options in it.
+    assert_eq!(outputs[0], outputs[1]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let engine = text_engine_metrics(&api).await;
+        let get = |k: &str| engine.get(k).copied().unwrap_or(0);
+        if get("generated_tokens") >= 2 * 3 * 60 && get("running_sequences") == 0 {
+            // More rows in one step than one job's three options.
+            assert!(get("peak_batch_rows") > 3, "{engine:?}");
+            assert_eq!(get("kv_blocks_total"), 16_384 / 16, "{engine:?}");
+            assert_eq!(get("waiting_jobs"), 0, "{engine:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{engine:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `fleet_text_engine{stat=...}` from the shim's `/metrics`.
+async fn text_engine_metrics(api: &Api) -> std::collections::HashMap<String, u64> {
+    let text = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("fleet_text_engine{stat=\""))
+        .filter_map(|l| {
+            let (stat, value) = l.split_once("\"} ")?;
+            Some((stat.to_string(), value.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 /// SIGTERM on the shim with an SSE stream open: the stream ends cleanly

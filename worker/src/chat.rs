@@ -45,6 +45,8 @@ pub struct ChatEngine {
     /// Phrases that break character (lower case), and resampling rounds.
     reject_phrases: Vec<String>,
     resample_tries: usize,
+    /// The text engine's batch and KV pool, when the model runs in one.
+    text_stats: Option<Arc<models::EngineStats>>,
 }
 
 /// What a chat prompt is made of.
@@ -150,6 +152,7 @@ impl ChatEngine {
             stt: None,
             media: None,
             media_tenant: "default".into(),
+            text_stats: None,
             whole_sentences: true,
             reject_phrases: models::text::reply::DEFAULT_REJECT_PHRASES
                 .iter()
@@ -192,6 +195,16 @@ impl ChatEngine {
         self.media = store.map(Arc::new);
         self.media_tenant = tenant;
         self
+    }
+
+    pub fn with_text_stats(mut self, stats: Arc<models::EngineStats>) -> Self {
+        self.text_stats = Some(stats);
+        self
+    }
+
+    /// What the heartbeat reports of the text engine.
+    pub fn text_stats(&self) -> Option<&Arc<models::EngineStats>> {
+        self.text_stats.as_ref()
     }
 
     pub fn model(&self) -> &dyn TextGeneration {

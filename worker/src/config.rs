@@ -178,6 +178,17 @@ pub struct WorkerConfig {
     /// On CPU, re-quantize Q4_1/Q5_0/Q5_1 weights to Q8_0, whose kernels are SIMD (much faster).
     #[arg(long, env = "CPU_REPACK", default_value_t = true, action = clap::ArgAction::Set)]
     pub cpu_repack: bool,
+    /// Tokens of keys and values the text engine's running jobs may hold in
+    /// all (blocks of 16); a job that does not fit waits for room.
+    #[arg(long, env = "KV_CACHE_TOKENS", default_value_t = 16_384)]
+    pub kv_cache_tokens: usize,
+    /// Sequences (options of all running text jobs) decoded in one batch at most.
+    #[arg(long, env = "TEXT_MAX_SEQUENCES", default_value_t = 16)]
+    pub text_max_sequences: usize,
+    /// Keep recent prompts' prefixes (character card, history) in the KV
+    /// pool's free blocks and skip their prefill on the next turn.
+    #[arg(long, env = "PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
     #[arg(long, env = "MAX_NEW_TOKENS", default_value_t = 60)]
     pub max_new_tokens: usize,
     #[arg(long, env = "TEMPERATURE", default_value_t = 0.8)]
@@ -755,6 +766,17 @@ impl WorkerConfig {
         let model =
             tokio::task::spawn_blocking(move || GgufChatModel::load(&path, &device, options))
                 .await??;
+        // Every text job of this worker (chat, streamed chat, condense) runs
+        // in one continuous batch on this model.
+        let model = models::BatchEngine::start(
+            Arc::new(model),
+            models::EngineConfig {
+                kv_cache_tokens: self.kv_cache_tokens.max(16),
+                max_sequences: self.text_max_sequences.max(1),
+                prefix_cache: self.prefix_cache,
+            },
+        );
+        let text_stats = model.stats().clone();
         let sampling = SamplingParams {
             temperature: self.temperature,
             top_p: self.top_p,
@@ -774,6 +796,7 @@ impl WorkerConfig {
         .with_stt(self.transcriber().await?)
         .with_media(media, self.media_tenant.clone())
         .with_whole_sentences(self.whole_sentences)
-        .with_reply_rules(&self.reject_phrases, self.resample_tries))
+        .with_reply_rules(&self.reject_phrases, self.resample_tries)
+        .with_text_stats(text_stats))
     }
 }

@@ -50,6 +50,15 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
     });
     let queue = RedisQueue::connect_with_retry(&cfg.redis_url, cfg.queue_config()).await?;
     queue.warn_if_not_persistent().await;
+    if let Some(stats) = services.engine.text_stats().cloned() {
+        queue.report_gauges(Arc::new(move || {
+            stats
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect()
+        }));
+    }
     // Ids of jobs whose stop was requested (a streaming client went away).
     let stops = queue.spawn_relay(queue.keys().stops());
 

@@ -189,6 +189,13 @@ pub async fn metrics(
         .callbacks
         .with_label_values(&["dead_lettered"])
         .set(s.dead_callbacks as i64);
+    for (stat, n) in &s.fleet.gauges {
+        state
+            .metrics
+            .worker_gauges
+            .with_label_values(&[stat.as_str()])
+            .set(*n as i64);
+    }
     for (stat, n) in state.queue.worker_stats().await? {
         state
             .metrics

@@ -103,6 +103,8 @@ pub struct EngineStats {
     /// Sum over decode steps of the rows in the batch (mean batch =
     /// this / decode_steps).
     pub batch_rows: AtomicU64,
+    /// The most rows one decode step has run.
+    pub peak_batch_rows: AtomicU64,
 }
 
 impl EngineStats {
@@ -123,6 +125,7 @@ impl EngineStats {
             ("prefix_hits", g(&self.prefix_hits)),
             ("decode_steps", g(&self.decode_steps)),
             ("batch_rows", g(&self.batch_rows)),
+            ("peak_batch_rows", g(&self.peak_batch_rows)),
         ]
     }
 }
@@ -575,6 +578,9 @@ impl<'a> Scheduler<'a> {
         self.stats
             .batch_rows
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.stats
+            .peak_batch_rows
+            .fetch_max(batch.len() as u64, Ordering::Relaxed);
         match result {
             Ok(logits) => {
                 for (r, (&(j, s, _), mut row)) in batch.iter().zip(taken).enumerate() {

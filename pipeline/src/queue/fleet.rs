@@ -17,6 +17,9 @@ pub struct FleetView {
     pub running: usize,
     /// Live workers that serve each kind.
     pub by_kind: BTreeMap<String, usize>,
+    /// The gauges live workers report (text engine sequences, KV blocks,
+    /// tokens/s), summed.
+    pub gauges: BTreeMap<String, u64>,
 }
 
 impl RedisQueue {
@@ -43,10 +46,17 @@ impl RedisQueue {
         running: Option<&str>,
     ) -> Result<(), PipelineError> {
         let window = self.cfg.heartbeat.as_millis() as u64 * self.cfg.missed_heartbeats as u64;
+        let gauges: serde_json::Map<String, Value> = self
+            .gauges
+            .get()
+            .filter(|g| g.owner.get_or_init(|| name.to_string()) == name)
+            .map(|g| (g.source)().into_iter().map(|(k, v)| (k, json!(v))).collect())
+            .unwrap_or_default();
         let beat = json!({
             "state": if running.is_some() { "running" } else { "idle" },
             "job": running,
             "kinds": kinds.iter().map(|k| k.as_str()).collect::<Vec<_>>(),
+            "gauges": gauges,
             "seen_ms": now_ms(),
             "expires_ms": now_ms() + window,
         });
@@ -81,6 +91,9 @@ impl RedisQueue {
                 view.running += 1;
             } else {
                 view.idle += 1;
+            }
+            for (g, n) in v["gauges"].as_object().into_iter().flatten() {
+                *view.gauges.entry(g.clone()).or_default() += n.as_u64().unwrap_or(0);
             }
             for kind in v["kinds"].as_array().into_iter().flatten() {
                 if let Some(k) = kind.as_str() {

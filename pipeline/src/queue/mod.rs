@@ -109,7 +109,22 @@ pub struct RedisQueue {
     keys: Keys,
     cfg: Arc<QueueConfig>,
     scripts: Arc<Scripts>,
+    /// What the worker's heartbeat reports besides its state (the text
+    /// engine's batch and KV pool), set once by the worker.
+    gauges: Arc<std::sync::OnceLock<Gauges>>,
 }
+
+/// The gauge source and the one worker name (the first slot's heartbeat
+/// that carries them) they go out under, so a process with several slots
+/// is counted once.
+pub(crate) struct Gauges {
+    pub(crate) source: GaugeSource,
+    pub(crate) owner: std::sync::OnceLock<String>,
+}
+
+/// Named gauges a worker reports with each heartbeat; the fleet view sums
+/// them over live workers.
+pub type GaugeSource = Arc<dyn Fn() -> Vec<(String, u64)> + Send + Sync>;
 
 /// A connection that reconnects by itself. Commands fail after
 /// `response_timeout` instead of hanging on a Redis that stopped answering
@@ -159,6 +174,7 @@ impl RedisQueue {
             keys: Keys::new(&cfg.namespace),
             cfg: Arc::new(cfg),
             scripts: Arc::new(Scripts::new()),
+            gauges: Arc::default(),
         })
     }
 
@@ -183,6 +199,14 @@ impl RedisQueue {
 
     pub fn config(&self) -> &QueueConfig {
         &self.cfg
+    }
+
+    /// Gauges the heartbeat carries from now on (the first call wins).
+    pub fn report_gauges(&self, source: GaugeSource) {
+        let _ = self.gauges.set(Gauges {
+            source,
+            owner: std::sync::OnceLock::new(),
+        });
     }
 
     pub fn keys(&self) -> &Keys {

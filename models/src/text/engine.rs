@@ -390,10 +390,11 @@ impl<'a> Scheduler<'a> {
                 break;
             }
             let total = self.config.blocks();
-            while self.blocks_used + self.prefix.blocks + job.blocks > total && self.prefix.evict() {}
             if self.blocks_used + job.blocks > total && !self.jobs.is_empty() {
                 break;
             }
+            // Cached prefixes make room for a job that fits.
+            while self.blocks_used + self.prefix.blocks + job.blocks > total && self.prefix.evict() {}
             let mut job = self.waiting.pop_front().expect("front exists");
             if job.blocks > total {
                 tracing::warn!(

@@ -262,7 +262,9 @@ fn long_prompt(turns: usize) -> String {
             "<|im_start|>user\nTell me about star number {i} and the map it is drawn on.<|im_end|>\n<|im_start|>assistant\nStar {i} sits low in the north, inked in blue on a sailor's chart.<|im_end|>\n"
         ));
     }
-    p.push_str("<|im_start|>user\nWhich one should we visit tonight?<|im_end|>\n<|im_start|>assistant\n");
+    p.push_str(
+        "<|im_start|>user\nWhich one should we visit tonight?<|im_end|>\n<|im_start|>assistant\n",
+    );
     p
 }
 
@@ -330,7 +332,10 @@ fn batched_jobs_sample_the_same_tokens_as_alone() {
     for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
         assert_eq!(a.texts, b.texts, "job {i}: same seed, same text");
         assert_eq!(a.tokens, b.tokens, "job {i}");
-        assert_eq!(b.streamed, b.texts, "job {i}: the stream adds up to the text");
+        assert_eq!(
+            b.streamed, b.texts,
+            "job {i}: the stream adds up to the text"
+        );
     }
     let stats: std::collections::HashMap<_, _> = e.stats().snapshot().into_iter().collect();
     // Sequences of different jobs shared forward passes.
@@ -393,7 +398,10 @@ fn a_cached_prefix_skips_its_prefill_and_changes_nothing() {
         saved = stats["prefix_hit_tokens"];
     }
     let stats: std::collections::HashMap<_, _> = e.stats().snapshot().into_iter().collect();
-    assert_eq!(stats["prefix_hits"], 2, "turns 2 and 3 reuse turn 1 and 2: {stats:?}");
+    assert_eq!(
+        stats["prefix_hits"], 2,
+        "turns 2 and 3 reuse turn 1 and 2: {stats:?}"
+    );
     assert!(saved >= 2 * 64, "{stats:?}");
     assert!(stats["prefix_cache_blocks"] > 0, "{stats:?}");
 }

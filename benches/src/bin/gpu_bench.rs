@@ -70,10 +70,26 @@ fn checkpoint(shape: &Shape, dtype: GgmlDType) -> candle_core::Result<(Vec<u8>, 
     };
     add("token_embd.weight".into(), shape.vocab, shape.dim)?;
     for i in 0..shape.layers {
-        add(format!("blk.{i}.attn_q.weight"), shape.heads * hd, shape.dim)?;
-        add(format!("blk.{i}.attn_k.weight"), shape.kv_heads * hd, shape.dim)?;
-        add(format!("blk.{i}.attn_v.weight"), shape.kv_heads * hd, shape.dim)?;
-        add(format!("blk.{i}.attn_output.weight"), shape.dim, shape.heads * hd)?;
+        add(
+            format!("blk.{i}.attn_q.weight"),
+            shape.heads * hd,
+            shape.dim,
+        )?;
+        add(
+            format!("blk.{i}.attn_k.weight"),
+            shape.kv_heads * hd,
+            shape.dim,
+        )?;
+        add(
+            format!("blk.{i}.attn_v.weight"),
+            shape.kv_heads * hd,
+            shape.dim,
+        )?;
+        add(
+            format!("blk.{i}.attn_output.weight"),
+            shape.dim,
+            shape.heads * hd,
+        )?;
         add(format!("blk.{i}.ffn_gate.weight"), shape.ff, shape.dim)?;
         add(format!("blk.{i}.ffn_up.weight"), shape.ff, shape.dim)?;
         add(format!("blk.{i}.ffn_down.weight"), shape.dim, shape.ff)?;
@@ -95,7 +111,10 @@ fn checkpoint(shape: &Shape, dtype: GgmlDType) -> candle_core::Result<(Vec<u8>, 
         ("general.architecture", Value::String("llama".into())),
         ("llama.block_count", Value::U32(shape.layers as u32)),
         ("llama.attention.head_count", Value::U32(shape.heads as u32)),
-        ("llama.attention.head_count_kv", Value::U32(shape.kv_heads as u32)),
+        (
+            "llama.attention.head_count_kv",
+            Value::U32(shape.kv_heads as u32),
+        ),
         ("llama.embedding_length", Value::U32(shape.dim as u32)),
         ("llama.rope.dimension_count", Value::U32(hd as u32)),
         ("llama.context_length", Value::U32(2048)),
@@ -150,10 +169,9 @@ fn main() -> candle_core::Result<()> {
         .nth(2)
         .map(|s| s.parse().expect("STEPS is a number"))
         .unwrap_or(64);
-    let device = models::device::select_device(
-        &std::env::var("DEVICE").unwrap_or_else(|_| "cuda".into()),
-    )
-    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let device =
+        models::device::select_device(&std::env::var("DEVICE").unwrap_or_else(|_| "cuda".into()))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let dtype = match std::env::var("WEIGHTS").as_deref() {
         Ok("f16") => GgmlDType::F16,
         _ => GgmlDType::Q8_0,

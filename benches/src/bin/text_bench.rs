@@ -112,10 +112,17 @@ fn jobs() {
             .enumerate()
             .map(|(i, p)| {
                 let (engine, params) = (&engine, params(i as u64, tg));
-                s.spawn(move || engine.generate(p, 1, &params, &|| false).expect("generates"))
+                s.spawn(move || {
+                    engine
+                        .generate(p, 1, &params, &|| false)
+                        .expect("generates")
+                })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("joins")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("joins"))
+            .collect()
     });
     let wall = started.elapsed().as_secs_f64();
     let generated: usize = generations.iter().map(|g| g.options[0].tokens).sum();
@@ -162,7 +169,9 @@ fn replay() {
                 seed: turn as u64,
                 ..SamplingParams::default()
             };
-            let g = engine.generate(&prompt, 1, &params, &|| false).expect("generates");
+            let g = engine
+                .generate(&prompt, 1, &params, &|| false)
+                .expect("generates");
             prefill += g.prefill_secs;
             let reply = g.options[0].text.clone();
             prompt.push_str(&format!("{reply}<|im_end|>\n"));

@@ -394,7 +394,9 @@ impl<'a> Scheduler<'a> {
                 break;
             }
             // Cached prefixes make room for a job that fits.
-            while self.blocks_used + self.prefix.blocks + job.blocks > total && self.prefix.evict() {}
+            while self.blocks_used + self.prefix.blocks + job.blocks > total && self.prefix.evict()
+            {
+            }
             let mut job = self.waiting.pop_front().expect("front exists");
             if job.blocks > total {
                 tracing::warn!(
@@ -607,6 +609,7 @@ impl<'a> Scheduler<'a> {
     /// Jobs whose sequences all ended: another round for rejected options
     /// while tries are left, else the result.
     fn finish_jobs(&mut self) {
+        let mut done = Vec::new();
         let mut i = 0;
         while i < self.jobs.len() {
             let job = &mut self.jobs[i];
@@ -616,7 +619,9 @@ impl<'a> Scheduler<'a> {
                 i += 1;
                 continue;
             }
-            if job.failed.is_none() && job.may_resample() && job.round < job.spec.params.resample_tries
+            if job.failed.is_none()
+                && job.may_resample()
+                && job.round < job.spec.params.resample_tries
             {
                 let bad: Vec<usize> = job
                     .seqs
@@ -653,6 +658,12 @@ impl<'a> Scheduler<'a> {
             }
             let job = self.jobs.remove(i);
             self.blocks_used -= job.blocks;
+            done.push(job);
+        }
+        // The gauges first: a caller that has its result sees them without
+        // its job.
+        self.publish();
+        for job in done {
             self.model.conclude(job);
         }
     }
@@ -782,9 +793,7 @@ impl GgufChatModel {
             return;
         }
         let JobSpec {
-            prompt_ids,
-            mut io,
-            ..
+            prompt_ids, mut io, ..
         } = spec;
         // Still out of character after the last try: its text rather than
         // nothing.
@@ -839,8 +848,11 @@ impl GgufChatModel {
     ) -> Result<Generation, ModelError> {
         let mut out = None;
         {
-            let mut scheduler =
-                Scheduler::new(self, EngineConfig::inline(), Arc::new(EngineStats::default()));
+            let mut scheduler = Scheduler::new(
+                self,
+                EngineConfig::inline(),
+                Arc::new(EngineStats::default()),
+            );
             scheduler.submit(JobSpec {
                 prompt_ids,
                 n,

@@ -2,6 +2,7 @@
 //! shared prefill.
 
 pub mod engine;
+pub mod q8;
 pub mod quantized_llama;
 pub mod tokenizer;
 

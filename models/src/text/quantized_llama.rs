@@ -71,14 +71,48 @@ impl Config {
     }
 }
 
+/// A weight matrix: candle's quantized matmul, or on CPUs with AVX-512 VNNI
+/// our few-rows Q8_0 kernel where candle has only its one-row-at-a-time
+/// path (same numbers, see [`super::q8`]).
+enum Linear {
+    Candle(QMatMul),
+    Q8(super::q8::Q8Matrix),
+}
+
+impl Linear {
+    fn new(t: QTensor, device: &Device) -> Result<Self> {
+        let candle_has_a_fast_path = t.shape().dims().last().is_some_and(|k| k % 256 == 0);
+        if device.is_cpu()
+            && t.dtype() == GgmlDType::Q8_0
+            && !candle_has_a_fast_path
+            && std::env::var("Q8_KERNEL")
+                .map(|v| v != "candle")
+                .unwrap_or(true)
+            && super::q8::available()
+        {
+            if let Some(m) = super::q8::Q8Matrix::from_qtensor(&t)? {
+                return Ok(Self::Q8(m));
+            }
+        }
+        Ok(Self::Candle(QMatMul::from_qtensor(t)?))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(m) => m.forward(x),
+            Self::Q8(m) => m.forward(x),
+        }
+    }
+}
+
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
-    w_gate: QMatMul,
-    w_down: QMatMul,
-    w_up: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    w_gate: Linear,
+    w_down: Linear,
+    w_up: Linear,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
 }
@@ -149,7 +183,7 @@ pub struct QuantizedLlama {
     embeddings: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -177,8 +211,8 @@ impl QuantizedLlama {
         };
         let mut layers = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
-            let mut q = |suffix: &str| -> Result<QMatMul> {
-                QMatMul::from_qtensor(tensor(&format!("blk.{i}.{suffix}.weight"))?)
+            let mut q = |suffix: &str| -> Result<Linear> {
+                Linear::new(tensor(&format!("blk.{i}.{suffix}.weight"))?, device)
             };
             let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
             let (w_gate, w_down, w_up) = (q("ffn_gate")?, q("ffn_down")?, q("ffn_up")?);
@@ -200,7 +234,7 @@ impl QuantizedLlama {
         }
         let (cos, sin) = rope_tables(&config, device)?;
         Ok(Self {
-            output: QMatMul::from_qtensor(output)?,
+            output: Linear::new(output, device)?,
             config,
             embeddings,
             layers,
@@ -327,7 +361,7 @@ impl QuantizedLlama {
     ) -> Result<Tensor> {
         let c = &self.config;
         let rows = caches.len();
-        let heads = |w: &QMatMul, n: usize| -> Result<Tensor> {
+        let heads = |w: &Linear, n: usize| -> Result<Tensor> {
             w.forward(x)?
                 .reshape((rows, seq, n, c.head_dim))?
                 .transpose(1, 2)?

@@ -50,7 +50,12 @@ impl RedisQueue {
             .gauges
             .get()
             .filter(|g| g.owner.get_or_init(|| name.to_string()) == name)
-            .map(|g| (g.source)().into_iter().map(|(k, v)| (k, json!(v))).collect())
+            .map(|g| {
+                (g.source)()
+                    .into_iter()
+                    .map(|(k, v)| (k, json!(v)))
+                    .collect()
+            })
             .unwrap_or_default();
         let beat = json!({
             "state": if running.is_some() { "running" } else { "idle" },

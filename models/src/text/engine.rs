@@ -130,10 +130,13 @@ impl EngineStats {
     }
 }
 
+/// Where a job's text goes: `(option, delta)`.
+pub(super) type TextSink<'a> = Box<dyn FnMut(usize, &str) + 'a>;
+
 /// How a job talks back: text as it comes, whether it was cancelled (polled
 /// once per decode step), and its result.
 pub(super) struct JobIo<'a> {
-    pub on_text: Box<dyn FnMut(usize, &str) + 'a>,
+    pub on_text: TextSink<'a>,
     pub cancelled: Box<dyn Fn() -> bool + 'a>,
     pub done: Box<dyn FnOnce(Result<Generation, ModelError>) + 'a>,
 }

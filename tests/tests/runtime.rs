@@ -386,17 +386,9 @@ async fn a_worker_runs_as_many_jobs_of_a_kind_as_its_concurrency_says() {
 
 /// `fleet_text_engine{stat=...}` from the shim's `/metrics`.
 async fn text_engine_metrics(api: &Api) -> std::collections::HashMap<String, u64> {
-    let text = api
-        .http
-        .get(format!("{}/metrics", api.base))
-        .bearer_auth(API_KEY)
-        .send()
+    api.metrics()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .filter_map(|l| l.strip_prefix("fleet_text_engine{stat=\""))
         .filter_map(|l| {
             let (stat, value) = l.split_once("\"} ")?;

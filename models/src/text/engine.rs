@@ -366,8 +366,8 @@ impl<'a> Scheduler<'a> {
         self.drop_cancelled_waiting();
         self.prefill_chunk();
         self.decode_step();
+        // Publishes the gauges (before any result goes out).
         self.finish_jobs();
-        self.publish();
     }
 
     fn drop_cancelled_waiting(&mut self) {

@@ -23,7 +23,7 @@ case "$MODE" in
   build)
     cargo fetch --quiet
     eval "$(bash ../shared/tools/cuda-build-env.sh)"
-    CARGO_TARGET_DIR=target/cuda cargo build --release -p benches --bin gpu_bench --features models/cuda
+    CARGO_TARGET_DIR=target/cuda cargo build --release -p benches --bin gpu_bench --no-default-features --features models/cuda
     mkdir -p target/gpu
     strip -o target/gpu/gpu_bench target/cuda/release/gpu_bench
     echo "target/gpu/gpu_bench: $(( $(stat -c %s target/gpu/gpu_bench) / 1000000 )) MB stripped"

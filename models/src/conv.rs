@@ -18,13 +18,20 @@ use rayon::prelude::*;
 /// Floats the patch buffer may hold (64 MB).
 const BAND_FLOATS: usize = 16 << 20;
 
+/// The weights, kept once: as plain f32 rows for the CPU path, as
+/// candle's conv2d elsewhere.
+enum Kernel {
+    /// `(cout, kt * cin * kh * kw)` weights and `(cout)` bias.
+    Cpu(Vec<f32>, Vec<f32>),
+    /// `(cout, kt * cin, kh, kw)`: frame-major input channels.
+    Candle(Conv2d),
+}
+
 /// A convolution with kernel `(kt, kh, kw)` over `(T, C, H, W)` frames:
 /// output frame `o` reads input frames `o * stride_t .. o * stride_t + kt`;
 /// spatial stride and symmetric zero padding as conv2d's.
 pub struct FrameConv {
-    /// `(cout, kt * cin, kh, kw)`: frame-major input channels.
-    conv: Conv2d,
-    cpu: Option<(Vec<f32>, Vec<f32>)>,
+    kernel: Kernel,
     cout: usize,
     cin: usize,
     kt: usize,
@@ -45,28 +52,28 @@ impl FrameConv {
         stride: usize,
         pad: usize,
     ) -> candle_core::Result<Self> {
+        crate::device::cpu_math_init();
         let (cout, cin, kt, kh, kw) = weight.dims5()?;
         let w = weight
             .permute((0, 2, 1, 3, 4))?
             .contiguous()?
             .reshape((cout, kt * cin, kh, kw))?;
-        let cpu = if w.device().is_cpu() && w.dtype() == DType::F32 {
+        let kernel = if w.device().is_cpu() && w.dtype() == DType::F32 {
             let b = match &bias {
                 Some(b) => b.to_vec1::<f32>()?,
                 None => vec![0.0; cout],
             };
-            Some((w.flatten_all()?.to_vec1::<f32>()?, b))
+            Kernel::Cpu(w.flatten_all()?.to_vec1::<f32>()?, b)
         } else {
-            None
-        };
-        let cfg = Conv2dConfig {
-            padding: pad,
-            stride,
-            ..Default::default()
+            let cfg = Conv2dConfig {
+                padding: pad,
+                stride,
+                ..Default::default()
+            };
+            Kernel::Candle(Conv2d::new(w, bias, cfg))
         };
         Ok(Self {
-            conv: Conv2d::new(w, bias, cfg),
-            cpu,
+            kernel,
             cout,
             cin,
             kt,
@@ -88,20 +95,33 @@ impl FrameConv {
             candle_core::bail!("conv: {t} frames for a kernel of {}", self.kt);
         }
         let t_out = (t - self.kt) / self.stride_t + 1;
-        match (&self.cpu, x.device(), x.dtype()) {
-            (Some((weight, bias)), Device::Cpu, DType::F32) => {
+        match (&self.kernel, x.device(), x.dtype()) {
+            (Kernel::Cpu(weight, bias), Device::Cpu, DType::F32) => {
                 let x = x.contiguous()?;
-                let data = x.flatten_all()?.to_vec1::<f32>()?;
+                // The input is read in place (no copy of it).
+                let (storage, layout) = x.storage_and_layout();
+                let data = match (&*storage, layout.contiguous_offsets()) {
+                    (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+                        &cpu.as_slice::<f32>()?[start..end]
+                    }
+                    _ => candle_core::bail!("conv: a contiguous CPU input"),
+                };
                 let (h_out, w_out) = (
                     (h + 2 * self.pad - self.kh) / self.stride + 1,
                     (w + 2 * self.pad - self.kw) / self.stride + 1,
                 );
-                let out = self.run_cpu(&data, (t, h, w), (t_out, h_out, w_out), weight, bias);
+                let out = self.run_cpu(data, (t, h, w), (t_out, h_out, w_out), weight, bias);
+                drop(storage);
                 Tensor::from_vec(out, (t_out, self.cout, h_out, w_out), &Device::Cpu)
             }
-            _ => {
+            (Kernel::Cpu(..), ..) => candle_core::bail!(
+                "conv: f32 CPU weights, a {:?} {:?} input",
+                x.dtype(),
+                x.device()
+            ),
+            (Kernel::Candle(conv), ..) => {
                 if self.kt == 1 && self.stride_t == 1 {
-                    return self.conv.forward(x);
+                    return conv.forward(x);
                 }
                 let parts = (0..self.kt)
                     .map(|i| {
@@ -110,7 +130,7 @@ impl FrameConv {
                         x.index_select(&Tensor::new(idx.as_slice(), x.device())?, 0)
                     })
                     .collect::<candle_core::Result<Vec<_>>>()?;
-                self.conv.forward(&Tensor::cat(&parts, 1)?)
+                conv.forward(&Tensor::cat(&parts, 1)?)
             }
         }
     }
@@ -127,6 +147,23 @@ impl FrameConv {
         let (stride, pad) = (self.stride, self.pad);
         let k = kt * c * kh * kw;
         let hw_out = h_out * w_out;
+        let threads = candle_core::utils::get_num_threads();
+        if kt == 1 && kh == 1 && kw == 1 && stride == 1 && pad == 0 {
+            // A pointwise convolution is the matrix product itself: the
+            // input frame is already `(cin, h·w)`.
+            let mut out = vec![0f32; t_out * self.cout * hw_out];
+            for (to, frame_out) in out.chunks_mut(self.cout * hw_out).enumerate() {
+                for (co, plane) in frame_out.chunks_mut(hw_out).enumerate() {
+                    plane.fill(bias[co]);
+                }
+                let frame = to * self.stride_t;
+                let input = &x[frame * c * hw_out..(frame + 1) * c * hw_out];
+                sgemm_acc(
+                    self.cout, hw_out, c, weight, input, frame_out, hw_out, threads,
+                );
+            }
+            return out;
+        }
         let rows_per_band = (BAND_FLOATS / (k * w_out).max(1)).clamp(1, h_out);
         // The patch buffer is kept per thread between calls: a fresh 64 MB
         // allocation per convolution costs page faults, not just time.
@@ -138,7 +175,6 @@ impl FrameConv {
             col.resize(k * rows_per_band * w_out, 0.0);
         }
         let mut out = vec![0f32; t_out * self.cout * hw_out];
-        let threads = candle_core::utils::get_num_threads();
         for to in 0..t_out {
             let frame_out = &mut out[to * self.cout * hw_out..(to + 1) * self.cout * hw_out];
             for (co, plane) in frame_out.chunks_mut(hw_out).enumerate() {
@@ -192,37 +228,108 @@ impl FrameConv {
                         }
                     });
                 // out[:, band] += weight (cout x k) · col (k x n)
-                // SAFETY: every pointer and stride describes memory inside
-                // `frame_out`, `weight` and `col` (m = cout rows of hw_out,
-                // n columns from the band's start, k inner).
-                unsafe {
-                    gemm::gemm(
-                        self.cout,
-                        n,
-                        k,
-                        frame_out.as_mut_ptr().add(oy0 * w_out),
-                        1,
-                        hw_out as isize,
-                        true,
-                        weight.as_ptr(),
-                        1,
-                        k as isize,
-                        col.as_ptr(),
-                        1,
-                        n as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::Rayon(threads),
-                    );
-                }
+                sgemm_acc(
+                    self.cout,
+                    n,
+                    k,
+                    weight,
+                    col.as_slice(),
+                    &mut frame_out[oy0 * w_out..],
+                    hw_out,
+                    threads,
+                );
                 oy0 += rows;
             }
         }
         COL.with(|c| *c.borrow_mut() = col);
         out
+    }
+}
+
+/// `c[i * ldc + j] += Σ_p a[i * k + p] · b[p * n + j]` for `i < m`, `j < n`:
+/// MKL's sgemm where the build links it (the default on x86-64), else the
+/// `gemm` crate on `threads` rayon threads.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_acc(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    threads: usize,
+) {
+    assert!(a.len() >= m * k && b.len() >= k * n);
+    assert!(m == 0 || c.len() >= (m - 1) * ldc + n);
+    #[cfg(feature = "mkl")]
+    {
+        let _ = threads;
+        const ROW_MAJOR: i32 = 101;
+        const NO_TRANS: i32 = 111;
+        unsafe extern "C" {
+            fn cblas_sgemm(
+                layout: i32,
+                trans_a: i32,
+                trans_b: i32,
+                m: i32,
+                n: i32,
+                k: i32,
+                alpha: f32,
+                a: *const f32,
+                lda: i32,
+                b: *const f32,
+                ldb: i32,
+                beta: f32,
+                c: *mut f32,
+                ldc: i32,
+            );
+        }
+        // SAFETY: the asserts above keep every row of a, b and c inside
+        // its slice; MKL is linked statically by candle's mkl feature.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                NO_TRANS,
+                NO_TRANS,
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                a.as_ptr(),
+                k.max(1) as i32,
+                b.as_ptr(),
+                n.max(1) as i32,
+                1.0,
+                c.as_mut_ptr(),
+                ldc.max(1) as i32,
+            );
+        }
+    }
+    #[cfg(not(feature = "mkl"))]
+    // SAFETY: as above, with the same shapes and strides.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            true,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(threads),
+        );
     }
 }
 
@@ -289,6 +396,7 @@ mod tests {
             (5, 3, 3, (3, 1, 1), 2, 1, 0, 6, 7),
             (2, 6, 4, (1, 3, 3), 1, 2, 0, 9, 9),
             (1, 8, 8, (1, 1, 1), 1, 1, 0, 5, 4),
+            (3, 6, 5, (1, 1, 1), 1, 1, 0, 7, 9),
             (2, 3, 5, (1, 3, 3), 1, 1, 1, 16, 3),
         ];
         for (i, (t, cin, cout, (kt, kh, kw), st, s, p, h, w)) in cases.into_iter().enumerate() {

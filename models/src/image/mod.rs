@@ -3,6 +3,7 @@
 //! the image encoders, and a random-weight checkpoint of the real
 //! architecture for the offline default.
 
+pub mod blocks;
 pub mod clip_text;
 pub mod clip_tokenizer;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod pipeline;
 pub mod random;
 pub mod scheduler;
 pub mod unet;
+pub mod vae;
 
 pub use pipeline::{Family, ImageRequest, RgbImage, StableDiffusion};
 

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
@@ -19,6 +18,7 @@ use super::config::{
 };
 use super::scheduler::{Kind, SchedulerSpec};
 use super::unet::UNet;
+use super::vae::VaeDecoder;
 use crate::ModelError;
 
 /// Which pipeline a checkpoint is for.
@@ -150,7 +150,7 @@ pub struct StableDiffusion {
     pub family: Family,
     encoders: Vec<Encoder>,
     unet: UNet,
-    vae: AutoEncoderKL,
+    vae: VaeDecoder,
     vae_config: VaeConfig,
     scheduler: SchedulerSpec,
     force_zeros_for_empty_prompt: bool,
@@ -163,6 +163,7 @@ impl StableDiffusion {
     /// Loads the checkpoint in `dir` (diffusers' layout); `dtype` F32 on
     /// CPU, F16/BF16 on a GPU.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, ModelError> {
+        crate::device::cpu_math_init();
         let index: ModelIndex = read_json(&dir.join("model_index.json"))?;
         let family = match index.class_name.as_str() {
             "StableDiffusionPipeline" => Family::StableDiffusion,
@@ -211,18 +212,9 @@ impl StableDiffusion {
         }
         // The VAE runs in f32 when the checkpoint asks for an upcast (SDXL's
         // VAE overflows in f16), as the pipelines do.
-        let vae = AutoEncoderKL::new(
+        let vae = VaeDecoder::new(
             weights(&dir.join("vae"), "diffusion_pytorch_model", dtype, device)?,
-            3,
-            3,
-            AutoEncoderKLConfig {
-                block_out_channels: vae_config.block_out_channels.clone(),
-                layers_per_block: vae_config.layers_per_block,
-                latent_channels: vae_config.latent_channels,
-                norm_num_groups: vae_config.norm_num_groups,
-                use_quant_conv: vae_config.use_quant_conv,
-                use_post_quant_conv: vae_config.use_post_quant_conv,
-            },
+            &vae_config,
         )?;
         let scheduler: SchedulerConfig =
             read_json(&dir.join("scheduler").join("scheduler_config.json"))?;
@@ -453,8 +445,10 @@ impl StableDiffusion {
         }
 
         // Decode, then (x / 2 + 0.5).clamp(0, 1) × 255, rounded.
+        let decode_start = std::time::Instant::now();
         let latents = (latents / self.vae_config.scaling_factor)?.to_dtype(self.dtype)?;
         let images = self.vae.decode(&latents)?.to_dtype(DType::F32)?;
+        tracing::debug!(seconds = decode_start.elapsed().as_secs_f64(), "vae decode");
         let images = ((images / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         let images = (images * 255.0)?.round()?.to_dtype(DType::U8)?;
         let (_, _, h, w) = images.dims4()?;

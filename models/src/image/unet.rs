@@ -1,28 +1,20 @@
 //! The conditional UNet, following diffusers' `unet_2d_condition.py`
-//! (`UNet2DConditionModel`) with candle-transformers' blocks (its
-//! `unet_2d_blocks`, the same structure as diffusers' `unet_2d_blocks.py`).
-//! The top level is ours because candle's lacks SDXL's added conditioning
+//! (`UNet2DConditionModel`) with our blocks ([`super::blocks`], diffusers'
+//! `unet_2d_blocks.py` with every convolution a [`crate::conv::FrameConv`]).
+//! The whole model is ours because candle's lacks SDXL's added conditioning
 //! (`addition_embed_type: "text_time"`: pooled text embedding and
-//! size/crop ids through `add_time_proj` and `add_embedding`) and takes its
-//! sizes from presets instead of `unet/config.json`.
+//! size/crop ids through `add_time_proj` and `add_embedding`), takes its
+//! sizes from presets instead of `unet/config.json`, and convolves through
+//! candle's CPU conv2d.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn as nn;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::*;
 
+use super::blocks::{conv2d, AttnCfg, DownBlock, GroupNorm, MidBlockCrossAttn, ResnetCfg, UpBlock};
 use super::config::UNetConfig;
+use crate::conv::FrameConv;
 use crate::ModelError;
-
-enum Down {
-    Basic(DownBlock2D),
-    CrossAttn(CrossAttnDownBlock2D),
-}
-
-enum Up {
-    Basic(UpBlock2D),
-    CrossAttn(CrossAttnUpBlock2D),
-}
 
 /// SDXL's extra conditioning.
 struct AddedCond {
@@ -31,15 +23,15 @@ struct AddedCond {
 }
 
 pub struct UNet {
-    conv_in: nn::Conv2d,
+    conv_in: FrameConv,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     added: Option<AddedCond>,
-    down_blocks: Vec<Down>,
-    mid_block: UNetMidBlock2DCrossAttn,
-    up_blocks: Vec<Up>,
-    conv_norm_out: nn::GroupNorm,
-    conv_out: nn::Conv2d,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlockCrossAttn,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: FrameConv,
     n_blocks: usize,
     pub config: UNetConfig,
 }
@@ -55,11 +47,7 @@ impl UNet {
         let per_block = c.layers_per_block();
         let ch0 = c.block_out_channels[0];
         let time_embed_dim = ch0 * 4;
-        let conv3 = nn::Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let conv_in = nn::conv2d(c.in_channels, ch0, 3, conv3, vs.pp("conv_in"))?;
+        let conv_in = conv2d(vs.pp("conv_in"), c.in_channels, ch0, 3, 1, 1)?;
         let time_proj = Timesteps::new(ch0, c.flip_sin_to_cos, c.freq_shift);
         let time_embedding = TimestepEmbedding::new(vs.pp("time_embedding"), ch0, time_embed_dim)?;
         let added = match c.addition_embed_type.as_deref() {
@@ -77,58 +65,45 @@ impl UNet {
             }
             _ => None,
         };
+        let resnet = ResnetCfg {
+            eps: c.norm_eps,
+            groups: c.norm_num_groups,
+            temb_channels: Some(time_embed_dim),
+            output_scale_factor: 1.0,
+        };
+        let attn = |i: usize| AttnCfg {
+            heads: heads[i],
+            cross_attention_dim: cross,
+            use_linear_projection: c.use_linear_projection,
+            layers: layers[i],
+        };
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut out = ch0;
         for i in 0..n {
             let input = out;
             out = c.block_out_channels[i];
-            let cfg = DownBlock2DConfig {
-                num_layers: per_block,
-                resnet_eps: c.norm_eps,
-                resnet_groups: c.norm_num_groups,
-                add_downsample: i + 1 < n,
-                downsample_padding: c.downsample_padding,
-                ..Default::default()
-            };
-            let vb = vs.pp("down_blocks").pp(i);
-            down_blocks.push(if c.down_block_types[i] == "CrossAttnDownBlock2D" {
-                Down::CrossAttn(CrossAttnDownBlock2D::new(
-                    vb,
-                    input,
-                    out,
-                    Some(time_embed_dim),
-                    false,
-                    CrossAttnDownBlock2DConfig {
-                        downblock: cfg,
-                        attn_num_head_channels: heads[i],
-                        cross_attention_dim: cross,
-                        sliced_attention_size: None,
-                        use_linear_projection: c.use_linear_projection,
-                        transformer_layers_per_block: layers[i],
-                    },
-                )?)
-            } else {
-                Down::Basic(DownBlock2D::new(vb, input, out, Some(time_embed_dim), cfg)?)
-            });
+            let cross_attn = c.down_block_types[i] == "CrossAttnDownBlock2D";
+            down_blocks.push(DownBlock::new(
+                vs.pp("down_blocks").pp(i),
+                input,
+                out,
+                per_block,
+                resnet,
+                cross_attn.then(|| attn(i)),
+                (i + 1 < n).then_some(c.downsample_padding),
+            )?);
         }
 
         let last = c.block_out_channels[n - 1];
-        let mid_block = UNetMidBlock2DCrossAttn::new(
+        let mid_block = MidBlockCrossAttn::new(
             vs.pp("mid_block"),
             last,
-            Some(time_embed_dim),
-            false,
-            UNetMidBlock2DCrossAttnConfig {
-                resnet_eps: c.norm_eps,
+            ResnetCfg {
                 output_scale_factor: c.mid_block_scale_factor,
-                cross_attn_dim: cross,
-                attn_num_head_channels: heads[n - 1],
-                resnet_groups: Some(c.norm_num_groups),
-                use_linear_projection: c.use_linear_projection,
-                transformer_layers_per_block: layers[n - 1],
-                ..Default::default()
+                ..resnet
             },
+            attn(n - 1),
         )?;
 
         let mut up_blocks = Vec::with_capacity(n);
@@ -138,47 +113,22 @@ impl UNet {
             let prev = out;
             out = rev[i];
             let input = rev[(i + 1).min(n - 1)];
-            let block = n - 1 - i;
-            let cfg = UpBlock2DConfig {
-                num_layers: per_block + 1,
-                resnet_eps: c.norm_eps,
-                resnet_groups: c.norm_num_groups,
-                add_upsample: i + 1 < n,
-                ..Default::default()
-            };
-            let vb = vs.pp("up_blocks").pp(i);
-            up_blocks.push(if c.up_block_types[i] == "CrossAttnUpBlock2D" {
-                Up::CrossAttn(CrossAttnUpBlock2D::new(
-                    vb,
-                    input,
-                    prev,
-                    out,
-                    Some(time_embed_dim),
-                    false,
-                    CrossAttnUpBlock2DConfig {
-                        upblock: cfg,
-                        attn_num_head_channels: heads[block],
-                        cross_attention_dim: cross,
-                        sliced_attention_size: None,
-                        use_linear_projection: c.use_linear_projection,
-                        transformer_layers_per_block: layers[block],
-                    },
-                )?)
-            } else {
-                Up::Basic(UpBlock2D::new(
-                    vb,
-                    input,
-                    prev,
-                    out,
-                    Some(time_embed_dim),
-                    cfg,
-                )?)
-            });
+            let cross_attn = c.up_block_types[i] == "CrossAttnUpBlock2D";
+            up_blocks.push(UpBlock::new(
+                vs.pp("up_blocks").pp(i),
+                input,
+                prev,
+                out,
+                per_block + 1,
+                resnet,
+                cross_attn.then(|| attn(n - 1 - i)),
+                i + 1 < n,
+            )?);
         }
 
         let conv_norm_out =
-            nn::group_norm(c.norm_num_groups, ch0, c.norm_eps, vs.pp("conv_norm_out"))?;
-        let conv_out = nn::conv2d(ch0, c.out_channels, 3, conv3, vs.pp("conv_out"))?;
+            GroupNorm::new(c.norm_num_groups, ch0, c.norm_eps, vs.pp("conv_norm_out"))?;
+        let conv_out = conv2d(vs.pp("conv_out"), ch0, c.out_channels, 3, 1, 1)?;
         Ok(Self {
             conv_in,
             time_proj,
@@ -240,42 +190,33 @@ impl UNet {
         let mut res = vec![xs.clone()];
         let mut xs = xs;
         for block in &self.down_blocks {
-            let (next, r) = match block {
-                Down::Basic(b) => b.forward(&xs, Some(&emb))?,
-                Down::CrossAttn(b) => b.forward(&xs, Some(&emb), Some(encoder_hidden_states))?,
-            };
+            let (next, r) = block.forward(&xs, Some(&emb), Some(encoder_hidden_states))?;
             res.extend(r);
             xs = next;
         }
         // 4. mid
         let mut xs = self
             .mid_block
-            .forward(&xs, Some(&emb), Some(encoder_hidden_states))?;
+            .forward(&xs, Some(&emb), encoder_hidden_states)?;
         // 5. up
         let mut upsample_size = None;
         for (i, block) in self.up_blocks.iter().enumerate() {
-            let n_res = match block {
-                Up::Basic(b) => b.resnets.len(),
-                Up::CrossAttn(b) => b.upblock.resnets.len(),
-            };
+            let n_res = block.resnets.len();
             let r = res.split_off(res.len() - n_res);
             if i + 1 < self.n_blocks && forward_upsample_size {
                 let (_, _, h, w) = res.last().expect("a skip connection").dims4()?;
                 upsample_size = Some((h, w));
             }
-            xs = match block {
-                Up::Basic(b) => b.forward(&xs, &r, Some(&emb), upsample_size)?,
-                Up::CrossAttn(b) => b.forward(
-                    &xs,
-                    &r,
-                    Some(&emb),
-                    upsample_size,
-                    Some(encoder_hidden_states),
-                )?,
-            };
+            xs = block.forward(
+                &xs,
+                &r,
+                Some(&emb),
+                upsample_size,
+                Some(encoder_hidden_states),
+            )?;
         }
         // 6. post-process
-        let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward(&xs, true)?;
         self.conv_out.forward(&xs)
     }
 }

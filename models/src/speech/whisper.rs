@@ -403,6 +403,7 @@ pub struct Whisper {
 
 impl Whisper {
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        crate::device::cpu_math_init();
         let raw = super::ct2::read_json(&dir.join("config.json"))?;
         let config: w::Config = serde_json::from_value(raw.clone())
             .map_err(|e| ModelError::Format(format!("{}/config.json: {e}", dir.display())))?;

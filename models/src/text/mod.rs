@@ -176,6 +176,7 @@ impl Default for LoadOptions {
 
 impl GgufChatModel {
     pub fn load(path: &Path, device: &Device, options: LoadOptions) -> Result<Self, ModelError> {
+        crate::device::cpu_math_init();
         let mut file = std::fs::File::open(path)
             .map_err(|e| ModelError::Io(format!("opening {}: {e}", path.display())))?;
         let ct = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {

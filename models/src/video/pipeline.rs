@@ -98,6 +98,7 @@ impl Wan {
     /// Loads every part of the checkpoint in `dir` (the VAE's encoder too
     /// when the checkpoint does image-to-video).
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self, ModelError> {
+        crate::device::cpu_math_init();
         let index: WanIndex = read_json(&dir.join("model_index.json"))?;
         index.check()?;
         let scheduler: FlowSchedulerConfig =

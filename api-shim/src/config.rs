@@ -75,6 +75,10 @@ pub struct ShimConfig {
     /// Parked callbacks kept in the dead-letter list (the oldest are dropped).
     #[arg(long, env = "CALLBACK_DEAD_LETTER_MAX", default_value_t = 1000)]
     pub callback_dead_letter_max: usize,
+    /// Serve the no-op `echo` kind on `/v2/echo/…` (pipeline overhead
+    /// benchmarks: `benches/pipeline_overhead.sh`); off by default.
+    #[arg(long, env = "ECHO_KIND", default_value_t = false)]
+    pub echo_kind: bool,
     /// Seconds a SIGTERM waits for open requests and streams before the shim exits.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_S", default_value_t = 10)]
     pub shutdown_timeout_s: u64,

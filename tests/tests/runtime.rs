@@ -252,6 +252,40 @@ async fn a_worker_takes_only_its_kinds() {
     );
 }
 
+/// The no-op `echo` kind (pipeline overhead): a shim without `ECHO_KIND`
+/// has no such endpoint and queues nothing; with it, a worker with the
+/// default kinds leaves the job alone and one whose `WORKER_KINDS` names
+/// `echo` returns the payload through the whole pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_echo_kind_runs_only_where_it_is_turned_on() {
+    let _serial = one_at_a_time().await;
+    let redis = Redis::start();
+    let off = Shim::start(&redis, &[]).await;
+    let body = json!({"input": {"payload": 1}}).to_string();
+    let (code, err) = Api::new(&off)
+        .post("/v2/echo/run", Some(API_KEY), body)
+        .await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "{err}");
+    let queued: Vec<String> = redis.conn().await.keys("cw:job:*").await.unwrap();
+    assert!(queued.is_empty(), "{queued:?}");
+
+    let shim = Shim::start(&redis, &[("ECHO_KIND", "true")]).await;
+    let api = Api::new(&shim);
+    let _default = start_worker(&redis, &[]);
+    wait_workers(&api, 1).await;
+    let payload = json!({"n": [1, "two", null], "s": "é"});
+    let echo = submit(&api, "/v2/echo/run", json!({"input": {"payload": payload}})).await;
+    // The default worker runs a memory job submitted after it, and still
+    // has not taken the echo job.
+    let memory = submit(&api, "/v2/memory/run", seed_file("memory_condense.json")).await;
+    assert_eq!(api.wait_terminal(&memory).await["status"], "COMPLETED");
+    assert_eq!(api.status(&echo).await["status"], "IN_QUEUE");
+    let _echo_worker = start_worker(&redis, &[("WORKER_KINDS", "echo")]);
+    let done = api.wait_terminal(&echo).await;
+    assert_eq!(done["status"], "COMPLETED", "{done}");
+    assert_eq!(done["output"]["payload"], payload, "{done}");
+}
+
 /// SIGTERM on a busy worker with `DRAIN_TIMEOUT_S=1`: at the deadline the
 /// job is handed back, another worker starts it within a second of the
 /// first one's exit, and no attempt is spent.

@@ -619,7 +619,8 @@ impl WorkerConfig {
                     pipeline::JobKind::names()
                 )
             })?;
-            if !served.contains(&kind) {
+            // `echo` needs no model: it is served whenever it is named.
+            if !served.contains(&kind) && kind != pipeline::JobKind::Echo {
                 anyhow::bail!("WORKER_KINDS: this worker's models cannot serve {k:?}");
             }
             if !kinds.contains(&kind) {

@@ -30,12 +30,15 @@ use crate::startup::AppState;
 const EVENTS: [&str; 4] = ["start", "output", "logs", "completed"];
 
 fn kind(name: &str) -> Result<JobKind, ApiError> {
-    JobKind::parse(name).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no model {name:?}; models: {}", JobKind::names()),
-        )
-    })
+    // The no-op `echo` kind is RunPod-route only (`ECHO_KIND`).
+    JobKind::parse(name)
+        .filter(|k| *k != JobKind::Echo)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no model {name:?}; models: {}", JobKind::names()),
+            )
+        })
 }
 
 fn invalid(field: &str, rule: &str) -> ApiError {

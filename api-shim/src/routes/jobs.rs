@@ -18,16 +18,18 @@ use crate::error::ApiError;
 use crate::startup::AppState;
 
 /// The job kind a route serves: `/v2/{endpoint_id}/...` names it, the bare
-/// routes serve chat.
-fn kind_of(params: &HashMap<String, String>) -> Result<JobKind, ApiError> {
+/// routes serve chat; `echo` only where `ECHO_KIND` turns it on.
+fn kind_of(state: &AppState, params: &HashMap<String, String>) -> Result<JobKind, ApiError> {
     match params.get("endpoint_id") {
         None => Ok(JobKind::Chat),
-        Some(e) => JobKind::parse(e).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no endpoint {e:?}; endpoints: {}", JobKind::names()),
-            )
-        }),
+        Some(e) => JobKind::parse(e)
+            .filter(|k| *k != JobKind::Echo || state.cfg.echo_kind)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("no endpoint {e:?}; endpoints: {}", JobKind::names()),
+                )
+            }),
     }
 }
 
@@ -104,7 +106,7 @@ pub async fn owned_job(
     raw: &RawPathParams,
 ) -> Result<JobRecord, ApiError> {
     let params = path_params(raw);
-    kind_of(&params)?;
+    kind_of(state, &params)?;
     let id = params.get("id").cloned().unwrap_or_default();
     owned(state, caller, &id).await
 }
@@ -156,7 +158,7 @@ async fn submit(
     params: &HashMap<String, String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<JobRecord, ApiError> {
-    let kind = kind_of(params)?;
+    let kind = kind_of(state, params)?;
     let body = body_or_error(body)?;
     let req = RunRequest::parse(kind, &body)?;
     check_webhook(state, &req)?;
@@ -353,7 +355,7 @@ pub async fn purge_queue(
     raw: RawPathParams,
 ) -> Result<Json<Value>, ApiError> {
     let params = path_params(&raw);
-    let kind = kind_of(&params)?;
+    let kind = kind_of(&state, &params)?;
     let removed = state.queue.purge_queue(kind, &caller.owner).await?;
     Ok(Json(json!({"removed": removed, "status": "completed"})))
 }

@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod chat_stream;
+pub mod echo;
 pub mod image;
 pub mod memory;
 pub mod video;
@@ -18,6 +19,7 @@ use serde_json::Value;
 use crate::InputError;
 use chat::ChatRespondJob;
 use chat_stream::ChatStreamJob;
+use echo::EchoJob;
 use image::ImageJob;
 use memory::MemoryCondenseJob;
 use video::VideoJob;
@@ -45,6 +47,9 @@ pub enum JobKind {
     ChatStream,
     Image,
     Video,
+    /// The no-op kind (`jobs::echo`): not in [`JobKind::ALL`], served only
+    /// where it is turned on.
+    Echo,
 }
 
 impl JobKind {
@@ -63,11 +68,17 @@ impl JobKind {
             JobKind::ChatStream => "chat_stream",
             JobKind::Image => "image",
             JobKind::Video => "video",
+            JobKind::Echo => "echo",
         }
     }
 
+    /// A kind by its wire name, `echo` included (workers and queue records
+    /// know it; the shim serves it only with `ECHO_KIND=true`).
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s)
+        Self::ALL
+            .into_iter()
+            .chain([JobKind::Echo])
+            .find(|k| k.as_str() == s)
     }
 
     /// The kind's input schema.
@@ -78,6 +89,7 @@ impl JobKind {
             JobKind::ChatStream => ChatStreamJob::input_schema(),
             JobKind::Image => ImageJob::input_schema(),
             JobKind::Video => VideoJob::input_schema(),
+            JobKind::Echo => EchoJob::input_schema(),
         }
     }
 
@@ -100,6 +112,7 @@ pub enum Job {
     ChatStream(Box<ChatStreamJob>),
     Image(Box<ImageJob>),
     Video(Box<VideoJob>),
+    Echo(EchoJob),
 }
 
 impl Job {
@@ -111,6 +124,7 @@ impl Job {
             JobKind::ChatStream => Job::ChatStream(Box::new(ChatStreamJob::parse(input)?)),
             JobKind::Image => Job::Image(Box::new(ImageJob::parse(input)?)),
             JobKind::Video => Job::Video(Box::new(VideoJob::parse(input)?)),
+            JobKind::Echo => Job::Echo(EchoJob::parse(input)?),
         })
     }
 
@@ -121,6 +135,7 @@ impl Job {
             Job::ChatStream(_) => JobKind::ChatStream,
             Job::Image(_) => JobKind::Image,
             Job::Video(_) => JobKind::Video,
+            Job::Echo(_) => JobKind::Echo,
         }
     }
 }

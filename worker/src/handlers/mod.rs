@@ -8,6 +8,7 @@
 
 mod chat;
 mod chat_stream;
+mod echo;
 mod image;
 mod memory;
 mod video;
@@ -112,7 +113,8 @@ pub trait Handler {
 }
 
 /// The kinds this worker's models can serve: the text kinds always, image
-/// and video when their models are configured.
+/// and video when their models are configured (never `echo`, which
+/// `WORKER_KINDS` must name).
 pub fn served_kinds(image: bool, video: bool) -> Vec<JobKind> {
     JobKind::ALL
         .into_iter()
@@ -129,6 +131,7 @@ pub async fn run(job: Job, ctx: RunCtx) -> (Outcome, Usage) {
         Job::ChatStream(job) => finish::<chat_stream::ChatStreamHandler>(*job, ctx).await,
         Job::Image(job) => finish::<image::ImageHandler>(*job, ctx).await,
         Job::Video(job) => finish::<video::VideoHandler>(*job, ctx).await,
+        Job::Echo(job) => finish::<echo::EchoHandler>(job, ctx).await,
     }
 }
 

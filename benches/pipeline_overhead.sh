@@ -4,7 +4,7 @@
 # p50/p99 latency and jobs/s at 1 and 64 clients, against Celery and RQ
 # (PyPI) doing the same no-op on the same redis-server in the same run.
 #
-#   benches/pipeline_overhead.sh [WORKERS] [SECONDS]
+#   [PROFILE=release|dev] benches/pipeline_overhead.sh [WORKERS] [SECONDS]
 #
 # WORKERS (default 2): worker processes, each with 32 echo slots; Celery
 # runs as many prefork processes and RQ as many workers.
@@ -15,9 +15,14 @@ SECONDS_PER_RUN=${2:-10}
 PEER="$HOME/.cache/companion-worker/peer-venv"
 "$PEER/bin/python" -c "import celery, redis, rq" 2>/dev/null \
   || "$PEER/bin/pip" install -q "celery[redis]==5.5.3" "rq==2.6.1"
-# The tests' profile (dependencies at opt-level 3): one build.
-cargo build -q --workspace --bins
-./target/debug/worker fetch-models >/dev/null 2>&1
+# PROFILE=release (default) or dev (the tests' build, our crates at opt-level 0).
+PROFILE=${PROFILE:-release}
+if [ "$PROFILE" = release ]; then
+  cargo build -q --release --workspace --bins; BIN=target/release
+else
+  cargo build -q --workspace --bins; BIN=target/debug
+fi
+"./$BIN/worker" fetch-models >/dev/null 2>&1
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 RP=$(free_port); SP=$(free_port)
@@ -32,20 +37,20 @@ export REDIS_URL LOG=warn
 SHIM_BIND="127.0.0.1:$SP" SHIM_API_KEYS="default:$KEY" \
   WEBHOOK_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw" ECHO_KIND=true \
   OUTBOUND_ALLOW="127.0.0.0/8" RATE_LIMIT_PER_S=0 \
-  ./target/debug/api-shim >/dev/null 2>&1 & pids+=($!)
+  "./$BIN/api-shim" >/dev/null 2>&1 & pids+=($!)
 for i in $(seq "$WORKERS"); do
   WORKER_KINDS=echo WORKER_CONCURRENCY=echo=32 WORKER_NAME="echo-$i" \
-    ./target/debug/worker >/dev/null 2>&1 & pids+=($!)
+    "./$BIN/worker" >/dev/null 2>&1 & pids+=($!)
 done
 BASE="http://127.0.0.1:$SP"
 live() { curl -s "$BASE/health" | python3 -c 'import json,sys; w=json.load(sys.stdin)["workers"]; print(w["idle"]+w["running"])' 2>/dev/null || echo 0; }
 until [ "$(live)" -ge "$WORKERS" ]; do sleep 0.1; done
 
-echo "workers: $WORKERS ours (32 echo slots each) / $WORKERS Celery prefork / $WORKERS RQ; ${SECONDS_PER_RUN} s per run; dev profile"
+echo "workers: $WORKERS ours (32 echo slots each) / $WORKERS Celery prefork / $WORKERS RQ; ${SECONDS_PER_RUN} s per run; $PROFILE build; everything on this machine's $(nproc) cores"
 echo "| system | clients | jobs/s | p50 ms | p99 ms | callbacks |"
 echo "|---|---|---|---|---|---|"
 for c in 1 64; do
-  ./target/debug/overhead_load "$BASE" "$KEY" "$c" "$SECONDS_PER_RUN" 2>/dev/null
+  "./$BIN/overhead_load" "$BASE" "$KEY" "$c" "$SECONDS_PER_RUN" 2>/dev/null
 done
 kill "${pids[@]:1}" 2>/dev/null || true
 redis-cli -p "$RP" flushall >/dev/null

@@ -148,14 +148,15 @@ impl FrameConv {
         let k = kt * c * kh * kw;
         let hw_out = h_out * w_out;
         let threads = candle_core::utils::get_num_threads();
+        // The products accumulate onto the bias.
+        let mut out = vec![0f32; t_out * self.cout * hw_out];
+        for (i, plane) in out.chunks_mut(hw_out).enumerate() {
+            plane.fill(bias[i % self.cout]);
+        }
         if kt == 1 && kh == 1 && kw == 1 && stride == 1 && pad == 0 {
             // A pointwise convolution is the matrix product itself: the
             // input frame is already `(cin, h·w)`.
-            let mut out = vec![0f32; t_out * self.cout * hw_out];
             for (to, frame_out) in out.chunks_mut(self.cout * hw_out).enumerate() {
-                for (co, plane) in frame_out.chunks_mut(hw_out).enumerate() {
-                    plane.fill(bias[co]);
-                }
                 let frame = to * self.stride_t;
                 let input = &x[frame * c * hw_out..(frame + 1) * c * hw_out];
                 sgemm_acc(
@@ -174,12 +175,8 @@ impl FrameConv {
         if col.len() < k * rows_per_band * w_out {
             col.resize(k * rows_per_band * w_out, 0.0);
         }
-        let mut out = vec![0f32; t_out * self.cout * hw_out];
         for to in 0..t_out {
             let frame_out = &mut out[to * self.cout * hw_out..(to + 1) * self.cout * hw_out];
-            for (co, plane) in frame_out.chunks_mut(hw_out).enumerate() {
-                plane.fill(bias[co]);
-            }
             let mut oy0 = 0;
             while oy0 < h_out {
                 let rows = rows_per_band.min(h_out - oy0);
@@ -250,7 +247,7 @@ impl FrameConv {
 /// MKL's sgemm where the build links it (the default on x86-64), else the
 /// `gemm` crate on `threads` rayon threads.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn sgemm_acc(
+fn sgemm_acc(
     m: usize,
     n: usize,
     k: usize,

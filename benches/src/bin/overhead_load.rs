@@ -83,11 +83,11 @@ async fn main() -> anyhow::Result<()> {
     while callbacks.load(Ordering::Relaxed) < want && Instant::now() < wait {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
     if lat.is_empty() {
         bail!("no job finished in {seconds} s");
     }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
     let summary = json!({
         "clients": clients,
         "jobs": lat.len(),

@@ -36,20 +36,21 @@ pub(crate) fn conv2d(
     FrameConv::new(&w, Some(b), 1, stride, pad)
 }
 
-/// `nn.GroupNorm` (affine), optionally followed by SiLU. On the CPU in f32
-/// it is one pass for the statistics and one for normalise + affine (+
-/// SiLU) per (image, group), the groups in parallel; candle's group norm
-/// and silu make about ten passes over the tensor, which at the VAE's
-/// full-resolution layers costs more than the convolutions around them.
-/// Elsewhere it is candle's `GroupNorm` (+ `silu`).
-pub(crate) struct GroupNorm {
+/// `nn.GroupNorm` (affine) followed by SiLU, as every use here has it. On
+/// the CPU in f32 it is one pass for the statistics and one that
+/// normalises, scales, shifts and applies SiLU, per (image, group), the
+/// groups in parallel; candle's group norm and silu make about ten passes
+/// over the tensor, which at the VAE's full-resolution layers costs more
+/// than the convolutions around them.
+/// Elsewhere it is candle's `GroupNorm` and `silu`.
+pub(crate) struct GroupNormSilu {
     norm: nn::GroupNorm,
     cpu: Option<(Vec<f32>, Vec<f32>)>,
     groups: usize,
     eps: f64,
 }
 
-impl GroupNorm {
+impl GroupNormSilu {
     pub(crate) fn new(groups: usize, ch: usize, eps: f64, vb: VarBuilder) -> R<Self> {
         let norm = nn::group_norm(groups, ch, eps, vb.clone())?;
         let weight = vb.get(ch, "weight")?;
@@ -69,11 +70,10 @@ impl GroupNorm {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, silu: bool) -> R<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> R<Tensor> {
         let (Some((weight, bias)), Device::Cpu, DType::F32) = (&self.cpu, x.device(), x.dtype())
         else {
-            let y = self.norm.forward(x)?;
-            return if silu { nn::ops::silu(&y) } else { Ok(y) };
+            return nn::ops::silu(&self.norm.forward(x)?);
         };
         let dims = x.dims().to_vec();
         let c = dims[1];
@@ -101,15 +101,9 @@ impl GroupNorm {
                     let ch = g * cg + k;
                     let scale = (weight[ch] as f64 * rstd) as f32;
                     let shift = (bias[ch] as f64 - mean * weight[ch] as f64 * rstd) as f32;
-                    if silu {
-                        for v in plane.iter_mut() {
-                            let y = *v * scale + shift;
-                            *v = y / (1.0 + (-y).exp());
-                        }
-                    } else {
-                        for v in plane.iter_mut() {
-                            *v = *v * scale + shift;
-                        }
+                    for v in plane.iter_mut() {
+                        let y = *v * scale + shift;
+                        *v = y / (1.0 + (-y).exp());
                     }
                 }
             });
@@ -120,10 +114,10 @@ impl GroupNorm {
 /// `ResnetBlock2D` with `time_embedding_norm="default"` and the default
 /// shortcut rule (a 1x1 conv when the channel count changes).
 pub(crate) struct ResnetBlock2D {
-    norm1: GroupNorm,
+    norm1: GroupNormSilu,
     conv1: FrameConv,
     time_emb_proj: Option<nn::Linear>,
-    norm2: GroupNorm,
+    norm2: GroupNormSilu,
     conv2: FrameConv,
     conv_shortcut: Option<FrameConv>,
     output_scale_factor: f64,
@@ -141,13 +135,13 @@ pub(crate) struct ResnetCfg {
 impl ResnetBlock2D {
     pub(crate) fn new(vb: VarBuilder, cin: usize, cout: usize, c: ResnetCfg) -> R<Self> {
         Ok(Self {
-            norm1: GroupNorm::new(c.groups, cin, c.eps, vb.pp("norm1"))?,
+            norm1: GroupNormSilu::new(c.groups, cin, c.eps, vb.pp("norm1"))?,
             conv1: conv2d(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
             time_emb_proj: match c.temb_channels {
                 Some(t) => Some(nn::linear(t, cout, vb.pp("time_emb_proj"))?),
                 None => None,
             },
-            norm2: GroupNorm::new(c.groups, cout, c.eps, vb.pp("norm2"))?,
+            norm2: GroupNormSilu::new(c.groups, cout, c.eps, vb.pp("norm2"))?,
             conv2: conv2d(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
             conv_shortcut: if cin != cout {
                 Some(conv2d(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
@@ -159,12 +153,12 @@ impl ResnetBlock2D {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> R<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x, true)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward(x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&nn::ops::silu(temb)?)?;
             h = h.broadcast_add(&t.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h, true)?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

@@ -11,7 +11,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn as nn;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
-use super::blocks::{conv2d, AttnCfg, DownBlock, GroupNorm, MidBlockCrossAttn, ResnetCfg, UpBlock};
+use super::blocks::{
+    conv2d, AttnCfg, DownBlock, GroupNormSilu, MidBlockCrossAttn, ResnetCfg, UpBlock,
+};
 use super::config::UNetConfig;
 use crate::conv::FrameConv;
 use crate::ModelError;
@@ -30,7 +32,7 @@ pub struct UNet {
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlockCrossAttn,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: GroupNorm,
+    conv_norm_out: GroupNormSilu,
     conv_out: FrameConv,
     n_blocks: usize,
     pub config: UNetConfig,
@@ -127,7 +129,7 @@ impl UNet {
         }
 
         let conv_norm_out =
-            GroupNorm::new(c.norm_num_groups, ch0, c.norm_eps, vs.pp("conv_norm_out"))?;
+            GroupNormSilu::new(c.norm_num_groups, ch0, c.norm_eps, vs.pp("conv_norm_out"))?;
         let conv_out = conv2d(vs.pp("conv_out"), ch0, c.out_channels, 3, 1, 1)?;
         Ok(Self {
             conv_in,
@@ -216,7 +218,7 @@ impl UNet {
             )?;
         }
         // 6. post-process
-        let xs = self.conv_norm_out.forward(&xs, true)?;
+        let xs = self.conv_norm_out.forward(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

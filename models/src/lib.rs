@@ -9,6 +9,8 @@
 //!
 //! This crate never touches Redis or the job contract.
 
+pub(crate) mod blas;
+pub mod attention;
 pub mod conv;
 pub mod device;
 pub mod image;

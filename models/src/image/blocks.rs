@@ -8,17 +8,13 @@
 //! Every convolution is a [`FrameConv`] (the batch as frames): on the CPU in
 //! f32 one band-wise im2col + matrix product (MKL's where linked), 2–4×
 //! candle's conv2d at these shapes; elsewhere candle's conv2d with the same
-//! weights. The attention modules are candle-transformers' (its
-//! `SpatialTransformer` is diffusers' `Transformer2DModel`, its
-//! `AttentionBlock` the VAE's one-head `Attention` with group norm).
+//! weights. The attention modules are in [`super::attention`].
 
 use candle_core::{DType, Device, Module, Result as R, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
-use candle_transformers::models::stable_diffusion::attention::{
-    AttentionBlock, AttentionBlockConfig, SpatialTransformer, SpatialTransformerConfig,
-};
 use rayon::prelude::*;
 
+use super::attention::{Transformer2D, VaeAttention};
 use crate::conv::FrameConv;
 
 /// A square-kernel `nn.Conv2d` of the checkpoint (with bias) as a
@@ -228,15 +224,16 @@ pub(crate) struct AttnCfg {
     pub layers: usize,
 }
 
-fn transformer(vb: VarBuilder, ch: usize, groups: usize, a: AttnCfg) -> R<SpatialTransformer> {
-    let cfg = SpatialTransformerConfig {
-        depth: a.layers,
-        num_groups: groups,
-        context_dim: Some(a.cross_attention_dim),
-        sliced_attention_size: None,
-        use_linear_projection: a.use_linear_projection,
-    };
-    SpatialTransformer::new(vb, ch, a.heads, ch / a.heads, false, cfg)
+fn transformer(vb: VarBuilder, ch: usize, groups: usize, a: AttnCfg) -> R<Transformer2D> {
+    Transformer2D::new(
+        vb,
+        ch,
+        a.heads,
+        groups,
+        a.cross_attention_dim,
+        a.layers,
+        a.use_linear_projection,
+    )
 }
 
 /// `layers` resnets, the first from `cin` channels, the rest `cout` → `cout`.
@@ -262,7 +259,7 @@ fn transformers(
     layers: usize,
     groups: usize,
     attn: Option<AttnCfg>,
-) -> R<Vec<SpatialTransformer>> {
+) -> R<Vec<Transformer2D>> {
     match attn {
         Some(a) => (0..layers)
             .map(|i| transformer(vb.pp(format!("attentions.{i}")), ch, groups, a))
@@ -274,7 +271,7 @@ fn transformers(
 /// `DownBlock2D` and `CrossAttnDownBlock2D` (with `attentions`).
 pub(crate) struct DownBlock {
     resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<SpatialTransformer>,
+    attentions: Vec<Transformer2D>,
     downsampler: Option<Downsample2D>,
 }
 
@@ -329,7 +326,7 @@ impl DownBlock {
 /// `UpBlock2D` and `CrossAttnUpBlock2D` (with `attentions`).
 pub(crate) struct UpBlock {
     pub(crate) resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<SpatialTransformer>,
+    attentions: Vec<Transformer2D>,
     upsampler: Option<Upsample2D>,
 }
 
@@ -396,7 +393,7 @@ impl UpBlock {
 /// transformer + resnet.
 pub(crate) struct MidBlockCrossAttn {
     first: ResnetBlock2D,
-    rest: Vec<(SpatialTransformer, ResnetBlock2D)>,
+    rest: Vec<(Transformer2D, ResnetBlock2D)>,
 }
 
 impl MidBlockCrossAttn {
@@ -423,20 +420,20 @@ impl MidBlockCrossAttn {
 /// (when the checkpoint has it) + resnet.
 pub(crate) struct MidBlock2D {
     first: ResnetBlock2D,
-    attention: Option<AttentionBlock>,
+    attention: Option<VaeAttention>,
     second: ResnetBlock2D,
 }
 
 impl MidBlock2D {
     pub(crate) fn new(vb: VarBuilder, ch: usize, r: ResnetCfg, attention: bool) -> R<Self> {
         let attention = if attention {
-            let cfg = AttentionBlockConfig {
-                num_head_channels: None,
-                num_groups: r.groups,
-                rescale_output_factor: r.output_scale_factor,
-                eps: r.eps,
-            };
-            Some(AttentionBlock::new(vb.pp("attentions.0"), ch, cfg)?)
+            Some(VaeAttention::new(
+                vb.pp("attentions.0"),
+                ch,
+                r.groups,
+                r.eps,
+                r.output_scale_factor,
+            )?)
         } else {
             None
         };

@@ -3,6 +3,7 @@
 //! the image encoders, and a random-weight checkpoint of the real
 //! architecture for the offline default.
 
+pub mod attention;
 pub mod blocks;
 pub mod clip_text;
 pub mod clip_tokenizer;

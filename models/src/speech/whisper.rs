@@ -168,12 +168,14 @@ impl Attention {
         let q = self.split_heads(&self.q.forward(x)?)?;
         let head_dim = q.dim(D::Minus1)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(v)?.transpose(1, 2)?.flatten_from(2)?;
+        let out = match mask {
+            None => crate::attention::sdpa(&q, k, v, scale)?,
+            Some(mask) => {
+                let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+                candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)?
+            }
+        };
+        let out = out.transpose(1, 2)?.flatten_from(2)?;
         self.o.forward(&out)
     }
 }

@@ -119,10 +119,7 @@ impl Attention {
             k = candle_nn::rotary_emb::rope_i(&k, cos, sin)?;
         }
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
+        let out = crate::attention::sdpa(&q, &k, &v, scale)?
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?;
         self.to_out.forward(&out)

@@ -221,9 +221,9 @@ impl AttentionBlock {
         let q = qkv.narrow(2, 0, c)?.contiguous()?;
         let k = qkv.narrow(2, c, c)?.contiguous()?;
         let v = qkv.narrow(2, 2 * c, c)?.contiguous()?;
-        let scores = (q.matmul(&k.t()?)? / (c as f64).sqrt())?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let o = probs.matmul(&v)?.transpose(1, 2)?.reshape((t, c, h, w))?;
+        let o = crate::attention::sdpa(&q, &k, &v, 1.0 / (c as f64).sqrt())?
+            .transpose(1, 2)?
+            .reshape((t, c, h, w))?;
         self.proj.forward(&o)? + x
     }
 }

@@ -1,0 +1,208 @@
+//! The f32 matrix product and exponential the CPU kernels here share
+//! (FrameConv's convolutions, the fused attention): MKL's `cblas_sgemm` and
+//! `vsExp` where the build links MKL (the `mkl` feature, the default on
+//! x86-64 for the worker), else the `gemm` crate on rayon's threads and the
+//! standard library's `exp`.
+
+/// A row-major operand: `data[i * ld + j]` is element (i, j) of the stored
+/// matrix; `trans` uses its transpose.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub ld: usize,
+    pub trans: bool,
+}
+
+impl<'a> Mat<'a> {
+    /// Stored as written, rows `ld` apart.
+    pub fn n(data: &'a [f32], ld: usize) -> Self {
+        Self {
+            data,
+            ld,
+            trans: false,
+        }
+    }
+
+    /// The transpose of the stored matrix (rows `ld` apart).
+    pub fn t(data: &'a [f32], ld: usize) -> Self {
+        Self {
+            data,
+            ld,
+            trans: true,
+        }
+    }
+
+    /// Checks that a `rows × cols` operand fits in `data`.
+    fn check(&self, rows: usize, cols: usize) {
+        let (r, c) = if self.trans { (cols, rows) } else { (rows, cols) };
+        assert!(self.ld >= c, "sgemm: leading dimension {} < {c}", self.ld);
+        assert!(
+            r == 0 || c == 0 || self.data.len() >= (r - 1) * self.ld + c,
+            "sgemm: operand of {} floats for {r} x {c} (ld {})",
+            self.data.len(),
+            self.ld
+        );
+    }
+}
+
+/// `C = alpha · op(A) · op(B) + beta · C` with `op(A)` `m × k`, `op(B)`
+/// `k × n` and `C` `m × n` row-major, rows `ldc` apart; `beta` 0 never
+/// reads C.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Mat,
+    b: Mat,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    a.check(m, k);
+    b.check(k, n);
+    assert!(ldc >= n && (m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    #[cfg(feature = "mkl")]
+    {
+        const ROW_MAJOR: i32 = 101;
+        const NO_TRANS: i32 = 111;
+        const TRANS: i32 = 112;
+        unsafe extern "C" {
+            fn cblas_sgemm(
+                layout: i32,
+                trans_a: i32,
+                trans_b: i32,
+                m: i32,
+                n: i32,
+                k: i32,
+                alpha: f32,
+                a: *const f32,
+                lda: i32,
+                b: *const f32,
+                ldb: i32,
+                beta: f32,
+                c: *mut f32,
+                ldc: i32,
+            );
+        }
+        let op = |t: bool| if t { TRANS } else { NO_TRANS };
+        // SAFETY: `check` and the assert above keep every element the
+        // product reads or writes inside its slice; MKL is linked
+        // statically by candle's mkl feature.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                op(a.trans),
+                op(b.trans),
+                m as i32,
+                n as i32,
+                k as i32,
+                alpha,
+                a.data.as_ptr(),
+                a.ld.max(1) as i32,
+                b.data.as_ptr(),
+                b.ld.max(1) as i32,
+                beta,
+                c.as_mut_ptr(),
+                ldc as i32,
+            );
+        }
+    }
+    #[cfg(not(feature = "mkl"))]
+    {
+        // (row stride, column stride) of op(X).
+        let strides = |x: &Mat| {
+            if x.trans {
+                (1, x.ld as isize)
+            } else {
+                (x.ld as isize, 1)
+            }
+        };
+        let ((a_rs, a_cs), (b_rs, b_cs)) = (strides(&a), strides(&b));
+        // SAFETY: as above, with the same shapes and strides. gemm's
+        // `alpha` scales the destination and `beta` the product.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                ldc as isize,
+                beta != 0.0,
+                a.data.as_ptr(),
+                a_cs,
+                a_rs,
+                b.data.as_ptr(),
+                b_cs,
+                b_rs,
+                beta,
+                alpha,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(candle_core::utils::get_num_threads()),
+            );
+        }
+    }
+}
+
+/// `x[i] = exp(x[i])` in place (MKL's vector exp, ~4 ulp, where linked).
+pub(crate) fn exp_in_place(x: &mut [f32]) {
+    #[cfg(feature = "mkl")]
+    {
+        // VML_LA: MKL's "low accuracy" mode, under 4 ulp.
+        const VML_LA: i64 = 0x1;
+        unsafe extern "C" {
+            fn vmsExp(n: i32, a: *const f32, r: *mut f32, mode: i64);
+        }
+        for chunk in x.chunks_mut(i32::MAX as usize) {
+            // SAFETY: MKL's vector functions allow a == r (in place); n
+            // is the slice's length.
+            unsafe { vmsExp(chunk.len() as i32, chunk.as_ptr(), chunk.as_mut_ptr(), VML_LA) };
+        }
+    }
+    #[cfg(not(feature = "mkl"))]
+    for v in x.iter_mut() {
+        *v = v.exp();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every transpose combination against the plain triple loop.
+    #[test]
+    fn sgemm_matches_the_definition() {
+        let (m, n, k) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = 0.5 + 2.0 * (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();
+            }
+        }
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let a = if ta { Mat::t(&at, m) } else { Mat::n(&a, k) };
+            let b = if tb { Mat::t(&bt, k) } else { Mat::n(&b, n) };
+            let mut c = vec![0.25f32; m * n];
+            sgemm(m, n, k, 2.0, a, b, 2.0, &mut c, n);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-5, "{ta} {tb}: {x} vs {y}");
+            }
+        }
+        let mut x = vec![0.0f32, 1.0, -2.5, 10.0];
+        exp_in_place(&mut x);
+        for (v, want) in x.iter().zip([1.0f32, 1.0f32.exp(), (-2.5f32).exp(), 10f32.exp()]) {
+            assert!((v - want).abs() <= want * 1e-6, "{v} vs {want}");
+        }
+    }
+}

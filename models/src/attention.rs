@@ -1,9 +1,10 @@
 //! Scaled dot-product attention, `softmax(q kᵀ · scale) v`, without a
-//! mask. On the CPU in f32 it never holds the whole score matrix: per
-//! head, a band of query rows at a time (a few MB, kept between calls)
-//! gets its scores from one matrix product, its softmax in place (MKL's
-//! vector exp where linked), and its output from a second product, the
-//! normalisation applied to the small output rows. The plain composition
+//! mask. On the CPU in f32 it never holds the whole score matrix: each
+//! (head, band of query rows) is one task on one core, whose band of
+//! scores (at most 1 MB, in that core's cache) comes from one matrix
+//! product, gets its softmax in place (MKL's vector exp where linked), and
+//! gives the output rows through a second product, the normalisation
+//! applied to the small output rows. The plain composition
 //! (candle's matmul, softmax, matmul) allocates `heads · Lq · Lk` floats
 //! twice per call — 335 MB at SD's 64x64 latent level — and pays the page
 //! faults for them each time. Elsewhere (CUDA, f16/bf16) it is that
@@ -14,8 +15,10 @@ use rayon::prelude::*;
 
 use crate::blas::{exp_in_place, sgemm, Mat};
 
-/// Floats of one band of scores (4 MB).
-const BAND_FLOATS: usize = 1 << 20;
+/// Floats of one band of scores (1 MB: in a core's L2 cache).
+const BAND_FLOATS: usize = 1 << 18;
+/// Query rows of one band at most.
+const MAX_BAND_ROWS: usize = 128;
 
 /// `q` `(…, Lq, D)`, `k` `(…, Lk, D)`, `v` `(…, Lk, Dv)` with the same
 /// leading dimensions → `(…, Lq, Dv)`.
@@ -46,60 +49,86 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> R<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let out = with_slices(&q, &k, &v, |q, k, v| {
         let mut out = vec![0f32; heads * lq * dv];
-        if lk == 0 {
+        if lk == 0 || lq == 0 {
             return out;
         }
-        let rows_per_band = (BAND_FLOATS / lk).clamp(1, lq.max(1));
-        thread_local! {
-            static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        let mut s = SCORES.with(|s| std::mem::take(&mut *s.borrow_mut()));
-        if s.len() < rows_per_band * lk {
-            s.resize(rows_per_band * lk, 0.0);
-        }
-        let mut sums = vec![0f32; rows_per_band];
-        for h in 0..heads {
-            let (qh, kh) = (&q[h * lq * d..(h + 1) * lq * d], &k[h * lk * d..(h + 1) * lk * d]);
-            let vh = &v[h * lk * dv..(h + 1) * lk * dv];
-            let oh = &mut out[h * lq * dv..(h + 1) * lq * dv];
-            let mut r0 = 0;
-            while r0 < lq {
-                let rows = rows_per_band.min(lq - r0);
-                let band = &mut s[..rows * lk];
-                sgemm(
-                    rows,
-                    lk,
-                    d,
-                    scale as f32,
-                    Mat::n(&qh[r0 * d..], d),
-                    Mat::t(kh, d),
-                    0.0,
-                    band,
-                    lk,
-                );
-                band.par_chunks_mut(lk).for_each(|row| {
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    row.iter_mut().for_each(|x| *x -= max);
-                });
-                exp_in_place(band);
-                band.par_chunks(lk)
-                    .zip(sums[..rows].par_iter_mut())
-                    .for_each(|(row, sum)| *sum = row.iter().sum());
-                let ob = &mut oh[r0 * dv..(r0 + rows) * dv];
-                sgemm(rows, dv, lk, 1.0, Mat::n(band, lk), Mat::n(vh, dv), 0.0, ob, dv);
-                for (orow, sum) in ob.chunks_mut(dv).zip(&sums) {
-                    let inv = 1.0 / sum;
-                    orow.iter_mut().for_each(|x| *x *= inv);
+        let rows = (BAND_FLOATS / lk).clamp(1, MAX_BAND_ROWS.min(lq));
+        // Tasks of (head, band of query rows), each on one thread with
+        // its own scores buffer: independent work for every core and no
+        // fork/join inside the products.
+        out.par_chunks_mut(lq * dv)
+            .enumerate()
+            .flat_map(|(h, oh)| {
+                oh.par_chunks_mut(rows * dv)
+                    .enumerate()
+                    .map(move |(b, ob)| (h, b * rows, ob))
+            })
+            .for_each(|(h, r0, ob)| {
+                thread_local! {
+                    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
                 }
-                r0 += rows;
-            }
-        }
-        SCORES.with(|c| *c.borrow_mut() = s);
+                let n = ob.len() / dv;
+                let qh = &q[(h * lq + r0) * d..(h * lq + r0 + n) * d];
+                let kh = &k[h * lk * d..(h + 1) * lk * d];
+                let vh = &v[h * lk * dv..(h + 1) * lk * dv];
+                SCORES.with(|cell| {
+                    let mut s = cell.borrow_mut();
+                    if s.len() < n * lk {
+                        s.resize(n * lk, 0.0);
+                    }
+                    let band = &mut s[..n * lk];
+                    let mut sums = [0f32; MAX_BAND_ROWS];
+                    super::blas::single_threaded(|| {
+                        sgemm(n, lk, d, scale as f32, Mat::n(qh, d), Mat::t(kh, d), 0.0, band, lk);
+                        for (row, sum) in band.chunks_mut(lk).zip(sums.iter_mut()) {
+                            let max = max_of(row);
+                            row.iter_mut().for_each(|x| *x -= max);
+                            exp_in_place(row);
+                            *sum = sum_of(row);
+                        }
+                        sgemm(n, dv, lk, 1.0, Mat::n(band, lk), Mat::n(vh, dv), 0.0, ob, dv);
+                    });
+                    for (orow, sum) in ob.chunks_mut(dv).zip(sums.iter()) {
+                        let inv = 1.0 / sum;
+                        orow.iter_mut().for_each(|x| *x *= inv);
+                    }
+                });
+            });
         out
     })?;
     let mut shape = lead.to_vec();
     shape.extend([lq, dv]);
     Tensor::from_vec(out, shape, &Device::Cpu)
+}
+
+/// Lanes of the vectorised reductions below.
+const LANES: usize = 16;
+
+/// The largest element (16 running maxima, so the loop vectorises).
+fn max_of(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (mi, &ci) in m.iter_mut().zip(c) {
+            if ci > *mi {
+                *mi = ci;
+            }
+        }
+    }
+    let rest = chunks.remainder().iter().copied();
+    m.into_iter().chain(rest).fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The sum (16 running sums, so the loop vectorises).
+fn sum_of(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (ai, &ci) in acc.iter_mut().zip(c) {
+            *ai += ci;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
 /// Runs `f` on the f32 data of three contiguous CPU tensors, in place.

@@ -4,6 +4,8 @@
 //! x86-64 for the worker), else the `gemm` crate on rayon's threads and the
 //! standard library's `exp`.
 
+use candle_core::{DType, Tensor};
+
 /// A row-major operand: `data[i * ld + j]` is element (i, j) of the stored
 /// matrix; `trans` uses its transpose.
 #[derive(Clone, Copy)]
@@ -43,6 +45,32 @@ impl<'a> Mat<'a> {
             self.ld
         );
     }
+}
+
+thread_local! {
+    /// Set while [`single_threaded`] runs on this thread.
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's products and vector functions on this
+/// thread alone: for kernels that already split their work across rayon's
+/// threads, so the library's own threads do not fight them.
+pub(crate) fn single_threaded<T>(f: impl FnOnce() -> T) -> T {
+    #[cfg(feature = "mkl")]
+    unsafe extern "C" {
+        fn MKL_Set_Num_Threads_Local(threads: i32) -> i32;
+    }
+    let was = SERIAL.with(|s| s.replace(true));
+    // SAFETY: sets (and below restores) this thread's MKL thread count.
+    #[cfg(feature = "mkl")]
+    let before = unsafe { MKL_Set_Num_Threads_Local(1) };
+    let out = f();
+    #[cfg(feature = "mkl")]
+    unsafe {
+        MKL_Set_Num_Threads_Local(before);
+    }
+    SERIAL.with(|s| s.set(was));
+    out
 }
 
 /// `C = alpha · op(A) · op(B) + beta · C` with `op(A)` `m × k`, `op(B)`
@@ -145,7 +173,11 @@ pub(crate) fn sgemm(
                 false,
                 false,
                 false,
-                gemm::Parallelism::Rayon(candle_core::utils::get_num_threads()),
+                if SERIAL.with(|s| s.get()) {
+                    gemm::Parallelism::None
+                } else {
+                    gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
+                },
             );
         }
     }
@@ -172,9 +204,107 @@ pub(crate) fn exp_in_place(x: &mut [f32]) {
     }
 }
 
+/// `x[i] = erf(x[i])` in place (MKL's vector erf where linked).
+pub(crate) fn erf_in_place(x: &mut [f32]) {
+    #[cfg(feature = "mkl")]
+    {
+        const VML_LA: i64 = 0x1;
+        unsafe extern "C" {
+            fn vmsErf(n: i32, a: *const f32, r: *mut f32, mode: i64);
+        }
+        for chunk in x.chunks_mut(i32::MAX as usize) {
+            // SAFETY: as in `exp_in_place`.
+            unsafe { vmsErf(chunk.len() as i32, chunk.as_ptr(), chunk.as_mut_ptr(), VML_LA) };
+        }
+    }
+    #[cfg(not(feature = "mkl"))]
+    for v in x.iter_mut() {
+        *v = candle_core::cpu::erf::erf_f32(*v);
+    }
+}
+
+/// The data of a contiguous f32 CPU tensor, borrowed for `f`.
+pub(crate) fn with_cpu_slice<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> candle_core::Result<T> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
+            Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+        }
+        _ => candle_core::bail!("a contiguous f32 CPU tensor"),
+    }
+}
+
+/// `nn.Linear`: on the CPU in f32 one product written over the bias
+/// (candle's adds the bias in a second pass over a second fresh output);
+/// elsewhere candle's `Linear`.
+pub struct Linear {
+    inner: candle_nn::Linear,
+}
+
+impl Linear {
+    /// `weight` `(out, in)`, `bias` `(out)`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            inner: candle_nn::Linear::new(weight, bias),
+        }
+    }
+}
+
+impl candle_core::Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.inner.weight();
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        if !(cpu_f32(x) && cpu_f32(w) && w.is_contiguous()) {
+            return self.inner.forward(x);
+        }
+        let (dout, din) = w.dims2()?;
+        let mut shape = x.dims().to_vec();
+        match shape.last_mut() {
+            Some(last) if *last == din => *last = dout,
+            _ => candle_core::bail!("linear: input {:?} for a {din} -> {dout} weight", x.dims()),
+        }
+        let rows = x.elem_count() / din.max(1);
+        let mut out = match self.inner.bias() {
+            Some(b) => {
+                let b = b.to_vec1::<f32>()?;
+                let mut out = Vec::with_capacity(rows * dout);
+                for _ in 0..rows {
+                    out.extend_from_slice(&b);
+                }
+                out
+            }
+            None => vec![0f32; rows * dout],
+        };
+        let beta = if self.inner.bias().is_some() { 1.0 } else { 0.0 };
+        let x = x.contiguous()?;
+        with_cpu_slice(&x, |xs| {
+            with_cpu_slice(w, |ws| {
+                sgemm(rows, dout, din, 1.0, Mat::n(xs, din), Mat::t(ws, din), beta, &mut out, dout)
+            })
+        })??;
+        Tensor::from_vec(out, shape, &candle_core::Device::Cpu)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Module;
+
+    #[test]
+    fn linear_matches_candle() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 5, 7), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 3, &dev).unwrap();
+        for bias in [Some(b), None] {
+            let ours = Linear::new(w.clone(), bias.clone()).forward(&x).unwrap();
+            let want = candle_nn::Linear::new(w.clone(), bias).forward(&x).unwrap();
+            assert_eq!(ours.dims(), &[2, 5, 3]);
+            let diff = (ours - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+        }
+    }
 
     /// Every transpose combination against the plain triple loop.
     #[test]
@@ -199,6 +329,12 @@ mod tests {
                 assert!((x - y).abs() < 1e-5, "{ta} {tb}: {x} vs {y}");
             }
         }
+        let mut e = vec![0.0f32, 0.3, -1.7, 4.0];
+        let want: Vec<f32> = e.iter().map(|&v| candle_core::cpu::erf::erf_f32(v)).collect();
+        erf_in_place(&mut e);
+        for (v, w) in e.iter().zip(&want) {
+            assert!((v - w).abs() < 1e-6, "erf {v} vs {w}");
+        }
         let mut x = vec![0.0f32, 1.0, -2.5, 10.0];
         exp_in_place(&mut x);
         for (v, want) in x.iter().zip([1.0f32, 1.0f32.exp(), (-2.5f32).exp(), 10f32.exp()]) {
@@ -206,3 +342,4 @@ mod tests {
         }
     }
 }
+

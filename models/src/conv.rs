@@ -26,6 +26,11 @@ use crate::blas::{sgemm, Mat};
 /// Floats the patch buffer may hold (64 MB).
 const BAND_FLOATS: usize = 16 << 20;
 
+/// Floats of Winograd's transformed input and products per band (64 MB:
+/// smaller bands, down to the caches' size, measured slower: the
+/// products' efficiency falls faster than the transforms' gains).
+const WINOGRAD_BAND_FLOATS: usize = 16 << 20;
+
 /// The weights, kept once: as plain f32 rows for the CPU path, as
 /// candle's conv2d elsewhere.
 enum Kernel {
@@ -317,9 +322,7 @@ impl FrameConv {
         let kk = self.kt * c;
         let hw = h * w;
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-        // Padded row width: columns -1 ..= 2·tw.
-        let wp = 2 * tw + 2;
-        let rows_per_band = (BAND_FLOATS / (16 * (kk + cout) * tw).max(1)).clamp(1, th);
+        let rows_per_band = (WINOGRAD_BAND_FLOATS / (16 * (kk + cout) * tw).max(1)).clamp(1, th);
         let cap = rows_per_band * tw;
         // `v` is `(cin', 16, tiles)` and `m` `(cout, 16, tiles)`: one
         // channel's 16 transformed planes lie together, so the transforms
@@ -343,49 +346,73 @@ impl FrameConv {
                 let rows = rows_per_band.min(th - ty0);
                 let n = rows * tw;
                 // V = Bᵀ d B, Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]:
-                // first down the 4 input rows for the whole width, then
-                // across each tile's 4 columns.
+                // the 4 input rows of a tile row split into even and odd
+                // columns (of the padded row: column -1 is even index 0),
+                // transformed down the rows, then across each tile's
+                // columns, every step a contiguous vector operation.
                 v[..16 * kk * n].par_chunks_mut(16 * n).enumerate().for_each_init(
-                    || vec![0f32; 8 * wp],
+                    || vec![0f32; 16 * (tw + 1)],
                     |scratch, (ch, dst)| {
                         let (it, ci) = (ch / c, ch % c);
                         let frame = to * self.stride_t + it;
                         let plane = &x[(frame * c + ci) * hw..(frame * c + ci + 1) * hw];
-                        let (p, t) = scratch.split_at_mut(4 * wp);
+                        let (even, odd) = scratch.split_at_mut(8 * (tw + 1));
                         for r in 0..rows {
                             let ty = ty0 + r;
-                            for (i, prow) in p.chunks_mut(wp).enumerate() {
+                            // even[i] = padded row i at columns 2x - 1,
+                            // odd[i] at 2x, for x in 0..=tw.
+                            for i in 0..4 {
+                                let e = &mut even[i * (tw + 1)..(i + 1) * (tw + 1)];
+                                let o = &mut odd[i * (tw + 1)..(i + 1) * (tw + 1)];
                                 let y = (2 * ty + i) as isize - 1;
-                                prow.fill(0.0);
-                                if y >= 0 && (y as usize) < h {
-                                    let y = y as usize;
-                                    prow[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+                                if y < 0 || y as usize >= h {
+                                    e.fill(0.0);
+                                    o.fill(0.0);
+                                    continue;
+                                }
+                                let row = &plane[y as usize * w..(y as usize + 1) * w];
+                                e[0] = 0.0;
+                                for (xx, ev) in e[1..].iter_mut().enumerate() {
+                                    *ev = row.get(2 * xx + 1).copied().unwrap_or(0.0);
+                                }
+                                for (xx, ov) in o.iter_mut().enumerate() {
+                                    *ov = row.get(2 * xx).copied().unwrap_or(0.0);
                                 }
                             }
-                            let (p0, rest) = p.split_at(wp);
-                            let (p1, rest) = rest.split_at(wp);
-                            let (p2, p3) = rest.split_at(wp);
-                            let (t0, rest) = t.split_at_mut(wp);
-                            let (t1, rest) = rest.split_at_mut(wp);
-                            let (t2, t3) = rest.split_at_mut(wp);
-                            for q in 0..wp {
-                                t0[q] = p0[q] - p2[q];
-                                t1[q] = p1[q] + p2[q];
-                                t2[q] = p2[q] - p1[q];
-                                t3[q] = p1[q] - p3[q];
+                            // Down the rows, in place into rows 4..8:
+                            // t0 = p0 - p2, t1 = p1 + p2, t2 = p2 - p1,
+                            // t3 = p1 - p3.
+                            for half in [&mut *even, &mut *odd] {
+                                let (p, t) = half.split_at_mut(4 * (tw + 1));
+                                let row = |i: usize| &p[i * (tw + 1)..(i + 1) * (tw + 1)];
+                                let (p0, p1, p2, p3) = (row(0), row(1), row(2), row(3));
+                                let (t0, rest) = t.split_at_mut(tw + 1);
+                                let (t1, rest) = rest.split_at_mut(tw + 1);
+                                let (t2, t3) = rest.split_at_mut(tw + 1);
+                                for q in 0..=tw {
+                                    t0[q] = p0[q] - p2[q];
+                                    t1[q] = p1[q] + p2[q];
+                                    t2[q] = p2[q] - p1[q];
+                                    t3[q] = p1[q] - p3[q];
+                                }
                             }
-                            for (i, trow) in [&*t0, &*t1, &*t2, &*t3].into_iter().enumerate() {
+                            // Across: d0 = E[x] - E[x+1], d1 = O[x] + E[x+1],
+                            // d2 = E[x+1] - O[x], d3 = O[x] - O[x+1].
+                            let o = r * tw;
+                            for i in 0..4 {
+                                let e = &even[(4 + i) * (tw + 1)..(5 + i) * (tw + 1)];
+                                let od = &odd[(4 + i) * (tw + 1)..(5 + i) * (tw + 1)];
                                 let (d0, rest) = dst[4 * i * n..].split_at_mut(n);
                                 let (d1, rest) = rest.split_at_mut(n);
                                 let (d2, rest) = rest.split_at_mut(n);
-                                let d3 = &mut rest[..n];
-                                let o = r * tw;
-                                for tx in 0..tw {
-                                    let q = 2 * tx;
-                                    d0[o + tx] = trow[q] - trow[q + 2];
-                                    d1[o + tx] = trow[q + 1] + trow[q + 2];
-                                    d2[o + tx] = trow[q + 2] - trow[q + 1];
-                                    d3[o + tx] = trow[q + 1] - trow[q + 3];
+                                let (d0, d1, d2, d3) =
+                                    (&mut d0[o..o + tw], &mut d1[o..o + tw], &mut d2[o..o + tw], &mut rest[o..o + tw]);
+                                let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &od[..tw], &od[1..]);
+                                for q in 0..tw {
+                                    d0[q] = e0[q] - e1[q];
+                                    d1[q] = o0[q] + e1[q];
+                                    d2[q] = e1[q] - o0[q];
+                                    d3[q] = o0[q] - o1[q];
                                 }
                             }
                         }
@@ -404,42 +431,46 @@ impl FrameConv {
                         16 * n,
                     );
                 }
-                // Y = Aᵀ M A + bias, Aᵀ = [1 1 1 0; 0 1 -1 -1].
+                // Y = Aᵀ M A + bias, Aᵀ = [1 1 1 0; 0 1 -1 -1]: down the
+                // rows into r0, r1 (per tile column j), then across.
                 let m = &m;
-                frame_out
-                    .par_chunks_mut(hw)
-                    .enumerate()
-                    .for_each(|(co, plane)| {
+                frame_out.par_chunks_mut(hw).enumerate().for_each_init(
+                    || vec![0f32; 10 * tw],
+                    |scratch, (co, plane)| {
                         let mb = &m[co * 16 * n..(co + 1) * 16 * n];
                         let b = bias[co];
                         for r in 0..rows {
                             let oy = 2 * (ty0 + r);
                             let o = r * tw;
-                            let at = |xi: usize, tx: usize| mb[xi * n + o + tx];
-                            let two_rows = oy + 1 < h;
-                            for tx in 0..tw {
-                                let mut r0 = [0f32; 4];
-                                let mut r1 = [0f32; 4];
-                                for j in 0..4 {
-                                    let (a0, a1, a2, a3) =
-                                        (at(j, tx), at(4 + j, tx), at(8 + j, tx), at(12 + j, tx));
-                                    r0[j] = a0 + a1 + a2;
-                                    r1[j] = a1 - a2 - a3;
-                                }
-                                let ox = 2 * tx;
-                                plane[oy * w + ox] = b + r0[0] + r0[1] + r0[2];
-                                if ox + 1 < w {
-                                    plane[oy * w + ox + 1] = b + r0[1] - r0[2] - r0[3];
-                                }
-                                if two_rows {
-                                    plane[(oy + 1) * w + ox] = b + r1[0] + r1[1] + r1[2];
-                                    if ox + 1 < w {
-                                        plane[(oy + 1) * w + ox + 1] = b + r1[1] - r1[2] - r1[3];
-                                    }
+                            let s = |xi: usize| &mb[xi * n + o..xi * n + o + tw];
+                            let (r0, rest) = scratch.split_at_mut(4 * tw);
+                            let (r1, y) = rest.split_at_mut(4 * tw);
+                            for j in 0..4 {
+                                let (a0, a1, a2, a3) = (s(j), s(4 + j), s(8 + j), s(12 + j));
+                                let (r0j, r1j) = (&mut r0[j * tw..(j + 1) * tw], &mut r1[j * tw..(j + 1) * tw]);
+                                for q in 0..tw {
+                                    r0j[q] = a0[q] + a1[q] + a2[q];
+                                    r1j[q] = a1[q] - a2[q] - a3[q];
                                 }
                             }
+                            for (k, rr) in [&*r0, &*r1].into_iter().enumerate() {
+                                let oy = oy + k;
+                                if oy >= h {
+                                    break;
+                                }
+                                let (c0, c1, c2, c3) =
+                                    (&rr[..tw], &rr[tw..2 * tw], &rr[2 * tw..3 * tw], &rr[3 * tw..]);
+                                let y0 = &mut y[..2 * tw];
+                                // Interleaved: (left, right) pairs.
+                                for q in 0..tw {
+                                    y0[2 * q] = b + c0[q] + c1[q] + c2[q];
+                                    y0[2 * q + 1] = b + c1[q] - c2[q] - c3[q];
+                                }
+                                plane[oy * w..(oy + 1) * w].copy_from_slice(&y0[..w]);
+                            }
                         }
-                    });
+                    },
+                );
                 ty0 += rows;
             }
         }

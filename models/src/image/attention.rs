@@ -9,22 +9,24 @@
 
 use candle_core::{Module, Result as R, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
+use rayon::prelude::*;
 
 use super::blocks::conv2d;
 use crate::attention::sdpa;
+use crate::blas::{erf_in_place, single_threaded, with_cpu_slice, Linear};
 use crate::conv::FrameConv;
 
 /// `Attention` without its norm: projections, heads, sdpa, `to_out.0`.
 struct Attention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
     heads: usize,
 }
 
 /// A `(dim_in → dim_out)` linear, `weight` either 2-D or a 1x1 conv's.
-fn linear(vb: VarBuilder, dim_in: usize, dim_out: usize, bias: bool) -> R<nn::Linear> {
+fn linear(vb: VarBuilder, dim_in: usize, dim_out: usize, bias: bool) -> R<Linear> {
     let w = match vb.get((dim_out, dim_in), "weight") {
         Ok(w) => w,
         Err(_) => vb.get((dim_out, dim_in, 1, 1), "weight")?.reshape((dim_out, dim_in))?,
@@ -34,7 +36,7 @@ fn linear(vb: VarBuilder, dim_in: usize, dim_out: usize, bias: bool) -> R<nn::Li
     } else {
         None
     };
-    Ok(nn::Linear::new(w, b))
+    Ok(Linear::new(w, b))
 }
 
 impl Attention {
@@ -86,8 +88,8 @@ impl Attention {
 /// `FeedForward` with `GEGLU`: `proj` to twice the inner width, the first
 /// half times GELU(second half), then the output linear.
 struct FeedForward {
-    proj: nn::Linear,
-    out: nn::Linear,
+    proj: Linear,
+    out: Linear,
 }
 
 impl FeedForward {
@@ -102,9 +104,38 @@ impl FeedForward {
     fn forward(&self, x: &Tensor) -> R<Tensor> {
         let h = self.proj.forward(x)?;
         let inner = h.dim(D::Minus1)? / 2;
-        let (a, gate) = (h.narrow(D::Minus1, 0, inner)?, h.narrow(D::Minus1, inner, inner)?);
-        self.out.forward(&(a * gate.gelu_erf()?)?)
+        self.out.forward(&geglu(&h, inner)?)
     }
+}
+
+/// GEGLU on `h` `(…, 2·inner)`: `h[.., :inner] · GELU(h[.., inner:])`
+/// with the exact (erf) GELU. On the CPU in f32 one pass per row (MKL's
+/// vector erf where linked); elsewhere candle's ops.
+fn geglu(h: &Tensor, inner: usize) -> R<Tensor> {
+    if !(h.device().is_cpu() && h.dtype() == candle_core::DType::F32) {
+        let (a, gate) = (h.narrow(D::Minus1, 0, inner)?, h.narrow(D::Minus1, inner, inner)?);
+        return a * gate.gelu_erf()?;
+    }
+    let h = h.contiguous()?;
+    let mut shape = h.dims().to_vec();
+    *shape.last_mut().expect("rank >= 1") = inner;
+    let rows = h.elem_count() / (2 * inner).max(1);
+    let mut out = vec![0f32; rows * inner];
+    with_cpu_slice(&h, |hs| {
+        out.par_chunks_mut(inner)
+            .zip(hs.par_chunks(2 * inner))
+            .for_each(|(o, hr)| {
+                let (a, g) = hr.split_at(inner);
+                for (ov, gv) in o.iter_mut().zip(g) {
+                    *ov = gv * std::f32::consts::FRAC_1_SQRT_2;
+                }
+                single_threaded(|| erf_in_place(o));
+                for ((ov, av), gv) in o.iter_mut().zip(a).zip(g) {
+                    *ov = av * 0.5 * gv * (1.0 + *ov);
+                }
+            })
+    })?;
+    Tensor::from_vec(out, shape, &candle_core::Device::Cpu)
 }
 
 /// `BasicTransformerBlock` (layer norms, self-attention, cross-attention,
@@ -145,7 +176,7 @@ impl BasicTransformerBlock {
 /// or linears on the tokens (`use_linear_projection`).
 enum Proj {
     Conv(FrameConv),
-    Linear(nn::Linear),
+    Linear(Linear),
 }
 
 /// `Transformer2DModel` on a `(b, c, h, w)` map: group norm, projection

@@ -11,7 +11,7 @@ use candle_core::{Module, Result as R, Tensor, D};
 use candle_nn::{self as nn, VarBuilder};
 use rayon::prelude::*;
 
-use super::blocks::conv2d;
+use super::blocks::{conv2d, GroupNorm};
 use crate::attention::sdpa;
 use crate::blas::{erf_in_place, single_threaded, with_cpu_slice, Linear};
 use crate::conv::FrameConv;
@@ -183,7 +183,7 @@ enum Proj {
 /// in, `layers` transformer blocks over the `h·w` tokens, projection out,
 /// residual.
 pub(crate) struct Transformer2D {
-    norm: nn::GroupNorm,
+    norm: GroupNorm,
     proj_in: Proj,
     blocks: Vec<BasicTransformerBlock>,
     proj_out: Proj,
@@ -217,7 +217,7 @@ impl Transformer2D {
             })
             .collect::<R<_>>()?;
         Ok(Self {
-            norm: nn::group_norm(groups, ch, 1e-6, vb.pp("norm"))?,
+            norm: GroupNorm::new(groups, ch, 1e-6, vb.pp("norm"))?,
             proj_in: proj("proj_in")?,
             blocks,
             proj_out: proj("proj_out")?,
@@ -247,7 +247,7 @@ impl Transformer2D {
 /// The VAE mid-block's `Attention`: group norm, one head over the `h·w`
 /// positions, residual, divided by `rescale_output_factor`.
 pub(crate) struct VaeAttention {
-    norm: nn::GroupNorm,
+    norm: GroupNorm,
     attn: Attention,
     rescale: f64,
 }
@@ -262,7 +262,7 @@ impl VaeAttention {
             ["query", "key", "value", "proj_attn"]
         };
         Ok(Self {
-            norm: nn::group_norm(groups, ch, eps, vb.pp("group_norm"))?,
+            norm: GroupNorm::new(groups, ch, eps, vb.pp("group_norm"))?,
             attn: Attention::new(&vb, ch, ch, 1, ch, true, names)?,
             rescale,
         })

@@ -15,6 +15,7 @@ use candle_nn::{self as nn, VarBuilder};
 use rayon::prelude::*;
 
 use super::attention::{Transformer2D, VaeAttention};
+use crate::blas::{exp_in_place, single_threaded, with_cpu_slice};
 use crate::conv::FrameConv;
 
 /// A square-kernel `nn.Conv2d` of the checkpoint (with bias) as a
@@ -32,22 +33,34 @@ pub(crate) fn conv2d(
     FrameConv::new(&w, Some(b), 1, stride, pad)
 }
 
-/// `nn.GroupNorm` (affine) followed by SiLU, as every use here has it. On
+/// `nn.GroupNorm` (affine), followed by SiLU where the block has it. On
 /// the CPU in f32 it is one pass for the statistics and one that
-/// normalises, scales, shifts and applies SiLU, per (image, group), the
-/// groups in parallel; candle's group norm and silu make about ten passes
-/// over the tensor, which at the VAE's full-resolution layers costs more
-/// than the convolutions around them.
-/// Elsewhere it is candle's `GroupNorm` and `silu`.
-pub(crate) struct GroupNormSilu {
+/// normalises, scales and shifts (and applies SiLU with MKL's vector exp
+/// where linked), per (image, group), the groups in parallel, reading the
+/// input in place; candle's group norm and silu make about ten passes over
+/// the tensor, which at the VAE's full-resolution layers costs more than
+/// the convolutions around them. Elsewhere it is candle's `GroupNorm`
+/// (and `silu`).
+pub(crate) struct GroupNorm {
     norm: nn::GroupNorm,
     cpu: Option<(Vec<f32>, Vec<f32>)>,
     groups: usize,
     eps: f64,
+    silu: bool,
 }
 
-impl GroupNormSilu {
+impl GroupNorm {
+    /// Group norm then SiLU.
+    pub(crate) fn silu(groups: usize, ch: usize, eps: f64, vb: VarBuilder) -> R<Self> {
+        Self::build(groups, ch, eps, vb, true)
+    }
+
+    /// Group norm alone.
     pub(crate) fn new(groups: usize, ch: usize, eps: f64, vb: VarBuilder) -> R<Self> {
+        Self::build(groups, ch, eps, vb, false)
+    }
+
+    fn build(groups: usize, ch: usize, eps: f64, vb: VarBuilder, silu: bool) -> R<Self> {
         let norm = nn::group_norm(groups, ch, eps, vb.clone())?;
         let weight = vb.get(ch, "weight")?;
         let cpu = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
@@ -63,57 +76,105 @@ impl GroupNormSilu {
             cpu,
             groups,
             eps,
+            silu,
         })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> R<Tensor> {
         let (Some((weight, bias)), Device::Cpu, DType::F32) = (&self.cpu, x.device(), x.dtype())
         else {
-            return nn::ops::silu(&self.norm.forward(x)?);
+            let y = self.norm.forward(x)?;
+            return if self.silu { nn::ops::silu(&y) } else { Ok(y) };
         };
         let dims = x.dims().to_vec();
         let c = dims[1];
         let per_channel: usize = dims[2..].iter().product();
         let cg = c / self.groups;
-        let mut data = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; x.elem_count()];
         let eps = self.eps;
-        data.par_chunks_mut(cg * per_channel)
-            .enumerate()
-            .for_each(|(i, block)| {
-                let g = i % self.groups;
-                let (mut sum, mut sq) = (0f64, 0f64);
-                for chunk in block.chunks(1024) {
-                    let (s, q) = chunk
-                        .iter()
-                        .fold((0f32, 0f32), |(s, q), &v| (s + v, q + v * v));
-                    sum += s as f64;
-                    sq += q as f64;
-                }
-                let len = block.len() as f64;
-                let mean = sum / len;
-                let var = (sq / len - mean * mean).max(0.0);
-                let rstd = 1.0 / (var + eps).sqrt();
-                for (k, plane) in block.chunks_mut(per_channel).enumerate() {
-                    let ch = g * cg + k;
-                    let scale = (weight[ch] as f64 * rstd) as f32;
-                    let shift = (bias[ch] as f64 - mean * weight[ch] as f64 * rstd) as f32;
-                    for v in plane.iter_mut() {
-                        let y = *v * scale + shift;
-                        *v = y / (1.0 + (-y).exp());
+        let x = x.contiguous()?;
+        with_cpu_slice(&x, |src| {
+            out.par_chunks_mut(cg * per_channel)
+                .zip(src.par_chunks(cg * per_channel))
+                .enumerate()
+                .for_each(|(i, (dst, block))| {
+                    let g = i % self.groups;
+                    let (mut sum, mut sq) = (0f64, 0f64);
+                    for chunk in block.chunks(4096) {
+                        let (s, q) = sum_and_squares(chunk);
+                        sum += s as f64;
+                        sq += q as f64;
                     }
-                }
-            });
-        Tensor::from_vec(data, dims, &Device::Cpu)
+                    let len = block.len() as f64;
+                    let mean = sum / len;
+                    let var = (sq / len - mean * mean).max(0.0);
+                    let rstd = 1.0 / (var + eps).sqrt();
+                    for (k, (out, plane)) in dst
+                        .chunks_mut(per_channel)
+                        .zip(block.chunks(per_channel))
+                        .enumerate()
+                    {
+                        let ch = g * cg + k;
+                        let scale = (weight[ch] as f64 * rstd) as f32;
+                        let shift = (bias[ch] as f64 - mean * weight[ch] as f64 * rstd) as f32;
+                        for (o, &v) in out.iter_mut().zip(plane) {
+                            *o = v * scale + shift;
+                        }
+                        if self.silu {
+                            silu_in_place(out);
+                        }
+                    }
+                })
+        })?;
+        Tensor::from_vec(out, dims, &Device::Cpu)
     }
+}
+
+/// `(Σ x, Σ x²)` with 16 running sums (so the loop vectorises).
+fn sum_and_squares(x: &[f32]) -> (f32, f32) {
+    let (mut s, mut q) = ([0f32; 16], [0f32; 16]);
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            s[i] += c[i];
+            q[i] += c[i] * c[i];
+        }
+    }
+    let rest = chunks.remainder();
+    (
+        s.iter().sum::<f32>() + rest.iter().sum::<f32>(),
+        q.iter().sum::<f32>() + rest.iter().map(|v| v * v).sum::<f32>(),
+    )
+}
+
+/// `y = y / (1 + e^-y)` in place, through a small per-thread buffer for
+/// the exponentials (one vector exp per 4096 values).
+fn silu_in_place(y: &mut [f32]) {
+    thread_local! {
+        static E: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::new(vec![0f32; 4096]);
+    }
+    E.with(|e| {
+        let mut e = e.borrow_mut();
+        for chunk in y.chunks_mut(4096) {
+            let e = &mut e[..chunk.len()];
+            for (ev, &yv) in e.iter_mut().zip(chunk.iter()) {
+                *ev = -yv;
+            }
+            single_threaded(|| exp_in_place(e));
+            for (yv, &ev) in chunk.iter_mut().zip(e.iter()) {
+                *yv /= 1.0 + ev;
+            }
+        }
+    })
 }
 
 /// `ResnetBlock2D` with `time_embedding_norm="default"` and the default
 /// shortcut rule (a 1x1 conv when the channel count changes).
 pub(crate) struct ResnetBlock2D {
-    norm1: GroupNormSilu,
+    norm1: GroupNorm,
     conv1: FrameConv,
     time_emb_proj: Option<nn::Linear>,
-    norm2: GroupNormSilu,
+    norm2: GroupNorm,
     conv2: FrameConv,
     conv_shortcut: Option<FrameConv>,
     output_scale_factor: f64,
@@ -131,13 +192,13 @@ pub(crate) struct ResnetCfg {
 impl ResnetBlock2D {
     pub(crate) fn new(vb: VarBuilder, cin: usize, cout: usize, c: ResnetCfg) -> R<Self> {
         Ok(Self {
-            norm1: GroupNormSilu::new(c.groups, cin, c.eps, vb.pp("norm1"))?,
+            norm1: GroupNorm::silu(c.groups, cin, c.eps, vb.pp("norm1"))?,
             conv1: conv2d(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
             time_emb_proj: match c.temb_channels {
                 Some(t) => Some(nn::linear(t, cout, vb.pp("time_emb_proj"))?),
                 None => None,
             },
-            norm2: GroupNormSilu::new(c.groups, cout, c.eps, vb.pp("norm2"))?,
+            norm2: GroupNorm::silu(c.groups, cout, c.eps, vb.pp("norm2"))?,
             conv2: conv2d(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
             conv_shortcut: if cin != cout {
                 Some(conv2d(vb.pp("conv_shortcut"), cin, cout, 1, 1, 0)?)
@@ -210,9 +271,38 @@ impl Upsample2D {
 
     pub(crate) fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> R<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let (h, w) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d(h, w)?)
+        let (oh, ow) = size.unwrap_or((2 * h, 2 * w));
+        let up = if (oh, ow) == (2 * h, 2 * w) && x.device().is_cpu() && x.dtype() == DType::F32 {
+            upsample2x(x)?
+        } else {
+            x.upsample_nearest2d(oh, ow)?
+        };
+        self.conv.forward(&up)
     }
+}
+
+/// Nearest-neighbour ×2 of a `(b, c, h, w)` f32 CPU map: each input row
+/// written out doubled, twice (candle's `upsample_nearest2d` computes the
+/// source index of every output element: ~7× slower at the VAE's sizes).
+fn upsample2x(x: &Tensor) -> R<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let x = x.contiguous()?;
+    let mut out = vec![0f32; b * c * 4 * h * w];
+    with_cpu_slice(&x, |src| {
+        out.par_chunks_mut(4 * h * w)
+            .zip(src.par_chunks(h * w))
+            .for_each(|(dst, plane)| {
+                for (rows, row) in dst.chunks_mut(4 * w).zip(plane.chunks(w)) {
+                    let (first, second) = rows.split_at_mut(2 * w);
+                    for (pair, &v) in first.chunks_exact_mut(2).zip(row) {
+                        pair[0] = v;
+                        pair[1] = v;
+                    }
+                    second.copy_from_slice(first);
+                }
+            })
+    })?;
+    Tensor::from_vec(out, (b, c, 2 * h, 2 * w), &Device::Cpu)
 }
 
 /// The cross-attention settings of a block's transformers.
@@ -487,5 +577,44 @@ impl UpDecoderBlock2D {
             Some(up) => up.forward(&x, None),
             None => Ok(x),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn group_norm_and_upsample_match_candle() {
+        let dev = Device::Cpu;
+        let (c, groups) = (12, 4);
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+        vb.get_with_hints(c, "weight", candle_nn::Init::Randn { mean: 1.0, stdev: 0.3 })
+            .unwrap();
+        vb.get_with_hints(c, "bias", candle_nn::Init::Randn { mean: 0.0, stdev: 0.3 })
+            .unwrap();
+        // 37 values per channel: the vectorised sums' remainder too.
+        let x = (Tensor::randn(0f32, 2.0, (2, c, 5, 37), &dev).unwrap() + 0.5).unwrap();
+        let want = nn::group_norm(groups, c, 1e-5, vb.clone()).unwrap().forward(&x).unwrap();
+        let plain = GroupNorm::new(groups, c, 1e-5, vb.clone()).unwrap().forward(&x).unwrap();
+        assert!(max_diff(&plain, &want) < 1e-4);
+        let silu = GroupNorm::silu(groups, c, 1e-5, vb).unwrap().forward(&x).unwrap();
+        assert!(max_diff(&silu, &nn::ops::silu(&want).unwrap()) < 1e-4);
+        let up = upsample2x(&x).unwrap();
+        assert_eq!(max_diff(&up, &x.upsample_nearest2d(10, 74).unwrap()), 0.0);
     }
 }

@@ -12,7 +12,7 @@ use candle_nn as nn;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
 use super::blocks::{
-    conv2d, AttnCfg, DownBlock, GroupNormSilu, MidBlockCrossAttn, ResnetCfg, UpBlock,
+    conv2d, AttnCfg, DownBlock, GroupNorm, MidBlockCrossAttn, ResnetCfg, UpBlock,
 };
 use super::config::UNetConfig;
 use crate::conv::FrameConv;
@@ -32,7 +32,7 @@ pub struct UNet {
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlockCrossAttn,
     up_blocks: Vec<UpBlock>,
-    conv_norm_out: GroupNormSilu,
+    conv_norm_out: GroupNorm,
     conv_out: FrameConv,
     n_blocks: usize,
     pub config: UNetConfig,
@@ -129,7 +129,7 @@ impl UNet {
         }
 
         let conv_norm_out =
-            GroupNormSilu::new(c.norm_num_groups, ch0, c.norm_eps, vs.pp("conv_norm_out"))?;
+            GroupNorm::silu(c.norm_num_groups, ch0, c.norm_eps, vs.pp("conv_norm_out"))?;
         let conv_out = conv2d(vs.pp("conv_out"), ch0, c.out_channels, 3, 1, 1)?;
         Ok(Self {
             conv_in,

@@ -10,7 +10,7 @@
 use candle_core::{Result as R, Tensor};
 use candle_nn::VarBuilder;
 
-use super::blocks::{conv2d, GroupNormSilu, MidBlock2D, ResnetCfg, UpDecoderBlock2D};
+use super::blocks::{conv2d, GroupNorm, MidBlock2D, ResnetCfg, UpDecoderBlock2D};
 use super::config::VaeConfig;
 use crate::conv::FrameConv;
 
@@ -20,7 +20,7 @@ pub struct VaeDecoder {
     conv_in: FrameConv,
     mid_block: MidBlock2D,
     up_blocks: Vec<UpDecoderBlock2D>,
-    conv_norm_out: GroupNormSilu,
+    conv_norm_out: GroupNorm,
     conv_out: FrameConv,
 }
 
@@ -65,7 +65,7 @@ impl VaeDecoder {
             conv_in,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNormSilu::new(groups, bottom, 1e-6, vb.pp("conv_norm_out"))?,
+            conv_norm_out: GroupNorm::silu(groups, bottom, 1e-6, vb.pp("conv_norm_out"))?,
             conv_out: conv2d(vb.pp("conv_out"), bottom, 3, 3, 1, 1)?,
         })
     }

@@ -82,7 +82,7 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> R<Tensor> {
                         sgemm(n, lk, d, scale as f32, Mat::n(qh, d), Mat::t(kh, d), 0.0, band, lk);
                         for (row, sum) in band.chunks_mut(lk).zip(sums.iter_mut()) {
                             let max = max_of(row);
-                            row.iter_mut().for_each(|x| *x -= max);
+                            subtract(row, max);
                             exp_in_place(row);
                             *sum = sum_of(row);
                         }
@@ -105,6 +105,7 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> R<Tensor> {
 const LANES: usize = 16;
 
 /// The largest element (16 running maxima, so the loop vectorises).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn max_of(x: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
     let mut chunks = x.chunks_exact(LANES);
@@ -120,6 +121,7 @@ fn max_of(x: &[f32]) -> f32 {
 }
 
 /// The sum (16 running sums, so the loop vectorises).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn sum_of(x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact(LANES);
@@ -129,6 +131,12 @@ fn sum_of(x: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// `x[i] -= v`.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn subtract(x: &mut [f32], v: f32) {
+    x.iter_mut().for_each(|e| *e -= v);
 }
 
 /// Runs `f` on the f32 data of three contiguous CPU tensors, in place.

@@ -320,104 +320,44 @@ impl FrameConv {
     ) -> Vec<f32> {
         let (c, cout) = (self.cin, self.cout);
         let kk = self.kt * c;
+        // The input frames the outputs read, each transformed once per
+        // band: output frame `to`'s (tap, channel) rows are the `kk`
+        // consecutive rows from frame `to · stride_t` on.
+        let t_in = (t_out - 1) * self.stride_t + self.kt;
         let hw = h * w;
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-        let rows_per_band = (WINOGRAD_BAND_FLOATS / (16 * (kk + cout) * tw).max(1)).clamp(1, th);
+        let rows_per_band =
+            (WINOGRAD_BAND_FLOATS / (16 * (t_in * c + cout) * tw).max(1)).clamp(1, th);
         let cap = rows_per_band * tw;
-        // `v` is `(cin', 16, tiles)` and `m` `(cout, 16, tiles)`: one
-        // channel's 16 transformed planes lie together, so the transforms
-        // run a channel per task; the products read them with a stride.
+        // `v` is `(t_in · cin, 16, tiles)` and `m` `(cout, 16, tiles)`:
+        // one channel's 16 transformed planes lie together, so the
+        // transforms run a channel per task; the products read them with a
+        // stride.
         thread_local! {
             static BUFS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
                 const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
         }
         let (mut v, mut m) = BUFS.with(|b| std::mem::take(&mut *b.borrow_mut()));
-        if v.len() < 16 * kk * cap {
-            v.resize(16 * kk * cap, 0.0);
+        if v.len() < 16 * t_in * c * cap {
+            v.resize(16 * t_in * c * cap, 0.0);
         }
         if m.len() < 16 * cout * cap {
             m.resize(16 * cout * cap, 0.0);
         }
         let mut out = vec![0f32; t_out * cout * hw];
-        for to in 0..t_out {
-            let frame_out = &mut out[to * cout * hw..(to + 1) * cout * hw];
-            let mut ty0 = 0;
-            while ty0 < th {
-                let rows = rows_per_band.min(th - ty0);
-                let n = rows * tw;
-                // V = Bᵀ d B, Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]:
-                // the 4 input rows of a tile row split into even and odd
-                // columns (of the padded row: column -1 is even index 0),
-                // transformed down the rows, then across each tile's
-                // columns, every step a contiguous vector operation.
-                v[..16 * kk * n].par_chunks_mut(16 * n).enumerate().for_each_init(
-                    || vec![0f32; 16 * (tw + 1)],
-                    |scratch, (ch, dst)| {
-                        let (it, ci) = (ch / c, ch % c);
-                        let frame = to * self.stride_t + it;
-                        let plane = &x[(frame * c + ci) * hw..(frame * c + ci + 1) * hw];
-                        let (even, odd) = scratch.split_at_mut(8 * (tw + 1));
-                        for r in 0..rows {
-                            let ty = ty0 + r;
-                            // even[i] = padded row i at columns 2x - 1,
-                            // odd[i] at 2x, for x in 0..=tw.
-                            for i in 0..4 {
-                                let e = &mut even[i * (tw + 1)..(i + 1) * (tw + 1)];
-                                let o = &mut odd[i * (tw + 1)..(i + 1) * (tw + 1)];
-                                let y = (2 * ty + i) as isize - 1;
-                                if y < 0 || y as usize >= h {
-                                    e.fill(0.0);
-                                    o.fill(0.0);
-                                    continue;
-                                }
-                                let row = &plane[y as usize * w..(y as usize + 1) * w];
-                                e[0] = 0.0;
-                                for (xx, ev) in e[1..].iter_mut().enumerate() {
-                                    *ev = row.get(2 * xx + 1).copied().unwrap_or(0.0);
-                                }
-                                for (xx, ov) in o.iter_mut().enumerate() {
-                                    *ov = row.get(2 * xx).copied().unwrap_or(0.0);
-                                }
-                            }
-                            // Down the rows, in place into rows 4..8:
-                            // t0 = p0 - p2, t1 = p1 + p2, t2 = p2 - p1,
-                            // t3 = p1 - p3.
-                            for half in [&mut *even, &mut *odd] {
-                                let (p, t) = half.split_at_mut(4 * (tw + 1));
-                                let row = |i: usize| &p[i * (tw + 1)..(i + 1) * (tw + 1)];
-                                let (p0, p1, p2, p3) = (row(0), row(1), row(2), row(3));
-                                let (t0, rest) = t.split_at_mut(tw + 1);
-                                let (t1, rest) = rest.split_at_mut(tw + 1);
-                                let (t2, t3) = rest.split_at_mut(tw + 1);
-                                for q in 0..=tw {
-                                    t0[q] = p0[q] - p2[q];
-                                    t1[q] = p1[q] + p2[q];
-                                    t2[q] = p2[q] - p1[q];
-                                    t3[q] = p1[q] - p3[q];
-                                }
-                            }
-                            // Across: d0 = E[x] - E[x+1], d1 = O[x] + E[x+1],
-                            // d2 = E[x+1] - O[x], d3 = O[x] - O[x+1].
-                            let o = r * tw;
-                            for i in 0..4 {
-                                let e = &even[(4 + i) * (tw + 1)..(5 + i) * (tw + 1)];
-                                let od = &odd[(4 + i) * (tw + 1)..(5 + i) * (tw + 1)];
-                                let (d0, rest) = dst[4 * i * n..].split_at_mut(n);
-                                let (d1, rest) = rest.split_at_mut(n);
-                                let (d2, rest) = rest.split_at_mut(n);
-                                let (d0, d1, d2, d3) =
-                                    (&mut d0[o..o + tw], &mut d1[o..o + tw], &mut d2[o..o + tw], &mut rest[o..o + tw]);
-                                let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &od[..tw], &od[1..]);
-                                for q in 0..tw {
-                                    d0[q] = e0[q] - e1[q];
-                                    d1[q] = o0[q] + e1[q];
-                                    d2[q] = e1[q] - o0[q];
-                                    d3[q] = o0[q] - o1[q];
-                                }
-                            }
-                        }
-                    },
-                );
+        let mut ty0 = 0;
+        while ty0 < th {
+            let rows = rows_per_band.min(th - ty0);
+            let n = rows * tw;
+            v[..16 * t_in * c * n].par_chunks_mut(16 * n).enumerate().for_each_init(
+                || vec![0f32; 16 * (tw + 1)],
+                |scratch, (ch, dst)| {
+                    let plane = &x[ch * hw..(ch + 1) * hw];
+                    winograd_input(plane, (h, w), ty0..ty0 + rows, dst, scratch);
+                },
+            );
+            for to in 0..t_out {
+                let v0 = to * self.stride_t * c * 16 * n;
                 for xi in 0..16 {
                     sgemm(
                         cout,
@@ -425,57 +365,159 @@ impl FrameConv {
                         kk,
                         1.0,
                         Mat::n(&u[xi * kk..], 16 * kk),
-                        Mat::n(&v[xi * n..], 16 * n),
+                        Mat::n(&v[v0 + xi * n..], 16 * n),
                         0.0,
                         &mut m[xi * n..],
                         16 * n,
                     );
                 }
-                // Y = Aᵀ M A + bias, Aᵀ = [1 1 1 0; 0 1 -1 -1]: down the
-                // rows into r0, r1 (per tile column j), then across.
                 let m = &m;
-                frame_out.par_chunks_mut(hw).enumerate().for_each_init(
-                    || vec![0f32; 10 * tw],
-                    |scratch, (co, plane)| {
-                        let mb = &m[co * 16 * n..(co + 1) * 16 * n];
-                        let b = bias[co];
-                        for r in 0..rows {
-                            let oy = 2 * (ty0 + r);
-                            let o = r * tw;
-                            let s = |xi: usize| &mb[xi * n + o..xi * n + o + tw];
-                            let (r0, rest) = scratch.split_at_mut(4 * tw);
-                            let (r1, y) = rest.split_at_mut(4 * tw);
-                            for j in 0..4 {
-                                let (a0, a1, a2, a3) = (s(j), s(4 + j), s(8 + j), s(12 + j));
-                                let (r0j, r1j) = (&mut r0[j * tw..(j + 1) * tw], &mut r1[j * tw..(j + 1) * tw]);
-                                for q in 0..tw {
-                                    r0j[q] = a0[q] + a1[q] + a2[q];
-                                    r1j[q] = a1[q] - a2[q] - a3[q];
-                                }
-                            }
-                            for (k, rr) in [&*r0, &*r1].into_iter().enumerate() {
-                                let oy = oy + k;
-                                if oy >= h {
-                                    break;
-                                }
-                                let (c0, c1, c2, c3) =
-                                    (&rr[..tw], &rr[tw..2 * tw], &rr[2 * tw..3 * tw], &rr[3 * tw..]);
-                                let y0 = &mut y[..2 * tw];
-                                // Interleaved: (left, right) pairs.
-                                for q in 0..tw {
-                                    y0[2 * q] = b + c0[q] + c1[q] + c2[q];
-                                    y0[2 * q + 1] = b + c1[q] - c2[q] - c3[q];
-                                }
-                                plane[oy * w..(oy + 1) * w].copy_from_slice(&y0[..w]);
-                            }
-                        }
-                    },
-                );
-                ty0 += rows;
+                out[to * cout * hw..(to + 1) * cout * hw]
+                    .par_chunks_mut(hw)
+                    .enumerate()
+                    .for_each_init(
+                        || vec![0f32; 10 * tw],
+                        |scratch, (co, plane)| {
+                            let mb = &m[co * 16 * n..(co + 1) * 16 * n];
+                            winograd_output(mb, bias[co], (h, w), ty0..ty0 + rows, plane, scratch);
+                        },
+                    );
             }
+            ty0 += rows;
         }
         BUFS.with(|b| *b.borrow_mut() = (v, m));
         out
+    }
+}
+
+/// Winograd's input transform of one channel `plane` `(h, w)` for the
+/// tile rows `tiles`: `dst` gets the 16 planes `V[ξ]` of `n = rows · tw`
+/// tiles, `n` apart; `scratch` holds `16 · (tw + 1)` floats.
+///
+/// V = Bᵀ d B, Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]: the 4 input
+/// rows of a tile row split into even and odd columns (of the padded row:
+/// column -1 is even index 0), transformed down the rows, then across
+/// each tile's columns, every step a contiguous vector operation.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn winograd_input(
+    plane: &[f32],
+    (h, w): (usize, usize),
+    tiles: std::ops::Range<usize>,
+    dst: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let tw = w.div_ceil(2);
+    let n = tiles.len() * tw;
+    let (even, odd) = scratch.split_at_mut(8 * (tw + 1));
+    for (r, ty) in tiles.enumerate() {
+        // even[i] = padded row i at columns 2x - 1, odd[i] at 2x, x in 0..=tw.
+        for i in 0..4 {
+            let e = &mut even[i * (tw + 1)..(i + 1) * (tw + 1)];
+            let o = &mut odd[i * (tw + 1)..(i + 1) * (tw + 1)];
+            let y = (2 * ty + i) as isize - 1;
+            e.fill(0.0);
+            o.fill(0.0);
+            if y < 0 || y as usize >= h {
+                continue;
+            }
+            let row = &plane[y as usize * w..(y as usize + 1) * w];
+            let pairs = row.chunks_exact(2);
+            if let [last] = pairs.remainder() {
+                o[w / 2] = *last;
+            }
+            for ((pair, ov), ev) in pairs.zip(o.iter_mut()).zip(e[1..].iter_mut()) {
+                *ov = pair[0];
+                *ev = pair[1];
+            }
+        }
+        // Down the rows, into rows 4..8: t0 = p0 - p2, t1 = p1 + p2,
+        // t2 = p2 - p1, t3 = p1 - p3.
+        for half in [&mut *even, &mut *odd] {
+            let (p, t) = half.split_at_mut(4 * (tw + 1));
+            let (p0, rest) = p.split_at(tw + 1);
+            let (p1, rest) = rest.split_at(tw + 1);
+            let (p2, p3) = rest.split_at(tw + 1);
+            let (t0, rest) = t.split_at_mut(tw + 1);
+            let (t1, rest) = rest.split_at_mut(tw + 1);
+            let (t2, t3) = rest.split_at_mut(tw + 1);
+            for q in 0..=tw {
+                t0[q] = p0[q] - p2[q];
+                t1[q] = p1[q] + p2[q];
+                t2[q] = p2[q] - p1[q];
+                t3[q] = p1[q] - p3[q];
+            }
+        }
+        // Across: d0 = E[x] - E[x+1], d1 = O[x] + E[x+1], d2 = E[x+1] - O[x],
+        // d3 = O[x] - O[x+1].
+        let o = r * tw;
+        for i in 0..4 {
+            let e = &even[(4 + i) * (tw + 1)..(5 + i) * (tw + 1)];
+            let od = &odd[(4 + i) * (tw + 1)..(5 + i) * (tw + 1)];
+            let (d0, rest) = dst[4 * i * n..].split_at_mut(n);
+            let (d1, rest) = rest.split_at_mut(n);
+            let (d2, rest) = rest.split_at_mut(n);
+            let (d0, d1, d2, d3) = (
+                &mut d0[o..o + tw],
+                &mut d1[o..o + tw],
+                &mut d2[o..o + tw],
+                &mut rest[o..o + tw],
+            );
+            let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &od[..tw], &od[1..]);
+            for q in 0..tw {
+                d0[q] = e0[q] - e1[q];
+                d1[q] = o0[q] + e1[q];
+                d2[q] = e1[q] - o0[q];
+                d3[q] = o0[q] - o1[q];
+            }
+        }
+    }
+}
+
+/// Winograd's output transform of one output channel: `mb` its 16 product
+/// planes (`n = rows · tw` tiles apart) for the tile rows `tiles`, written
+/// with `bias` into `plane` `(h, w)`; `scratch` holds `10 · tw` floats.
+///
+/// Y = Aᵀ M A + bias, Aᵀ = [1 1 1 0; 0 1 -1 -1]: down the rows into r0,
+/// r1 (per tile column j), then across.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn winograd_output(
+    mb: &[f32],
+    bias: f32,
+    (h, w): (usize, usize),
+    tiles: std::ops::Range<usize>,
+    plane: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let tw = w.div_ceil(2);
+    let n = tiles.len() * tw;
+    for (r, ty) in tiles.enumerate() {
+        let oy = 2 * ty;
+        let o = r * tw;
+        let s = |xi: usize| &mb[xi * n + o..xi * n + o + tw];
+        let (r0, rest) = scratch.split_at_mut(4 * tw);
+        let (r1, y) = rest.split_at_mut(4 * tw);
+        for j in 0..4 {
+            let (a0, a1, a2, a3) = (s(j), s(4 + j), s(8 + j), s(12 + j));
+            let (r0j, r1j) = (&mut r0[j * tw..(j + 1) * tw], &mut r1[j * tw..(j + 1) * tw]);
+            for q in 0..tw {
+                r0j[q] = a0[q] + a1[q] + a2[q];
+                r1j[q] = a1[q] - a2[q] - a3[q];
+            }
+        }
+        for (k, rr) in [&*r0, &*r1].into_iter().enumerate() {
+            let oy = oy + k;
+            if oy >= h {
+                break;
+            }
+            let (c0, c1, c2, c3) = (&rr[..tw], &rr[tw..2 * tw], &rr[2 * tw..3 * tw], &rr[3 * tw..]);
+            // Interleaved: (left, right) pairs.
+            let y0 = &mut y[..2 * tw];
+            for (q, pair) in y0.chunks_exact_mut(2).enumerate() {
+                pair[0] = bias + c0[q] + c1[q] + c2[q];
+                pair[1] = bias + c1[q] - c2[q] - c3[q];
+            }
+            plane[oy * w..(oy + 1) * w].copy_from_slice(&y0[..w]);
+        }
     }
 }
 
@@ -573,6 +615,10 @@ mod tests {
             (2, 3, 5, (1, 3, 3), 1, 1, 1, 16, 3),
             (1, 2, 3, (1, 3, 3), 1, 1, 1, 1, 1),
             (2, 4, 3, (2, 3, 3), 1, 1, 1, 5, 2),
+            // Winograd over several output frames (each input frame
+            // transformed once), with a temporal stride too.
+            (5, 4, 3, (3, 3, 3), 1, 1, 1, 6, 7),
+            (6, 3, 4, (3, 3, 3), 2, 1, 1, 5, 5),
             // Winograd in two bands of tile rows, odd width.
             (1, 64, 64, (1, 3, 3), 1, 1, 1, 300, 127),
         ];

@@ -14,6 +14,7 @@ pub mod attention;
 pub mod conv;
 pub mod device;
 pub mod image;
+pub(crate) mod ops;
 pub mod registry;
 pub mod speech;
 pub mod text;

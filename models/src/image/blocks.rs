@@ -15,7 +15,8 @@ use candle_nn::{self as nn, VarBuilder};
 use rayon::prelude::*;
 
 use super::attention::{Transformer2D, VaeAttention};
-use crate::blas::{exp_in_place, single_threaded, with_cpu_slice};
+use crate::blas::with_cpu_slice;
+use crate::ops::{affine, silu_in_place, upsample2x};
 use crate::conv::FrameConv;
 
 /// A square-kernel `nn.Conv2d` of the checkpoint (with bias) as a
@@ -117,9 +118,7 @@ impl GroupNorm {
                         let ch = g * cg + k;
                         let scale = (weight[ch] as f64 * rstd) as f32;
                         let shift = (bias[ch] as f64 - mean * weight[ch] as f64 * rstd) as f32;
-                        for (o, &v) in out.iter_mut().zip(plane) {
-                            *o = v * scale + shift;
-                        }
+                        affine(out, plane, scale, shift);
                         if self.silu {
                             silu_in_place(out);
                         }
@@ -131,6 +130,7 @@ impl GroupNorm {
 }
 
 /// `(Σ x, Σ x²)` with 16 running sums (so the loop vectorises).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
 fn sum_and_squares(x: &[f32]) -> (f32, f32) {
     let (mut s, mut q) = ([0f32; 16], [0f32; 16]);
     let mut chunks = x.chunks_exact(16);
@@ -147,26 +147,6 @@ fn sum_and_squares(x: &[f32]) -> (f32, f32) {
     )
 }
 
-/// `y = y / (1 + e^-y)` in place, through a small per-thread buffer for
-/// the exponentials (one vector exp per 4096 values).
-fn silu_in_place(y: &mut [f32]) {
-    thread_local! {
-        static E: std::cell::RefCell<Vec<f32>> = std::cell::RefCell::new(vec![0f32; 4096]);
-    }
-    E.with(|e| {
-        let mut e = e.borrow_mut();
-        for chunk in y.chunks_mut(4096) {
-            let e = &mut e[..chunk.len()];
-            for (ev, &yv) in e.iter_mut().zip(chunk.iter()) {
-                *ev = -yv;
-            }
-            single_threaded(|| exp_in_place(e));
-            for (yv, &ev) in chunk.iter_mut().zip(e.iter()) {
-                *yv /= 1.0 + ev;
-            }
-        }
-    })
-}
 
 /// `ResnetBlock2D` with `time_embedding_norm="default"` and the default
 /// shortcut rule (a 1x1 conv when the channel count changes).
@@ -281,29 +261,6 @@ impl Upsample2D {
     }
 }
 
-/// Nearest-neighbour ×2 of a `(b, c, h, w)` f32 CPU map: each input row
-/// written out doubled, twice (candle's `upsample_nearest2d` computes the
-/// source index of every output element: ~7× slower at the VAE's sizes).
-fn upsample2x(x: &Tensor) -> R<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let x = x.contiguous()?;
-    let mut out = vec![0f32; b * c * 4 * h * w];
-    with_cpu_slice(&x, |src| {
-        out.par_chunks_mut(4 * h * w)
-            .zip(src.par_chunks(h * w))
-            .for_each(|(dst, plane)| {
-                for (rows, row) in dst.chunks_mut(4 * w).zip(plane.chunks(w)) {
-                    let (first, second) = rows.split_at_mut(2 * w);
-                    for (pair, &v) in first.chunks_exact_mut(2).zip(row) {
-                        pair[0] = v;
-                        pair[1] = v;
-                    }
-                    second.copy_from_slice(first);
-                }
-            })
-    })?;
-    Tensor::from_vec(out, (b, c, 2 * h, 2 * w), &Device::Cpu)
-}
 
 /// The cross-attention settings of a block's transformers.
 #[derive(Clone, Copy)]

@@ -125,9 +125,12 @@ impl CausalConv3d {
     }
 }
 
-/// `WanRMS_norm`: L2-normalise over channels, × sqrt(C) × gamma.
+/// `WanRMS_norm`: L2-normalise over channels, × sqrt(C) × gamma; on the
+/// CPU in f32 one fused pass (with the SiLU that follows it where
+/// [`RmsNorm::forward_silu`]), elsewhere candle's ops.
 struct RmsNorm {
     gamma: Tensor,
+    cpu_gamma: Option<Vec<f32>>,
     scale: f64,
 }
 
@@ -138,19 +141,41 @@ impl RmsNorm {
         } else {
             vb.get((dim, 1, 1, 1), "gamma")?.reshape((dim, 1, 1))?
         };
+        let cpu_gamma = if gamma.device().is_cpu() && gamma.dtype() == DType::F32 {
+            Some(gamma.flatten_all()?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
         Ok(Self {
             gamma,
+            cpu_gamma,
             scale: (dim as f64).sqrt(),
         })
     }
 
     fn forward(&self, x: &Tensor) -> R<Tensor> {
+        self.run(x, false)
+    }
+
+    fn forward_silu(&self, x: &Tensor) -> R<Tensor> {
+        self.run(x, true)
+    }
+
+    fn run(&self, x: &Tensor, silu: bool) -> R<Tensor> {
+        if let (Some(g), true, DType::F32) = (&self.cpu_gamma, x.device().is_cpu(), x.dtype()) {
+            return crate::ops::channel_rms_norm(x, g, self.scale as f32, silu);
+        }
         let norm = x
             .sqr()?
             .sum_keepdim(1)?
             .sqrt()?
             .clamp(1e-12, f64::INFINITY)?;
-        (x.broadcast_div(&norm)? * self.scale)?.broadcast_mul(&self.gamma)
+        let y = (x.broadcast_div(&norm)? * self.scale)?.broadcast_mul(&self.gamma)?;
+        if silu {
+            y.silu()
+        } else {
+            Ok(y)
+        }
     }
 }
 
@@ -189,9 +214,9 @@ impl ResidualBlock {
             Some(s) => s.forward(x, None)?,
             None => x.clone(),
         };
-        let y = self.norm1.forward(x)?.silu()?;
+        let y = self.norm1.forward_silu(x)?;
         let y = self.conv1.cached(&y, cache.as_deref_mut())?;
-        let y = self.norm2.forward(&y)?.silu()?;
+        let y = self.norm2.forward_silu(&y)?;
         let y = self.conv2.cached(&y, cache)?;
         y + h
     }
@@ -327,7 +352,12 @@ impl Resample {
         x = match self.mode {
             Mode::Up2d | Mode::Up3d => {
                 let (_, _, h, w) = x.dims4()?;
-                self.conv.forward(&x.upsample_nearest2d(h * 2, w * 2)?)?
+                let up = if x.device().is_cpu() && x.dtype() == DType::F32 {
+                    crate::ops::upsample2x(&x)?
+                } else {
+                    x.upsample_nearest2d(h * 2, w * 2)?
+                };
+                self.conv.forward(&up)?
             }
             Mode::Down2d | Mode::Down3d => self
                 .conv
@@ -560,7 +590,7 @@ impl Encoder {
             };
         }
         let x = self.mid.forward(&x, Some(cache))?;
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.cached(&x, Some(cache))
     }
 }
@@ -656,7 +686,7 @@ impl Decoder {
                 x = (x + d.forward(&copy, first_chunk)?)?;
             }
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = self.norm_out.forward_silu(&x)?;
         self.conv_out.cached(&x, Some(cache))
     }
 }

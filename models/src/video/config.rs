@@ -132,7 +132,7 @@ impl TransformerConfig {
                 "Wan 2.1 I2V's image cross-attention is not ported",
             ));
         }
-        if self.attention_head_dim % 2 != 0 || self.attention_head_dim < 6 {
+        if !self.attention_head_dim.is_multiple_of(2) || self.attention_head_dim < 6 {
             return Err(refuse(
                 F,
                 "attention_head_dim",

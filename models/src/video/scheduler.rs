@@ -69,8 +69,7 @@ impl UniPc {
                 config.use_exponential_sigmas,
                 config.use_beta_sigmas,
             ]
-            .iter()
-            .any(|v| *v == Some(true))
+            .contains(&Some(true))
         {
             return bad(
                 "use_dynamic_shifting / use_*_sigmas",
@@ -316,8 +315,9 @@ fn solve(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Vec<f32> {
         b.swap(col, pivot);
         for row in col + 1..n {
             let f = a[row][col] / a[col][col];
-            for k in col..n {
-                a[row][k] -= f * a[col][k];
+            let pivot_row = a[col].clone();
+            for (x, p) in a[row][col..n].iter_mut().zip(&pivot_row[col..n]) {
+                *x -= f * p;
             }
             b[row] -= f * b[col];
         }

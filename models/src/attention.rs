@@ -149,10 +149,7 @@ fn with_slices<T>(
     let (sa, la) = a.storage_and_layout();
     let (sb, lb) = b.storage_and_layout();
     let (sc, lc) = c.storage_and_layout();
-    fn slice<'a>(
-        s: &'a candle_core::Storage,
-        l: &candle_core::Layout,
-    ) -> R<&'a [f32]> {
+    fn slice<'a>(s: &'a candle_core::Storage, l: &candle_core::Layout) -> R<&'a [f32]> {
         match (s, l.contiguous_offsets()) {
             (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
                 Ok(&cpu.as_slice::<f32>()?[start..end])
@@ -187,21 +184,18 @@ mod tests {
             let k = Tensor::randn(0f32, 1.0, (1, h, lk, d), &dev).unwrap();
             let v = Tensor::randn(0f32, 1.0, (1, h, lk, dv), &dev).unwrap();
             // A transposed (strided) key, as the callers' reshapes give.
-            let k = k.transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap();
+            let k = k
+                .transpose(2, 3)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .transpose(2, 3)
+                .unwrap();
             let scale = 1.0 / (d as f64).sqrt() * 3.0;
             let ours = sdpa(&q, &k, &v, scale).unwrap();
             let want = reference(&q, &k.contiguous().unwrap(), &v, scale);
             assert_eq!(ours.dims(), want.dims());
-            let diff = (ours - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = crate::testing::max_abs_diff(&ours, &want);
             assert!(diff < 1e-4, "case {i}: max |diff| {diff}");
         }
     }

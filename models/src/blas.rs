@@ -36,7 +36,11 @@ impl<'a> Mat<'a> {
 
     /// Checks that a `rows × cols` operand fits in `data`.
     fn check(&self, rows: usize, cols: usize) {
-        let (r, c) = if self.trans { (cols, rows) } else { (rows, cols) };
+        let (r, c) = if self.trans {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
         assert!(self.ld >= c, "sgemm: leading dimension {} < {c}", self.ld);
         assert!(
             r == 0 || c == 0 || self.data.len() >= (r - 1) * self.ld + c,
@@ -195,7 +199,14 @@ pub(crate) fn exp_in_place(x: &mut [f32]) {
         for chunk in x.chunks_mut(i32::MAX as usize) {
             // SAFETY: MKL's vector functions allow a == r (in place); n
             // is the slice's length.
-            unsafe { vmsExp(chunk.len() as i32, chunk.as_ptr(), chunk.as_mut_ptr(), VML_LA) };
+            unsafe {
+                vmsExp(
+                    chunk.len() as i32,
+                    chunk.as_ptr(),
+                    chunk.as_mut_ptr(),
+                    VML_LA,
+                )
+            };
         }
     }
     #[cfg(not(feature = "mkl"))]
@@ -214,7 +225,14 @@ pub(crate) fn erf_in_place(x: &mut [f32]) {
         }
         for chunk in x.chunks_mut(i32::MAX as usize) {
             // SAFETY: as in `exp_in_place`.
-            unsafe { vmsErf(chunk.len() as i32, chunk.as_ptr(), chunk.as_mut_ptr(), VML_LA) };
+            unsafe {
+                vmsErf(
+                    chunk.len() as i32,
+                    chunk.as_ptr(),
+                    chunk.as_mut_ptr(),
+                    VML_LA,
+                )
+            };
         }
     }
     #[cfg(not(feature = "mkl"))]
@@ -275,11 +293,25 @@ impl candle_core::Module for Linear {
             }
             None => vec![0f32; rows * dout],
         };
-        let beta = if self.inner.bias().is_some() { 1.0 } else { 0.0 };
+        let beta = if self.inner.bias().is_some() {
+            1.0
+        } else {
+            0.0
+        };
         let x = x.contiguous()?;
         with_cpu_slice(&x, |xs| {
             with_cpu_slice(w, |ws| {
-                sgemm(rows, dout, din, 1.0, Mat::n(xs, din), Mat::t(ws, din), beta, &mut out, dout)
+                sgemm(
+                    rows,
+                    dout,
+                    din,
+                    1.0,
+                    Mat::n(xs, din),
+                    Mat::t(ws, din),
+                    beta,
+                    &mut out,
+                    dout,
+                )
             })
         })??;
         Tensor::from_vec(out, shape, &candle_core::Device::Cpu)
@@ -301,8 +333,7 @@ mod tests {
             let ours = Linear::new(w.clone(), bias.clone()).forward(&x).unwrap();
             let want = candle_nn::Linear::new(w.clone(), bias).forward(&x).unwrap();
             assert_eq!(ours.dims(), &[2, 5, 3]);
-            let diff = (ours - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+            assert!(crate::testing::max_abs_diff(&ours, &want) < 1e-5);
         }
     }
 
@@ -317,7 +348,8 @@ mod tests {
         let mut want = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                want[i * n + j] = 0.5 + 2.0 * (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();
+                want[i * n + j] =
+                    0.5 + 2.0 * (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();
             }
         }
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -330,16 +362,21 @@ mod tests {
             }
         }
         let mut e = vec![0.0f32, 0.3, -1.7, 4.0];
-        let want: Vec<f32> = e.iter().map(|&v| candle_core::cpu::erf::erf_f32(v)).collect();
+        let want: Vec<f32> = e
+            .iter()
+            .map(|&v| candle_core::cpu::erf::erf_f32(v))
+            .collect();
         erf_in_place(&mut e);
         for (v, w) in e.iter().zip(&want) {
             assert!((v - w).abs() < 1e-6, "erf {v} vs {w}");
         }
         let mut x = vec![0.0f32, 1.0, -2.5, 10.0];
         exp_in_place(&mut x);
-        for (v, want) in x.iter().zip([1.0f32, 1.0f32.exp(), (-2.5f32).exp(), 10f32.exp()]) {
+        for (v, want) in x
+            .iter()
+            .zip([1.0f32, 1.0f32.exp(), (-2.5f32).exp(), 10f32.exp()])
+        {
             assert!((v - want).abs() <= want * 1e-6, "{v} vs {want}");
         }
     }
 }
-

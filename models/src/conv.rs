@@ -349,13 +349,16 @@ impl FrameConv {
         while ty0 < th {
             let rows = rows_per_band.min(th - ty0);
             let n = rows * tw;
-            v[..16 * t_in * c * n].par_chunks_mut(16 * n).enumerate().for_each_init(
-                || vec![0f32; 16 * (tw + 1)],
-                |scratch, (ch, dst)| {
-                    let plane = &x[ch * hw..(ch + 1) * hw];
-                    winograd_input(plane, (h, w), ty0..ty0 + rows, dst, scratch);
-                },
-            );
+            v[..16 * t_in * c * n]
+                .par_chunks_mut(16 * n)
+                .enumerate()
+                .for_each_init(
+                    || vec![0f32; 16 * (tw + 1)],
+                    |scratch, (ch, dst)| {
+                        let plane = &x[ch * hw..(ch + 1) * hw];
+                        winograd_input(plane, (h, w), ty0..ty0 + rows, dst, scratch);
+                    },
+                );
             for to in 0..t_out {
                 let v0 = to * self.stride_t * c * 16 * n;
                 for xi in 0..16 {
@@ -509,7 +512,12 @@ fn winograd_output(
             if oy >= h {
                 break;
             }
-            let (c0, c1, c2, c3) = (&rr[..tw], &rr[tw..2 * tw], &rr[2 * tw..3 * tw], &rr[3 * tw..]);
+            let (c0, c1, c2, c3) = (
+                &rr[..tw],
+                &rr[tw..2 * tw],
+                &rr[2 * tw..3 * tw],
+                &rr[3 * tw..],
+            );
             // Interleaved: (left, right) pairs.
             let y0 = &mut y[..2 * tw];
             for (q, pair) in y0.chunks_exact_mut(2).enumerate() {
@@ -526,7 +534,12 @@ fn winograd_output(
 /// `(cout, 16, cin)` from `(cout, cin, 3, 3)` (so `U[ξ]` is the matrix at
 /// offset `ξ·cin` with rows `16·cin` apart).
 fn winograd_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
-    const G: [[f32; 3]; 4] = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]];
+    const G: [[f32; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
     let mut u = vec![0f32; 16 * cout * cin];
     u.par_chunks_mut(16 * cin).enumerate().for_each(|(co, uc)| {
         for ci in 0..cin {
@@ -644,16 +657,7 @@ mod tests {
             ] {
                 let ours = conv.forward(&x).unwrap();
                 assert_eq!(ours.dims(), want.dims(), "case {i}");
-                let diff = (ours - &want)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = crate::testing::max_abs_diff(&ours, &want);
                 assert!(
                     diff < 1e-5 * scale,
                     "case {i}: max |diff| {diff} of max |y| {scale}"

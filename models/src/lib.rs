@@ -9,8 +9,8 @@
 //!
 //! This crate never touches Redis or the job contract.
 
-pub(crate) mod blas;
 pub mod attention;
+pub(crate) mod blas;
 pub mod conv;
 pub mod device;
 pub mod image;
@@ -19,6 +19,26 @@ pub mod registry;
 pub mod speech;
 pub mod text;
 pub mod video;
+
+/// Helpers the unit tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::Tensor;
+
+    /// The largest absolute elementwise difference of two same-shaped tensors.
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+}
 
 pub use text::engine::{BatchEngine, EngineConfig, EngineStats};
 pub use text::{Generation, GgufChatModel, LoadOptions, SamplingParams, TextGeneration};

@@ -93,9 +93,8 @@ pub(crate) fn channel_rms_norm(x: &Tensor, gamma: &[f32], scale: f32, silu: bool
                 let _ = &dst;
                 // SAFETY: (frame f, channel ch, pixels p0..p0+n) belongs to
                 // this task alone and lies inside `out`.
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut(dst.0.add((f * c + ch) * hw + p0), n)
-                };
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(dst.0.add((f * c + ch) * hw + p0), n) };
                 scaled_product(o, row, acc, g);
                 if silu {
                     silu_in_place(o);
@@ -140,14 +139,22 @@ mod tests {
         let (c, h, w) = (5, 3, 1000);
         let x = Tensor::randn(0f32, 1.0, (2, c, h, w), &dev).unwrap();
         let gamma: Vec<f32> = (0..c).map(|i| 0.5 + i as f32 * 0.25).collect();
-        let g = Tensor::new(gamma.as_slice(), &dev).unwrap().reshape((c, 1, 1)).unwrap();
+        let g = Tensor::new(gamma.as_slice(), &dev)
+            .unwrap()
+            .reshape((c, 1, 1))
+            .unwrap();
         let norm = x.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
-        let want = ((x.broadcast_div(&norm).unwrap() * 2.0).unwrap()).broadcast_mul(&g).unwrap();
+        let want = ((x.broadcast_div(&norm).unwrap() * 2.0).unwrap())
+            .broadcast_mul(&g)
+            .unwrap();
         for silu in [false, true] {
-            let want = if silu { want.silu().unwrap() } else { want.clone() };
+            let want = if silu {
+                want.silu().unwrap()
+            } else {
+                want.clone()
+            };
             let ours = channel_rms_norm(&x, &gamma, 2.0, silu).unwrap();
-            let diff = (ours - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+            assert!(crate::testing::max_abs_diff(&ours, &want) < 1e-5);
         }
     }
 }

@@ -29,7 +29,9 @@ struct Attention {
 fn linear(vb: VarBuilder, dim_in: usize, dim_out: usize, bias: bool) -> R<Linear> {
     let w = match vb.get((dim_out, dim_in), "weight") {
         Ok(w) => w,
-        Err(_) => vb.get((dim_out, dim_in, 1, 1), "weight")?.reshape((dim_out, dim_in))?,
+        Err(_) => vb
+            .get((dim_out, dim_in, 1, 1), "weight")?
+            .reshape((dim_out, dim_in))?,
     };
     let b = if bias {
         Some(vb.get(dim_out, "bias")?)
@@ -77,9 +79,14 @@ impl Attention {
             let split = |t: &Tensor, len: usize| -> R<Tensor> {
                 t.reshape((b, len, h, d))?.transpose(1, 2)?.contiguous()
             };
-            sdpa(&split(&q, n)?, &split(&k, m)?, &split(&v, m)?, 1.0 / (d as f64).sqrt())?
-                .transpose(1, 2)?
-                .reshape((b, n, inner))?
+            sdpa(
+                &split(&q, n)?,
+                &split(&k, m)?,
+                &split(&v, m)?,
+                1.0 / (d as f64).sqrt(),
+            )?
+            .transpose(1, 2)?
+            .reshape((b, n, inner))?
         };
         self.to_out.forward(&o)
     }
@@ -113,7 +120,10 @@ impl FeedForward {
 /// vector erf where linked); elsewhere candle's ops.
 fn geglu(h: &Tensor, inner: usize) -> R<Tensor> {
     if !(h.device().is_cpu() && h.dtype() == candle_core::DType::F32) {
-        let (a, gate) = (h.narrow(D::Minus1, 0, inner)?, h.narrow(D::Minus1, inner, inner)?);
+        let (a, gate) = (
+            h.narrow(D::Minus1, 0, inner)?,
+            h.narrow(D::Minus1, inner, inner)?,
+        );
         return a * gate.gelu_erf()?;
     }
     let h = h.contiguous()?;

@@ -16,8 +16,8 @@ use rayon::prelude::*;
 
 use super::attention::{Transformer2D, VaeAttention};
 use crate::blas::with_cpu_slice;
-use crate::ops::{affine, silu_in_place, upsample2x};
 use crate::conv::FrameConv;
+use crate::ops::{affine, silu_in_place, upsample2x};
 
 /// A square-kernel `nn.Conv2d` of the checkpoint (with bias) as a
 /// [`FrameConv`] over the batch.
@@ -147,7 +147,6 @@ fn sum_and_squares(x: &[f32]) -> (f32, f32) {
     )
 }
 
-
 /// `ResnetBlock2D` with `time_embedding_norm="default"` and the default
 /// shortcut rule (a 1x1 conv when the channel count changes).
 pub(crate) struct ResnetBlock2D {
@@ -260,7 +259,6 @@ impl Upsample2D {
         self.conv.forward(&up)
     }
 }
-
 
 /// The cross-attention settings of a block's transformers.
 #[derive(Clone, Copy)]
@@ -540,19 +538,7 @@ impl UpDecoderBlock2D {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::testing::max_abs_diff as max_diff;
 
     #[test]
     fn group_norm_and_upsample_match_candle() {
@@ -560,16 +546,39 @@ mod tests {
         let (c, groups) = (12, 4);
         let vm = candle_nn::VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-        vb.get_with_hints(c, "weight", candle_nn::Init::Randn { mean: 1.0, stdev: 0.3 })
-            .unwrap();
-        vb.get_with_hints(c, "bias", candle_nn::Init::Randn { mean: 0.0, stdev: 0.3 })
-            .unwrap();
+        vb.get_with_hints(
+            c,
+            "weight",
+            candle_nn::Init::Randn {
+                mean: 1.0,
+                stdev: 0.3,
+            },
+        )
+        .unwrap();
+        vb.get_with_hints(
+            c,
+            "bias",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.3,
+            },
+        )
+        .unwrap();
         // 37 values per channel: the vectorised sums' remainder too.
         let x = (Tensor::randn(0f32, 2.0, (2, c, 5, 37), &dev).unwrap() + 0.5).unwrap();
-        let want = nn::group_norm(groups, c, 1e-5, vb.clone()).unwrap().forward(&x).unwrap();
-        let plain = GroupNorm::new(groups, c, 1e-5, vb.clone()).unwrap().forward(&x).unwrap();
+        let want = nn::group_norm(groups, c, 1e-5, vb.clone())
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        let plain = GroupNorm::new(groups, c, 1e-5, vb.clone())
+            .unwrap()
+            .forward(&x)
+            .unwrap();
         assert!(max_diff(&plain, &want) < 1e-4);
-        let silu = GroupNorm::silu(groups, c, 1e-5, vb).unwrap().forward(&x).unwrap();
+        let silu = GroupNorm::silu(groups, c, 1e-5, vb)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
         assert!(max_diff(&silu, &nn::ops::silu(&want).unwrap()) < 1e-4);
         let up = upsample2x(&x).unwrap();
         assert_eq!(max_diff(&up, &x.upsample_nearest2d(10, 74).unwrap()), 0.0);

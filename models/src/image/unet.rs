@@ -11,9 +11,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn as nn;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
-use super::blocks::{
-    conv2d, AttnCfg, DownBlock, GroupNorm, MidBlockCrossAttn, ResnetCfg, UpBlock,
-};
+use super::blocks::{conv2d, AttnCfg, DownBlock, GroupNorm, MidBlockCrossAttn, ResnetCfg, UpBlock};
 use super::config::UNetConfig;
 use crate::conv::FrameConv;
 use crate::ModelError;

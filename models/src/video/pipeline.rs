@@ -206,7 +206,10 @@ impl Wan {
             }
         }
         let tf = self.temporal_factor();
-        if req.num_frames == 0 || req.num_frames > MAX_FRAMES || !(req.num_frames - 1).is_multiple_of(tf) {
+        if req.num_frames == 0
+            || req.num_frames > MAX_FRAMES
+            || !(req.num_frames - 1).is_multiple_of(tf)
+        {
             return Err(ModelError::Invalid(format!(
                 "num_frames must be {tf}k+1 from 1 to {MAX_FRAMES}"
             )));

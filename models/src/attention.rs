@@ -13,7 +13,7 @@
 use candle_core::{DType, Device, Result as R, Tensor};
 use rayon::prelude::*;
 
-use crate::blas::{exp_in_place, sgemm, Mat};
+use crate::blas::{exp_in_place, sgemm, with_cpu_slice, Mat};
 
 /// Floats of one band of scores (1 MB: in a core's L2 cache).
 const BAND_FLOATS: usize = 1 << 18;
@@ -146,18 +146,9 @@ fn with_slices<T>(
     c: &Tensor,
     f: impl FnOnce(&[f32], &[f32], &[f32]) -> T,
 ) -> R<T> {
-    let (sa, la) = a.storage_and_layout();
-    let (sb, lb) = b.storage_and_layout();
-    let (sc, lc) = c.storage_and_layout();
-    fn slice<'a>(s: &'a candle_core::Storage, l: &candle_core::Layout) -> R<&'a [f32]> {
-        match (s, l.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(cpu), Some((start, end))) => {
-                Ok(&cpu.as_slice::<f32>()?[start..end])
-            }
-            _ => candle_core::bail!("sdpa: a contiguous CPU tensor"),
-        }
-    }
-    Ok(f(slice(&sa, la)?, slice(&sb, lb)?, slice(&sc, lc)?))
+    with_cpu_slice(a, |a| {
+        with_cpu_slice(b, |b| with_cpu_slice(c, |c| f(a, b, c)))
+    })??
 }
 
 #[cfg(test)]

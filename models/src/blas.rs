@@ -187,28 +187,39 @@ pub(crate) fn sgemm(
     }
 }
 
-/// `x[i] = exp(x[i])` in place (MKL's vector exp, ~4 ulp, where linked).
+/// An MKL vector math function `r[i] = f(a[i])` for `i < n`.
+#[cfg(feature = "mkl")]
+type VmlFn = unsafe extern "C" fn(n: i32, a: *const f32, r: *mut f32, mode: i64);
+
+#[cfg(feature = "mkl")]
+unsafe extern "C" {
+    fn vmsExp(n: i32, a: *const f32, r: *mut f32, mode: i64);
+    fn vmsErf(n: i32, a: *const f32, r: *mut f32, mode: i64);
+}
+
+/// Applies `f` to `x` in place in MKL's "low accuracy" mode (VML_LA:
+/// under 4 ulp).
+#[cfg(feature = "mkl")]
+fn vml_in_place(x: &mut [f32], f: VmlFn) {
+    const VML_LA: i64 = 0x1;
+    for chunk in x.chunks_mut(i32::MAX as usize) {
+        // SAFETY: MKL's vector functions allow a == r (in place); n is
+        // the chunk's length.
+        unsafe {
+            f(
+                chunk.len() as i32,
+                chunk.as_ptr(),
+                chunk.as_mut_ptr(),
+                VML_LA,
+            )
+        };
+    }
+}
+
+/// `x[i] = exp(x[i])` in place (MKL's vector exp where linked).
 pub(crate) fn exp_in_place(x: &mut [f32]) {
     #[cfg(feature = "mkl")]
-    {
-        // VML_LA: MKL's "low accuracy" mode, under 4 ulp.
-        const VML_LA: i64 = 0x1;
-        unsafe extern "C" {
-            fn vmsExp(n: i32, a: *const f32, r: *mut f32, mode: i64);
-        }
-        for chunk in x.chunks_mut(i32::MAX as usize) {
-            // SAFETY: MKL's vector functions allow a == r (in place); n
-            // is the slice's length.
-            unsafe {
-                vmsExp(
-                    chunk.len() as i32,
-                    chunk.as_ptr(),
-                    chunk.as_mut_ptr(),
-                    VML_LA,
-                )
-            };
-        }
-    }
+    vml_in_place(x, vmsExp);
     #[cfg(not(feature = "mkl"))]
     for v in x.iter_mut() {
         *v = v.exp();
@@ -218,23 +229,7 @@ pub(crate) fn exp_in_place(x: &mut [f32]) {
 /// `x[i] = erf(x[i])` in place (MKL's vector erf where linked).
 pub(crate) fn erf_in_place(x: &mut [f32]) {
     #[cfg(feature = "mkl")]
-    {
-        const VML_LA: i64 = 0x1;
-        unsafe extern "C" {
-            fn vmsErf(n: i32, a: *const f32, r: *mut f32, mode: i64);
-        }
-        for chunk in x.chunks_mut(i32::MAX as usize) {
-            // SAFETY: as in `exp_in_place`.
-            unsafe {
-                vmsErf(
-                    chunk.len() as i32,
-                    chunk.as_ptr(),
-                    chunk.as_mut_ptr(),
-                    VML_LA,
-                )
-            };
-        }
-    }
+    vml_in_place(x, vmsErf);
     #[cfg(not(feature = "mkl"))]
     for v in x.iter_mut() {
         *v = candle_core::cpu::erf::erf_f32(*v);

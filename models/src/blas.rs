@@ -277,15 +277,9 @@ impl candle_core::Module for Linear {
             _ => candle_core::bail!("linear: input {:?} for a {din} -> {dout} weight", x.dims()),
         }
         let rows = x.elem_count() / din.max(1);
+        // The product accumulates onto the bias, read in place.
         let mut out = match self.inner.bias() {
-            Some(b) => {
-                let b = b.to_vec1::<f32>()?;
-                let mut out = Vec::with_capacity(rows * dout);
-                for _ in 0..rows {
-                    out.extend_from_slice(&b);
-                }
-                out
-            }
+            Some(b) => with_cpu_slice(&b.contiguous()?, |b| b.repeat(rows))?,
             None => vec![0f32; rows * dout],
         };
         let beta = if self.inner.bias().is_some() {

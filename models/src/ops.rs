@@ -29,11 +29,15 @@ pub(crate) fn silu_in_place(y: &mut [f32]) {
     })
 }
 
-/// Nearest-neighbour ×2 of a `(b, c, h, w)` f32 CPU map: each input row
-/// written out doubled, twice (candle's `upsample_nearest2d` computes the
-/// source index of every output element: ~7× slower at the VAE's sizes).
+/// Nearest-neighbour ×2 of a `(b, c, h, w)` map. On the CPU in f32 each
+/// input row is written out doubled, twice (candle's `upsample_nearest2d`
+/// computes the source index of every output element: ~7× slower at the
+/// VAE's sizes); elsewhere candle's.
 pub(crate) fn upsample2x(x: &Tensor) -> R<Tensor> {
     let (b, c, h, w) = x.dims4()?;
+    if !(x.device().is_cpu() && x.dtype() == candle_core::DType::F32) {
+        return x.upsample_nearest2d(2 * h, 2 * w);
+    }
     let x = x.contiguous()?;
     let mut out = vec![0f32; b * c * 4 * h * w];
     with_cpu_slice(&x, |src| {

@@ -251,7 +251,7 @@ impl Upsample2D {
     pub(crate) fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> R<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (oh, ow) = size.unwrap_or((2 * h, 2 * w));
-        let up = if (oh, ow) == (2 * h, 2 * w) && x.device().is_cpu() && x.dtype() == DType::F32 {
+        let up = if (oh, ow) == (2 * h, 2 * w) {
             upsample2x(x)?
         } else {
             x.upsample_nearest2d(oh, ow)?

@@ -350,15 +350,7 @@ impl Resample {
             }
         }
         x = match self.mode {
-            Mode::Up2d | Mode::Up3d => {
-                let (_, _, h, w) = x.dims4()?;
-                let up = if x.device().is_cpu() && x.dtype() == DType::F32 {
-                    crate::ops::upsample2x(&x)?
-                } else {
-                    x.upsample_nearest2d(h * 2, w * 2)?
-                };
-                self.conv.forward(&up)?
-            }
+            Mode::Up2d | Mode::Up3d => self.conv.forward(&crate::ops::upsample2x(&x)?)?,
             Mode::Down2d | Mode::Down3d => self
                 .conv
                 .forward(&x.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?,

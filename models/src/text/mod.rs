@@ -1,7 +1,9 @@
 //! Text generation: a GGUF chat model on candle, N options per prompt from one
 //! shared prefill.
 
+pub(crate) mod cpu_ops;
 pub mod engine;
+pub mod q4;
 pub mod q8;
 pub mod quantized_llama;
 pub mod tokenizer;

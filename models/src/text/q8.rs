@@ -7,7 +7,7 @@
 //! batch of 8 costs nearly 8 single rows. Its AVX-512 VNNI repacked kernel
 //! only takes inner dimensions that are multiples of 256 (SmolLM2's 576-wide
 //! matrices are not). Here each weight block is loaded once per tile of up to
-//! 8 rows, its scale is an f32 computed at load, and the products are
+//! 8 rows (or 4 columns at once for one or two rows), its f16 scale converted by F16C, and the products are
 //! `vpdpbusd` on the activations shifted to unsigned (x + 128) with the
 //! shift's share (128 × the weights' sums) taken off once per block.
 //!
@@ -36,6 +36,7 @@ pub fn available() -> bool {
             && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("avx2")
             && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -48,7 +49,9 @@ pub struct Q8Matrix {
     n: usize,
     k: usize,
     quants: Vec<i8>,
-    scales: Vec<f32>,
+    /// The f16 bits of each block's scale (converted in the kernel: fewer
+    /// bytes to read than f32s).
+    scales: Vec<u16>,
 }
 
 impl Q8Matrix {
@@ -71,7 +74,7 @@ impl Q8Matrix {
         let mut quants = Vec::with_capacity(n * k);
         let mut scales = Vec::with_capacity(blocks);
         for b in data.chunks_exact(2 + QK) {
-            scales.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            scales.push(u16::from_le_bytes([b[0], b[1]]));
             quants.extend(b[2..].iter().map(|&q| q as i8));
         }
         Ok(Some(Self {
@@ -80,6 +83,31 @@ impl Q8Matrix {
             quants,
             scales,
         }))
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The matrices' rows one after the other: one matrix for projections
+    /// that read the same input. `None` when they differ in `k`.
+    pub fn concat(parts: Vec<Self>) -> Option<Self> {
+        let k = parts.first()?.k;
+        if parts.iter().any(|p| p.k != k) {
+            return None;
+        }
+        let mut out = Self {
+            n: 0,
+            k,
+            quants: Vec::new(),
+            scales: Vec::new(),
+        };
+        for p in parts {
+            out.n += p.n;
+            out.quants.extend(p.quants);
+            out.scales.extend(p.scales);
+        }
+        Some(out)
     }
 
     /// `x` `(..., k)` f32 times the transposed matrix: `(..., n)`.
@@ -95,17 +123,21 @@ impl Q8Matrix {
             );
         }
         let m = x.elem_count() / k;
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let (xq, xd) = quantize_rows(&xs, m, k);
-        let mut out = vec![0f32; m * self.n];
-        self.matmul(&xq, &xd, m, &mut out);
+        let out = self.matmul_f32(&x.flatten_all()?.to_vec1::<f32>()?, m);
         let mut shape = dims;
         *shape.last_mut().expect("rank >= 1") = self.n;
         Tensor::from_vec(out, shape, &Device::Cpu)
     }
 
+    /// `m` rows of `k` f32 times the transposed matrix: `(m, n)`.
+    pub fn matmul_f32(&self, xs: &[f32], m: usize) -> Vec<f32> {
+        let (xq, xd) = quantize_rows(xs, m, self.k);
+        let mut out = vec![0f32; m * self.n];
+        self.matmul(&xq, &xd, m, &mut out);
+        out
+    }
+
     fn matmul(&self, xq: &[u8], xd: &[f32], m: usize, out: &mut [f32]) {
-        let kb = self.k / QK;
         // Columns in chunks across candle's own CPU thread pool (the one its
         // matmuls run on, so the two never fight for cores); each (row,
         // column) is written by one chunk only.
@@ -113,40 +145,127 @@ impl Q8Matrix {
         let out_ptr = SendPtr(out.as_mut_ptr());
         let chunks = self.n.div_ceil(chunk);
         candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
-            for c in range {
-                let cols = c * chunk..((c + 1) * chunk).min(self.n);
-                let out_ptr = &out_ptr;
-                for r0 in (0..m).step_by(ROW_TILE) {
-                    let rows = ROW_TILE.min(m - r0);
-                    for col in cols.clone() {
-                        let w = &self.quants[col * self.k..(col + 1) * self.k];
-                        let wd = &self.scales[col * kb..(col + 1) * kb];
-                        let mut sums = [0f32; ROW_TILE];
-                        // SAFETY: `available()` was checked when the matrix was
-                        // chosen for this CPU.
-                        unsafe {
-                            dot_tile(
-                                w,
-                                wd,
-                                &xq[r0 * self.k..(r0 + rows) * self.k],
-                                &xd[r0 * kb..(r0 + rows) * kb],
-                                rows,
-                                kb,
-                                &mut sums,
-                            )
-                        };
-                        for (r, s) in sums.iter().take(rows).enumerate() {
-                            // SAFETY: in bounds; this chunk alone writes column `col`.
-                            unsafe { *out_ptr.0.add((r0 + r) * self.n + col) = *s };
-                        }
+            let cols = range.start * chunk..(range.end * chunk).min(self.n);
+            let out_ptr = &out_ptr;
+            // SAFETY: `available()` was checked when the matrix was chosen
+            // for this CPU; this call writes only the columns `cols`.
+            unsafe { self.columns(xq, xd, m, cols, out_ptr.0) }
+        });
+    }
+
+    /// Every row's dot products with the columns `cols`, in tiles of up to
+    /// 8 rows by 1 column, or for one or two rows (decoding) 4 columns at
+    /// once: independent sums, so the adds do not wait on each other and
+    /// more weight blocks are in flight from memory. Each (row, column) is
+    /// computed by the same steps in any tile.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+    unsafe fn columns(
+        &self,
+        xq: &[u8],
+        xd: &[f32],
+        m: usize,
+        cols: std::ops::Range<usize>,
+        out: *mut f32,
+    ) {
+        let wide = if m <= 2 {
+            4
+        } else if m <= 4 {
+            2
+        } else {
+            1
+        };
+        let mut col = cols.start;
+        while col < cols.end {
+            let c = if cols.end - col >= wide { wide } else { 1 };
+            let mut r0 = 0;
+            while r0 < m {
+                let r = (m - r0).min(ROW_TILE);
+                unsafe {
+                    match (r, c) {
+                        (1, 4) => self.tile::<1, 4>(xq, xd, col, r0, out),
+                        (2, 4) => self.tile::<2, 4>(xq, xd, col, r0, out),
+                        (3, 2) => self.tile::<3, 2>(xq, xd, col, r0, out),
+                        (4, 2) => self.tile::<4, 2>(xq, xd, col, r0, out),
+                        (1, _) => self.tile::<1, 1>(xq, xd, col, r0, out),
+                        (2, _) => self.tile::<2, 1>(xq, xd, col, r0, out),
+                        (3, _) => self.tile::<3, 1>(xq, xd, col, r0, out),
+                        (4, _) => self.tile::<4, 1>(xq, xd, col, r0, out),
+                        (5, _) => self.tile::<5, 1>(xq, xd, col, r0, out),
+                        (6, _) => self.tile::<6, 1>(xq, xd, col, r0, out),
+                        (7, _) => self.tile::<7, 1>(xq, xd, col, r0, out),
+                        _ => self.tile::<ROW_TILE, 1>(xq, xd, col, r0, out),
                     }
                 }
+                r0 += r;
             }
-        });
+            col += c;
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    unsafe fn columns(
+        &self,
+        _: &[u8],
+        _: &[f32],
+        _: usize,
+        _: std::ops::Range<usize>,
+        _: *mut f32,
+    ) {
+        unreachable!("the q8 kernel is only chosen on x86_64")
+    }
+
+    /// Rows `r0..r0 + R` times columns `col..col + C`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vl,avx512vnni")]
+    #[inline]
+    unsafe fn tile<const R: usize, const C: usize>(
+        &self,
+        xq: &[u8],
+        xd: &[f32],
+        col: usize,
+        r0: usize,
+        out: *mut f32,
+    ) {
+        use std::arch::x86_64::*;
+        let (k, kb) = (self.k, self.k / QK);
+        let w = unsafe { self.quants.as_ptr().add(col * k) };
+        let wd = &self.scales[col * kb..(col + C) * kb];
+        let xq = unsafe { xq.as_ptr().add(r0 * k) };
+        let xd = &xd[r0 * kb..(r0 + R) * kb];
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let shift = _mm256_set1_epi8(-128i8);
+        for b in 0..kb {
+            for c in 0..C {
+                let wb = unsafe { _mm256_loadu_si256(w.add(c * k + b * QK) as *const __m256i) };
+                // 128 × the sum of each lane's 4 weights: what the shift added.
+                let corr = _mm256_dpbusd_epi32(_mm256_setzero_si256(), shift, wb);
+                let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(wd[c * kb + b] as i32)));
+                for r in 0..R {
+                    let xb =
+                        unsafe { _mm256_loadu_si256(xq.add(r * k + b * QK) as *const __m256i) };
+                    let lanes =
+                        _mm256_sub_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), xb, wb), corr);
+                    let d = _mm256_set1_ps(dw * xd[r * kb + b]);
+                    acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r][c]);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            for (c, &x) in row.iter().enumerate() {
+                // candle's hsum_float_8, step for step.
+                let res = _mm256_extractf128_ps(x, 1);
+                let res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+                let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+                let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+                // SAFETY: row `r0 + r` < rows, column `col + c` < n.
+                unsafe { *out.add((r0 + r) * self.n + col + c) = _mm_cvtss_f32(res) };
+            }
+        }
     }
 }
 
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
@@ -166,59 +285,6 @@ fn quantize_rows(xs: &[f32], m: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
         }
     }
     (q, d)
-}
-
-/// The dot products of one weight column with `rows` activation rows.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512vl,avx512vnni")]
-unsafe fn dot_tile(
-    w: &[i8],
-    wd: &[f32],
-    xq: &[u8],
-    xd: &[f32],
-    rows: usize,
-    kb: usize,
-    sums: &mut [f32; ROW_TILE],
-) {
-    use std::arch::x86_64::*;
-    let k = kb * QK;
-    let mut acc = [_mm256_setzero_ps(); ROW_TILE];
-    let shift = _mm256_set1_epi8(-128i8);
-    for b in 0..kb {
-        let wb = unsafe { _mm256_loadu_si256(w.as_ptr().add(b * QK) as *const __m256i) };
-        // 128 × the sum of each lane's 4 weights: what the shift added.
-        let corr = _mm256_dpbusd_epi32(_mm256_setzero_si256(), shift, wb);
-        let dw = wd[b];
-        for r in 0..rows {
-            let xb =
-                unsafe { _mm256_loadu_si256(xq.as_ptr().add(r * k + b * QK) as *const __m256i) };
-            let lanes = _mm256_sub_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), xb, wb), corr);
-            let d = _mm256_set1_ps(dw * xd[r * kb + b]);
-            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r]);
-        }
-    }
-    for r in 0..rows {
-        // candle's hsum_float_8, step for step.
-        let x = acc[r];
-        let res = _mm256_extractf128_ps(x, 1);
-        let res = _mm_add_ps(res, _mm256_castps256_ps128(x));
-        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
-        sums[r] = _mm_cvtss_f32(res);
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_tile(
-    _w: &[i8],
-    _wd: &[f32],
-    _xq: &[u8],
-    _xd: &[f32],
-    _rows: usize,
-    _kb: usize,
-    _sums: &mut [f32; ROW_TILE],
-) {
-    unreachable!("the q8 kernel is only chosen on x86_64")
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::cpu_ops;
+
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -71,27 +73,44 @@ impl Config {
     }
 }
 
-/// A weight matrix: candle's quantized matmul, or on CPUs with AVX-512 VNNI
-/// our few-rows Q8_0 kernel where candle has only its one-row-at-a-time
-/// path (same numbers, see [`super::q8`]).
+/// Whether the CPU kernels of [`super::q4`] and [`super::q8`] run where
+/// they can (the default); `QUANT_KERNEL=candle` (or the older
+/// `Q8_KERNEL=candle`) keeps candle's own kernels, for comparison.
+fn our_kernels() -> bool {
+    ["QUANT_KERNEL", "Q8_KERNEL"]
+        .iter()
+        .all(|k| std::env::var(k).map(|v| v != "candle").unwrap_or(true))
+}
+
+/// A weight matrix: candle's quantized matmul, or on x86 CPUs our kernels:
+/// Q4_1 on its 4-bit weights (candle's is scalar code, see [`super::q4`]),
+/// and Q8_0 a few rows at a time with AVX-512 VNNI where candle has only its
+/// one-row-at-a-time path (same numbers, see [`super::q8`]).
 enum Linear {
     Candle(QMatMul),
     Q8(super::q8::Q8Matrix),
+    Q4(super::q4::Q4Matrix),
 }
 
 impl Linear {
-    fn new(t: QTensor, device: &Device) -> Result<Self> {
-        let candle_has_a_fast_path = t.shape().dims().last().is_some_and(|k| k % 256 == 0);
-        if device.is_cpu()
-            && t.dtype() == GgmlDType::Q8_0
-            && !candle_has_a_fast_path
-            && std::env::var("Q8_KERNEL")
-                .map(|v| v != "candle")
-                .unwrap_or(true)
-            && super::q8::available()
-        {
-            if let Some(m) = super::q8::Q8Matrix::from_qtensor(&t)? {
-                return Ok(Self::Q8(m));
+    fn new(t: QTensor, device: &Device, ours: bool) -> Result<Self> {
+        if device.is_cpu() && ours {
+            match t.dtype() {
+                GgmlDType::Q4_1 => {
+                    if let Some(m) = super::q4::Q4Matrix::from_qtensor(&t)? {
+                        return Ok(Self::Q4(m));
+                    }
+                }
+                GgmlDType::Q8_0 => {
+                    let candle_has_a_fast_path =
+                        t.shape().dims().last().is_some_and(|k| k % 256 == 0);
+                    if !candle_has_a_fast_path && super::q8::available() {
+                        if let Some(m) = super::q8::Q8Matrix::from_qtensor(&t)? {
+                            return Ok(Self::Q8(m));
+                        }
+                    }
+                }
+                _ => {}
             }
         }
         Ok(Self::Candle(QMatMul::from_qtensor(t)?))
@@ -101,31 +120,170 @@ impl Linear {
         match self {
             Self::Candle(m) => m.forward(x),
             Self::Q8(m) => m.forward(x),
+            Self::Q4(m) => m.forward(x),
+        }
+    }
+
+    /// `rows` rows of f32 on the CPU times the transposed matrix.
+    fn forward_vec(&self, xs: &[f32], rows: usize) -> Result<Vec<f32>> {
+        match self {
+            Self::Q4(m) => Ok(m.matmul(&super::q4::QuantizedRows::new(xs, rows, m.k()))),
+            Self::Q8(m) => Ok(m.matmul_f32(xs, rows)),
+            Self::Candle(m) => {
+                let x = Tensor::from_slice(xs, (rows, xs.len() / rows.max(1)), &Device::Cpu)?;
+                m.forward(&x)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()
+            }
+        }
+    }
+}
+
+/// Projections that read the same input (q, k and v; gate and up): one
+/// matrix of all their rows when our kernels run them all (the input is
+/// quantized once and the thread pool woken once), apart otherwise.
+enum Projections {
+    Fused(Linear, Vec<usize>),
+    Apart(Vec<Linear>),
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>) -> Self {
+        let sizes =
+            |n: fn(&Linear) -> Option<usize>| parts.iter().map(n).collect::<Option<Vec<_>>>();
+        if let Some(sizes) = sizes(|l| match l {
+            Linear::Q4(m) => Some(m.n()),
+            _ => None,
+        }) {
+            let ms = parts.into_iter().map(|l| match l {
+                Linear::Q4(m) => m,
+                _ => unreachable!("all Q4"),
+            });
+            match super::q4::Q4Matrix::concat(ms.collect()) {
+                Some(m) => return Self::Fused(Linear::Q4(m), sizes),
+                None => unreachable!("projections of one input share k"),
+            }
+        }
+        if let Some(sizes) = sizes(|l| match l {
+            Linear::Q8(m) => Some(m.n()),
+            _ => None,
+        }) {
+            let ms = parts.into_iter().map(|l| match l {
+                Linear::Q8(m) => m,
+                _ => unreachable!("all Q8"),
+            });
+            match super::q8::Q8Matrix::concat(ms.collect()) {
+                Some(m) => return Self::Fused(Linear::Q8(m), sizes),
+                None => unreachable!("projections of one input share k"),
+            }
+        }
+        Self::Apart(parts)
+    }
+
+    /// Each projection of `rows` rows of f32 on the CPU, in order.
+    fn forward_vec(&self, xs: &[f32], rows: usize) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Self::Apart(parts) => parts.iter().map(|p| p.forward_vec(xs, rows)).collect(),
+            Self::Fused(w, sizes) => {
+                let y = w.forward_vec(xs, rows)?;
+                let total: usize = sizes.iter().sum();
+                let mut parts: Vec<Vec<f32>> =
+                    sizes.iter().map(|n| Vec::with_capacity(rows * n)).collect();
+                for row in y.chunks_exact(total) {
+                    let mut offset = 0;
+                    for (part, &n) in parts.iter_mut().zip(sizes) {
+                        part.extend_from_slice(&row[offset..offset + n]);
+                        offset += n;
+                    }
+                }
+                Ok(parts)
+            }
+        }
+    }
+
+    /// Each projection of `x`, in order.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Apart(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Self::Fused(w, sizes) => {
+                let y = w.forward(x)?;
+                let mut offset = 0;
+                sizes
+                    .iter()
+                    .map(|&n| {
+                        let part = y.narrow(candle_core::D::Minus1, offset, n);
+                        offset += n;
+                        part
+                    })
+                    .collect()
+            }
         }
     }
 }
 
 struct Layer {
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// q, k, v.
+    qkv: Projections,
     wo: Linear,
-    w_gate: Linear,
+    /// gate, up.
+    gate_up: Projections,
     w_down: Linear,
-    w_up: Linear,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
 }
 
-/// One sequence's keys and values: per layer, `(1, n_kv_head, capacity,
+impl Layer {
+    /// `down(silu(gate(x)) * up(x))`.
+    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        let parts = self.gate_up.forward(x)?;
+        let h = (candle_nn::ops::silu(&parts[0])? * &parts[1])?;
+        self.w_down.forward(&h)
+    }
+
+    /// The same on `rows` rows of f32 on the CPU.
+    fn mlp_vec(&self, xs: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let h = match &self.gate_up {
+            Projections::Fused(w, sizes) if sizes.len() == 2 && sizes[0] == sizes[1] => {
+                let y = w.forward_vec(xs, rows)?;
+                let mut h = vec![0f32; rows * sizes[0]];
+                cpu_ops::silu_gate(&y, sizes[0], &mut h);
+                h
+            }
+            p => {
+                let mut parts = p.forward_vec(xs, rows)?;
+                let up = parts.pop().expect("gate and up");
+                let mut gate = parts.pop().expect("gate and up");
+                crate::ops::silu_in_place(&mut gate);
+                for (g, u) in gate.iter_mut().zip(&up) {
+                    *g *= u;
+                }
+                gate
+            }
+        };
+        self.w_down.forward_vec(&h, rows)
+    }
+}
+
+/// One sequence's keys and values: per layer, `(n_kv_head, capacity,
 /// head_dim)` buffers written in place as tokens arrive (no copy of the
 /// history per token); the first `len` positions are filled. The capacity is
 /// what the sequence reserved (prompt plus reply); a sequence that outgrows
-/// it gets a larger buffer.
+/// it gets a larger buffer. On the CPU the buffers are plain vectors the
+/// forward pass writes and reads directly; elsewhere tensors on the device.
 pub struct SeqCache {
-    layers: Vec<(Tensor, Tensor)>,
+    kv: Kv,
     len: usize,
     capacity: usize,
+}
+
+enum Kv {
+    Tensors(Vec<(Tensor, Tensor)>),
+    Cpu {
+        layers: Vec<(Vec<f32>, Vec<f32>)>,
+        heads: usize,
+        head_dim: usize,
+    },
 }
 
 impl SeqCache {
@@ -148,34 +306,70 @@ impl SeqCache {
         if len > self.len || len > capacity {
             candle_core::bail!("copying {len} tokens of a {}-token cache", self.len);
         }
-        let layers = self
-            .layers
-            .iter()
-            .map(|(k, v)| {
-                let (_, h, _, d) = k.dims4()?;
-                let nk = Tensor::zeros((1, h, capacity, d), k.dtype(), k.device())?;
-                let nv = Tensor::zeros((1, h, capacity, d), v.dtype(), v.device())?;
-                if len > 0 {
-                    nk.slice_set(&k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
-                    nv.slice_set(&v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+        let kv = match &self.kv {
+            Kv::Tensors(layers) => Kv::Tensors(
+                layers
+                    .iter()
+                    .map(|(k, v)| {
+                        let (_, h, _, d) = k.dims4()?;
+                        let nk = Tensor::zeros((1, h, capacity, d), k.dtype(), k.device())?;
+                        let nv = Tensor::zeros((1, h, capacity, d), v.dtype(), v.device())?;
+                        if len > 0 {
+                            nk.slice_set(&k.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                            nv.slice_set(&v.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+                        }
+                        Ok((nk, nv))
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            &Kv::Cpu {
+                ref layers,
+                heads,
+                head_dim,
+            } => {
+                let copy = |from: &[f32]| {
+                    let mut to = vec![0f32; heads * capacity * head_dim];
+                    for h in 0..heads {
+                        let (src, dst) = (h * self.capacity * head_dim, h * capacity * head_dim);
+                        to[dst..dst + len * head_dim]
+                            .copy_from_slice(&from[src..src + len * head_dim]);
+                    }
+                    to
+                };
+                Kv::Cpu {
+                    layers: layers.iter().map(|(k, v)| (copy(k), copy(v))).collect(),
+                    heads,
+                    head_dim,
                 }
-                Ok((nk, nv))
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self {
-            layers,
-            len,
-            capacity,
-        })
+            }
+        };
+        Ok(Self { kv, len, capacity })
     }
 
     /// Bytes the buffers hold.
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
-            .sum()
+        match &self.kv {
+            Kv::Tensors(layers) => layers
+                .iter()
+                .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+                .sum(),
+            Kv::Cpu { layers, .. } => layers
+                .iter()
+                .map(|(k, v)| (k.len() + v.len()) * std::mem::size_of::<f32>())
+                .sum(),
+        }
     }
+}
+
+/// What the CPU forward pass reads besides the weight matrices: the norms'
+/// weights and the rotary tables as plain vectors.
+struct CpuParts {
+    attn_norms: Vec<Vec<f32>>,
+    ffn_norms: Vec<Vec<f32>>,
+    out_norm: Vec<f32>,
+    /// `(context_length, head_dim / 2)`.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 pub struct QuantizedLlama {
@@ -187,6 +381,8 @@ pub struct QuantizedLlama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// On the CPU: the forward pass on plain vectors.
+    cpu: Option<CpuParts>,
 }
 
 impl QuantizedLlama {
@@ -196,14 +392,35 @@ impl QuantizedLlama {
         device: &Device,
         cpu_repack: bool,
     ) -> Result<Self> {
+        Self::from_gguf_with(ct, reader, device, cpu_repack, our_kernels())
+    }
+
+    /// [`Self::from_gguf`] with the CPU matrix kernels chosen: ours where
+    /// they run (`ours`), or candle's everywhere.
+    #[doc(hidden)]
+    pub fn from_gguf_with<R: std::io::Read + std::io::Seek>(
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+        cpu_repack: bool,
+        ours: bool,
+    ) -> Result<Self> {
         let config = Config::from_gguf(ct)?;
         let mut tensor = |name: &str| -> Result<QTensor> {
             let t = ct.tensor(reader, name, device)?;
-            repack_for_cpu(t, device, cpu_repack)
+            repack_for_cpu(t, device, cpu_repack, ours)
         };
+        // A norm's weights, as candle's RmsNorm and (on the CPU) a vector.
+        let norm_of = |t: QTensor, norms: &mut Vec<Vec<f32>>| -> Result<RmsNorm> {
+            if device.is_cpu() {
+                norms.push(t.dequantize(device)?.flatten_all()?.to_vec1()?);
+            }
+            RmsNorm::from_qtensor(t, config.rms_norm_eps)
+        };
+        let (mut attn_norms, mut ffn_norms, mut out_norm) = (vec![], vec![], vec![]);
         let embd_q = tensor("token_embd.weight")?;
         let embeddings = Embedding::new(embd_q.dequantize(device)?, config.n_embd);
-        let norm = RmsNorm::from_qtensor(tensor("output_norm.weight")?, config.rms_norm_eps)?;
+        let norm = norm_of(tensor("output_norm.weight")?, &mut out_norm)?;
         // Models with tied embeddings (SmolLM2) have no output.weight.
         let output = match tensor("output.weight") {
             Ok(t) => t,
@@ -212,29 +429,38 @@ impl QuantizedLlama {
         let mut layers = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
             let mut q = |suffix: &str| -> Result<Linear> {
-                Linear::new(tensor(&format!("blk.{i}.{suffix}.weight"))?, device)
+                Linear::new(tensor(&format!("blk.{i}.{suffix}.weight"))?, device, ours)
             };
-            let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
-            let (w_gate, w_down, w_up) = (q("ffn_gate")?, q("ffn_down")?, q("ffn_up")?);
-            let eps = config.rms_norm_eps;
+            let qkv = Projections::new(vec![q("attn_q")?, q("attn_k")?, q("attn_v")?]);
+            let wo = q("attn_output")?;
+            let gate_up = Projections::new(vec![q("ffn_gate")?, q("ffn_up")?]);
+            let w_down = q("ffn_down")?;
             layers.push(Layer {
-                wq,
-                wk,
-                wv,
+                qkv,
                 wo,
-                w_gate,
+                gate_up,
                 w_down,
-                w_up,
-                attn_norm: RmsNorm::from_qtensor(
+                attn_norm: norm_of(
                     tensor(&format!("blk.{i}.attn_norm.weight"))?,
-                    eps,
+                    &mut attn_norms,
                 )?,
-                ffn_norm: RmsNorm::from_qtensor(tensor(&format!("blk.{i}.ffn_norm.weight"))?, eps)?,
+                ffn_norm: norm_of(tensor(&format!("blk.{i}.ffn_norm.weight"))?, &mut ffn_norms)?,
             });
         }
         let (cos, sin) = rope_tables(&config, device)?;
+        let cpu = match device.is_cpu() {
+            true => Some(CpuParts {
+                attn_norms,
+                ffn_norms,
+                out_norm: out_norm.pop().unwrap_or_default(),
+                cos: cos.flatten_all()?.to_vec1()?,
+                sin: sin.flatten_all()?.to_vec1()?,
+            }),
+            false => None,
+        };
         Ok(Self {
-            output: Linear::new(output, device)?,
+            cpu,
+            output: Linear::new(output, device, ours)?,
             config,
             embeddings,
             layers,
@@ -253,6 +479,21 @@ impl QuantizedLlama {
     pub fn new_cache(&self, capacity: usize) -> Result<SeqCache> {
         let c = &self.config;
         let capacity = capacity.max(1);
+        if self.cpu.is_some() {
+            let size = c.n_kv_head * capacity * c.head_dim;
+            let layers = (0..c.n_layer)
+                .map(|_| (vec![0f32; size], vec![0f32; size]))
+                .collect();
+            return Ok(SeqCache {
+                kv: Kv::Cpu {
+                    layers,
+                    heads: c.n_kv_head,
+                    head_dim: c.head_dim,
+                },
+                len: 0,
+                capacity,
+            });
+        }
         let layers = (0..c.n_layer)
             .map(|_| {
                 let shape = (1, c.n_kv_head, capacity, c.head_dim);
@@ -263,10 +504,18 @@ impl QuantizedLlama {
             })
             .collect::<Result<_>>()?;
         Ok(SeqCache {
-            layers,
+            kv: Kv::Tensors(layers),
             len: 0,
             capacity,
         })
+    }
+
+    /// The same model with the tensor forward pass on the CPU as well (the
+    /// one GPUs run): for checking the CPU pass against it.
+    #[doc(hidden)]
+    pub fn without_cpu_path(mut self) -> Self {
+        self.cpu = None;
+        self
     }
 
     /// Runs `tokens` after what `cache` holds and returns the logits of
@@ -310,6 +559,9 @@ impl QuantizedLlama {
                 **cache = cache.copy_prefix(cache.len, need.max(cache.capacity * 2))?;
             }
         }
+        if let Some(cpu) = &self.cpu {
+            return self.forward_cpu(cpu, tokens, seq, caches);
+        }
         let (cos, sin) = if rows == 1 {
             let pos = caches[0].len;
             (self.cos.narrow(0, pos, seq)?, self.sin.narrow(0, pos, seq)?)
@@ -335,9 +587,7 @@ impl QuantizedLlama {
             let h = self.attention(layer, i, &h, mask.as_ref(), &cos, &sin, caches, seq)?;
             let x1 = (h + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
-            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-            let h = layer.w_down.forward(&(gate * layer.w_up.forward(&h)?)?)?;
-            x = (h + x1)?;
+            x = (layer.mlp(&h)? + x1)?;
         }
         for cache in caches.iter_mut() {
             cache.len += seq;
@@ -345,6 +595,152 @@ impl QuantizedLlama {
         let last = x.narrow(1, seq - 1, 1)?.squeeze(1)?;
         let last = self.norm.forward(&last)?;
         self.output.forward(&last)?.to_dtype(DType::F32)
+    }
+
+    /// [`Self::forward_rows`] on the CPU, on plain vectors: the matrix
+    /// products by our kernels (or candle's), everything between them by
+    /// [`cpu_ops`], the keys and values written straight into each row's
+    /// buffers. A decode step's attention runs one task per (row, query
+    /// head) on candle's thread pool; a prefill chunk's by sgemm per head.
+    fn forward_cpu(
+        &self,
+        cpu: &CpuParts,
+        tokens: &[u32],
+        seq: usize,
+        caches: &mut [&mut SeqCache],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (rows, n, d, hd) = (caches.len(), tokens.len(), c.n_embd, c.head_dim);
+        let (nh, nkv) = (c.n_head, c.n_kv_head);
+        let n_rep = nh / nkv;
+        let (qd, kvd, half) = (nh * hd, nkv * hd, hd / 2);
+        let eps = c.rms_norm_eps as f32;
+        let scale = 1. / (hd as f32).sqrt();
+        let mut x = vec![0f32; n * d];
+        crate::blas::with_cpu_slice(self.embeddings.embeddings(), |table| {
+            let vocab = table.len() / d;
+            for (row, &t) in x.chunks_exact_mut(d).zip(tokens) {
+                let t = t as usize;
+                if t >= vocab {
+                    candle_core::bail!("token {t} is outside the vocabulary of {vocab}");
+                }
+                row.copy_from_slice(&table[t * d..(t + 1) * d]);
+            }
+            Ok(())
+        })??;
+        let mut h = vec![0f32; n * d];
+        let mut y = vec![0f32; n * qd];
+        for (li, layer) in self.layers.iter().enumerate() {
+            cpu_ops::rms_norm(&x, &cpu.attn_norms[li], eps, &mut h);
+            let mut qkv = layer.qkv.forward_vec(&h, n)?;
+            let v = qkv.pop().expect("q, k, v");
+            let mut k = qkv.pop().expect("q, k, v");
+            let mut q = qkv.pop().expect("q, k, v");
+            for (r, cache) in caches.iter_mut().enumerate() {
+                let cap = cache.capacity;
+                let Kv::Cpu { layers, .. } = &mut cache.kv else {
+                    candle_core::bail!("a device cache in the CPU forward pass");
+                };
+                let (kc, vc) = &mut layers[li];
+                for i in 0..seq {
+                    let (row, p) = (r * seq + i, cache.len + i);
+                    let (cos, sin) = (
+                        &cpu.cos[p * half..(p + 1) * half],
+                        &cpu.sin[p * half..(p + 1) * half],
+                    );
+                    cpu_ops::rope(&mut q[row * qd..(row + 1) * qd], cos, sin, c.rope_is_neox);
+                    let kr = &mut k[row * kvd..(row + 1) * kvd];
+                    cpu_ops::rope(kr, cos, sin, c.rope_is_neox);
+                    let vr = &v[row * kvd..(row + 1) * kvd];
+                    for g in 0..nkv {
+                        let at = (g * cap + p) * hd;
+                        kc[at..at + hd].copy_from_slice(&kr[g * hd..(g + 1) * hd]);
+                        vc[at..at + hd].copy_from_slice(&vr[g * hd..(g + 1) * hd]);
+                    }
+                }
+            }
+            if seq == 1 {
+                // One task per (row, query head), each on its own slice of y.
+                let kv: Vec<(&[f32], &[f32], usize, usize)> = caches
+                    .iter()
+                    .map(|cache| match &cache.kv {
+                        Kv::Cpu { layers, .. } => {
+                            let (kc, vc) = &layers[li];
+                            (kc.as_slice(), vc.as_slice(), cache.capacity, cache.len + 1)
+                        }
+                        Kv::Tensors(_) => unreachable!("checked above"),
+                    })
+                    .collect();
+                let out = super::q8::SendPtr(y.as_mut_ptr());
+                let q = &q;
+                candle_core::utils::barrier_pool().execute_chunked(rows * nh, |tasks| {
+                    let out = &out;
+                    let mut scores = Vec::new();
+                    for task in tasks {
+                        let (r, head) = (task / nh, task % nh);
+                        let (kc, vc, cap, t) = kv[r];
+                        let g = head / n_rep;
+                        let (kh, vh) = (&kc[g * cap * hd..], &vc[g * cap * hd..]);
+                        scores.resize(t, 0.);
+                        let at = r * qd + head * hd;
+                        // SAFETY: each task writes its own `hd` values of y.
+                        let o = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), hd) };
+                        cpu_ops::attend_one(
+                            &q[at..at + hd],
+                            &kh[..t * hd],
+                            &vh[..t * hd],
+                            hd,
+                            scale,
+                            &mut scores,
+                            o,
+                        );
+                    }
+                });
+            } else {
+                let cache = &caches[0];
+                let (pos, cap) = (cache.len, cache.capacity);
+                let Kv::Cpu { layers, .. } = &cache.kv else {
+                    unreachable!("checked above")
+                };
+                let (kc, vc) = &layers[li];
+                let t = pos + seq;
+                let mut scores = vec![0f32; seq * t];
+                for head in 0..nh {
+                    let g = head / n_rep;
+                    let (kh, vh) = (&kc[g * cap * hd..], &vc[g * cap * hd..]);
+                    cpu_ops::attend_causal(
+                        &q[head * hd..],
+                        qd,
+                        &kh[..t * hd],
+                        &vh[..t * hd],
+                        hd,
+                        pos,
+                        seq,
+                        scale,
+                        &mut scores,
+                        &mut y[head * hd..],
+                        qd,
+                    );
+                }
+            }
+            let o = layer.wo.forward_vec(&y, n)?;
+            cpu_ops::add_in_place(&mut x, &o);
+            cpu_ops::rms_norm(&x, &cpu.ffn_norms[li], eps, &mut h);
+            let m = layer.mlp_vec(&h, n)?;
+            cpu_ops::add_in_place(&mut x, &m);
+        }
+        for cache in caches.iter_mut() {
+            cache.len += seq;
+        }
+        let mut last = Vec::with_capacity(rows * d);
+        for r in 0..rows {
+            last.extend_from_slice(&x[(r * seq + seq - 1) * d..(r * seq + seq) * d]);
+        }
+        let mut normed = vec![0f32; rows * d];
+        cpu_ops::rms_norm(&last, &cpu.out_norm, eps, &mut normed);
+        let logits = self.output.forward_vec(&normed, rows)?;
+        let vocab = logits.len() / rows;
+        Tensor::from_vec(logits, (rows, vocab), &Device::Cpu)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -361,9 +757,9 @@ impl QuantizedLlama {
     ) -> Result<Tensor> {
         let c = &self.config;
         let rows = caches.len();
-        let heads = |w: &Linear, n: usize| -> Result<Tensor> {
-            w.forward(x)?
-                .reshape((rows, seq, n, c.head_dim))?
+        let qkv = layer.qkv.forward(x)?;
+        let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((rows, seq, n, c.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
         };
@@ -372,15 +768,18 @@ impl QuantizedLlama {
         } else {
             candle_nn::rotary_emb::rope_i
         };
-        let q = rope(&heads(&layer.wq, c.n_head)?, cos, sin)?;
-        let k = rope(&heads(&layer.wk, c.n_kv_head)?, cos, sin)?;
-        let v = heads(&layer.wv, c.n_kv_head)?;
+        let q = rope(&heads(&qkv[0], c.n_head)?, cos, sin)?;
+        let k = rope(&heads(&qkv[1], c.n_kv_head)?, cos, sin)?;
+        let v = heads(&qkv[2], c.n_kv_head)?;
         let n_rep = c.n_head / c.n_kv_head;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         let mut ys = Vec::with_capacity(rows);
         for (r, cache) in caches.iter_mut().enumerate() {
             let pos = cache.len;
-            let (kc, vc) = &cache.layers[index];
+            let Kv::Tensors(layers) = &cache.kv else {
+                candle_core::bail!("a CPU cache in the tensor forward pass");
+            };
+            let (kc, vc) = &layers[index];
             kc.slice_set(&k.narrow(0, r, 1)?.contiguous()?, 2, pos)?;
             vc.slice_set(&v.narrow(0, r, 1)?.contiguous()?, 2, pos)?;
             let total = pos + seq;
@@ -420,12 +819,14 @@ impl QuantizedLlama {
 /// and the K-quants, but run Q4_1, Q5_0 and Q5_1 with scalar code, several
 /// times slower. On CPU such tensors are re-quantized to Q8_0 at load: 8 bits
 /// hold a 4- or 5-bit block's values almost exactly (the error is a fraction
-/// of the original quantization step), for twice the memory of Q4.
-fn repack_for_cpu(t: QTensor, device: &Device, allowed: bool) -> Result<QTensor> {
-    let slow = matches!(
-        t.dtype(),
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
-    );
+/// of the original quantization step), for twice the memory of Q4. Q4_1
+/// stays as it is on x86 CPUs with AVX2, where [`super::q4`] runs it.
+fn repack_for_cpu(t: QTensor, device: &Device, allowed: bool, ours: bool) -> Result<QTensor> {
+    let slow = match t.dtype() {
+        GgmlDType::Q4_1 => !(ours && super::q4::available()),
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 => true,
+        _ => false,
+    };
     let blocks_fit = t
         .shape()
         .dims()

@@ -477,7 +477,7 @@ mod tests {
                     );
                 }
                 // candle's kernel takes even block counts only.
-                if (k / QK) % 2 == 0 {
+                if (k / QK).is_multiple_of(2) {
                     let candle = vec(&theirs.forward(&x).unwrap());
                     for (a, c) in a.iter().zip(&candle) {
                         assert!(

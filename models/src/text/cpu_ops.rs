@@ -12,7 +12,20 @@ use crate::blas::{sgemm, Mat};
 
 const LANES: usize = 16;
 
-/// The sum of `a[i] * b[i]` in 16 lanes, then the lanes in order.
+/// The lanes' sum by halves (vector adds, not 16 dependent scalar ones).
+#[inline(always)]
+fn sum_lanes(mut acc: [f32; LANES]) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0]
+}
+
+/// The sum of `a[i] * b[i]` in 16 lanes, then the lanes by halves.
 #[inline(always)]
 fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
@@ -20,12 +33,12 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let (ar, br) = (ac.remainder(), bc.remainder());
     for (x, y) in ac.zip(bc) {
         for i in 0..LANES {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+            acc[i] += x[i] * y[i];
         }
     }
-    let mut s: f32 = acc.iter().sum();
+    let mut s = sum_lanes(acc);
     for (x, y) in ar.iter().zip(br) {
-        s = x.mul_add(*y, s);
+        s += x * y;
     }
     s
 }
@@ -109,7 +122,7 @@ fn softmax(x: &mut [f32]) {
             acc[i] += c[i];
         }
     }
-    sum += acc.iter().sum::<f32>();
+    sum += sum_lanes(acc);
     let inv = 1. / sum;
     for v in x.iter_mut() {
         *v *= inv;
@@ -119,9 +132,59 @@ fn softmax(x: &mut [f32]) {
 /// One token's attention for query heads of one key/value head: `q`
 /// `(heads, d)`, the keys and values `(t, d)` (the cache's first `t`
 /// positions, this token's own included), `scores` room for `t`; writes
-/// `(heads, d)` into `out`.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+/// `(heads, d)` into `out`. Head sizes of 64 and 128 run with the row held
+/// in registers (fixed-size arrays the compiler keeps in vector registers).
 pub(crate) fn attend_one(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    match d {
+        64 => attend_fixed::<64>(q, k, v, scale, scores, out),
+        128 => attend_fixed::<128>(q, k, v, scale, scores, out),
+        _ => attend_any(q, k, v, d, scale, scores, out),
+    }
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn attend_fixed<const D: usize>(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    for (qh, oh) in q.chunks_exact(D).zip(out.chunks_exact_mut(D)) {
+        let qh: &[f32; D] = qh.try_into().expect("D values");
+        for (s, kt) in scores.iter_mut().zip(k.chunks_exact(D)) {
+            let kt: &[f32; D] = kt.try_into().expect("D values");
+            let mut acc = [0f32; LANES];
+            for c in 0..D / LANES {
+                for i in 0..LANES {
+                    acc[i] += qh[c * LANES + i] * kt[c * LANES + i];
+                }
+            }
+            *s = sum_lanes(acc) * scale;
+        }
+        softmax(scores);
+        let mut acc = [0f32; D];
+        for (&p, vt) in scores.iter().zip(v.chunks_exact(D)) {
+            let vt: &[f32; D] = vt.try_into().expect("D values");
+            for i in 0..D {
+                acc[i] += p * vt[i];
+            }
+        }
+        oh.copy_from_slice(&acc);
+    }
+}
+
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn attend_any(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -138,7 +201,7 @@ pub(crate) fn attend_one(
         oh.fill(0.);
         for (&p, vt) in scores.iter().zip(v.chunks_exact(d)) {
             for (o, &x) in oh.iter_mut().zip(vt) {
-                *o = p.mul_add(x, *o);
+                *o += p * x;
             }
         }
     }
@@ -222,15 +285,19 @@ mod tests {
         let (k, v) = (rand(t * d, 1), rand(t * d, 2));
         let q = rand(seq * n_rep * d, 3);
         let scale = 0.125;
-        // Decoding: the last token, all heads of the group.
-        let mut scores = vec![0.; t];
-        let mut out = vec![0.; n_rep * d];
-        let last = &q[(seq - 1) * n_rep * d..];
-        attend_one(last, &k, &v, d, scale, &mut scores, &mut out);
-        for h in 0..n_rep {
-            let want = naive(&last[h * d..(h + 1) * d], &k, &v, d, t, scale);
-            for (a, b) in out[h * d..(h + 1) * d].iter().zip(&want) {
-                assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        // Decoding: the last token, all heads of the group; head sizes with
+        // their own fixed-size path and one without.
+        for d in [64, 128, 40] {
+            let (k, v) = (rand(t * d, 1), rand(t * d, 2));
+            let last = rand(n_rep * d, 3);
+            let mut scores = vec![0.; t];
+            let mut out = vec![0.; n_rep * d];
+            attend_one(&last, &k, &v, d, scale, &mut scores, &mut out);
+            for h in 0..n_rep {
+                let want = naive(&last[h * d..(h + 1) * d], &k, &v, d, t, scale);
+                for (a, b) in out[h * d..(h + 1) * d].iter().zip(&want) {
+                    assert!((a - b).abs() < 1e-5, "d {d}: {a} vs {b}");
+                }
             }
         }
         // Prefill: head 1 of every new token (rows n_rep * d apart).

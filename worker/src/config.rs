@@ -250,6 +250,10 @@ pub struct WorkerConfig {
     /// Whisper model: a folder (HF or CTranslate2 layout), OWNER/REPO, or the CTranslate2 wheels.
     #[arg(long, env = "WHISPER_MODEL", default_value = models::speech::whisper::DEFAULT_WHISPER_MODEL)]
     pub whisper_model: String,
+    /// Whisper's linear layers: f32, or int8 (MKL's integer GEMM, CPUs with
+    /// VNNI; f32 elsewhere).
+    #[arg(long, env = "WHISPER_COMPUTE", default_value = "f32")]
+    pub whisper_compute: models::speech::whisper::WhisperCompute,
     /// Language of audio messages (en, fr…); unset: detected per recording.
     #[arg(long, env = "STT_LANGUAGE")]
     pub stt_language: Option<String>,
@@ -743,8 +747,10 @@ impl WorkerConfig {
             "whisper" => {
                 let dir = resolve_whisper(&self.whisper_model, &self.models_dir()).await?;
                 let device = models::device::select_device(&self.device)?;
+                let compute = self.whisper_compute;
                 let whisper =
-                    tokio::task::spawn_blocking(move || Whisper::load(&dir, &device)).await??;
+                    tokio::task::spawn_blocking(move || Whisper::load_with(&dir, &device, compute))
+                        .await??;
                 Ok(Some(Transcriber::new(
                     whisper,
                     self.stt_language.clone(),

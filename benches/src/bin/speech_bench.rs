@@ -2,7 +2,7 @@
 //! the Python peers: Piper synthesis (real-time factor) and Whisper
 //! transcription of one recording. Prints one JSON line.
 //!
-//! speech_bench TEXT_FILE AUDIO_FILE RUNS
+//! speech_bench TEXT_FILE AUDIO_FILE RUNS (`WHISPER_COMPUTE=int8`: Whisper in int8)
 
 use std::time::Instant;
 
@@ -40,7 +40,12 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let dir = resolve_whisper(DEFAULT_WHISPER_MODEL, &models_dir).await?;
-    let whisper = Whisper::load(&dir, &candle_core::Device::Cpu)?;
+    // WHISPER_COMPUTE=int8 for the int8 row.
+    let compute = match std::env::var("WHISPER_COMPUTE") {
+        Ok(c) => c.parse().map_err(anyhow::Error::msg)?,
+        Err(_) => Default::default(),
+    };
+    let whisper = Whisper::load_with(&dir, &candle_core::Device::Cpu, compute)?;
     let opts = TranscribeOptions {
         language: Some("en".into()),
     };

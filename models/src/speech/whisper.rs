@@ -18,7 +18,7 @@ use candle_nn::{conv1d, Conv1d, Conv1dConfig};
 use candle_nn::{
     embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, Module, VarBuilder,
 };
-use candle_transformers::models::whisper::{self as w, audio};
+use candle_transformers::models::whisper::{self as w};
 use tokenizers::Tokenizer;
 
 use crate::registry::resolve_model;
@@ -124,21 +124,59 @@ pub async fn resolve_whisper(spec: &str, models_dir: &Path) -> Result<PathBuf, M
     )))
 }
 
+/// A linear layer in f32 (candle's, on MKL's sgemm) or in int8 (the
+/// `int8` compute type: [`crate::int8`], as CTranslate2 runs
+/// faster-whisper's int8 on CPUs).
+enum Lin {
+    F32(Linear),
+    Int8(crate::int8::Int8Linear),
+}
+
+impl Lin {
+    fn load(
+        i: usize,
+        o: usize,
+        bias: bool,
+        vb: VarBuilder,
+        int8: bool,
+    ) -> Result<Self, ModelError> {
+        let l = if bias {
+            linear(i, o, vb)?
+        } else {
+            linear_no_bias(i, o, vb)?
+        };
+        Ok(if int8 {
+            Self::Int8(crate::int8::Int8Linear::new(l.weight(), l.bias())?)
+        } else {
+            Self::F32(l)
+        })
+    }
+}
+
+impl Module for Lin {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::F32(l) => l.forward(x),
+            Self::Int8(l) => l.forward(x),
+        }
+    }
+}
+
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
     heads: usize,
 }
 
 impl Attention {
-    fn load(d: usize, heads: usize, vb: VarBuilder) -> Result<Self, ModelError> {
+    fn load(d: usize, heads: usize, vb: VarBuilder, int8: bool) -> Result<Self, ModelError> {
         Ok(Self {
-            q: linear(d, d, vb.pp("q_proj"))?,
-            k: linear_no_bias(d, d, vb.pp("k_proj"))?,
-            v: linear(d, d, vb.pp("v_proj"))?,
-            o: linear(d, d, vb.pp("out_proj"))?,
+            q: Lin::load(d, d, true, vb.pp("q_proj"), int8)?,
+            k: Lin::load(d, d, false, vb.pp("k_proj"), int8)?,
+            v: Lin::load(d, d, true, vb.pp("v_proj"), int8)?,
+            o: Lin::load(d, d, true, vb.pp("out_proj"), int8)?,
             heads,
         })
     }
@@ -183,8 +221,8 @@ impl Attention {
 struct EncoderLayer {
     attn: Attention,
     attn_ln: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Lin,
+    fc2: Lin,
     final_ln: LayerNorm,
 }
 
@@ -198,7 +236,7 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn load(cfg: &w::Config, vb: VarBuilder) -> Result<Self, ModelError> {
+    fn load(cfg: &w::Config, vb: VarBuilder, int8: bool) -> Result<Self, ModelError> {
         let d = cfg.d_model;
         let c1 = Conv1dConfig {
             padding: 1,
@@ -213,10 +251,15 @@ impl Encoder {
             .map(|i| {
                 let vb = vb.pp(format!("layers.{i}"));
                 Ok(EncoderLayer {
-                    attn: Attention::load(d, cfg.encoder_attention_heads, vb.pp("self_attn"))?,
+                    attn: Attention::load(
+                        d,
+                        cfg.encoder_attention_heads,
+                        vb.pp("self_attn"),
+                        int8,
+                    )?,
                     attn_ln: layer_norm(d, 1e-5, vb.pp("self_attn_layer_norm"))?,
-                    fc1: linear(d, d * 4, vb.pp("fc1"))?,
-                    fc2: linear(d * 4, d, vb.pp("fc2"))?,
+                    fc1: Lin::load(d, d * 4, true, vb.pp("fc1"), int8)?,
+                    fc2: Lin::load(d * 4, d, true, vb.pp("fc2"), int8)?,
                     final_ln: layer_norm(d, 1e-5, vb.pp("final_layer_norm"))?,
                 })
             })
@@ -232,8 +275,8 @@ impl Encoder {
 
     /// (1, mels, frames) → (1, frames / 2, d).
     fn forward(&self, mel: &Tensor) -> candle_core::Result<Tensor> {
-        let x = self.conv1.forward(mel)?.gelu_erf()?;
-        let x = self.conv2.forward(&x)?.gelu_erf()?.transpose(1, 2)?;
+        let x = crate::ops::gelu_erf(&self.conv1.forward(mel)?)?;
+        let x = crate::ops::gelu_erf(&self.conv2.forward(&x)?)?.transpose(1, 2)?;
         let n = x.dim(1)?;
         let mut x = x.broadcast_add(&self.positions.narrow(0, 0, n)?)?;
         for layer in &self.layers {
@@ -241,7 +284,10 @@ impl Encoder {
             let (k, v) = layer.attn.keys_values(&h)?;
             x = (&x + layer.attn.attend(&h, &k, &v, None)?)?;
             let h = layer.final_ln.forward(&x)?;
-            x = (&x + layer.fc2.forward(&layer.fc1.forward(&h)?.gelu_erf()?)?)?;
+            x = (&x
+                + layer
+                    .fc2
+                    .forward(&crate::ops::gelu_erf(&layer.fc1.forward(&h)?)?)?)?;
         }
         self.ln.forward(&x)
     }
@@ -252,8 +298,8 @@ struct DecoderLayer {
     self_ln: LayerNorm,
     cross_attn: Attention,
     cross_ln: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Lin,
+    fc2: Lin,
     final_ln: LayerNorm,
 }
 
@@ -268,35 +314,49 @@ struct DecoderCache {
 
 struct Decoder {
     embed: Embedding,
+    /// The output projection (the embeddings, tied) in int8, for `int8`.
+    logits_int8: Option<crate::int8::Int8Linear>,
     positions: Tensor,
     layers: Vec<DecoderLayer>,
     ln: LayerNorm,
 }
 
 impl Decoder {
-    fn load(cfg: &w::Config, vb: VarBuilder) -> Result<Self, ModelError> {
+    fn load(cfg: &w::Config, vb: VarBuilder, int8: bool) -> Result<Self, ModelError> {
         let d = cfg.d_model;
         let ffn = d * 4;
         let layers = (0..cfg.decoder_layers)
             .map(|i| {
                 let vb = vb.pp(format!("layers.{i}"));
                 Ok(DecoderLayer {
-                    self_attn: Attention::load(d, cfg.decoder_attention_heads, vb.pp("self_attn"))?,
+                    self_attn: Attention::load(
+                        d,
+                        cfg.decoder_attention_heads,
+                        vb.pp("self_attn"),
+                        int8,
+                    )?,
                     self_ln: layer_norm(d, 1e-5, vb.pp("self_attn_layer_norm"))?,
                     cross_attn: Attention::load(
                         d,
                         cfg.decoder_attention_heads,
                         vb.pp("encoder_attn"),
+                        int8,
                     )?,
                     cross_ln: layer_norm(d, 1e-5, vb.pp("encoder_attn_layer_norm"))?,
-                    fc1: linear(d, ffn, vb.pp("fc1"))?,
-                    fc2: linear(ffn, d, vb.pp("fc2"))?,
+                    fc1: Lin::load(d, ffn, true, vb.pp("fc1"), int8)?,
+                    fc2: Lin::load(ffn, d, true, vb.pp("fc2"), int8)?,
                     final_ln: layer_norm(d, 1e-5, vb.pp("final_layer_norm"))?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
+        let embed = embedding(cfg.vocab_size, d, vb.pp("embed_tokens"))?;
+        let logits_int8 = match int8 {
+            true => Some(crate::int8::Int8Linear::new(embed.embeddings(), None)?),
+            false => None,
+        };
         Ok(Self {
-            embed: embedding(cfg.vocab_size, d, vb.pp("embed_tokens"))?,
+            embed,
+            logits_int8,
             positions: vb.get((cfg.max_target_positions, d), "embed_positions.weight")?,
             layers,
             ln: layer_norm(d, 1e-5, vb.pp("layer_norm"))?,
@@ -357,14 +417,20 @@ impl Decoder {
             let (ck, cv) = &cache.cross_kv[i];
             x = (&x + layer.cross_attn.attend(&h, ck, cv, None)?)?;
             let h = layer.final_ln.forward(&x)?;
-            x = (&x + layer.fc2.forward(&layer.fc1.forward(&h)?.gelu_erf()?)?)?;
+            x = (&x
+                + layer
+                    .fc2
+                    .forward(&crate::ops::gelu_erf(&layer.fc1.forward(&h)?)?)?)?;
         }
         cache.len += n;
         self.ln.forward(&x)
     }
 
     fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        hidden.broadcast_matmul(&self.embed.embeddings().t()?)
+        match &self.logits_int8 {
+            Some(l) => l.forward(hidden),
+            None => hidden.broadcast_matmul(&self.embed.embeddings().t()?),
+        }
     }
 }
 
@@ -403,17 +469,58 @@ pub struct Whisper {
     suppress_begin: Vec<u32>,
 }
 
+/// How Whisper's linear layers compute (`WHISPER_COMPUTE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhisperCompute {
+    /// f32 throughout (the default).
+    #[default]
+    F32,
+    /// Linear layers and the output projection in int8 (weights per output
+    /// row, activations per row), on CPUs whose build has MKL's integer
+    /// GEMM ([`crate::int8::available`]); f32 elsewhere, with a warning.
+    Int8,
+}
+
+impl std::str::FromStr for WhisperCompute {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "int8" => Ok(Self::Int8),
+            other => Err(format!("{other:?}: expected f32 or int8")),
+        }
+    }
+}
+
 impl Whisper {
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with(dir, device, WhisperCompute::F32)
+    }
+
+    pub fn load_with(
+        dir: &Path,
+        device: &Device,
+        compute: WhisperCompute,
+    ) -> Result<Self, ModelError> {
         crate::device::cpu_math_init();
+        let int8 = compute == WhisperCompute::Int8;
+        let int8 = match (int8, device.is_cpu() && crate::int8::available()) {
+            (true, false) => {
+                tracing::warn!(
+                    "WHISPER_COMPUTE=int8 needs a CPU build with MKL and a CPU with VNNI; running f32"
+                );
+                false
+            }
+            (int8, _) => int8,
+        };
         let raw = super::ct2::read_json(&dir.join("config.json"))?;
         let config: w::Config = serde_json::from_value(raw.clone())
             .map_err(|e| ModelError::Format(format!("{}/config.json: {e}", dir.display())))?;
         let weights = dir.join("model.safetensors");
         // SAFETY: the file is not modified while mapped (written once, atomically).
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], DType::F32, device)? };
-        let encoder = Encoder::load(&config, vb.pp("model.encoder"))?;
-        let decoder = Decoder::load(&config, vb.pp("model.decoder"))?;
+        let encoder = Encoder::load(&config, vb.pp("model.encoder"), int8)?;
+        let decoder = Decoder::load(&config, vb.pp("model.decoder"), int8)?;
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| ModelError::Tokenizer(format!("{}/tokenizer.json: {e}", dir.display())))?;
         let token = |t: &str| tokenizer.token_to_id(t);
@@ -513,7 +620,7 @@ impl Whisper {
         // of 3000 frames (30 s) from there.
         let mut padded = pcm.to_vec();
         padded.extend(std::iter::repeat_n(0.0, w::N_SAMPLES));
-        let mel = audio::pcm_to_mel(&self.config, &padded, &self.mel_filters);
+        let mel = log_mel_spectrogram(&padded, &self.mel_filters, self.config.num_mel_bins);
         let n_mels = self.config.num_mel_bins;
         let frames = mel.len() / n_mels;
         let mel = Tensor::from_vec(mel, (1, n_mels, frames), &self.device)?;
@@ -644,6 +751,68 @@ impl Whisper {
     }
 }
 
+/// Whisper's log-mel spectrogram as candle-transformers' `pcm_to_mel`
+/// computes it (whisper.cpp's: periodic Hann window of 400, hop 160, the
+/// power of bins 1 to 199 doubled for their mirror images, `log10` floored
+/// at 1e-10, clamped to 8 below the maximum, then `/ 4 + 1`; frames padded
+/// to whole 30-s chunks plus one), with the FFT planned once (`realfft`) and
+/// the frames split across rayon's threads: candle's recursive FFT computes
+/// its twiddles with sin/cos at every level and its 25-point base case as a
+/// plain DFT, ~15% of a transcription. Returns `(n_mel, frames)`.
+pub fn log_mel_spectrogram(samples: &[f32], filters: &[f32], n_mel: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (size, hop) = (w::N_FFT, w::HOP_LENGTH);
+    let bins = size / 2 + 1;
+    let hann: Vec<f32> = (0..size)
+        .map(|i| 0.5 * (1. - ((2. * std::f32::consts::PI * i as f32) / size as f32).cos()))
+        .collect();
+    let pad = 100 * w::CHUNK_LENGTH / 2;
+    let frames = (samples.len() / hop).div_ceil(pad) * pad + pad;
+    let fft = realfft::RealFftPlanner::<f32>::new().plan_fft_forward(size);
+    // Frame-major while computing (each task writes whole frames).
+    let mut by_frame = vec![0f32; frames * n_mel];
+    const BLOCK: usize = 64;
+    by_frame
+        .par_chunks_mut(BLOCK * n_mel)
+        .enumerate()
+        .for_each(|(block, out)| {
+            let mut input = fft.make_input_vec();
+            let mut spectrum = fft.make_output_vec();
+            let mut scratch = fft.make_scratch_vec();
+            let mut power = vec![0f32; bins];
+            for (f, mel) in out.chunks_exact_mut(n_mel).enumerate() {
+                let offset = (block * BLOCK + f) * hop;
+                let have = samples.len().saturating_sub(offset).min(size);
+                for (j, x) in input.iter_mut().enumerate() {
+                    *x = if j < have {
+                        hann[j] * samples[offset + j]
+                    } else {
+                        0.
+                    };
+                }
+                fft.process_with_scratch(&mut input, &mut spectrum, &mut scratch)
+                    .expect("buffers of the planned sizes");
+                for (j, (p, c)) in power.iter_mut().zip(&spectrum).enumerate() {
+                    let v = c.re * c.re + c.im * c.im;
+                    *p = if j == 0 || j == size / 2 { v } else { 2. * v };
+                }
+                for (j, m) in mel.iter_mut().enumerate() {
+                    let row = &filters[j * bins..(j + 1) * bins];
+                    let sum: f32 = power.iter().zip(row).map(|(p, f)| p * f).sum();
+                    *m = sum.max(1e-10).log10();
+                }
+            }
+        });
+    let max = by_frame.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) - 8.;
+    let mut mel = vec![0f32; n_mel * frames];
+    for (i, frame) in by_frame.chunks_exact(n_mel).enumerate() {
+        for (j, &v) in frame.iter().enumerate() {
+            mel[j * frames + i] = v.max(max) / 4. + 1.;
+        }
+    }
+    mel
+}
+
 /// Slaney-style mel filterbank (librosa's default, what Whisper's
 /// `mel_filters.npz` holds): `n_mels` rows of `n_fft / 2 + 1` weights.
 pub fn mel_filters(sample_rate: f64, n_fft: usize, n_mels: usize) -> Vec<f32> {
@@ -692,6 +861,42 @@ pub fn mel_filters(sample_rate: f64, n_fft: usize, n_mels: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same spectrogram as candle-transformers' `pcm_to_mel` (its FFT
+    /// rounds differently, most where the power is smallest: within 1e-3 on
+    /// the normalised scale, whose values span about 2).
+    #[test]
+    fn log_mel_matches_candles_pcm_to_mel() {
+        let cfg: w::Config = serde_json::from_value(serde_json::json!({
+            "num_mel_bins": 80, "max_source_positions": 1500, "d_model": 8,
+            "encoder_attention_heads": 1, "encoder_layers": 1, "vocab_size": 10,
+            "max_target_positions": 8, "decoder_attention_heads": 1, "decoder_layers": 1,
+            "suppress_tokens": []
+        }))
+        .unwrap();
+        let filters = mel_filters(w::SAMPLE_RATE as f64, w::N_FFT, 80);
+        // 2.3 s: a chirp and a little noise, not a whole number of hops.
+        let mut x = 12345u32;
+        let pcm: Vec<f32> = (0..36_817)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let t = i as f32 / 16_000.;
+                0.5 * (2. * std::f32::consts::PI * (200. + 900. * t) * t).sin()
+                    + 0.01 * ((x % 1000) as f32 / 500. - 1.)
+            })
+            .collect();
+        let ours = log_mel_spectrogram(&pcm, &filters, 80);
+        let theirs = candle_transformers::models::whisper::audio::pcm_to_mel(&cfg, &pcm, &filters);
+        assert_eq!(ours.len(), theirs.len());
+        let worst = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-3, "max difference {worst}");
+    }
 
     #[test]
     fn mel_filters_match_librosa_shape_and_mass() {

@@ -1,0 +1,289 @@
+//! int8 linear layers on Intel MKL's integer GEMM (`cblas_gemm_s8u8s32`,
+//! VNNI on CPUs that have it): Whisper's `int8` compute type, the scheme
+//! CTranslate2 runs faster-whisper's int8 with on CPUs. Weights are
+//! quantized at load, symmetric, one scale per output row; activations per
+//! input row at each call (`x ≈ sx * qx`, `qx` in -127..=127), handed to the
+//! GEMM shifted to unsigned (`qx + 128`, the type its left operand takes),
+//! the shift's share (`128 * Σ w`) taken off with a per-row sum kept from
+//! the load. Only in builds with the `mkl` feature ([`available`]).
+
+use candle_core::{Device, Result, Tensor};
+
+/// Whether this build has the integer GEMM (the `mkl` feature on x86-64)
+/// and the CPU multiplies bytes without 16-bit intermediates (AVX-512 VNNI
+/// or AVX-VNNI: without them the products of full-range bytes can
+/// saturate).
+pub fn available() -> bool {
+    #[cfg(all(feature = "mkl", target_arch = "x86_64"))]
+    {
+        std::is_x86_feature_detected!("avx512vnni") || std::is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(all(feature = "mkl", target_arch = "x86_64")))]
+    {
+        false
+    }
+}
+
+/// `y = x Wᵀ + b` with `W` `(out, in)` in int8.
+pub struct Int8Linear {
+    out: usize,
+    inp: usize,
+    w: Vec<i8>,
+    /// Per output row: the weights' scale, and 128 × the row's sum.
+    scale: Vec<f32>,
+    shift: Vec<i32>,
+    bias: Option<Vec<f32>>,
+}
+
+impl Int8Linear {
+    /// From f32 weights `(out, in)` and an optional bias `(out)`.
+    pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let (out, inp) = weight.dims2()?;
+        let wf = weight
+            .to_device(&Device::Cpu)?
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut w = vec![0i8; out * inp];
+        let mut scale = vec![0f32; out];
+        let mut shift = vec![0i32; out];
+        for (o, (row, q)) in wf
+            .chunks_exact(inp)
+            .zip(w.chunks_exact_mut(inp))
+            .enumerate()
+        {
+            let amax = row.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            let s = amax / 127.;
+            let inv = if s > 0. { 1. / s } else { 0. };
+            let mut sum = 0i32;
+            for (q, &v) in q.iter_mut().zip(row) {
+                let v = (v * inv).round().clamp(-127., 127.) as i32;
+                *q = v as i8;
+                sum += v;
+            }
+            scale[o] = s;
+            shift[o] = 128 * sum;
+        }
+        let bias = match bias {
+            Some(b) => Some(
+                b.to_device(&Device::Cpu)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1()?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            out,
+            inp,
+            w,
+            scale,
+            shift,
+            bias,
+        })
+    }
+
+    /// `x` `(..., in)` f32 on the CPU → `(..., out)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = *dims.last().unwrap_or(&0);
+        if inp != self.inp {
+            candle_core::bail!(
+                "int8 linear: input {dims:?} for ({}, {})",
+                self.out,
+                self.inp
+            );
+        }
+        let rows = x.elem_count() / inp.max(1);
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let y = self.forward_rows(&xs, rows)?;
+        let mut shape = dims;
+        *shape.last_mut().expect("rank >= 1") = self.out;
+        Tensor::from_vec(y, shape, &Device::Cpu)
+    }
+
+    fn forward_rows(&self, xs: &[f32], rows: usize) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
+        let (inp, out) = (self.inp, self.out);
+        // Rows across rayon's threads when there are many (the encoder's
+        // 1500 frames), on this thread for a decoding step's one.
+        let per_task = 64;
+        let mut a = vec![0u8; rows * inp];
+        let mut sx = vec![0f32; rows];
+        a.par_chunks_mut(per_task * inp)
+            .zip(sx.par_chunks_mut(per_task))
+            .enumerate()
+            .for_each(|(t, (a, sx))| {
+                let xs = &xs[t * per_task * inp..];
+                for ((q, s), row) in a.chunks_exact_mut(inp).zip(sx).zip(xs.chunks_exact(inp)) {
+                    *s = quantize_row(row, q);
+                }
+            });
+        let mut c = vec![0i32; rows * out];
+        gemm_u8s8(rows, out, inp, &a, &self.w, &mut c)?;
+        let mut y = vec![0f32; rows * out];
+        y.par_chunks_mut(per_task * out)
+            .zip(c.par_chunks(per_task * out))
+            .zip(sx.par_chunks(per_task))
+            .for_each(|((y, c), sx)| {
+                for ((y, c), &s) in y.chunks_exact_mut(out).zip(c.chunks_exact(out)).zip(sx) {
+                    dequantize_row(c, &self.shift, &self.scale, s, self.bias.as_deref(), y);
+                }
+            });
+        Ok(y)
+    }
+}
+
+/// One row quantized to `qx + 128` (`qx = round(x / sx)`, ties to even),
+/// returning `sx = max |x| / 127`.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn quantize_row(row: &[f32], q: &mut [u8]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let mut amax = chunks.remainder().iter().fold(0f32, |m, v| m.max(v.abs()));
+    for c in chunks {
+        for i in 0..16 {
+            lanes[i] = lanes[i].max(c[i].abs());
+        }
+    }
+    amax = lanes.iter().fold(amax, |m, &v| m.max(v));
+    let s = amax / 127.;
+    let inv = if s > 0. { 1. / s } else { 0. };
+    for (q, &v) in q.iter_mut().zip(row) {
+        *q = ((v * inv).round_ties_even().clamp(-127., 127.) as i32 + 128) as u8;
+    }
+    s
+}
+
+/// `y[o] = (c[o] - shift[o]) * sx * scale[o] + bias[o]`.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn dequantize_row(
+    c: &[i32],
+    shift: &[i32],
+    scale: &[f32],
+    sx: f32,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    for (((y, &c), &sh), &w) in y.iter_mut().zip(c).zip(shift).zip(scale) {
+        *y = (c - sh) as f32 * (sx * w);
+    }
+    if let Some(b) = bias {
+        for (y, &b) in y.iter_mut().zip(b) {
+            *y += b;
+        }
+    }
+}
+
+/// `C (m, n) = A (m, k) · Bᵀ` with `B` `(n, k)`, `A` unsigned and `B` signed
+/// 8-bit, `C` 32-bit.
+#[cfg(all(feature = "mkl", target_arch = "x86_64"))]
+fn gemm_u8s8(m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) -> Result<()> {
+    const ROW_MAJOR: i32 = 101;
+    const NO_TRANS: i32 = 111;
+    const TRANS: i32 = 112;
+    const FIXED_OFFSET: i32 = 173;
+    unsafe extern "C" {
+        fn cblas_gemm_s8u8s32(
+            layout: i32,
+            trans_a: i32,
+            trans_b: i32,
+            offset_c: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const u8,
+            lda: i32,
+            oa: i8,
+            b: *const i8,
+            ldb: i32,
+            ob: i8,
+            beta: f32,
+            c: *mut i32,
+            ldc: i32,
+            oc: *const i32,
+        );
+    }
+    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let zero = [0i32];
+    // SAFETY: the sizes are checked above; MKL is linked statically (the
+    // `mkl` feature) and reads A and B, writes C, within those bounds.
+    unsafe {
+        cblas_gemm_s8u8s32(
+            ROW_MAJOR,
+            NO_TRANS,
+            TRANS,
+            FIXED_OFFSET,
+            m as i32,
+            n as i32,
+            k as i32,
+            1.,
+            a.as_ptr(),
+            k as i32,
+            0,
+            b.as_ptr(),
+            k as i32,
+            0,
+            0.,
+            c.as_mut_ptr(),
+            n as i32,
+            zero.as_ptr(),
+        )
+    };
+    Ok(())
+}
+
+#[cfg(not(all(feature = "mkl", target_arch = "x86_64")))]
+fn gemm_u8s8(_: usize, _: usize, _: usize, _: &[u8], _: &[i8], _: &mut [i32]) -> Result<()> {
+    candle_core::bail!("int8 linear layers need a build with the mkl feature")
+}
+
+#[cfg(all(test, feature = "mkl", target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// Against the f32 product: within the two roundings' error, and the
+    /// integer GEMM exactly as a plain loop over the same int8 values.
+    #[test]
+    fn matches_the_f32_product() {
+        let dev = Device::Cpu;
+        let (out, inp, rows) = (70, 96, 5);
+        let w = Tensor::randn(0f32, 1., (out, inp), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., out, &dev).unwrap();
+        let x = Tensor::randn(0f32, 1., (1, rows, inp), &dev).unwrap();
+        let lin = Int8Linear::new(&w, Some(&b)).unwrap();
+        let ours = lin.forward(&x).unwrap();
+        assert_eq!(ours.dims(), &[1, rows, out]);
+        let want = x
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let (a, e) = (
+            ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (a, e) in a.iter().zip(&e) {
+            assert!((a - e).abs() < 0.03 * scale, "{a} vs {e}");
+        }
+        // The GEMM itself, exactly.
+        let av: Vec<u8> = (0..3 * 40usize).map(|i| (i * 37 % 256) as u8).collect();
+        let bv: Vec<i8> = (0..7 * 40usize)
+            .map(|i| ((i * 53 % 255) as i32 - 127) as i8)
+            .collect();
+        let mut c = vec![0i32; 3 * 7];
+        gemm_u8s8(3, 7, 40, &av, &bv, &mut c).unwrap();
+        for i in 0..3 {
+            for j in 0..7 {
+                let want: i32 = (0..40)
+                    .map(|t| av[i * 40 + t] as i32 * bv[j * 40 + t] as i32)
+                    .sum();
+                assert_eq!(c[i * 7 + j], want);
+            }
+        }
+    }
+}

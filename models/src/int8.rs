@@ -109,26 +109,37 @@ impl Int8Linear {
         let per_task = 64;
         let mut a = vec![0u8; rows * inp];
         let mut sx = vec![0f32; rows];
-        a.par_chunks_mut(per_task * inp)
-            .zip(sx.par_chunks_mut(per_task))
-            .enumerate()
-            .for_each(|(t, (a, sx))| {
-                let xs = &xs[t * per_task * inp..];
-                for ((q, s), row) in a.chunks_exact_mut(inp).zip(sx).zip(xs.chunks_exact(inp)) {
-                    *s = quantize_row(row, q);
-                }
-            });
+        let quantize = |(t, (a, sx)): (usize, (&mut [u8], &mut [f32]))| {
+            let xs = &xs[t * per_task * inp..];
+            for ((q, s), row) in a.chunks_exact_mut(inp).zip(sx).zip(xs.chunks_exact(inp)) {
+                *s = quantize_row(row, q);
+            }
+        };
+        if rows <= per_task {
+            // One task: no hand-over to the pool (a decoding step).
+            quantize((0, (&mut a, &mut sx)));
+        } else {
+            a.par_chunks_mut(per_task * inp)
+                .zip(sx.par_chunks_mut(per_task))
+                .enumerate()
+                .for_each(quantize);
+        }
         let mut c = vec![0i32; rows * out];
         gemm_u8s8(rows, out, inp, &a, &self.w, &mut c)?;
         let mut y = vec![0f32; rows * out];
-        y.par_chunks_mut(per_task * out)
-            .zip(c.par_chunks(per_task * out))
-            .zip(sx.par_chunks(per_task))
-            .for_each(|((y, c), sx)| {
-                for ((y, c), &s) in y.chunks_exact_mut(out).zip(c.chunks_exact(out)).zip(sx) {
-                    dequantize_row(c, &self.shift, &self.scale, s, self.bias.as_deref(), y);
-                }
-            });
+        let dequantize = |((y, c), sx): ((&mut [f32], &[i32]), &[f32])| {
+            for ((y, c), &s) in y.chunks_exact_mut(out).zip(c.chunks_exact(out)).zip(sx) {
+                dequantize_row(c, &self.shift, &self.scale, s, self.bias.as_deref(), y);
+            }
+        };
+        if rows <= per_task {
+            dequantize(((&mut y, &c), &sx));
+        } else {
+            y.par_chunks_mut(per_task * out)
+                .zip(c.par_chunks(per_task * out))
+                .zip(sx.par_chunks(per_task))
+                .for_each(dequantize);
+        }
         Ok(y)
     }
 }
@@ -250,25 +261,28 @@ mod tests {
     #[test]
     fn matches_the_f32_product() {
         let dev = Device::Cpu;
-        let (out, inp, rows) = (70, 96, 5);
+        let (out, inp) = (70, 96);
         let w = Tensor::randn(0f32, 1., (out, inp), &dev).unwrap();
         let b = Tensor::randn(0f32, 1., out, &dev).unwrap();
-        let x = Tensor::randn(0f32, 1., (1, rows, inp), &dev).unwrap();
         let lin = Int8Linear::new(&w, Some(&b)).unwrap();
-        let ours = lin.forward(&x).unwrap();
-        assert_eq!(ours.dims(), &[1, rows, out]);
-        let want = x
-            .broadcast_matmul(&w.t().unwrap())
-            .unwrap()
-            .broadcast_add(&b)
-            .unwrap();
-        let (a, e) = (
-            ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
-        let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for (a, e) in a.iter().zip(&e) {
-            assert!((a - e).abs() < 0.03 * scale, "{a} vs {e}");
+        // One task, and rows across rayon's threads.
+        for rows in [5, 130] {
+            let x = Tensor::randn(0f32, 1., (1, rows, inp), &dev).unwrap();
+            let ours = lin.forward(&x).unwrap();
+            assert_eq!(ours.dims(), &[1, rows, out]);
+            let want = x
+                .broadcast_matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            let (a, e) = (
+                ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            let scale = e.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, e) in a.iter().zip(&e) {
+                assert!((a - e).abs() < 0.03 * scale, "{rows} rows: {a} vs {e}");
+            }
         }
         // The GEMM itself, exactly.
         let av: Vec<u8> = (0..3 * 40usize).map(|i| (i * 37 % 256) as u8).collect();

@@ -270,23 +270,34 @@ async fn run_lease(
         })
     };
     // Progress of a media job: the latest goes to the record and the
-    // stream, only while this run holds the job.
+    // stream, only while this run holds the job. A burst is coalesced to its
+    // latest event, but never across a stage: a stage's last step (a video's
+    // "decode 3/3") is published before the next stage's first.
     let (progress, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
     let progress_pump = {
         let guard = guard.clone();
         tokio::spawn(async move {
-            while let Some(mut latest) = progress_rx.recv().await {
-                while let Ok(newer) = progress_rx.try_recv() {
-                    latest = newer;
+            let publish = |event: serde_json::Value| {
+                let guard = guard.clone();
+                async move {
+                    with_redis_retry(
+                        "publishing progress",
+                        || guard.is_lost(),
+                        || guard.publish_progress(&event),
+                    )
+                    .await
+                        == Some(true)
                 }
-                let sent = with_redis_retry(
-                    "publishing progress",
-                    || guard.is_lost(),
-                    || guard.publish_progress(&latest),
-                )
-                .await;
-                if sent != Some(true) {
-                    break;
+            };
+            while let Some(first) = progress_rx.recv().await {
+                let mut burst = vec![first];
+                while let Ok(newer) = progress_rx.try_recv() {
+                    burst.push(newer);
+                }
+                for event in coalesce_progress(burst) {
+                    if !publish(event).await {
+                        return;
+                    }
                 }
             }
         })
@@ -494,9 +505,49 @@ async fn run_lease(
     tracing::info!(job = %id, state = state.as_str(), finished = ?finished, "job finished");
 }
 
+/// A burst of progress events as published: each run of events of the same
+/// stage (`stage`, absent for an image's steps) down to its last one, so a
+/// stage's final step is never dropped in favour of the next stage's first.
+fn coalesce_progress(burst: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    let mut out: Vec<serde_json::Value> = Vec::with_capacity(burst.len());
+    for event in burst {
+        match out.last_mut() {
+            Some(last) if last.get("stage") == event.get("stage") => *last = event,
+            _ => out.push(event),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use super::skip_streamed;
+    use super::{coalesce_progress, skip_streamed};
+
+    #[test]
+    fn a_progress_burst_keeps_each_stage_s_last_step() {
+        let e = |stage: Option<&str>, step: u64| match stage {
+            Some(s) => serde_json::json!({"stage": s, "step": step}),
+            None => serde_json::json!({"step": step}),
+        };
+        let burst = vec![
+            e(Some("denoise"), 1),
+            e(Some("denoise"), 2),
+            e(Some("decode"), 1),
+            e(Some("decode"), 2),
+            e(Some("decode"), 3),
+            e(Some("encode"), 0),
+        ];
+        let want = vec![
+            e(Some("denoise"), 2),
+            e(Some("decode"), 3),
+            e(Some("encode"), 0),
+        ];
+        assert_eq!(coalesce_progress(burst), want);
+        // An image's steps (no stage): the latest only.
+        let steps = vec![e(None, 1), e(None, 2), e(None, 3)];
+        assert_eq!(coalesce_progress(steps), vec![e(None, 3)]);
+        assert!(coalesce_progress(vec![]).is_empty());
+    }
 
     #[test]
     fn a_rerun_skips_what_was_streamed_and_keeps_the_rest() {

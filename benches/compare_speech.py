@@ -22,20 +22,27 @@ voice = PiperVoice.load(model)
 cfg = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
 
 
+def best_of(f):
+    """The best time of `runs` calls after a warm-up, and the last result."""
+    f()
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        out = f()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
 def speak():
     return sum(len(c.audio_float_array) for c in voice.synthesize(text, cfg))
 
 
-speak()
-best = float("inf")
-for _ in range(runs):
-    t = time.perf_counter()
-    n = speak()
-    best = min(best, time.perf_counter() - t)
+best, n = best_of(speak)
 audio_s = n / voice.config.sample_rate
 
+
 def whisper(compute_type):
-    """Best time over `runs` and the transcript, after a warm-up."""
+    """Best time over `runs` and the transcript."""
     fw = WhisperModel(ct2_dir, device="cpu", compute_type=compute_type, cpu_threads=2)
 
     def transcribe():
@@ -44,13 +51,7 @@ def whisper(compute_type):
                                 temperature=0.0)
         return " ".join(s.text.strip() for s in segs)
 
-    transcribe()
-    best = float("inf")
-    for _ in range(runs):
-        t = time.perf_counter()
-        words = transcribe()
-        best = min(best, time.perf_counter() - t)
-    return best, words
+    return best_of(transcribe)
 
 
 stt, words = whisper("float32")

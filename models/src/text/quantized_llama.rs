@@ -150,34 +150,25 @@ enum Projections {
 
 impl Projections {
     fn new(parts: Vec<Linear>) -> Self {
-        let sizes =
-            |n: fn(&Linear) -> Option<usize>| parts.iter().map(n).collect::<Option<Vec<_>>>();
-        if let Some(sizes) = sizes(|l| match l {
-            Linear::Q4(m) => Some(m.n()),
-            _ => None,
-        }) {
-            let ms = parts.into_iter().map(|l| match l {
-                Linear::Q4(m) => m,
-                _ => unreachable!("all Q4"),
-            });
-            match super::q4::Q4Matrix::concat(ms.collect()) {
-                Some(m) => return Self::Fused(Linear::Q4(m), sizes),
-                None => unreachable!("projections of one input share k"),
-            }
+        // All of one of our kinds: their rows as one matrix.
+        macro_rules! fuse {
+            ($variant:ident, $ty:ty) => {
+                if parts.iter().all(|l| matches!(l, Linear::$variant(_))) {
+                    let ms: Vec<$ty> = parts
+                        .into_iter()
+                        .map(|l| match l {
+                            Linear::$variant(m) => m,
+                            _ => unreachable!("checked above"),
+                        })
+                        .collect();
+                    let sizes = ms.iter().map(|m| m.n()).collect();
+                    let m = <$ty>::concat(ms).expect("projections of one input share k");
+                    return Self::Fused(Linear::$variant(m), sizes);
+                }
+            };
         }
-        if let Some(sizes) = sizes(|l| match l {
-            Linear::Q8(m) => Some(m.n()),
-            _ => None,
-        }) {
-            let ms = parts.into_iter().map(|l| match l {
-                Linear::Q8(m) => m,
-                _ => unreachable!("all Q8"),
-            });
-            match super::q8::Q8Matrix::concat(ms.collect()) {
-                Some(m) => return Self::Fused(Linear::Q8(m), sizes),
-                None => unreachable!("projections of one input share k"),
-            }
-        }
+        fuse!(Q4, super::q4::Q4Matrix);
+        fuse!(Q8, super::q8::Q8Matrix);
         Self::Apart(parts)
     }
 

@@ -9,6 +9,8 @@
 
 use candle_core::{Device, Result, Tensor};
 
+use crate::blas::gemm_u8s8;
+
 /// Whether this build has the integer GEMM (the `mkl` feature on x86-64)
 /// and the CPU multiplies bytes without 16-bit intermediates (AVX-512 VNNI
 /// or AVX-VNNI: without them the products of full-range bytes can
@@ -183,73 +185,6 @@ fn dequantize_row(
             *y += b;
         }
     }
-}
-
-/// `C (m, n) = A (m, k) · Bᵀ` with `B` `(n, k)`, `A` unsigned and `B` signed
-/// 8-bit, `C` 32-bit.
-#[cfg(all(feature = "mkl", target_arch = "x86_64"))]
-fn gemm_u8s8(m: usize, n: usize, k: usize, a: &[u8], b: &[i8], c: &mut [i32]) -> Result<()> {
-    const ROW_MAJOR: i32 = 101;
-    const NO_TRANS: i32 = 111;
-    const TRANS: i32 = 112;
-    const FIXED_OFFSET: i32 = 173;
-    unsafe extern "C" {
-        fn cblas_gemm_s8u8s32(
-            layout: i32,
-            trans_a: i32,
-            trans_b: i32,
-            offset_c: i32,
-            m: i32,
-            n: i32,
-            k: i32,
-            alpha: f32,
-            a: *const u8,
-            lda: i32,
-            oa: i8,
-            b: *const i8,
-            ldb: i32,
-            ob: i8,
-            beta: f32,
-            c: *mut i32,
-            ldc: i32,
-            oc: *const i32,
-        );
-    }
-    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let zero = [0i32];
-    // SAFETY: the sizes are checked above; MKL is linked statically (the
-    // `mkl` feature) and reads A and B, writes C, within those bounds.
-    unsafe {
-        cblas_gemm_s8u8s32(
-            ROW_MAJOR,
-            NO_TRANS,
-            TRANS,
-            FIXED_OFFSET,
-            m as i32,
-            n as i32,
-            k as i32,
-            1.,
-            a.as_ptr(),
-            k as i32,
-            0,
-            b.as_ptr(),
-            k as i32,
-            0,
-            0.,
-            c.as_mut_ptr(),
-            n as i32,
-            zero.as_ptr(),
-        )
-    };
-    Ok(())
-}
-
-#[cfg(not(all(feature = "mkl", target_arch = "x86_64")))]
-fn gemm_u8s8(_: usize, _: usize, _: usize, _: &[u8], _: &[i8], _: &mut [i32]) -> Result<()> {
-    candle_core::bail!("int8 linear layers need a build with the mkl feature")
 }
 
 #[cfg(all(test, feature = "mkl", target_arch = "x86_64"))]

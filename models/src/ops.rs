@@ -26,8 +26,9 @@ pub(crate) fn gelu_erf(x: &Tensor) -> R<Tensor> {
     Tensor::from_vec(out, x.dims(), &Device::Cpu)
 }
 
+/// `o = GELU(xs)` (exact), MKL's vector erf on this thread.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn gelu_chunk(o: &mut [f32], xs: &[f32]) {
+pub(crate) fn gelu_chunk(o: &mut [f32], xs: &[f32]) {
     for (ov, &xv) in o.iter_mut().zip(xs) {
         *ov = xv * std::f32::consts::FRAC_1_SQRT_2;
     }

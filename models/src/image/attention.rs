@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::blocks::{conv2d, GroupNorm};
 use crate::attention::sdpa;
-use crate::blas::{erf_in_place, single_threaded, with_cpu_slice, Linear};
+use crate::blas::{with_cpu_slice, Linear};
 use crate::conv::FrameConv;
 
 /// `Attention` without its norm: projections, heads, sdpa, `to_out.0`.
@@ -136,12 +136,9 @@ fn geglu(h: &Tensor, inner: usize) -> R<Tensor> {
             .zip(hs.par_chunks(2 * inner))
             .for_each(|(o, hr)| {
                 let (a, g) = hr.split_at(inner);
-                for (ov, gv) in o.iter_mut().zip(g) {
-                    *ov = gv * std::f32::consts::FRAC_1_SQRT_2;
-                }
-                single_threaded(|| erf_in_place(o));
-                for ((ov, av), gv) in o.iter_mut().zip(a).zip(g) {
-                    *ov = av * 0.5 * gv * (1.0 + *ov);
+                crate::ops::gelu_chunk(o, g);
+                for (ov, av) in o.iter_mut().zip(a) {
+                    *ov *= av;
                 }
             })
     })?;

@@ -7,8 +7,8 @@
 //! batch of 8 costs nearly 8 single rows. Its AVX-512 VNNI repacked kernel
 //! only takes inner dimensions that are multiples of 256 (SmolLM2's 576-wide
 //! matrices are not). Here each weight block is loaded once per tile of up to
-//! 8 rows (or 4 columns at once for one or two rows), its f16 scale converted by F16C, and the products are
-//! `vpdpbusd` on the activations shifted to unsigned (x + 128) with the
+//! 8 rows (or 4 columns at once for one or two rows), its f16 scale
+//! converted by F16C, and the products are `vpdpbusd` on the activations shifted to unsigned (x + 128) with the
 //! shift's share (128 × the weights' sums) taken off once per block.
 //!
 //! The numbers are candle's, bit for bit: the activations are quantized as

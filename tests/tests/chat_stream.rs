@@ -351,3 +351,166 @@ async fn a_hung_platform_call_is_cut_by_the_execution_timeout() {
     assert_eq!(code, StatusCode::OK);
     assert_eq!(next["status"], "COMPLETED", "{next}");
 }
+
+/// One Server-Sent Event: its name, its data, when it arrived.
+struct Received {
+    event: String,
+    data: Value,
+    at_ms: u64,
+}
+
+/// Reads a Server-Sent Events body as it arrives.
+async fn read_events(resp: reqwest::Response) -> Vec<Received> {
+    let mut events = Vec::new();
+    let mut buf = String::new();
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        buf.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let event = block.lines().find_map(|l| l.strip_prefix("event: "));
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+            if let (Some(event), Some(data)) = (event, data) {
+                events.push(Received {
+                    event: event.to_string(),
+                    data: serde_json::from_str(data).unwrap(),
+                    at_ms: pipeline::now_ms(),
+                });
+            }
+        }
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spoken_stream_sends_each_sentences_audio_right_after_its_text() {
+    use base64::Engine as _;
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let platform = PlatformFixture::start().await;
+    let _worker = start_worker(
+        &redis,
+        &worker_env(
+            &platform,
+            &[
+                ("MAX_NEW_TOKENS", "48"),
+                ("TTS_BACKEND", "piper"),
+                ("TTS_DETERMINISTIC", "true"),
+            ],
+        ),
+    );
+    let api = Api::new(&shim);
+    let resp = api
+        .http
+        .post(format!("{}/v1/instances/inst-1/chat/stream", api.base))
+        .bearer_auth(API_KEY)
+        .header("accept", "text/event-stream")
+        .json(&json!({"content": "Tell me about your evening.", "generate_audio": true, "skin_id": "skin-7"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let job_id = resp.headers()["x-job-id"].to_str().unwrap().to_string();
+    let events = read_events(resp).await;
+    assert_eq!(events.last().unwrap().event, "completed");
+    assert_eq!(events.last().unwrap().data["status"], "COMPLETED");
+
+    // Every audio event speaks text already sent: the chunks' texts, joined
+    // in order, are always a prefix of the text streamed so far, and at the
+    // end they are the whole reply.
+    let mut text = String::new();
+    let mut spoken = String::new();
+    let mut chunks = Vec::new();
+    for e in &events {
+        match e.event.as_str() {
+            "output" => text.push_str(e.data["text"].as_str().unwrap()),
+            "audio" => {
+                assert_eq!(e.data["index"], chunks.len() as u64);
+                assert_eq!(e.data["format"], "wav");
+                spoken.push_str(e.data["text"].as_str().unwrap());
+                assert!(text.starts_with(&spoken), "{spoken:?} before {text:?}");
+                // A whole file of its own.
+                let wav = base64::engine::general_purpose::STANDARD
+                    .decode(e.data["audio"].as_str().unwrap())
+                    .unwrap();
+                let pcm = models::speech::audio::decode(&wav, f64::INFINITY).unwrap();
+                let seconds = e.data["seconds"].as_f64().unwrap();
+                assert!((pcm.seconds() - seconds).abs() < 1e-3, "{seconds}");
+                assert!(pcm.samples.iter().any(|s| s.abs() > 0.01), "not silent");
+                chunks.push((e.at_ms, seconds));
+            }
+            _ => {}
+        }
+    }
+    assert!(!chunks.is_empty(), "no audio events");
+    assert_eq!(spoken, text);
+
+    let status = api.wait_terminal(&job_id).await;
+    assert_eq!(status["status"], "COMPLETED", "{status}");
+    let output = &status["output"];
+    assert_eq!(output["content"], text.as_str());
+    // The whole reply's audio, inline (no media store here): every chunk's
+    // samples in order.
+    let audio = &output["audio"];
+    assert_eq!(audio["format"], "wav");
+    assert_eq!(audio["chunks"], chunks.len() as u64);
+    let whole = base64::engine::general_purpose::STANDARD
+        .decode(audio["base64"].as_str().unwrap())
+        .unwrap();
+    let whole = models::speech::audio::decode(&whole, f64::INFINITY).unwrap();
+    let sum: f64 = chunks.iter().map(|c| c.1).sum();
+    assert!(
+        (whole.seconds() - sum).abs() < 1e-3,
+        "{} vs {sum}",
+        whole.seconds()
+    );
+    assert!((audio["seconds"].as_f64().unwrap() - sum).abs() < 1e-3);
+    // The first audio went out while the job was still running.
+    let rec = pipeline::queue::RedisQueue::connect(&redis.url, Default::default())
+        .await
+        .unwrap();
+    let finished = rec
+        .get(&job_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .finished_ms
+        .unwrap();
+    assert!(
+        chunks[0].0 < finished,
+        "first audio {} finished {finished}",
+        chunks[0].0
+    );
+    // Saved once each, the reply as a spoken message.
+    let saved = platform.saved();
+    assert_eq!(saved.len(), 2, "{saved:?}");
+    assert_eq!(
+        saved[1].1,
+        json!({"role": "assistant", "medium": "audio", "content": text, "skin_id": "skin-7"})
+    );
+    // RunPod's polled form carries the chunks too.
+    let (_, polled) = api.get(&format!("/stream/{job_id}"), Some(API_KEY)).await;
+    let polled_audio: Vec<&Value> = polled["stream"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["output"].get("audio"))
+        .collect();
+    assert_eq!(polled_audio.len(), chunks.len());
+    assert_eq!(polled_audio[0]["index"], 0);
+
+    // A worker without text-to-speech refuses the job with a reason.
+    drop(_worker);
+    let _plain = start_worker(&redis, &worker_env(&platform, &[("TTS_BACKEND", "none")]));
+    let resp = open_stream(&api, json!({"content": "Hi!", "generate_audio": true})).await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let err: Value = resp.json().await.unwrap();
+    assert!(
+        err.to_string().contains("text-to-speech is not configured"),
+        "{err}"
+    );
+}

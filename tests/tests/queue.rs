@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::Redis;
 use pipeline::queue::{
-    Finished, LeaseGuard, Outcome, QueueConfig, RedisQueue, RetryOutcome, TokenEvent,
+    AudioChunk, Finished, LeaseGuard, Outcome, QueueConfig, RedisQueue, RetryOutcome, TokenEvent,
 };
 use pipeline::{JobKind, JobState, Policy, RunRequest};
 use redis::AsyncCommands;
@@ -541,6 +541,84 @@ async fn a_handed_back_job_runs_elsewhere_at_once_with_its_attempt_returned() {
             .await
             .unwrap(),
         Finished::LeaseLost
+    );
+}
+
+fn chunk(index: u64, text: &str) -> AudioChunk {
+    AudioChunk {
+        index,
+        text: text.into(),
+        format: "wav".into(),
+        seconds: 0.5,
+        // Bytes that are not UTF-8 come back as they went.
+        audio: vec![0x52, 0x49, 0x46, 0x46, 0xff, 0x00, index as u8],
+    }
+}
+
+/// Spoken chunks of a streamed reply go on its token stream once per index:
+/// a chunk sent again (a lost reply) and the chunks a later run of the same
+/// job speaks again (after a hand-back or a crash, same text, same seed)
+/// are not written twice; a retried job starts from a clean stream; a run
+/// that no longer holds the job writes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoken_chunks_are_streamed_once_per_index_across_runs() {
+    let redis = Redis::start();
+    let q = queue(
+        &redis,
+        QueueConfig {
+            heartbeat: Duration::from_secs(2),
+            missed_heartbeats: 5,
+            ..QueueConfig::default()
+        },
+    )
+    .await;
+    let rec = q.enqueue(&request(Policy::default()), "o").await.unwrap();
+    let mut a = q.consumer(&[JobKind::Chat], "a").await.unwrap();
+    let first = a.next(Duration::from_millis(500)).await.unwrap().unwrap();
+    let guard = LeaseGuard::new(&q, &first);
+    assert!(guard
+        .publish_tokens(1, &[(0, "Hi there!".into())])
+        .await
+        .unwrap());
+    assert!(guard.publish_audio(&chunk(0, "Hi there!")).await.unwrap());
+    assert!(guard.publish_audio(&chunk(0, "Hi there!")).await.unwrap());
+    // Handed back; the next run says the same things again.
+    assert!(a.release(&first).await.unwrap());
+    assert!(!guard.publish_audio(&chunk(1, "stale")).await.unwrap());
+    let second = a.next(Duration::from_secs(1)).await.unwrap().unwrap();
+    let guard = LeaseGuard::new(&q, &second);
+    assert!(guard.publish_audio(&chunk(0, "Hi there!")).await.unwrap());
+    assert!(guard
+        .publish_tokens(1, &[(0, " Bye.".into())])
+        .await
+        .unwrap());
+    assert!(guard.publish_audio(&chunk(1, " Bye.")).await.unwrap());
+    a.finish(&second, Outcome::Failed("boom".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        token_events(&q, &rec.id).await,
+        vec![
+            text("Hi there!"),
+            TokenEvent::Audio(chunk(0, "Hi there!")),
+            text(" Bye."),
+            TokenEvent::Audio(chunk(1, " Bye.")),
+            end("FAILED"),
+        ]
+    );
+    // The text an earlier run streamed counts text only.
+    assert_eq!(q.streamed_bytes(&rec.id).await.unwrap(), vec![14]);
+    // A retry starts over: chunk 0 is written again on the clean stream.
+    assert_eq!(q.retry(&rec.id).await.unwrap(), RetryOutcome::Requeued);
+    let third = a.next(Duration::from_millis(500)).await.unwrap().unwrap();
+    let guard = LeaseGuard::new(&q, &third);
+    assert!(guard.publish_audio(&chunk(0, "Hi again!")).await.unwrap());
+    a.finish(&third, Outcome::Completed(json!({})))
+        .await
+        .unwrap();
+    assert_eq!(
+        token_events(&q, &rec.id).await,
+        vec![TokenEvent::Audio(chunk(0, "Hi again!")), end("COMPLETED")]
     );
 }
 

@@ -16,7 +16,7 @@ use prompts::{
     TokenCounter,
 };
 
-use crate::speech::{TextToSpeech, Transcriber};
+use crate::speech::{SpokenAudio, TextToSpeech, Transcriber};
 
 /// A job that cannot succeed as submitted. The worker fails it at once:
 /// running it again would give the same error.
@@ -209,6 +209,37 @@ impl ChatEngine {
 
     pub fn model(&self) -> &dyn TextGeneration {
         self.model.as_ref()
+    }
+
+    /// The text-to-speech backend (None: `TTS_BACKEND=none`).
+    pub fn tts(&self) -> Option<&Arc<dyn TextToSpeech>> {
+        self.tts.as_ref()
+    }
+
+    /// Whether replies are streamed in whole sentences (`WHOLE_SENTENCES`).
+    pub fn whole_sentences(&self) -> bool {
+        self.whole_sentences
+    }
+
+    /// Stores a spoken reply as `response.EXT` of the job, in the caller's
+    /// own bucket (s3Config) or else the worker's media store; its URL, or
+    /// None when neither is configured.
+    pub async fn store_spoken_reply(
+        &self,
+        job_store: Option<&MediaStore>,
+        job_id: &str,
+        spoken: &SpokenAudio,
+    ) -> Result<Option<String>, JobError> {
+        let Some(store) = job_store.or(self.media.as_deref()) else {
+            return Ok(None);
+        };
+        let name = format!("response.{}", spoken.format.extension());
+        let key = media_key(&self.media_tenant, chrono::Utc::now(), job_id, &name);
+        let stored = store
+            .put(&key, spoken.bytes.clone(), spoken.format.content_type())
+            .await
+            .map_err(|e| JobError::new(e.to_string()))?;
+        Ok(Some(stored.url))
     }
 
     pub fn chat_template(&self) -> &ChatTemplate {
@@ -512,24 +543,9 @@ impl ChatEngine {
                     format = spoken.format.extension(),
                     "reply spoken"
                 );
-                // The caller's own bucket (s3Config) wins over the worker's.
-                let store = job_store.or(self.media.as_deref());
-                let url = match store {
-                    Some(store) => {
-                        let name = format!("response.{}", spoken.format.extension());
-                        let key = media_key(&self.media_tenant, chrono::Utc::now(), job_id, &name);
-                        // A blocking-pool thread: wait for the upload here.
-                        let stored = tokio::runtime::Handle::current()
-                            .block_on(store.put(
-                                &key,
-                                spoken.bytes.clone(),
-                                spoken.format.content_type(),
-                            ))
-                            .map_err(|e| JobError::new(e.to_string()))?;
-                        Some(stored.url)
-                    }
-                    None => None,
-                };
+                // A blocking-pool thread: wait for the upload here.
+                let url = tokio::runtime::Handle::current()
+                    .block_on(self.store_spoken_reply(job_store, job_id, &spoken))?;
                 Some(ReplyAudio {
                     base64: base64::engine::general_purpose::STANDARD.encode(&spoken.bytes),
                     url,

@@ -189,6 +189,12 @@ pub struct WorkerConfig {
     /// pool's free blocks and skip their prefill on the next turn.
     #[arg(long, env = "PREFIX_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
     pub prefix_cache: bool,
+    /// Nice value of the text engine's CPU threads (0–19): above 0, a
+    /// spoken reply's synthesis (and the worker's own I/O) wins the CPU
+    /// over the generation of text that is already ahead of the listener.
+    /// 0 leaves them at the process's priority.
+    #[arg(long, env = "TEXT_NICE", default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub text_nice: i32,
     #[arg(long, env = "MAX_NEW_TOKENS", default_value_t = 60)]
     pub max_new_tokens: usize,
     #[arg(long, env = "TEMPERATURE", default_value_t = 0.8)]
@@ -781,6 +787,7 @@ impl WorkerConfig {
                 kv_cache_tokens: self.kv_cache_tokens.max(16),
                 max_sequences: self.text_max_sequences.max(1),
                 prefix_cache: self.prefix_cache,
+                nice: self.text_nice,
             },
         );
         let text_stats = model.stats().clone();

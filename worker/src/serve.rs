@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::chat::{seed_from_job_id, Usage};
 use crate::config::WorkerConfig;
-use crate::handlers::{self, RunCtx, Services};
+use crate::handlers::{self, RunCtx, Services, StreamItem};
 use crate::runtime::{Claimed, StreamsBackend, TraceRunsLayer};
 
 /// Exponential backoff for Redis outages: 100 ms doubling to 2 s.
@@ -223,11 +223,13 @@ async fn run_lease(
     let queue = consumer.queue().clone();
     let guard = LeaseGuard::new(&queue, &lease);
     let cancel = Arc::new(AtomicBool::new(false));
-    // Text deltas go to the job's token stream (for /stream/{id} and the
-    // streamed chat route) as they come, only while this run holds the job.
-    let (deltas, mut delta_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+    // Text deltas (and spoken chunks) go to the job's token stream (for
+    // /stream/{id} and the streamed chat route) as they come, in order,
+    // only while this run holds the job.
+    let (deltas, mut delta_rx) = tokio::sync::mpsc::unbounded_channel::<StreamItem>();
     // A run after a crash or a hand-back regenerates the same text (same
-    // prompt, same seed): what an earlier run already streamed is skipped.
+    // prompt, same seed): what an earlier run already streamed is skipped
+    // (text by bytes here, spoken chunks by index in Redis).
     let mut streamed = with_redis_retry(
         "reading the token stream",
         || guard.is_lost(),
@@ -240,26 +242,51 @@ async fn run_lease(
         tokio::spawn(async move {
             let mut batch_no = 0u64;
             while let Some(first) = delta_rx.recv().await {
-                let mut batch = vec![first];
+                let mut burst = vec![first];
                 while let Ok(more) = delta_rx.try_recv() {
-                    batch.push(more);
+                    burst.push(more);
                 }
-                let batch: Vec<(usize, String)> = batch
-                    .into_iter()
-                    .filter_map(|(option, text)| skip_streamed(&mut streamed, option, text))
-                    .collect();
-                if batch.is_empty() {
-                    continue;
+                // Runs of text go as one batch each; a spoken chunk goes
+                // between the texts around it.
+                let mut sent = Some(true);
+                let mut texts: Vec<(usize, String)> = Vec::new();
+                for item in burst.into_iter().map(Some).chain([None]) {
+                    let audio = match item {
+                        Some(StreamItem::Text(option, text)) => {
+                            texts.extend(skip_streamed(&mut streamed, option, text));
+                            continue;
+                        }
+                        Some(StreamItem::Audio(chunk)) => Some(chunk),
+                        None => None,
+                    };
+                    if !texts.is_empty() {
+                        // Retried as one numbered batch: written once even
+                        // when a Redis restart hid that the first send went
+                        // through.
+                        batch_no += 1;
+                        let batch = std::mem::take(&mut texts);
+                        sent = with_redis_retry(
+                            "publishing tokens",
+                            || guard.is_lost(),
+                            || guard.publish_tokens(batch_no, &batch),
+                        )
+                        .await;
+                        if sent != Some(true) {
+                            break;
+                        }
+                    }
+                    if let Some(chunk) = audio {
+                        sent = with_redis_retry(
+                            "publishing audio",
+                            || guard.is_lost(),
+                            || guard.publish_audio(&chunk),
+                        )
+                        .await;
+                        if sent != Some(true) {
+                            break;
+                        }
+                    }
                 }
-                // Retried as one numbered batch: written once even when a
-                // Redis restart hid that the first send went through.
-                batch_no += 1;
-                let sent = with_redis_retry(
-                    "publishing tokens",
-                    || guard.is_lost(),
-                    || guard.publish_tokens(batch_no, &batch),
-                )
-                .await;
                 if sent != Some(true) {
                     // Refused: the job was settled or taken over. Stop the
                     // run; nothing more goes out.

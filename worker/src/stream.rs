@@ -14,7 +14,7 @@ use std::sync::Arc;
 use chrono::{DateTime, FixedOffset};
 use models::text::StopReason;
 
-use pipeline::jobs::chat_stream::{ChatStreamJob, ChatStreamOutput};
+use pipeline::jobs::chat_stream::{ChatStreamJob, ChatStreamOutput, StreamedAudio};
 use pipeline::jobs::memory::MemoryCondenseJob;
 use pipeline::platform::{NewMessage, PlatformClient};
 use pipeline::queue::LeaseGuard;
@@ -23,6 +23,8 @@ use prompts::{HistoryMessage, Persona, RenderedCharacter, Role};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::chat::{ChatContext, ChatEngine, JobError, Usage};
+use crate::handlers::StreamItem;
+use crate::speech::{SentenceSpeaker, SpokenAudio};
 
 pub struct StreamRun {
     pub engine: Arc<ChatEngine>,
@@ -35,7 +37,11 @@ pub struct StreamRun {
     pub seed: u64,
     pub clock: DateTime<FixedOffset>,
     pub cancel: Arc<AtomicBool>,
-    pub deltas: UnboundedSender<(usize, String)>,
+    /// The job's token stream: text deltas, and spoken chunks when the job
+    /// asks for audio.
+    pub deltas: UnboundedSender<StreamItem>,
+    /// The caller's own bucket (s3Config) for the spoken reply.
+    pub media: Option<Arc<pipeline::media_store::MediaStore>>,
     /// The run's lease: the platform sees a save only from the run that
     /// holds the job (None in the embedded mode, which has no queue).
     pub fence: Option<LeaseGuard>,
@@ -69,6 +75,15 @@ impl StreamRun {
         let job = &self.job;
         let platform = &self.platform;
         let pe = |e: pipeline::platform::PlatformError| JobError::new(e.to_string());
+        let tts = match (job.generate_audio, self.engine.tts()) {
+            (false, _) => None,
+            (true, Some(tts)) => Some(tts.clone()),
+            (true, None) => {
+                return Err(JobError::new(
+                    "generate_audio: text-to-speech is not configured on this worker (TTS_BACKEND=none)",
+                ))
+            }
+        };
         // Context the job carries inline wins over fetching it.
         let ctx = &job.context;
         let instance = match &ctx.instance {
@@ -78,6 +93,10 @@ impl StreamRun {
                 .await
                 .map_err(pe)?,
         };
+        let voice = job
+            .voice_id
+            .clone()
+            .or_else(|| instance.assigned_voice_id.clone().filter(|v| !v.is_empty()));
         let instance = serde_json::to_value(&instance).expect("instance serializes");
         let character = RenderedCharacter::from_activity(&instance)
             .map_err(|e| JobError::new(e.to_string()))?;
@@ -163,6 +182,36 @@ impl StreamRun {
             self.deltas.clone(),
             self.seed,
         );
+        // The reply spoken while it streams: each sentence's text goes to
+        // the speaker as it is handed out, its audio follows on the stream.
+        let speaker = tts.map(|tts| {
+            let (text_tx, text_rx) = std::sync::mpsc::channel::<String>();
+            let (cancel, deltas) = (self.cancel.clone(), self.deltas.clone());
+            let settled = self.engine.whole_sentences();
+            let task = tokio::task::spawn_blocking(move || {
+                let mut speaker = SentenceSpeaker::new(tts.as_ref(), voice, settled);
+                let mut chunks = 0u64;
+                let mut send = |chunk| {
+                    chunks += 1;
+                    let _ = deltas.send(StreamItem::Audio(chunk));
+                };
+                for delta in text_rx {
+                    // A client that left hears nothing more.
+                    if cancel.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    speaker.push(&delta, &mut send)?;
+                }
+                let pcm = speaker.finish(&mut send)?;
+                let format = tts.format();
+                Ok::<_, String>(pcm.map(|pcm| (pcm, format, chunks)))
+            });
+            (text_tx, task)
+        });
+        let (text_tx, speaking) = match speaker {
+            Some((tx, task)) => (Some(tx), Some(task)),
+            None => (None, None),
+        };
         let generation = tokio::task::spawn_blocking(move || {
             let params = engine.reply_params(seed, budget, &user);
             engine.model().generate_streaming(
@@ -171,7 +220,12 @@ impl StreamRun {
                 &params,
                 &|| cancel.load(Ordering::Relaxed),
                 &mut |i, d| {
-                    let _ = deltas.send((i, d.to_string()));
+                    // The text first: a sentence's audio never comes
+                    // before it on the stream.
+                    let _ = deltas.send(StreamItem::Text(i, d.to_string()));
+                    if let Some(tx) = &text_tx {
+                        let _ = tx.send(d.to_string());
+                    }
                 },
             )
         })
@@ -194,6 +248,52 @@ impl StreamRun {
                     resampled: false,
                 });
         let partial = option.stop == StopReason::Cancelled;
+        // The whole spoken reply, once its last chunk is out.
+        let audio = match speaking {
+            None => None,
+            Some(task) => {
+                let spoken = task
+                    .await
+                    .map_err(|e| JobError::new(format!("speech task: {e}")))?
+                    .map_err(|e| JobError::new(format!("text-to-speech failed: {e}")))?;
+                match spoken {
+                    None => None,
+                    Some((pcm, format, chunks)) => {
+                        let spoken = tokio::task::spawn_blocking(move || {
+                            models::speech::audio::encode(&pcm, format).map(|bytes| SpokenAudio {
+                                bytes,
+                                format,
+                                seconds: pcm.seconds(),
+                            })
+                        })
+                        .await
+                        .map_err(|e| JobError::new(format!("audio encoding task: {e}")))?
+                        .map_err(|e| JobError::new(format!("encoding the reply's audio: {e}")))?;
+                        self.check_lease().await?;
+                        let url = self
+                            .engine
+                            .store_spoken_reply(self.media.as_deref(), &self.job_id, &spoken)
+                            .await?;
+                        tracing::info!(
+                            seconds = spoken.seconds,
+                            chunks,
+                            bytes = spoken.bytes.len(),
+                            "streamed reply spoken"
+                        );
+                        Some(StreamedAudio {
+                            format: format.extension().to_string(),
+                            seconds: spoken.seconds,
+                            chunks,
+                            base64: url.is_none().then(|| {
+                                use base64::Engine as _;
+                                base64::engine::general_purpose::STANDARD.encode(&spoken.bytes)
+                            }),
+                            url,
+                        })
+                    }
+                }
+            }
+        };
         let skin = job.skin_id.as_deref();
         self.check_lease().await?;
         let user_message = platform
@@ -216,7 +316,7 @@ impl StreamRun {
                 &job.instance_id,
                 &NewMessage {
                     role: "assistant",
-                    medium: "text",
+                    medium: if audio.is_some() { "audio" } else { "text" },
                     content: &option.text,
                     skin_id: skin,
                     partial,
@@ -232,6 +332,7 @@ impl StreamRun {
                 user_message,
                 assistant_message,
                 memory_words: memory.map(|m| m.word_count),
+                audio,
             },
             usage,
         ))

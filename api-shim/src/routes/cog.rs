@@ -472,7 +472,8 @@ fn events_response(
                                 .data(json!(text).to_string()),
                         );
                     }
-                    Ok(Some(TokenEvent::Text { .. })) => {}
+                    // Spoken chunks belong to streamed chat, not to Cog's form.
+                    Ok(Some(TokenEvent::Text { .. } | TokenEvent::Audio(_))) => {}
                     Ok(Some(TokenEvent::Progress { progress })) => {
                         queue.push_back(
                             Event::default()

@@ -573,7 +573,7 @@ fn stream_response(
             }
             match s.reader.next().await {
                 Ok(Some(TokenEvent::Text { option, text })) => s.push_text(option, &text),
-                Ok(Some(TokenEvent::Progress { .. })) => {}
+                Ok(Some(TokenEvent::Progress { .. } | TokenEvent::Audio(_))) => {}
                 Ok(Some(TokenEvent::End { state })) => s.finish(state).await,
                 Ok(None) | Err(_) => {
                     s.queue.push_back(

@@ -170,12 +170,18 @@ impl TokenReader {
     }
 }
 
+/// With `Accept: text/event-stream` the reply comes as Server-Sent Events
+/// instead (the events of [`sse`]: `output`, `audio` when the job has
+/// `generate_audio`, `completed`), so a client hears each sentence as it
+/// is spoken on the one connection.
 pub async fn chat_stream(
     State(state): State<AppState>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
     Path(instance_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let wants_events = accepts_events(&headers);
     // The stream slot first: a refused stream queues nothing.
     let slot = state.limits.open_stream(caller.key)?;
     let body = body_or_error(body)?;
@@ -216,6 +222,38 @@ pub async fn chat_stream(
         id: rec.id.clone(),
         ended: false,
     };
+    if wants_events {
+        let stream = futures::stream::unfold(
+            (reader, first, Some(guard)),
+            |(mut reader, mut first, mut guard)| async move {
+                // None once the end went out.
+                guard.as_ref()?;
+                let event = match first.take() {
+                    Some(e) => Some(e),
+                    None => reader.next().await.ok().flatten(),
+                };
+                let ended = !matches!(event, Some(ref e) if !matches!(e, TokenEvent::End { .. }));
+                if ended {
+                    // The end, the shim shutting down, or Redis gone for
+                    // good: the worker goes on and saves the whole reply,
+                    // so no stop is requested.
+                    if let Some(g) = guard.take() {
+                        g.disarm();
+                    }
+                }
+                let ev = sse_event(&reader.id, event?);
+                Some((Ok::<Event, Infallible>(ev), (reader, None, guard)))
+            },
+        );
+        let mut resp = Sse::new(stream)
+            .keep_alive(axum::response::sse::KeepAlive::default())
+            .into_response();
+        resp.headers_mut().insert(
+            "x-job-id",
+            header::HeaderValue::from_str(&rec.id).expect("job ids are header-safe"),
+        );
+        return Ok(resp);
+    }
     let stream = futures::stream::unfold(
         (reader, first, guard),
         |(mut reader, mut first, guard)| async move {
@@ -231,7 +269,13 @@ pub async fn chat_stream(
                             (reader, None, guard),
                         ))
                     }
-                    Some(TokenEvent::Text { .. } | TokenEvent::Progress { .. }) => continue,
+                    // Plain text carries option 0's text only (spoken
+                    // chunks go to event-stream clients).
+                    Some(
+                        TokenEvent::Text { .. }
+                        | TokenEvent::Progress { .. }
+                        | TokenEvent::Audio(_),
+                    ) => continue,
                     // The end, the shim shutting down, or Redis gone for
                     // good: the worker goes on and saves the whole reply,
                     // so no stop is requested.
@@ -268,11 +312,7 @@ pub async fn stream_route(
     axum::extract::Query(q): axum::extract::Query<StreamQuery>,
 ) -> Result<Response, ApiError> {
     let all_options = q.options.as_deref() == Some("all");
-    let wants_events = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("text/event-stream"));
-    if wants_events {
+    if accepts_events(&headers) {
         return Ok(sse(State(state), caller, raw).await?.into_response());
     }
     let rec = owned_job(&state, &caller, &raw).await?;
@@ -290,6 +330,7 @@ pub async fn stream_route(
                 Some(json!({ "output": text, "option": option }))
             }
             TokenEvent::Progress { progress } => Some(json!({ "output": {"progress": progress} })),
+            TokenEvent::Audio(chunk) => Some(json!({ "output": {"audio": chunk.to_json()} })),
             _ => None,
         })
         .collect();
@@ -299,9 +340,37 @@ pub async fn stream_route(
     )
 }
 
+/// Whether the request asks for Server-Sent Events.
+fn accepts_events(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("text/event-stream"))
+}
+
+/// A token event as a Server-Sent Event of job `id`.
+fn sse_event(id: &str, event: TokenEvent) -> Event {
+    match event {
+        TokenEvent::Text { option, text } => Event::default()
+            .event("output")
+            .data(json!({"option": option, "text": text}).to_string()),
+        TokenEvent::Progress { progress } => Event::default()
+            .event("progress")
+            .data(progress.to_string()),
+        TokenEvent::Audio(chunk) => Event::default()
+            .event("audio")
+            .data(chunk.to_json().to_string()),
+        TokenEvent::End { state } => Event::default()
+            .event("completed")
+            .data(json!({"id": id, "status": state.as_str()}).to_string()),
+    }
+}
+
 /// Server-Sent Events — `output` events `{"option", "text"}` as text is
-/// generated, `progress` events `{"step", "steps"}` as a media job runs,
-/// then one `completed` event `{"id", "status"}`.
+/// generated, `audio` events `{"index", "text", "format", "seconds",
+/// "audio"}` (base64 of a whole file) as a streamed reply is spoken,
+/// `progress` events `{"step", "steps"}` as a media job runs, then one
+/// `completed` event `{"id", "status"}`.
 async fn sse(
     State(state): State<AppState>,
     caller: Caller,
@@ -316,23 +385,10 @@ async fn sse(
                 return None;
             }
             match reader.next().await {
-                Ok(Some(TokenEvent::Text { option, text })) => {
-                    let ev = Event::default()
-                        .event("output")
-                        .data(json!({"option": option, "text": text}).to_string());
-                    Some((Ok(ev), (reader, false)))
-                }
-                Ok(Some(TokenEvent::Progress { progress })) => {
-                    let ev = Event::default()
-                        .event("progress")
-                        .data(progress.to_string());
-                    Some((Ok(ev), (reader, false)))
-                }
-                Ok(Some(TokenEvent::End { state })) => {
-                    let ev = Event::default()
-                        .event("completed")
-                        .data(json!({"id": reader.id, "status": state.as_str()}).to_string());
-                    Some((Ok(ev), (reader, true)))
+                Ok(Some(event)) => {
+                    let end = matches!(event, TokenEvent::End { .. });
+                    let ev = sse_event(&reader.id, event);
+                    Some((Ok(ev), (reader, end)))
                 }
                 Ok(None) | Err(_) => None,
             }

@@ -356,9 +356,16 @@ impl VoiceRegistry {
         }
         let model = voice_model_file(&resolve_model(&self.specs[id], &self.models_dir).await?)?;
         let (espeak, threads) = (self.espeak_data.clone(), self.threads);
-        let voice = tokio::task::spawn_blocking(move || PiperVoice::load(&model, &espeak, threads))
-            .await
-            .map_err(|e| ModelError::Invalid(e.to_string()))??;
+        let voice = tokio::task::spawn_blocking(move || {
+            let voice = PiperVoice::load(&model, &espeak, threads)?;
+            // One short sentence at load: ONNX Runtime's first run sets up
+            // its buffers, so the first reply's first audio does not wait
+            // for it.
+            voice.synthesize("Hello.", &SynthesisConfig::deterministic())?;
+            Ok::<_, ModelError>(voice)
+        })
+        .await
+        .map_err(|e| ModelError::Invalid(e.to_string()))??;
         let voice = std::sync::Arc::new(voice);
         self.loaded
             .lock()

@@ -55,6 +55,12 @@ pub struct EngineConfig {
     /// one; the entries live in the pool's free blocks, least recently used
     /// evicted first.
     pub prefix_cache: bool,
+    /// The nice value the engine's threads (its own and the CPU thread
+    /// pool's) run at: above 0, other work of the process wins the CPU when
+    /// both want it (a spoken reply's audio is synthesized while its text
+    /// is still being generated: the listener waits on the audio, while the
+    /// text is far ahead of it). 0 leaves them as they are.
+    pub nice: i32,
 }
 
 impl Default for EngineConfig {
@@ -63,6 +69,7 @@ impl Default for EngineConfig {
             kv_cache_tokens: 16_384,
             max_sequences: 16,
             prefix_cache: true,
+            nice: 0,
         }
     }
 }
@@ -75,6 +82,7 @@ impl EngineConfig {
             kv_cache_tokens: usize::MAX / 2,
             max_sequences: usize::MAX / 2,
             prefix_cache: false,
+            nice: 0,
         }
     }
 
@@ -911,6 +919,22 @@ impl Submission {
     }
 }
 
+/// Raises the calling thread's nice value to `nice` (Linux keeps one per
+/// thread); nothing for 0 or elsewhere.
+fn lower_thread_priority(nice: i32) {
+    #[cfg(target_os = "linux")]
+    if nice > 0 {
+        // SAFETY: plain system calls on the calling thread's own id.
+        let rc =
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+        if rc != 0 {
+            tracing::warn!(nice, error = %std::io::Error::last_os_error(), "could not lower the text engine's priority");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
+}
+
 /// A model shared by every text job of a worker: jobs submitted from any
 /// thread join one running batch ([`Scheduler`] on a thread of its own).
 pub struct BatchEngine {
@@ -925,9 +949,13 @@ impl BatchEngine {
         let stats = Arc::new(EngineStats::default());
         let (submit, rx) = mpsc::channel::<Submission>();
         let (m, s, c) = (model.clone(), stats.clone(), config.clone());
+        if config.nice > 0 {
+            rayon::broadcast(|_| lower_thread_priority(config.nice));
+        }
         std::thread::Builder::new()
             .name("text-engine".into())
             .spawn(move || loop {
+                lower_thread_priority(c.nice);
                 // A panic drops the jobs in flight (their callers get an
                 // error) and the engine starts over for the next ones.
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

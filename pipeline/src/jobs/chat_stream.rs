@@ -19,7 +19,14 @@ struct StreamWire {
     skin_id: Option<String>,
     #[serde(default)]
     context: Option<StreamContext>,
+    #[serde(default)]
+    generate_audio: Option<bool>,
+    #[serde(default)]
+    voice_id: Option<String>,
 }
+
+/// Longest `voice_id` accepted.
+pub const MAX_VOICE_ID_CHARS: usize = 128;
 
 /// Context a job may carry inline instead of having the worker fetch it;
 /// each part given wins over fetching that part.
@@ -43,6 +50,11 @@ pub struct ChatStreamJob {
     /// Passed through to the saved messages (XP scoping).
     pub skin_id: Option<String>,
     pub context: StreamContext,
+    /// Speak the reply as it streams: each sentence's audio follows its
+    /// text on the stream, the whole reply's audio is in the output.
+    pub generate_audio: bool,
+    /// The voice; the instance's `assigned_voice_id` when absent.
+    pub voice_id: Option<String>,
 }
 
 impl ChatStreamJob {
@@ -72,6 +84,14 @@ impl ChatStreamJob {
                 format!("must be at most {MAX_MESSAGE_CHARS} characters"),
             ));
         }
+        if let Some(v) = &w.voice_id {
+            if v.chars().count() > MAX_VOICE_ID_CHARS {
+                return Err(InputError::new(
+                    "input.voice_id",
+                    format!("must be at most {MAX_VOICE_ID_CHARS} characters"),
+                ));
+            }
+        }
         let medium = w.medium.unwrap_or_else(|| "text".into());
         if !matches!(medium.as_str(), "text" | "audio" | "image" | "video") {
             return Err(InputError::new(
@@ -85,6 +105,8 @@ impl ChatStreamJob {
             medium,
             skin_id: w.skin_id,
             context: w.context.unwrap_or_default(),
+            generate_audio: w.generate_audio.unwrap_or(false),
+            voice_id: w.voice_id.filter(|v| !v.trim().is_empty()),
         })
     }
 }
@@ -101,6 +123,24 @@ pub struct ChatStreamOutput {
     /// worker's MEMORY_MAX_WORDS when longer); absent without a scratchpad.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_words: Option<u32>,
+    /// The spoken reply (`generate_audio`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio: Option<StreamedAudio>,
+}
+
+/// The whole spoken reply of a streamed chat: its chunks went out on the
+/// stream as each was spoken; this is all of it as one file, at `url` when
+/// the worker stores media, else inline in `base64`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamedAudio {
+    pub format: String,
+    pub seconds: f64,
+    /// How many chunks were streamed.
+    pub chunks: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base64: Option<String>,
 }
 
 impl super::JobContract for ChatStreamJob {
@@ -120,6 +160,8 @@ impl super::JobContract for ChatStreamJob {
                 "content": {"type": "string", "maxLength": MAX_MESSAGE_CHARS},
                 "medium": {"type": "string"},
                 "skin_id": {"type": "string", "pattern": crate::platform::ID_PATTERN},
+                "generate_audio": {"type": "boolean", "description": "speak the reply as it streams: `audio` events on the stream, the whole reply in output.audio"},
+                "voice_id": {"type": "string", "maxLength": MAX_VOICE_ID_CHARS, "description": "the voice; the instance's assigned_voice_id when absent"},
                 "context": {"type": "object", "description": "inline instance, persona, messages, scratchpad: each wins over fetching it"}
             }
         })
@@ -146,6 +188,23 @@ mod tests {
         assert_eq!(e.field, "input.medium");
         let e = ChatStreamJob::parse(&json!({"content": "x"})).unwrap_err();
         assert_eq!(e.field, "input.instance_id");
+        assert!(!j.generate_audio && j.voice_id.is_none());
+        let j = ChatStreamJob::parse(
+            &json!({"instance_id": "i", "content": "hi", "generate_audio": true, "voice_id": "joe"}),
+        )
+        .unwrap();
+        assert!(j.generate_audio);
+        assert_eq!(j.voice_id.as_deref(), Some("joe"));
+        let e = ChatStreamJob::parse(
+            &json!({"instance_id": "i", "content": "hi", "generate_audio": "yes"}),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "input.generate_audio");
+        let e = ChatStreamJob::parse(
+            &json!({"instance_id": "i", "content": "hi", "voice_id": "v".repeat(129)}),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "input.voice_id");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use redis::streams::{
 };
 
 use super::keys::GROUP;
-use super::{JobRecord, Outcome, RedisQueue};
+use super::{AudioChunk, JobRecord, Outcome, RedisQueue};
 use crate::{JobKind, JobState, PipelineError};
 
 /// An entry this consumer holds: its run once claimed (0 before), and the
@@ -141,6 +141,31 @@ impl LeaseGuard {
             .key(self.queue.keys.tokens(&self.id))
             .arg(self.run)
             .arg(progress.to_string())
+            .invoke_async(&mut self.queue.connection())
+            .await?;
+        if ok == 0 {
+            self.mark_lost_if_taken_over().await;
+        }
+        Ok(ok == 1)
+    }
+
+    /// Appends one spoken chunk of the reply to the job's token stream
+    /// (`/stream` sends it as an `audio` event), only while this run holds
+    /// the job; a chunk index already written (by this run's retry or an
+    /// earlier run) is not written again. False: refused.
+    pub async fn publish_audio(&self, chunk: &AudioChunk) -> Result<bool, PipelineError> {
+        let ok: i32 = self
+            .queue
+            .scripts
+            .audio
+            .key(self.queue.keys.job(&self.id))
+            .key(self.queue.keys.tokens(&self.id))
+            .arg(self.run)
+            .arg(chunk.index)
+            .arg(&chunk.text)
+            .arg(&chunk.format)
+            .arg(chunk.seconds)
+            .arg(chunk.audio.as_slice())
             .invoke_async(&mut self.queue.connection())
             .await?;
         if ok == 0 {

@@ -54,7 +54,7 @@ pub use hub::TokenHub;
 pub use keys::Keys;
 pub use record::JobRecord;
 pub use sink::JobSink;
-pub use tokens::TokenEvent;
+pub use tokens::{AudioChunk, TokenEvent};
 
 use crate::{JobKind, PipelineError};
 use keys::GROUP;

@@ -116,7 +116,7 @@ const LUA_RETRY: &str = r#"
 local st = redis.call('HGET', KEYS[1], 'state')
 if st ~= 'FAILED' and st ~= 'TIMED_OUT' then return 0 end
 local policy = cjson.decode(redis.call('HGET', KEYS[1], 'policy'))
-redis.call('HDEL', KEYS[1], 'error', 'output', 'started_ms', 'finished_ms', 'worker', 'stop_requested', 'progress')
+redis.call('HDEL', KEYS[1], 'error', 'output', 'started_ms', 'finished_ms', 'worker', 'stop_requested', 'progress', 'audio_next')
 redis.call('HSET', KEYS[1], 'state', 'IN_QUEUE', 'attempts', 0, 'expires_ms', now_ms() + policy['ttl'])
 redis.call('PERSIST', KEYS[1])
 redis.call('HINCRBY', KEYS[2], st, -1)
@@ -190,6 +190,26 @@ redis.call('EXPIRE', KEYS[2], 3600)
 return 1
 "#;
 
+/// KEYS[1] record, KEYS[2] token stream. ARGV: run, chunk index, text,
+/// format, seconds, audio bytes. One spoken chunk of the reply, only while
+/// that run holds the job, and each index once across runs: a run after a
+/// crash speaks the same sentences again (same text, same seed) and skips
+/// the chunks the earlier run already sent. Returns 1 (written or already
+/// there), 0 refused.
+const LUA_AUDIO: &str = r#"
+if redis.call('HGET', KEYS[1], 'state') ~= 'IN_PROGRESS' or redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then
+  return 0
+end
+local index = tonumber(ARGV[2])
+if index < tonumber(redis.call('HGET', KEYS[1], 'audio_next') or '0') then
+  return 1
+end
+redis.call('XADD', KEYS[2], '*', 'ai', ARGV[2], 'at', ARGV[3], 'af', ARGV[4], 'as', ARGV[5], 'a', ARGV[6])
+redis.call('HSET', KEYS[1], 'audio_next', index + 1)
+redis.call('EXPIRE', KEYS[2], 3600)
+return 1
+"#;
+
 /// KEYS[1] record. ARGV: run. 1 while that run holds the job.
 const LUA_HOLDS: &str = r#"
 if redis.call('HGET', KEYS[1], 'state') == 'IN_PROGRESS' and redis.call('HGET', KEYS[1], 'run') == ARGV[1] then
@@ -208,6 +228,7 @@ pub(crate) struct Scripts {
     pub heartbeat: Script,
     pub tokens: Script,
     pub progress: Script,
+    pub audio: Script,
     pub holds: Script,
 }
 
@@ -224,6 +245,7 @@ impl Scripts {
             heartbeat: Script::new(LUA_HEARTBEAT),
             tokens: Script::new(LUA_TOKENS),
             progress: Script::new(LUA_PROGRESS),
+            audio: Script::new(LUA_AUDIO),
             holds: Script::new(LUA_HOLDS),
         }
     }

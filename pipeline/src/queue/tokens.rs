@@ -1,6 +1,7 @@
 //! Each job's token stream `{ns}:tokens:{id}`: text deltas by option as the
-//! worker generates them, then one end event with the job's final state
-//! (written by the script that ended the job). Also stop requests.
+//! worker generates them, spoken chunks of a reply as they are synthesized,
+//! then one end event with the job's final state (written by the script
+//! that ended the job). Also stop requests.
 
 use redis::AsyncCommands;
 
@@ -17,10 +18,48 @@ pub enum TokenEvent {
     End { state: JobState },
     /// The running job's progress (`{step, steps}`).
     Progress { progress: serde_json::Value },
+    /// One spoken chunk of the reply (a sentence or a few), a whole audio
+    /// file of its own.
+    Audio(AudioChunk),
+}
+
+/// A spoken chunk of a streamed reply: `text` spoken, encoded as a complete
+/// file in `format` (`wav`, `mp3`, `ogg`), chunks numbered from 0.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AudioChunk {
+    pub index: u64,
+    pub text: String,
+    pub format: String,
+    pub seconds: f64,
+    pub audio: Vec<u8>,
+}
+
+impl AudioChunk {
+    /// The chunk as the shim sends it: `{index, text, format, seconds,
+    /// audio}` with the audio in base64.
+    pub fn to_json(&self) -> serde_json::Value {
+        use base64::Engine as _;
+        serde_json::json!({
+            "index": self.index,
+            "text": self.text,
+            "format": self.format,
+            "seconds": self.seconds,
+            "audio": base64::engine::general_purpose::STANDARD.encode(&self.audio),
+        })
+    }
 }
 
 impl TokenEvent {
     pub(crate) fn from_entry(e: &redis::streams::StreamId) -> Self {
+        if let Some(audio) = e.get::<Vec<u8>>("a") {
+            return TokenEvent::Audio(AudioChunk {
+                index: e.get::<u64>("ai").unwrap_or(0),
+                text: e.get::<String>("at").unwrap_or_default(),
+                format: e.get::<String>("af").unwrap_or_default(),
+                seconds: e.get::<f64>("as").unwrap_or(0.0),
+                audio,
+            });
+        }
         if let Some(p) = e.get::<String>("p") {
             return TokenEvent::Progress {
                 progress: serde_json::from_str(&p).unwrap_or_default(),

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use pipeline::jobs::chat::{ChatRespondJob, ChatRespondOutput};
 
-use super::{blocking, Handler, RunCtx};
+use super::{blocking, Handler, RunCtx, StreamItem};
 use crate::chat::{JobError, Usage};
 
 pub struct ChatHandler;
@@ -27,7 +27,7 @@ impl Handler for ChatHandler {
                 },
                 &|| ctx.cancel.load(Ordering::Relaxed),
                 &mut |i, d| {
-                    let _ = deltas.send((i, d.to_string()));
+                    let _ = deltas.send(StreamItem::Text(i, d.to_string()));
                 },
             )
         })

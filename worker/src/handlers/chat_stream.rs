@@ -25,6 +25,7 @@ impl Handler for ChatStreamHandler {
             clock: ctx.clock,
             cancel: ctx.cancel.clone(),
             deltas: ctx.deltas.clone(),
+            media: ctx.media.clone(),
             fence: ctx.fence.clone(),
         }
         .run()

@@ -45,6 +45,16 @@ pub struct Services {
     pub outbound: pipeline::outbound::OutboundGuard,
 }
 
+/// What a run adds to its job's token stream, in the order sent: the text
+/// of a sentence goes out before the audio that speaks it.
+#[derive(Debug)]
+pub enum StreamItem {
+    /// New text of an option.
+    Text(usize, String),
+    /// A spoken chunk of the reply.
+    Audio(pipeline::queue::AudioChunk),
+}
+
 /// One run of one job.
 pub struct RunCtx {
     pub job_id: String,
@@ -56,8 +66,8 @@ pub struct RunCtx {
     pub clock: DateTime<FixedOffset>,
     /// Set when the run must stop (cancel, timeout, lost lease, drain).
     pub cancel: Arc<AtomicBool>,
-    /// Text deltas by option, for the job's token stream.
-    pub deltas: UnboundedSender<(usize, String)>,
+    /// Text deltas by option and spoken chunks, for the job's token stream.
+    pub deltas: UnboundedSender<StreamItem>,
     /// Progress (`{step, steps}`) of a media job, for `/status` and the
     /// stream.
     pub progress: UnboundedSender<serde_json::Value>,

@@ -154,19 +154,21 @@ pub async fn openapi(_caller: crate::auth::Caller) -> Json<Value> {
     }}));
     paths.insert("/v1/instances/{instance_id}/chat/stream".into(), json!({"post": {
         "tags": ["chat"], "summary": "Send a user message and stream the reply as plain-text chunks",
-        "description": "Context (instance snapshot, default persona, recent messages, memory scratchpad) comes from the platform API. When the stream closes, the user and assistant messages have been saved; a client that disconnects stops generation and the partial reply is saved with \"partial\": true.",
+        "description": "Context (instance snapshot, default persona, recent messages, memory scratchpad) comes from the platform API. When the stream closes, the user and assistant messages have been saved; a client that disconnects stops generation and the partial reply is saved with \"partial\": true. With generate_audio the reply is also spoken sentence by sentence: send Accept: text/event-stream to get Server-Sent Events (`output` {option, text}, `audio` {index, text, format, seconds, audio (base64 of a whole file)} right after the text it speaks, then `completed`); the job's output.audio holds the whole reply.",
         "security": [{"bearer": []}],
         "parameters": [{"name": "instance_id", "in": "path", "required": true, "schema": {"type": "string", "pattern": pipeline::platform::ID_PATTERN}}],
         "requestBody": {"required": true, "x-max-body-bytes": crate::startup::NATIVE_BODY_MAX, "content": {"application/json": {"schema": {"type": "object", "required": ["content"], "properties": {
             "content": {"type": "string"}, "medium": {"type": "string", "enum": ["text", "audio", "image", "video"], "default": "text"},
-            "skin_id": {"type": "string"}}}}}},
+            "skin_id": {"type": "string"},
+            "generate_audio": {"type": "boolean", "default": false},
+            "voice_id": {"type": "string", "maxLength": pipeline::jobs::chat_stream::MAX_VOICE_ID_CHARS, "description": "the voice; the instance's assigned_voice_id when absent"}}}}}},
         "responses": responses(
-            json!({"200": {"description": "chunked reply; header x-job-id names the job", "content": {"text/plain; charset=utf-8": {"schema": {"type": "string"}}}}}),
+            json!({"200": {"description": "chunked reply, or Server-Sent Events with Accept: text/event-stream; header x-job-id names the job", "content": {"text/plain; charset=utf-8": {"schema": {"type": "string"}}, "text/event-stream": {}}}}),
             &[400, 413, 422, 502],
         )
     }}));
     paths.insert("/stream/{id}".into(), json!({"get": {
-        "tags": ["jobs"], "summary": "A job's text as it is generated: Server-Sent Events with Accept: text/event-stream (`output` {option, text}, then `completed` {id, status}); otherwise RunPod's polled JSON {id, status, stream: [{output}]} with the text since the last poll",
+        "tags": ["jobs"], "summary": "A job's text as it is generated: Server-Sent Events with Accept: text/event-stream (`output` {option, text}, `audio` {index, text, format, seconds, audio} of a spoken streamed chat, `progress` {step, steps} of a media job, then `completed` {id, status}); otherwise RunPod's polled JSON {id, status, stream: [{output}]} with the text since the last poll",
         "security": [{"bearer": []}],
         "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
         "responses": responses(

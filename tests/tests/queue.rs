@@ -622,6 +622,46 @@ async fn spoken_chunks_are_streamed_once_per_index_across_runs() {
     );
 }
 
+/// A job's end event carries its record as it ended when the record is
+/// small (a waiting /runsync answers without reading it back), and only the
+/// id when it is large. The enqueue and the claim hand back the record as
+/// stored, equal to what a read gives.
+#[tokio::test(flavor = "current_thread")]
+async fn end_events_carry_small_records_and_only_the_id_of_large_ones() {
+    let redis = Redis::start();
+    let q = queue(&redis, QueueConfig::default()).await;
+    // Current-thread runtime: the relay subscribes only once this test
+    // awaits, so its first message (RESYNC) says it is listening.
+    let mut events = q.spawn_relay(q.keys().events()).subscribe();
+    assert_eq!(events.recv().await.unwrap(), pipeline::queue::RESYNC);
+    let mut consumer = q.consumer(&[JobKind::Chat], "w").await.unwrap();
+    for (output, sent_along) in [(json!({"ok": true}), true), (json!("x".repeat(10_000)), false)] {
+        let rec = q.enqueue(&request(Policy::default()), "o").await.unwrap();
+        assert_eq!(Some(&rec), q.get(&rec.id).await.unwrap().as_ref());
+        let lease = consumer
+            .next(Duration::from_millis(500))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(Some(&lease.record), q.get(&rec.id).await.unwrap().as_ref());
+        assert_eq!(lease.record.state, JobState::InProgress);
+        consumer
+            .finish(&lease, Outcome::Completed(output.clone()))
+            .await
+            .unwrap();
+        let message = events.recv().await.unwrap();
+        let (id, ended) = pipeline::queue::job_event(&message);
+        assert_eq!(id, rec.id);
+        let stored = q.get(&rec.id).await.unwrap().unwrap();
+        assert_eq!(stored.output, Some(output));
+        if sent_along {
+            assert_eq!(ended, Some(stored));
+        } else {
+            assert_eq!(message, rec.id, "a large record is read back");
+        }
+    }
+}
+
 /// Redis restarted without persistence: the consumer group is gone. The
 /// consumer creates it again instead of failing with NOGROUP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

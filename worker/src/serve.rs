@@ -227,21 +227,29 @@ async fn run_lease(
     // /stream/{id} and the streamed chat route) as they come, in order,
     // only while this run holds the job.
     let (deltas, mut delta_rx) = tokio::sync::mpsc::unbounded_channel::<StreamItem>();
-    // A run after a crash or a hand-back regenerates the same text (same
-    // prompt, same seed): what an earlier run already streamed is skipped
-    // (text by bytes here, spoken chunks by index in Redis).
-    let mut streamed = with_redis_retry(
-        "reading the token stream",
-        || guard.is_lost(),
-        || queue.streamed_bytes(&id),
-    )
-    .await
-    .unwrap_or_default();
     let pump = {
-        let (guard, cancel) = (guard.clone(), cancel.clone());
+        let (guard, cancel, queue, id) = (guard.clone(), cancel.clone(), queue.clone(), id.clone());
         tokio::spawn(async move {
             let mut batch_no = 0u64;
+            // A run after a crash or a hand-back regenerates the same text
+            // (same prompt, same seed): what an earlier run already streamed
+            // is skipped (text by bytes here, spoken chunks by index in
+            // Redis). Read when the first item comes: a job that streams
+            // nothing never asks.
+            let mut streamed: Option<Vec<usize>> = None;
             while let Some(first) = delta_rx.recv().await {
+                if streamed.is_none() {
+                    streamed = Some(
+                        with_redis_retry(
+                            "reading the token stream",
+                            || guard.is_lost(),
+                            || queue.streamed_bytes(&id),
+                        )
+                        .await
+                        .unwrap_or_default(),
+                    );
+                }
+                let streamed = streamed.as_mut().expect("read above");
                 let mut burst = vec![first];
                 while let Ok(more) = delta_rx.try_recv() {
                     burst.push(more);
@@ -253,7 +261,7 @@ async fn run_lease(
                 for item in burst.into_iter().map(Some).chain([None]) {
                     let audio = match item {
                         Some(StreamItem::Text(option, text)) => {
-                            texts.extend(skip_streamed(&mut streamed, option, text));
+                            texts.extend(skip_streamed(streamed, option, text));
                             continue;
                         }
                         Some(StreamItem::Audio(chunk)) => Some(chunk),
@@ -501,8 +509,9 @@ async fn run_lease(
     // Every delta is written before the result (the end event follows it).
     let _ = pump.await;
     let _ = progress_pump.await;
-    // Totals first: once the result is written, callbacks and /status may
-    // be read, and the metrics should already count this run.
+    // The run's totals go in with the result (the script adds them first):
+    // once the result is written, callbacks and /status may be read, and
+    // the metrics should already count this run.
     let stats = [
         (state.as_str(), 1),
         ("prompt_tokens", usage.prompt_tokens),
@@ -515,18 +524,10 @@ async fn run_lease(
         ("stop_sequence_hits", usage.stop_sequence_hits),
         ("reply_resamples", usage.reply_resamples),
     ];
-    if !guard.is_lost() {
-        with_redis_retry(
-            "adding run totals",
-            || guard.is_lost(),
-            || queue.add_worker_stats(&stats),
-        )
-        .await;
-    }
     let finished = with_redis_retry(
         "writing the result",
         || guard.is_lost(),
-        || consumer.finish(&lease, outcome.clone()),
+        || consumer.finish_counting(&lease, outcome.clone(), &stats),
     )
     .await;
     tracing::info!(job = %id, state = state.as_str(), finished = ?finished, "job finished");

@@ -345,7 +345,7 @@ async fn predict(
         return Ok((StatusCode::ACCEPTED, Json(cog::prediction(&rec, &shown))).into_response());
     }
     let wait = Duration::from_millis(state.cfg.runsync_wait_ms);
-    let done = wait_until_done(&state, &rec.id, &mut events, wait).await?;
+    let done = wait_until_done(&state, &rec, &mut events, wait).await?;
     let code = if done.state.is_terminal() {
         StatusCode::OK
     } else {

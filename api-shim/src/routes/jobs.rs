@@ -209,30 +209,37 @@ pub async fn runsync(
     // Subscribe before submitting so the end of a fast job is not missed.
     let mut events = state.events.subscribe();
     let rec = submit(&state, &caller, &params, body).await?;
-    let done = wait_until_done(&state, &rec.id, &mut events, Duration::from_millis(wait)).await?;
+    let done = wait_until_done(&state, &rec, &mut events, Duration::from_millis(wait)).await?;
     Ok(Json(status_body(&done)))
 }
 
-/// Waits up to `wait` for job `id` to reach a terminal state and returns its
-/// record as it stands when the wait ends (read again then, never the copy
-/// from before the wait). Subscribe to `events` before submitting, so a fast
-/// job's end is not missed. The record is re-read after every wake (its
+/// Waits up to `wait` for job `rec` to reach a terminal state and returns
+/// its record as it stands when the wait ends (as the job's end event
+/// carried it, or read again after each wake; `rec` itself only when it is
+/// already terminal). Subscribe to `events`
+/// before submitting or reading `rec`, so a fast job's end is not missed. The record is re-read after every wake (its
 /// event, a relay reconnect, a lagged channel) and at least every second, so
 /// an event lost while the relay reconnected costs at most a second.
 pub async fn wait_until_done(
     state: &AppState,
-    id: &str,
+    rec: &JobRecord,
     events: &mut tokio::sync::broadcast::Receiver<String>,
     wait: Duration,
 ) -> Result<JobRecord, ApiError> {
     const RECHECK: Duration = Duration::from_secs(1);
     let deadline = tokio::time::Instant::now() + wait;
+    let id = rec.id.as_str();
+    // The record just read (after subscribing) counts as the first look.
+    let mut current = Some(rec.clone());
     loop {
-        let current = state
-            .queue
-            .get(id)
-            .await?
-            .ok_or_else(|| ApiError::not_found(id))?;
+        let current = match current.take() {
+            Some(r) => r,
+            None => state
+                .queue
+                .get(id)
+                .await?
+                .ok_or_else(|| ApiError::not_found(id))?,
+        };
         if current.state.is_terminal() || tokio::time::Instant::now() >= deadline {
             return Ok(current);
         }
@@ -241,8 +248,16 @@ pub async fn wait_until_done(
             match tokio::time::timeout_at(wake, events.recv()).await {
                 // The recheck or the deadline: read again.
                 Err(_) => break,
-                Ok(Ok(done)) if done == id || done == pipeline::queue::RESYNC => break,
-                Ok(Ok(_)) => continue,
+                Ok(Ok(message)) => match pipeline::queue::job_event_id(&message) {
+                    done if done == id => match pipeline::queue::job_event(&message) {
+                        // The record as the job ended, sent along: no read
+                        // back.
+                        (_, Some(ended)) if ended.state.is_terminal() => return Ok(ended),
+                        _ => break,
+                    },
+                    pipeline::queue::RESYNC => break,
+                    _ => continue,
+                },
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
                     tokio::time::sleep_until(wake).await;
@@ -300,7 +315,7 @@ async fn status_waiting(
     let rec = owned_job(state, caller, raw).await?;
     let rec = match wait {
         Some(w) if !rec.state.is_terminal() => {
-            wait_until_done(state, &rec.id, &mut events, Duration::from_millis(w)).await?
+            wait_until_done(state, &rec, &mut events, Duration::from_millis(w)).await?
         }
         _ => rec,
     };

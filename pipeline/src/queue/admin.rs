@@ -128,7 +128,6 @@ impl RedisQueue {
         owner: &str,
         opts: EnqueueOptions<'_>,
     ) -> Result<JobRecord, PipelineError> {
-        self.ensure_groups(kind).await?;
         let id = opts
             .id
             .map(String::from)
@@ -167,14 +166,13 @@ impl RedisQueue {
         inv.key(self.keys.lane(kind, policy.low_priority))
             .arg(&id)
             .arg(self.keys.events())
-            .arg(policy.ttl_ms);
+            .arg(policy.ttl_ms)
+            .arg(super::keys::GROUP);
         for (k, v) in &fields {
             inv.arg(*k).arg(v);
         }
-        let _: i64 = inv.invoke_async(&mut self.conn.clone()).await?;
-        self.get(&id).await?.ok_or_else(|| {
-            PipelineError::Other(format!("job {id} vanished right after it was stored"))
-        })
+        let stored: HashMap<String, String> = inv.invoke_async(&mut self.conn.clone()).await?;
+        JobRecord::from_hash(&id, stored)
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<JobRecord>, PipelineError> {

@@ -483,13 +483,20 @@ impl Consumer {
         for k in q.terminal_keys(&id) {
             inv.key(k);
         }
-        let (verdict, attempt, run): (String, u32, u64) = inv
+        // A run comes back with the record as the claim left it.
+        let reply: Vec<redis::Value> = inv
             .arg(&id)
             .arg(q.keys.events())
             .arg(&self.name)
             .arg(q.result_ttl_ms())
             .invoke_async(&mut q.connection())
             .await?;
+        let mut reply = reply.into_iter();
+        let mut next = || reply.next().unwrap_or(redis::Value::Nil);
+        let verdict: String = redis::from_redis_value(&next())?;
+        let attempt: u32 = redis::from_redis_value(&next())?;
+        let run: u64 = redis::from_redis_value(&next())?;
+        let stored: HashMap<String, String> = redis::from_redis_value(&next())?;
         if verdict != "run" {
             tracing::info!(job = %id, verdict = %verdict, "queue entry settled without a run");
             self.settle(&stream, &entry).await?;
@@ -507,10 +514,7 @@ impl Consumer {
             h.run = run;
             h.lost.clone()
         };
-        let Some(record) = q.get(&id).await? else {
-            self.settle(&stream, &entry).await?;
-            return Ok(None);
-        };
+        let record = JobRecord::from_hash(&id, stored)?;
         *self.running.lock().expect("not poisoned") = Some(id);
         Ok(Some(Lease {
             record,
@@ -615,6 +619,18 @@ impl RunControl {
     /// Writes the result (once, and only while this run holds the job) and
     /// releases the entry.
     pub async fn finish(&self, lease: &Lease, outcome: Outcome) -> Result<Finished, PipelineError> {
+        self.finish_counting(lease, outcome, &[]).await
+    }
+
+    /// [`finish`](Self::finish), adding the run's totals (`/metrics`' fleet
+    /// counters) in the same script, before the result is visible; nothing
+    /// is added when the lease was lost.
+    pub async fn finish_counting(
+        &self,
+        lease: &Lease,
+        outcome: Outcome,
+        totals: &[(&str, u64)],
+    ) -> Result<Finished, PipelineError> {
         let q = &self.queue;
         let (state, field, payload) = match outcome {
             Outcome::Completed(v) => (JobState::Completed, "output", v.to_string()),
@@ -625,8 +641,8 @@ impl RunControl {
         for k in q.terminal_keys(&lease.record.id) {
             inv.key(k);
         }
-        let written: i32 = inv
-            .key(&lease.stream)
+        inv.key(&lease.stream)
+            .key(q.keys.worker_stats())
             .arg(&lease.record.id)
             .arg(q.keys.events())
             .arg(q.result_ttl_ms())
@@ -635,9 +651,11 @@ impl RunControl {
             .arg(payload)
             .arg(lease.run)
             .arg(GROUP)
-            .arg(&lease.entry)
-            .invoke_async(&mut q.connection())
-            .await?;
+            .arg(&lease.entry);
+        for (total, n) in totals.iter().filter(|(_, n)| *n > 0) {
+            inv.arg(*total).arg(*n);
+        }
+        let written: i32 = inv.invoke_async(&mut q.connection()).await?;
         self.forget(&lease.stream, &lease.entry);
         *self.running.lock().expect("not poisoned") = None;
         Ok(match written {

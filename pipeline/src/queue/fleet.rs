@@ -23,17 +23,8 @@ pub struct FleetView {
 }
 
 impl RedisQueue {
-    /// Adds to the fleet-wide worker totals (jobs by outcome, tokens, model
-    /// time), which the shim exports on /metrics.
-    pub async fn add_worker_stats(&self, stats: &[(&str, u64)]) -> Result<(), PipelineError> {
-        let mut pipe = redis::pipe();
-        for (field, n) in stats {
-            pipe.hincr(self.keys.worker_stats(), *field, *n).ignore();
-        }
-        let _: () = pipe.query_async(&mut self.conn.clone()).await?;
-        Ok(())
-    }
-
+    /// The fleet-wide worker totals (jobs by outcome, tokens, model time),
+    /// which runs add as they finish and the shim exports on /metrics.
     pub async fn worker_stats(&self) -> Result<HashMap<String, i64>, PipelineError> {
         Ok(self.conn.clone().hgetall(self.keys.worker_stats()).await?)
     }

@@ -64,6 +64,32 @@ use scripts::Scripts;
 /// job id.
 pub const RESYNC: &str = "";
 
+/// The id of the job a message of the events channel is about.
+pub fn job_event_id(message: &str) -> &str {
+    message.split_once('\n').map_or(message, |(id, _)| id)
+}
+
+/// A message of the events channel: the id of the job that ended, and its
+/// record as it ended when the script that ended it sent it along (records
+/// up to 8 KiB; larger ones are read back). Many waiters see every
+/// message: check [`job_event_id`] first, parse only your own.
+pub fn job_event(message: &str) -> (&str, Option<JobRecord>) {
+    let Some((id, json)) = message.split_once('\n') else {
+        return (message, None);
+    };
+    let record = serde_json::from_str::<Vec<String>>(json)
+        .ok()
+        .and_then(|flat| {
+            let mut fields = std::collections::HashMap::with_capacity(flat.len() / 2);
+            let mut it = flat.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                fields.insert(k, v);
+            }
+            JobRecord::from_hash(id, fields).ok()
+        });
+    (id, record)
+}
+
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
     /// Key prefix, so several deployments (or tests) can share one Redis.
@@ -294,8 +320,8 @@ impl RedisQueue {
                             let _ = out.send(RESYNC.to_string());
                             let mut messages = pubsub.on_message();
                             while let Some(msg) = messages.next().await {
-                                if let Ok(payload) = msg.get_payload::<String>() {
-                                    let _ = out.send(payload);
+                                if let Ok(payload) = msg.get_payload::<Vec<u8>>() {
+                                    let _ = out.send(String::from_utf8_lossy(&payload).into_owned());
                                 }
                             }
                         }

@@ -10,8 +10,11 @@
 use redis::Script;
 
 /// Shared helpers: the Redis clock and the move to a terminal state (counts,
-/// finish time, expiry, callback, the token stream's end event, the event).
+/// finish time, expiry, callback, the token stream's end event, the event:
+/// `id`, or `id\n` and the record's HGETALL as a JSON array when its
+/// fields and values are at most `EVENT_RECORD_MAX` bytes in all).
 const LUA_PRELUDE: &str = r#"
+local EVENT_RECORD_MAX = 8192
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -35,24 +38,41 @@ local function terminal(from, to, ttl)
   end
   redis.call('XADD', KEYS[5], '*', 'end', to)
   redis.call('EXPIRE', KEYS[5], 3600)
-  redis.call('PUBLISH', ARGV[2], ARGV[1])
+  -- The event: the job id, and the record as it ends when it is small
+  -- (a waiting /runsync answers from it without reading it back).
+  local rec = redis.call('HGETALL', KEYS[1])
+  local size = 0
+  for i = 1, #rec do size = size + #rec[i] end
+  if size <= EVENT_RECORD_MAX then
+    redis.call('PUBLISH', ARGV[2], ARGV[1] .. '\n' .. cjson.encode(rec))
+  else
+    redis.call('PUBLISH', ARGV[2], ARGV[1])
+  end
 end
 "#;
 
-/// KEYS[6] lane. ARGV: id, events, ttl_ms, then field pairs. Creates the
-/// record (created and expiry times from the Redis clock) and queues it.
+/// KEYS[6] lane. ARGV: id, events, ttl_ms, consumer group, then field
+/// pairs. Creates the record (created and expiry times from the Redis
+/// clock) and queues it, the lane and its consumer group first when the
+/// lane does not exist yet (a fresh or restarted Redis: workers read with
+/// the group). Returns the record as stored (an existing record with that
+/// id unchanged), so the caller needs no second round trip.
 const LUA_ENQUEUE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGETALL', KEYS[1]) end
 local now = now_ms()
 local ttl = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('HSET', KEYS[1], 'created_ms', now, 'expires_ms', now + ttl)
 redis.call('HINCRBY', KEYS[2], 'IN_QUEUE', 1)
+if redis.call('EXISTS', KEYS[6]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[6], ARGV[4], '0', 'MKSTREAM')
+end
 redis.call('XADD', KEYS[6], '*', 'job', ARGV[1])
-return now
+return redis.call('HGETALL', KEYS[1])
 "#;
 
-/// ARGV: id, events, worker, result ttl. Returns {verdict, attempt, run}:
+/// ARGV: id, events, worker, result ttl. Returns {verdict, attempt, run}
+/// and, for a run, the record as it stands after the claim:
 /// a run's lease token is the record's `run`, bumped here and never reset, so
 /// a worker that lost its lease can be told apart from the holder.
 const LUA_CLAIM: &str = r#"
@@ -80,14 +100,19 @@ if st == 'IN_QUEUE' then
   redis.call('HINCRBY', KEYS[2], 'IN_PROGRESS', 1)
 end
 redis.call('HSET', KEYS[1], 'state', 'IN_PROGRESS', 'worker', ARGV[3], 'started_ms', now)
-return {'run', attempt, run}
+return {'run', attempt, run, redis.call('HGETALL', KEYS[1])}
 "#;
 
-/// KEYS[6] lane. ARGV: id, events, ttl, to_state, field, payload, run,
-/// group, entry. Returns 1 written, 0 already settled (cancelled), -1 the
-/// lease was lost (nothing touched).
+/// KEYS[6] lane, KEYS[7] the fleet's run totals. ARGV: id, events, ttl,
+/// to_state, field, payload, run, group, entry, then (total, amount) pairs
+/// added to the run totals before the result is written (so a client that
+/// reads the result finds the run already counted). Returns 1 written, 0
+/// already settled (cancelled), -1 the lease was lost (nothing touched).
 const LUA_FINISH: &str = r#"
 if redis.call('HGET', KEYS[1], 'run') ~= ARGV[7] then return -1 end
+for i = 10, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[7], ARGV[i], ARGV[i + 1])
+end
 redis.call('XACK', KEYS[6], ARGV[8], ARGV[9])
 redis.call('XDEL', KEYS[6], ARGV[9])
 local st = redis.call('HGET', KEYS[1], 'state')

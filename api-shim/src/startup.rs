@@ -98,7 +98,7 @@ pub struct AppState {
     pub queue: RedisQueue,
     pub keys: ApiKeys,
     /// Ids of jobs that reached a terminal state, relayed from Redis.
-    pub events: broadcast::Sender<String>,
+    pub events: broadcast::Sender<std::sync::Arc<str>>,
     pub cfg: Arc<ShimConfig>,
     pub metrics: Arc<Metrics>,
     pub callbacks: CallbackSender,

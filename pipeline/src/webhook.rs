@@ -16,6 +16,7 @@
 //! a delivery of an old run (before a `/retry`) never touches the new one.
 
 use crate::outbound::{redact_url, OutboundGuard, Refused};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rand::Rng;
@@ -143,6 +144,13 @@ pub struct CallbackSender {
     settle_script: std::sync::Arc<redis::Script>,
 }
 
+/// A leased delivery: the job's callback hash and record as read.
+struct Delivery {
+    id: String,
+    callback: HashMap<String, String>,
+    record: HashMap<String, String>,
+}
+
 /// Leases up to ARGV[3] due ids: their score moves to now + lease.
 const LUA_LEASE_DUE: &str = r#"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
@@ -151,20 +159,18 @@ return ids
 "#;
 
 /// KEYS: callback hash, due set, dead letters. ARGV: id, webhook id, mode
-/// (`body` body | `retry` attempts last_error when | `park` letter max |
-/// `done` | `stale`). Writes only while the webhook id is the job's.
+/// (`retry` attempts last_error when body | `park` letter max | `done` |
+/// `stale`). Writes only while the webhook id is the job's. A retry keeps
+/// the body of the first try (every try byte-identical).
 const LUA_SETTLE: &str = r#"
 if ARGV[3] == 'stale' then
   if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) end
   return 1
 end
 if redis.call('HGET', KEYS[1], 'webhook_id') ~= ARGV[2] then return 0 end
-if ARGV[3] == 'body' then
-  redis.call('HSET', KEYS[1], 'body', ARGV[4])
-  return 1
-end
 if ARGV[3] == 'retry' then
   redis.call('HSET', KEYS[1], 'attempts', ARGV[4], 'last_error', ARGV[5])
+  redis.call('HSETNX', KEYS[1], 'body', ARGV[7])
   redis.call('ZADD', KEYS[2], ARGV[6], ARGV[1])
   return 1
 end
@@ -289,36 +295,54 @@ impl CallbackSender {
         &self.guard
     }
 
+    /// The callback hash and the record of each job in `ids`, in one round
+    /// trip.
+    async fn read_deliveries(&self, ids: &[String]) -> Result<Vec<Delivery>, PipelineError> {
+        let keys = self.queue.keys();
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(keys.callback(id)).hgetall(keys.job(id));
+        }
+        let hashes: Vec<HashMap<String, String>> =
+            pipe.query_async(&mut self.queue.connection()).await?;
+        let mut hashes = hashes.into_iter();
+        Ok(ids
+            .iter()
+            .map(|id| Delivery {
+                id: id.clone(),
+                callback: hashes.next().unwrap_or_default(),
+                record: hashes.next().unwrap_or_default(),
+            })
+            .collect())
+    }
+
     /// One try at delivering the callback of job `id`; schedules the next try
     /// or parks it in the dead-letter list.
     pub async fn deliver(&self, id: &str) -> Result<(), PipelineError> {
-        let cb: std::collections::HashMap<String, String> = self
-            .queue
-            .connection()
-            .hgetall(self.queue.keys().callback(id))
-            .await?;
+        let mut read = self.read_deliveries(&[id.to_string()]).await?;
+        self.deliver_read(read.pop().expect("one asked, one read")).await
+    }
+
+    async fn deliver_read(&self, d: Delivery) -> Result<(), PipelineError> {
+        let (id, cb) = (d.id.as_str(), &d.callback);
         let (Some(msg_id), Some(url)) = (cb.get("webhook_id"), cb.get("url")) else {
             // A due entry without a delivery (the job was retried since).
             self.settle(id, "", "stale", &[]).await?;
             return Ok(());
         };
-        let body = match cb.get("body") {
-            Some(b) => b.clone(),
-            None => {
-                // Fixed at the first try, so every retry is byte-identical.
-                let Some(rec) = self.queue.get(id).await? else {
-                    tracing::warn!(job = %id, "callback dropped: the job record is gone");
-                    self.settle(id, msg_id, "done", &[]).await?;
-                    return Ok(());
-                };
-                let body = callback_body(&rec);
-                if !self
-                    .settle(id, msg_id, "body", std::slice::from_ref(&body))
-                    .await?
-                {
-                    return Ok(());
-                }
-                body
+        let record = (!d.record.is_empty())
+            .then(|| crate::queue::JobRecord::from_hash(id, d.record.clone()).ok())
+            .flatten();
+        let body = match (cb.get("body"), &record) {
+            // Kept from the first try, so every retry is byte-identical
+            // (the record of an ended job does not change: it gives the
+            // same body again until then).
+            (Some(b), _) => b.clone(),
+            (None, Some(rec)) => callback_body(rec),
+            (None, None) => {
+                tracing::warn!(job = %id, "callback dropped: the job record is gone");
+                self.settle(id, msg_id, "done", &[]).await?;
+                return Ok(());
             }
         };
         let attempts: usize = cb.get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0) + 1;
@@ -350,7 +374,7 @@ impl CallbackSender {
         let gone = status == Some(410);
         // A refused address is refused on every try: parked at once.
         if gone || refused || attempts >= self.cfg.schedule.len() {
-            let owner = self.queue.get(id).await?.map(|r| r.owner);
+            let owner = record.map(|r| r.owner);
             let reason = if gone {
                 "the receiver answered 410 Gone"
             } else if refused {
@@ -390,6 +414,7 @@ impl CallbackSender {
                 attempts.to_string(),
                 last,
                 (now_ms() + wait.as_millis() as u64).to_string(),
+                body,
             ],
         )
         .await?;
@@ -411,14 +436,20 @@ impl CallbackSender {
 
     /// Delivers due callbacks until `shutdown` fires, waking on `wake` (job
     /// events) or every `poll`.
-    pub async fn run(self, poll: Duration, mut wake: tokio::sync::broadcast::Receiver<String>) {
+    pub async fn run(self, poll: Duration, mut wake: tokio::sync::broadcast::Receiver<std::sync::Arc<str>>) {
         loop {
-            match self.lease_due(32).await {
-                Ok(ids) => {
-                    for id in ids {
+            let due = match self.lease_due(32).await {
+                Ok(ids) if ids.is_empty() => Ok(Vec::new()),
+                Ok(ids) => self.read_deliveries(&ids).await,
+                Err(e) => Err(e),
+            };
+            match due {
+                Ok(due) => {
+                    for d in due {
                         let me = self.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = me.deliver(&id).await {
+                            let id = d.id.clone();
+                            if let Err(e) = me.deliver_read(d).await {
                                 tracing::error!(job = %id, error = %e, "callback delivery failed");
                             }
                         });

@@ -633,7 +633,7 @@ async fn end_events_carry_small_records_and_only_the_id_of_large_ones() {
     // Current-thread runtime: the relay subscribes only once this test
     // awaits, so its first message (RESYNC) says it is listening.
     let mut events = q.spawn_relay(q.keys().events()).subscribe();
-    assert_eq!(events.recv().await.unwrap(), pipeline::queue::RESYNC);
+    assert_eq!(&*events.recv().await.unwrap(), pipeline::queue::RESYNC);
     let mut consumer = q.consumer(&[JobKind::Chat], "w").await.unwrap();
     for (output, sent_along) in [(json!({"ok": true}), true), (json!("x".repeat(10_000)), false)] {
         let rec = q.enqueue(&request(Policy::default()), "o").await.unwrap();
@@ -657,7 +657,7 @@ async fn end_events_carry_small_records_and_only_the_id_of_large_ones() {
         if sent_along {
             assert_eq!(ended, Some(stored));
         } else {
-            assert_eq!(message, rec.id, "a large record is read back");
+            assert_eq!(&*message, rec.id, "a large record is read back");
         }
     }
 }

@@ -114,7 +114,7 @@ struct Slot {
     kinds: Vec<JobKind>,
     services: Arc<Services>,
     queue: RedisQueue,
-    stops: broadcast::Sender<String>,
+    stops: broadcast::Sender<std::sync::Arc<str>>,
     stopping: Arc<AtomicBool>,
     poll: Duration,
     drain: Duration,
@@ -212,7 +212,7 @@ enum RunEnd {
 
 async fn run_lease(
     services: &Arc<Services>,
-    mut stops: broadcast::Receiver<String>,
+    mut stops: broadcast::Receiver<std::sync::Arc<str>>,
     consumer: &RunControl,
     lease: Lease,
     stopping: &AtomicBool,
@@ -439,7 +439,7 @@ async fn run_lease(
                 break RunEnd::Done(Outcome::Failed(String::new()), Usage::default());
             }
             stop = stops.recv() => {
-                if matches!(stop, Ok(ref stopped) if *stopped == id) {
+                if matches!(stop, Ok(ref stopped) if **stopped == *id) {
                     tracing::info!(job = %id, "stop requested: ending generation");
                     cancel.store(true, Ordering::Relaxed);
                 }

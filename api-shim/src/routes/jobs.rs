@@ -223,7 +223,7 @@ pub async fn runsync(
 pub async fn wait_until_done(
     state: &AppState,
     rec: &JobRecord,
-    events: &mut tokio::sync::broadcast::Receiver<String>,
+    events: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<str>>,
     wait: Duration,
 ) -> Result<JobRecord, ApiError> {
     const RECHECK: Duration = Duration::from_secs(1);

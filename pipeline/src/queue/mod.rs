@@ -308,7 +308,11 @@ impl RedisQueue {
     /// after any disconnect (a Redis restart). After each (re)subscribe it
     /// sends [`RESYNC`]: messages published while the relay was away are
     /// lost, so whoever waits on one should look again at what it waits for.
-    pub fn spawn_relay(&self, channel: String) -> tokio::sync::broadcast::Sender<String> {
+    /// Messages are shared (`Arc<str>`): every receiver sees every message.
+    pub fn spawn_relay(
+        &self,
+        channel: String,
+    ) -> tokio::sync::broadcast::Sender<std::sync::Arc<str>> {
         let (tx, _) = tokio::sync::broadcast::channel(1024);
         let (client, out) = (self.client.clone(), tx.clone());
         tokio::spawn(async move {
@@ -317,11 +321,11 @@ impl RedisQueue {
                 match client.get_async_pubsub().await {
                     Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                         Ok(()) => {
-                            let _ = out.send(RESYNC.to_string());
+                            let _ = out.send(RESYNC.into());
                             let mut messages = pubsub.on_message();
                             while let Some(msg) = messages.next().await {
                                 if let Ok(payload) = msg.get_payload::<Vec<u8>>() {
-                                    let _ = out.send(String::from_utf8_lossy(&payload).into_owned());
+                                    let _ = out.send(String::from_utf8_lossy(&payload).into());
                                 }
                             }
                         }

@@ -320,7 +320,8 @@ impl CallbackSender {
     /// or parks it in the dead-letter list.
     pub async fn deliver(&self, id: &str) -> Result<(), PipelineError> {
         let mut read = self.read_deliveries(&[id.to_string()]).await?;
-        self.deliver_read(read.pop().expect("one asked, one read")).await
+        self.deliver_read(read.pop().expect("one asked, one read"))
+            .await
     }
 
     async fn deliver_read(&self, d: Delivery) -> Result<(), PipelineError> {
@@ -436,7 +437,11 @@ impl CallbackSender {
 
     /// Delivers due callbacks until `shutdown` fires, waking on `wake` (job
     /// events) or every `poll`.
-    pub async fn run(self, poll: Duration, mut wake: tokio::sync::broadcast::Receiver<std::sync::Arc<str>>) {
+    pub async fn run(
+        self,
+        poll: Duration,
+        mut wake: tokio::sync::broadcast::Receiver<std::sync::Arc<str>>,
+    ) {
         loop {
             let due = match self.lease_due(32).await {
                 Ok(ids) if ids.is_empty() => Ok(Vec::new()),

@@ -29,6 +29,14 @@ fn worker_env<'a>(
 
 const PLATFORM_KEYS: &str = "tenant-a:platform-key,tenant-b:platform-key-b";
 
+/// When job `id` ended, by its record.
+async fn finished_ms(redis: &Redis, id: &str) -> u64 {
+    let queue = pipeline::queue::RedisQueue::connect(&redis.url, Default::default())
+        .await
+        .unwrap();
+    queue.get(id).await.unwrap().unwrap().finished_ms.unwrap()
+}
+
 async fn open_stream(api: &Api, body: Value) -> reqwest::Response {
     api.http
         .post(format!("{}/v1/instances/inst-1/chat/stream", api.base))
@@ -103,16 +111,7 @@ async fn stream_relays_chunks_while_generating_and_saves_both_messages_once() {
     assert!((1..=60).contains(&memory_words), "{memory_words}");
     assert_eq!(platform.state.hits("scratchpad"), 1);
     // The first bytes reached us while the model was still generating.
-    let rec = pipeline::queue::RedisQueue::connect(&redis.url, Default::default())
-        .await
-        .unwrap();
-    let finished = rec
-        .get(&job_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .finished_ms
-        .unwrap();
+    let finished = finished_ms(&redis, &job_id).await;
     assert!(
         first_chunk_at.unwrap() + 300 < finished,
         "first chunk {first_chunk_at:?}, job finished {finished}"
@@ -470,16 +469,7 @@ async fn a_spoken_stream_sends_each_sentences_audio_right_after_its_text() {
     );
     assert!((audio["seconds"].as_f64().unwrap() - sum).abs() < 1e-3);
     // The first audio went out while the job was still running.
-    let rec = pipeline::queue::RedisQueue::connect(&redis.url, Default::default())
-        .await
-        .unwrap();
-    let finished = rec
-        .get(&job_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .finished_ms
-        .unwrap();
+    let finished = finished_ms(&redis, &job_id).await;
     assert!(
         chunks[0].0 < finished,
         "first audio {} finished {finished}",

@@ -563,15 +563,7 @@ fn chunk(index: u64, text: &str) -> AudioChunk {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoken_chunks_are_streamed_once_per_index_across_runs() {
     let redis = Redis::start();
-    let q = queue(
-        &redis,
-        QueueConfig {
-            heartbeat: Duration::from_secs(2),
-            missed_heartbeats: 5,
-            ..QueueConfig::default()
-        },
-    )
-    .await;
+    let q = queue(&redis, QueueConfig::default()).await;
     let rec = q.enqueue(&request(Policy::default()), "o").await.unwrap();
     let mut a = q.consumer(&[JobKind::Chat], "a").await.unwrap();
     let first = a.next(Duration::from_millis(500)).await.unwrap().unwrap();
@@ -635,7 +627,10 @@ async fn end_events_carry_small_records_and_only_the_id_of_large_ones() {
     let mut events = q.spawn_relay(q.keys().events()).subscribe();
     assert_eq!(&*events.recv().await.unwrap(), pipeline::queue::RESYNC);
     let mut consumer = q.consumer(&[JobKind::Chat], "w").await.unwrap();
-    for (output, sent_along) in [(json!({"ok": true}), true), (json!("x".repeat(10_000)), false)] {
+    for (output, sent_along) in [
+        (json!({"ok": true}), true),
+        (json!("x".repeat(10_000)), false),
+    ] {
         let rec = q.enqueue(&request(Policy::default()), "o").await.unwrap();
         assert_eq!(Some(&rec), q.get(&rec.id).await.unwrap().as_ref());
         let lease = consumer

@@ -359,30 +359,21 @@ impl Consumer {
         }
     }
 
-    /// One entry from the first lane that has one (normal before low).
+    /// One entry from the first lane that has one (normal before low), in
+    /// one round trip.
     async fn read_in_priority_order(&mut self) -> Result<(), PipelineError> {
-        let opts = StreamReadOptions::default()
-            .group(GROUP, &self.name)
-            .count(1);
-        for stream in self.streams.clone() {
-            let reply: Option<StreamReadReply> = match redis::AsyncCommands::xread_options(
-                &mut self.block_conn,
-                &[&stream],
-                &[">"],
-                &opts,
-            )
-            .await
-            {
+        let mut inv = self.queue.scripts.take.prepare_invoke();
+        for stream in &self.streams {
+            inv.key(stream);
+        }
+        inv.arg(GROUP).arg(&self.name);
+        let reply: Option<(String, String, HashMap<String, redis::Value>)> =
+            match inv.invoke_async(&mut self.block_conn).await {
                 Ok(r) => r,
                 Err(e) => return self.recover_groups(e).await,
             };
-            let entry = reply
-                .and_then(|r| r.keys.into_iter().next())
-                .and_then(|k| k.ids.into_iter().next());
-            if let Some(entry) = entry {
-                self.take(stream, entry);
-                return Ok(());
-            }
+        if let Some((stream, id, map)) = reply {
+            self.take(stream, redis::streams::StreamId { id, map });
         }
         Ok(())
     }

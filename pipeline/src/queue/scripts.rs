@@ -235,6 +235,21 @@ redis.call('EXPIRE', KEYS[2], 3600)
 return 1
 "#;
 
+/// KEYS: a kind's lanes, highest first. ARGV: group, consumer. One new
+/// entry for this consumer from the highest lane that has one, as {lane,
+/// entry id, fields}, or nil; NOGROUP comes back as the error it is.
+const LUA_TAKE: &str = r#"
+for i = 1, #KEYS do
+  local r = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[i], '>')
+  if type(r) == 'table' and r.err then return r end
+  if r then
+    local e = r[1][2][1]
+    return {KEYS[i], e[1], e[2]}
+  end
+end
+return false
+"#;
+
 /// KEYS[1] record. ARGV: run. 1 while that run holds the job.
 const LUA_HOLDS: &str = r#"
 if redis.call('HGET', KEYS[1], 'state') == 'IN_PROGRESS' and redis.call('HGET', KEYS[1], 'run') == ARGV[1] then
@@ -254,6 +269,7 @@ pub(crate) struct Scripts {
     pub tokens: Script,
     pub progress: Script,
     pub audio: Script,
+    pub take: Script,
     pub holds: Script,
 }
 
@@ -271,6 +287,7 @@ impl Scripts {
             tokens: Script::new(LUA_TOKENS),
             progress: Script::new(LUA_PROGRESS),
             audio: Script::new(LUA_AUDIO),
+            take: Script::new(LUA_TAKE),
             holds: Script::new(LUA_HOLDS),
         }
     }

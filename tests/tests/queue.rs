@@ -627,11 +627,18 @@ async fn end_events_carry_small_records_and_only_the_id_of_large_ones() {
     let mut events = q.spawn_relay(q.keys().events()).subscribe();
     assert_eq!(&*events.recv().await.unwrap(), pipeline::queue::RESYNC);
     let mut consumer = q.consumer(&[JobKind::Chat], "w").await.unwrap();
-    for (output, sent_along) in [
-        (json!({"ok": true}), true),
-        (json!("x".repeat(10_000)), false),
+    let long_input = {
+        let body = json!({
+            "input": {"messages": [{"id": 1, "type": "text", "text": "y".repeat(10_000), "is_processed": false}], "character": "github:a/b"},
+        });
+        RunRequest::parse(JobKind::Chat, body.to_string().as_bytes()).unwrap()
+    };
+    for (req, output, sent_along) in [
+        (request(Policy::default()), json!({"ok": true}), true),
+        (request(Policy::default()), json!("x".repeat(10_000)), false),
+        (long_input, json!({"ok": true}), false),
     ] {
-        let rec = q.enqueue(&request(Policy::default()), "o").await.unwrap();
+        let rec = q.enqueue(&req, "o").await.unwrap();
         assert_eq!(Some(&rec), q.get(&rec.id).await.unwrap().as_ref());
         let lease = consumer
             .next(Duration::from_millis(500))

@@ -40,10 +40,17 @@ local function terminal(from, to, ttl)
   redis.call('EXPIRE', KEYS[5], 3600)
   -- The event: the job id, and the record as it ends when it is small
   -- (a waiting /runsync answers from it without reading it back).
-  local rec = redis.call('HGETALL', KEYS[1])
-  local size = 0
-  for i = 1, #rec do size = size + #rec[i] end
+  -- The input and the output are the fields that can be large (an audio
+  -- message, a spoken reply): measured first, so a large record is never
+  -- copied into the script.
+  local size = redis.call('HSTRLEN', KEYS[1], 'input') + redis.call('HSTRLEN', KEYS[1], 'output')
+  local rec = nil
   if size <= EVENT_RECORD_MAX then
+    rec = redis.call('HGETALL', KEYS[1])
+    size = 0
+    for i = 1, #rec do size = size + #rec[i] end
+  end
+  if rec and size <= EVENT_RECORD_MAX then
     redis.call('PUBLISH', ARGV[2], ARGV[1] .. '\n' .. cjson.encode(rec))
   else
     redis.call('PUBLISH', ARGV[2], ARGV[1])

@@ -5,20 +5,34 @@
 //! input row at each call (`x ≈ sx * qx`, `qx` in -127..=127), handed to the
 //! GEMM shifted to unsigned (`qx + 128`, the type its left operand takes),
 //! the shift's share (`128 * Σ w`) taken off with a per-row sum kept from
-//! the load. Only in builds with the `mkl` feature ([`available`]).
+//! the load. The integer product is MKL's on Intel CPUs (its VNNI kernels)
+//! and [`crate::vnni`]'s elsewhere (MKL runs a generic path on other
+//! vendors' CPUs, 10× slower); [`available`] says whether either runs.
 
 use candle_core::{Device, Result, Tensor};
 
 use crate::blas::gemm_u8s8;
 
-/// Whether this build has the integer GEMM (the `mkl` feature on x86-64)
-/// and the CPU multiplies bytes without 16-bit intermediates (AVX-512 VNNI
-/// or AVX-VNNI: without them the products of full-range bytes can
-/// saturate).
+/// Whether an integer product runs here without 16-bit intermediates
+/// (products of full-range bytes would saturate): MKL's on an Intel CPU
+/// with AVX-512 VNNI or AVX-VNNI (builds with the `mkl` feature), or
+/// [`crate::vnni`]'s on any CPU with AVX-512 VNNI.
 pub fn available() -> bool {
+    mkl_runs_it() || crate::vnni::available()
+}
+
+/// Whether MKL's integer GEMM is the one to call: an MKL build on an
+/// Intel CPU with VNNI.
+fn mkl_runs_it() -> bool {
     #[cfg(all(feature = "mkl", target_arch = "x86_64"))]
     {
-        std::is_x86_feature_detected!("avx512vnni") || std::is_x86_feature_detected!("avxvnni")
+        // CPUID traps to the hypervisor in a VM: asked once.
+        static MKL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *MKL.get_or_init(|| {
+            crate::vnni::genuine_intel()
+                && (std::is_x86_feature_detected!("avx512vnni")
+                    || std::is_x86_feature_detected!("avxvnni"))
+        })
     }
     #[cfg(not(all(feature = "mkl", target_arch = "x86_64")))]
     {
@@ -30,7 +44,9 @@ pub fn available() -> bool {
 pub struct Int8Linear {
     out: usize,
     inp: usize,
-    w: Vec<i8>,
+    /// The weights as MKL takes them (`(out, in)` row-major), or packed for
+    /// [`crate::vnni`] where that kernel runs the product.
+    w: Weights,
     /// Per output row: the weights' scale, and 128 × the row's sum.
     scale: Vec<f32>,
     shift: Vec<i32>,
@@ -74,6 +90,11 @@ impl Int8Linear {
             ),
             None => None,
         };
+        let w = if mkl_runs_it() || !crate::vnni::available() {
+            Weights::Mkl(w)
+        } else {
+            Weights::Packed(crate::vnni::PackedI8::new(&w, out, inp))
+        };
         Ok(Self {
             out,
             inp,
@@ -109,25 +130,35 @@ impl Int8Linear {
         // Rows across rayon's threads when there are many (the encoder's
         // 1500 frames), on this thread for a decoding step's one.
         let per_task = 64;
-        let mut a = vec![0u8; rows * inp];
+        // Rows of the quantized input `lda` apart (the packed kernel reads
+        // whole groups of 4 bytes; the padding meets zero weights).
+        let lda = match &self.w {
+            Weights::Mkl(_) => inp,
+            Weights::Packed(p) => p.row_stride(),
+        };
+        let mut a = vec![0u8; rows * lda];
         let mut sx = vec![0f32; rows];
         let quantize = |(t, (a, sx)): (usize, (&mut [u8], &mut [f32]))| {
             let xs = &xs[t * per_task * inp..];
-            for ((q, s), row) in a.chunks_exact_mut(inp).zip(sx).zip(xs.chunks_exact(inp)) {
-                *s = quantize_row(row, q);
+            for ((q, s), row) in a.chunks_exact_mut(lda).zip(sx).zip(xs.chunks_exact(inp)) {
+                *s = quantize_row(row, &mut q[..inp]);
             }
         };
         if rows <= per_task {
             // One task: no hand-over to the pool (a decoding step).
             quantize((0, (&mut a, &mut sx)));
         } else {
-            a.par_chunks_mut(per_task * inp)
+            a.par_chunks_mut(per_task * lda)
                 .zip(sx.par_chunks_mut(per_task))
                 .enumerate()
                 .for_each(quantize);
         }
         let mut c = vec![0i32; rows * out];
-        gemm_u8s8(rows, out, inp, &a, &self.w, &mut c)?;
+        match &self.w {
+            Weights::Packed(p) => crate::vnni::gemm_packed(rows, &a, p, &mut c),
+            Weights::Mkl(w) if mkl_runs_it() => gemm_u8s8(rows, out, inp, &a, w, &mut c)?,
+            Weights::Mkl(_) => candle_core::bail!("int8 linear layers on a CPU without VNNI"),
+        }
         let mut y = vec![0f32; rows * out];
         let dequantize = |((y, c), sx): ((&mut [f32], &[i32]), &[f32])| {
             for ((y, c), &s) in y.chunks_exact_mut(out).zip(c.chunks_exact(out)).zip(sx) {
@@ -144,6 +175,11 @@ impl Int8Linear {
         }
         Ok(y)
     }
+}
+
+enum Weights {
+    Mkl(Vec<i8>),
+    Packed(crate::vnni::PackedI8),
 }
 
 /// One row quantized to `qx + 128` (`qx = round(x / sx)`, ties to even),

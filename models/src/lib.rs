@@ -20,6 +20,7 @@ pub mod registry;
 pub mod speech;
 pub mod text;
 pub mod video;
+mod vnni;
 
 /// Helpers the unit tests share.
 #[cfg(test)]

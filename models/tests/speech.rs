@@ -121,7 +121,7 @@ fn whisper_transcribes_recordings_in_every_common_format() {
 fn whisper_in_int8_transcribes_as_f32_does() {
     assert!(
         models::int8::available(),
-        "this machine (x86-64 with VNNI, the mkl build) runs int8"
+        "this machine (x86-64 with AVX-512 VNNI) runs int8"
     );
     let dir = rt()
         .block_on(resolve_whisper(DEFAULT_WHISPER_MODEL, &models_dir()))

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::{conv1d, Conv1d, Conv1dConfig};
 use candle_nn::{
-    embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, Module, VarBuilder,
+    embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Module, VarBuilder,
 };
 use candle_transformers::models::whisper::{self as w};
 use tokenizers::Tokenizer;
@@ -124,11 +124,12 @@ pub async fn resolve_whisper(spec: &str, models_dir: &Path) -> Result<PathBuf, M
     )))
 }
 
-/// A linear layer in f32 (candle's, on MKL's sgemm) or in int8 (the
+/// A linear layer in f32 ([`crate::blas::Linear`]: MKL's sgemm, a
+/// decoding step's few rows on our own kernel) or in int8 (the
 /// `int8` compute type: [`crate::int8`], as CTranslate2 runs
 /// faster-whisper's int8 on CPUs).
 enum Lin {
-    F32(Linear),
+    F32(crate::blas::Linear),
     Int8(crate::int8::Int8Linear),
 }
 
@@ -145,10 +146,14 @@ impl Lin {
         } else {
             linear_no_bias(i, o, vb)?
         };
+        Self::of(l.weight(), l.bias(), int8)
+    }
+
+    fn of(weight: &Tensor, bias: Option<&Tensor>, int8: bool) -> Result<Self, ModelError> {
         Ok(if int8 {
-            Self::Int8(crate::int8::Int8Linear::new(l.weight(), l.bias())?)
+            Self::Int8(crate::int8::Int8Linear::new(weight, bias)?)
         } else {
-            Self::F32(l)
+            Self::F32(crate::blas::Linear::new(weight.clone(), bias.cloned()))
         })
     }
 }
@@ -314,8 +319,8 @@ struct DecoderCache {
 
 struct Decoder {
     embed: Embedding,
-    /// The output projection (the embeddings, tied) in int8, for `int8`.
-    logits_int8: Option<crate::int8::Int8Linear>,
+    /// The output projection (the embeddings, tied).
+    logits: Lin,
     positions: Tensor,
     layers: Vec<DecoderLayer>,
     ln: LayerNorm,
@@ -350,13 +355,10 @@ impl Decoder {
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         let embed = embedding(cfg.vocab_size, d, vb.pp("embed_tokens"))?;
-        let logits_int8 = match int8 {
-            true => Some(crate::int8::Int8Linear::new(embed.embeddings(), None)?),
-            false => None,
-        };
+        let logits = Lin::of(embed.embeddings(), None, int8)?;
         Ok(Self {
             embed,
-            logits_int8,
+            logits,
             positions: vb.get((cfg.max_target_positions, d), "embed_positions.weight")?,
             layers,
             ln: layer_norm(d, 1e-5, vb.pp("layer_norm"))?,
@@ -427,10 +429,7 @@ impl Decoder {
     }
 
     fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.logits_int8 {
-            Some(l) => l.forward(hidden),
-            None => hidden.broadcast_matmul(&self.embed.embeddings().t()?),
-        }
+        self.logits.forward(hidden)
     }
 }
 
@@ -507,7 +506,7 @@ impl Whisper {
         let int8 = match (int8, device.is_cpu() && crate::int8::available()) {
             (true, false) => {
                 tracing::warn!(
-                    "WHISPER_COMPUTE=int8 needs a CPU build with MKL and a CPU with VNNI; running f32"
+                    "WHISPER_COMPUTE=int8 needs a CPU with AVX-512 VNNI (or an Intel CPU with AVX-VNNI and an MKL build); running f32"
                 );
                 false
             }

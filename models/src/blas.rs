@@ -99,7 +99,7 @@ pub(crate) fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
-    if m <= SKINNY_ROWS && !a.trans && b.trans {
+    if m <= SKINNY_ROWS && !a.trans {
         return skinny(m, n, k, alpha, a, b, beta, c, ldc);
     }
     #[cfg(feature = "mkl")]
@@ -194,9 +194,11 @@ pub(crate) fn sgemm(
 /// Rows of `op(A)` up to which [`sgemm`] computes `A · Bᵀ` itself.
 const SKINNY_ROWS: usize = 4;
 
-/// `C = alpha · A · Bᵀ + beta · C` for a few rows of `A`, `B` stored
-/// `(n, k)`: a linear layer while decoding one token, where every output is
-/// one contiguous dot product and the weights are read once. MKL's
+/// `C = alpha · A · op(B) + beta · C` for a few rows of `A`: a linear
+/// layer while decoding one token (`B` stored `(n, k)`, every output one
+/// contiguous dot product, the weights read once), or one query's
+/// attention weights times the values (`B` `(k, n)`, its rows scaled and
+/// added). MKL's
 /// matrix-vector path is its generic code on CPUs not made by Intel (a
 /// third of Whisper's decoding time on an AMD EPYC went there, at a
 /// fraction of the memory bandwidth); this one is vectorized for AVX-512
@@ -224,16 +226,41 @@ fn skinny(
     }
     const COLS_PER_TASK: usize = 64;
     let out = Out(c.as_mut_ptr());
+    let store = |r: usize, j: usize, d: f32| {
+        // SAFETY: (r, j) is inside C (asserted by the caller), and only
+        // the task of column j writes it.
+        unsafe {
+            let o = out.get().add(r * ldc + j);
+            *o = if beta == 0.0 {
+                alpha * d
+            } else {
+                alpha * d + beta * *o
+            };
+        }
+    };
     let task = |t: usize| {
-        for j in t * COLS_PER_TASK..((t + 1) * COLS_PER_TASK).min(n) {
-            let w = &b.data[j * b.ld..j * b.ld + k];
+        let cols = t * COLS_PER_TASK..((t + 1) * COLS_PER_TASK).min(n);
+        if b.trans {
+            // Column j of op(B) is row j of B: one dot product each.
+            for j in cols {
+                let w = &b.data[j * b.ld..j * b.ld + k];
+                for r in 0..m {
+                    store(r, j, dot(&a.data[r * a.ld..r * a.ld + k], w));
+                }
+            }
+        } else {
+            // B's rows scaled by A's entries and added up, the task's
+            // columns at a time (attention's weights times its values).
+            let mut acc = [0f32; COLS_PER_TASK];
+            let acc = &mut acc[..cols.len()];
             for r in 0..m {
-                let d = alpha * dot(&a.data[r * a.ld..r * a.ld + k], w);
-                // SAFETY: (r, j) is inside C (asserted by the caller), and
-                // only this task writes column j.
-                unsafe {
-                    let o = out.get().add(r * ldc + j);
-                    *o = if beta == 0.0 { d } else { d + beta * *o };
+                acc.fill(0.0);
+                for p in 0..k {
+                    let row = &b.data[p * b.ld + cols.start..p * b.ld + cols.end];
+                    axpy(a.data[r * a.ld + p], row, acc);
+                }
+                for (j, &d) in cols.clone().zip(acc.iter()) {
+                    store(r, j, d);
                 }
             }
         }
@@ -265,6 +292,14 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + tail
+}
+
+/// `y += alpha · x`.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
 }
 
 /// An MKL vector math function `r[i] = f(a[i])` for `i < n`.
@@ -523,6 +558,43 @@ mod tests {
                                 "({i}, {j}) of {m}x{n}x{k}: {got} vs {want}"
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A few rows times an untransposed matrix (one query's attention
+    /// weights times the values), rows of B wider than `n`, one task and
+    /// many.
+    #[test]
+    fn few_rows_times_a_matrix_match_the_definition() {
+        for &(n, k) in &[(7, 3), (64, 1500), (300, 40)] {
+            for m in 1..=SKINNY_ROWS {
+                let (lda, ldb) = (k + 2, n + 5);
+                let a: Vec<f32> = (0..m * lda).map(|i| (i as f32 * 0.37).sin()).collect();
+                let b: Vec<f32> = (0..k * ldb).map(|i| (i as f32 * 0.11).cos()).collect();
+                let mut c = vec![1.0f32; m * n];
+                sgemm(
+                    m,
+                    n,
+                    k,
+                    0.5,
+                    Mat::n(&a, lda),
+                    Mat::n(&b, ldb),
+                    3.0,
+                    &mut c,
+                    n,
+                );
+                for i in 0..m {
+                    for j in 0..n {
+                        let d: f32 = (0..k).map(|p| a[i * lda + p] * b[p * ldb + j]).sum();
+                        let want = 0.5 * d + 3.0;
+                        let got = c[i * n + j];
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "({i}, {j}) of {m}x{n}x{k}: {got} vs {want}"
+                        );
                     }
                 }
             }

@@ -173,7 +173,7 @@ unsafe fn columns(_: usize, _: *const u8, _: &PackedI8, _: std::ops::Range<usize
     unreachable!("the VNNI kernel is only chosen on x86_64")
 }
 
-/// Rows `i..i + R` times panels `p..p + NP`.
+/// Rows `i..i + R` times panels `p..p + NP` (R ≤ 6, NP ≤ 2).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
@@ -187,22 +187,49 @@ unsafe fn tile<const R: usize, const NP: usize>(
     use std::arch::x86_64::*;
     let (n, lda) = (b.n, b.k4);
     let groups = lda / 4;
-    let bp = b.data.as_ptr();
     let mut acc = [[_mm512_setzero_si512(); NP]; R];
-    // SAFETY (all reads): step g < groups of panels p..p + NP exist in the
-    // packed data; rows i..i + R of A hold lda bytes each.
-    for g in 0..groups {
-        let mut bv = [_mm512_setzero_si512(); NP];
-        for (q, bv) in bv.iter_mut().enumerate() {
-            *bv = unsafe { _mm512_loadu_si512(bp.add(((p + q) * groups + g) * PANEL * 4).cast()) };
+    // Each row's and each panel's read position, advanced step by step
+    // (no index arithmetic in the loop; the rows are unrolled by hand so
+    // the sums stay in registers in any build profile).
+    // SAFETY (all reads): rows i..i + R of A hold lda bytes each; panels
+    // p..p + NP hold `groups` steps of 64 bytes.
+    let mut ap: [*const u8; R] = [a; R];
+    for (r, ap) in ap.iter_mut().enumerate() {
+        *ap = unsafe { a.add((i + r) * lda) };
+    }
+    let mut bp: [*const i8; NP] = [b.data.as_ptr(); NP];
+    for (q, bp) in bp.iter_mut().enumerate() {
+        *bp = unsafe { b.data.as_ptr().add((p + q) * groups * PANEL * 4) };
+    }
+    for _ in 0..groups {
+        let b0 = unsafe { _mm512_loadu_si512(bp[0].cast()) };
+        let b1 = if NP > 1 {
+            unsafe { _mm512_loadu_si512(bp[NP - 1].cast()) }
+        } else {
+            b0
+        };
+        macro_rules! row {
+            ($r:literal) => {
+                if $r < R {
+                    let av = _mm512_set1_epi32(unsafe {
+                        std::ptr::read_unaligned(ap[$r].cast::<i32>())
+                    });
+                    acc[$r][0] = _mm512_dpbusd_epi32(acc[$r][0], av, b0);
+                    if NP > 1 {
+                        acc[$r][NP - 1] = _mm512_dpbusd_epi32(acc[$r][NP - 1], av, b1);
+                    }
+                    ap[$r] = unsafe { ap[$r].add(4) };
+                }
+            };
         }
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let word =
-                unsafe { std::ptr::read_unaligned(a.add((i + r) * lda + g * 4).cast::<i32>()) };
-            let av = _mm512_set1_epi32(word);
-            for q in 0..NP {
-                acc[q] = _mm512_dpbusd_epi32(acc[q], av, bv[q]);
-            }
+        row!(0);
+        row!(1);
+        row!(2);
+        row!(3);
+        row!(4);
+        row!(5);
+        for bp in bp.iter_mut() {
+            *bp = unsafe { bp.add(PANEL * 4) };
         }
     }
     for (r, acc) in acc.iter().enumerate() {

@@ -224,43 +224,27 @@ fn skinny(
             self.0
         }
     }
-    const COLS_PER_TASK: usize = 64;
     let out = Out(c.as_mut_ptr());
-    let store = |r: usize, j: usize, d: f32| {
-        // SAFETY: (r, j) is inside C (asserted by the caller), and only
-        // the task of column j writes it.
-        unsafe {
-            let o = out.get().add(r * ldc + j);
-            *o = if beta == 0.0 {
-                alpha * d
-            } else {
-                alpha * d + beta * *o
-            };
-        }
-    };
     let task = |t: usize| {
         let cols = t * COLS_PER_TASK..((t + 1) * COLS_PER_TASK).min(n);
+        let mut acc = [0f32; SKINNY_ROWS * COLS_PER_TASK];
         if b.trans {
-            // Column j of op(B) is row j of B: one dot product each.
-            for j in cols {
-                let w = &b.data[j * b.ld..j * b.ld + k];
-                for r in 0..m {
-                    store(r, j, dot(&a.data[r * a.ld..r * a.ld + k], w));
-                }
-            }
+            dots(a.data, a.ld, m, k, b.data, b.ld, cols.clone(), &mut acc);
         } else {
-            // B's rows scaled by A's entries and added up, the task's
-            // columns at a time (attention's weights times its values).
-            let mut acc = [0f32; COLS_PER_TASK];
-            let acc = &mut acc[..cols.len()];
-            for r in 0..m {
-                acc.fill(0.0);
-                for p in 0..k {
-                    let row = &b.data[p * b.ld + cols.start..p * b.ld + cols.end];
-                    axpy(a.data[r * a.ld + p], row, acc);
-                }
-                for (j, &d) in cols.clone().zip(acc.iter()) {
-                    store(r, j, d);
+            axpys(a.data, a.ld, m, k, b.data, b.ld, cols.clone(), &mut acc);
+        }
+        for r in 0..m {
+            for (jj, j) in cols.clone().enumerate() {
+                let d = acc[r * COLS_PER_TASK + jj];
+                // SAFETY: (r, j) is inside C (asserted by the caller), and
+                // only the task of column j writes it.
+                unsafe {
+                    let o = out.get().add(r * ldc + j);
+                    *o = if beta == 0.0 {
+                        alpha * d
+                    } else {
+                        alpha * d + beta * *o
+                    };
                 }
             }
         }
@@ -273,33 +257,100 @@ fn skinny(
     }
 }
 
-/// `Σ a[i] · b[i]` in 64 independent lanes (the vector units' width times
-/// four sums in flight), then the lanes added.
+/// Columns of C per task of [`skinny`].
+const COLS_PER_TASK: usize = 64;
+
+/// `acc[r * 64 + jj] = Σ_p a[r][p] · b[cols[jj]][p]`: column j of op(B) is
+/// row j of B, one dot product each. One dispatch for the task's loops
+/// (attention's dot products are 64 long: a call per product cost more
+/// than the product).
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const W: usize = 64;
-    let mut lanes = [0f32; W];
-    let (ca, cb) = (a.chunks_exact(W), b.chunks_exact(W));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..W {
-            lanes[i] += x[i] * y[i];
+#[allow(clippy::too_many_arguments)]
+fn dots(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    k: usize,
+    b: &[f32],
+    ldb: usize,
+    cols: std::ops::Range<usize>,
+    acc: &mut [f32],
+) {
+    for (jj, j) in cols.enumerate() {
+        let w = &b[j * ldb..j * ldb + k];
+        for r in 0..m {
+            acc[r * COLS_PER_TASK + jj] = dot(&a[r * lda..r * lda + k], w);
         }
     }
-    lanes.iter().sum::<f32>() + tail
 }
 
-/// `y += alpha · x`.
+/// `acc[r * 64 + jj] = Σ_p a[r][p] · b[p][cols[jj]]`: B's rows scaled by
+/// A's entries and added up, the task's columns at a time (one query's
+/// attention weights times the values).
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    for (y, &x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
+#[allow(clippy::too_many_arguments)]
+fn axpys(
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    k: usize,
+    b: &[f32],
+    ldb: usize,
+    cols: std::ops::Range<usize>,
+    acc: &mut [f32],
+) {
+    let width = cols.len();
+    for r in 0..m {
+        let y = &mut acc[r * COLS_PER_TASK..r * COLS_PER_TASK + width];
+        for p in 0..k {
+            let x = a[r * lda + p];
+            let row = &b[p * ldb + cols.start..p * ldb + cols.end];
+            for (y, &v) in y.iter_mut().zip(row) {
+                *y += x * v;
+            }
+        }
     }
+}
+
+/// `Σ a[i] · b[i]`: four sums of 16 lanes in flight, added as a tree.
+/// Inlined into its callers (and their target features).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut lanes = [[0f32; L]; 4];
+    let (ca, cb) = (a.chunks_exact(4 * L), b.chunks_exact(4 * L));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for (u, lanes) in lanes.iter_mut().enumerate() {
+            for i in 0..L {
+                lanes[i] += x[u * L + i] * y[u * L + i];
+            }
+        }
+    }
+    let (ra16, rb16) = (ra.chunks_exact(L), rb.chunks_exact(L));
+    let tail: f32 = ra16
+        .remainder()
+        .iter()
+        .zip(rb16.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ra16.zip(rb16) {
+        for i in 0..L {
+            lanes[0][i] += x[i] * y[i];
+        }
+    }
+    let mut v = [0f32; L];
+    for i in 0..L {
+        v[i] = (lanes[0][i] + lanes[1][i]) + (lanes[2][i] + lanes[3][i]);
+    }
+    let mut w = L / 2;
+    while w > 0 {
+        for i in 0..w {
+            v[i] += v[i + w];
+        }
+        w /= 2;
+    }
+    v[0] + tail
 }
 
 /// An MKL vector math function `r[i] = f(a[i])` for `i < n`.

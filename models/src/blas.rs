@@ -573,79 +573,48 @@ mod tests {
         }
     }
 
-    /// A few rows times a transposed matrix (the decoding step's product,
-    /// computed by `skinny`): against the triple loop, with row strides
-    /// wider than `k`, a `k` that leaves a tail, one task and many.
+    /// A few rows (computed by `skinny`) times a transposed matrix (a
+    /// decoding step's linear layer) and an untransposed one (one query's
+    /// attention weights times the values): against the triple loop, row
+    /// strides wider than the rows, a length that leaves a tail, one task
+    /// and many, with and without beta.
     #[test]
-    fn few_rows_times_a_transposed_matrix_match_the_definition() {
-        for &(n, k) in &[(7, 3), (200, 150), (1100, 100)] {
-            for m in 1..=SKINNY_ROWS {
-                let (lda, ldb) = (k + 3, k + 1);
-                let a: Vec<f32> = (0..m * lda).map(|i| (i as f32 * 0.37).sin()).collect();
-                let b: Vec<f32> = (0..n * ldb).map(|i| (i as f32 * 0.11).cos()).collect();
-                for beta in [0.0, 0.5] {
-                    let mut c = vec![f32::NAN; m * n];
-                    if beta != 0.0 {
-                        c.fill(2.0);
+    fn few_rows_match_the_definition() {
+        for &(n, k) in &[(7, 3), (200, 150), (1100, 100), (64, 1500)] {
+            for trans in [true, false] {
+                let ldb = if trans { k + 1 } else { n + 5 };
+                let b: Vec<f32> = (0..n.max(k) * ldb)
+                    .map(|i| (i as f32 * 0.11).cos())
+                    .collect();
+                let op_b = |p: usize, j: usize| {
+                    if trans {
+                        b[j * ldb + p]
+                    } else {
+                        b[p * ldb + j]
                     }
-                    sgemm(
-                        m,
-                        n,
-                        k,
-                        1.5,
-                        Mat::n(&a, lda),
-                        Mat::t(&b, ldb),
-                        beta,
-                        &mut c,
-                        n,
-                    );
-                    for i in 0..m {
-                        for j in 0..n {
-                            let d: f32 = (0..k).map(|p| a[i * lda + p] * b[j * ldb + p]).sum();
-                            let want = 1.5 * d + if beta != 0.0 { beta * 2.0 } else { 0.0 };
-                            let got = c[i * n + j];
-                            assert!(
-                                (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                                "({i}, {j}) of {m}x{n}x{k}: {got} vs {want}"
-                            );
+                };
+                let mat_b = if trans {
+                    Mat::t(&b, ldb)
+                } else {
+                    Mat::n(&b, ldb)
+                };
+                for m in 1..=SKINNY_ROWS {
+                    let lda = k + 3;
+                    let a: Vec<f32> = (0..m * lda).map(|i| (i as f32 * 0.37).sin()).collect();
+                    for beta in [0.0, 0.5] {
+                        let mut c = vec![if beta == 0.0 { f32::NAN } else { 2.0 }; m * n];
+                        sgemm(m, n, k, 1.5, Mat::n(&a, lda), mat_b, beta, &mut c, n);
+                        for i in 0..m {
+                            for j in 0..n {
+                                let d: f32 = (0..k).map(|p| a[i * lda + p] * op_b(p, j)).sum();
+                                let want = 1.5 * d + if beta != 0.0 { beta * 2.0 } else { 0.0 };
+                                let got = c[i * n + j];
+                                assert!(
+                                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                    "trans {trans}, ({i}, {j}) of {m}x{n}x{k}: {got} vs {want}"
+                                );
+                            }
                         }
-                    }
-                }
-            }
-        }
-    }
-
-    /// A few rows times an untransposed matrix (one query's attention
-    /// weights times the values), rows of B wider than `n`, one task and
-    /// many.
-    #[test]
-    fn few_rows_times_a_matrix_match_the_definition() {
-        for &(n, k) in &[(7, 3), (64, 1500), (300, 40)] {
-            for m in 1..=SKINNY_ROWS {
-                let (lda, ldb) = (k + 2, n + 5);
-                let a: Vec<f32> = (0..m * lda).map(|i| (i as f32 * 0.37).sin()).collect();
-                let b: Vec<f32> = (0..k * ldb).map(|i| (i as f32 * 0.11).cos()).collect();
-                let mut c = vec![1.0f32; m * n];
-                sgemm(
-                    m,
-                    n,
-                    k,
-                    0.5,
-                    Mat::n(&a, lda),
-                    Mat::n(&b, ldb),
-                    3.0,
-                    &mut c,
-                    n,
-                );
-                for i in 0..m {
-                    for j in 0..n {
-                        let d: f32 = (0..k).map(|p| a[i * lda + p] * b[p * ldb + j]).sum();
-                        let want = 0.5 * d + 3.0;
-                        let got = c[i * n + j];
-                        assert!(
-                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
-                            "({i}, {j}) of {m}x{n}x{k}: {got} vs {want}"
-                        );
                     }
                 }
             }

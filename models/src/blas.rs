@@ -191,6 +191,19 @@ pub(crate) fn sgemm(
     }
 }
 
+/// An output buffer shared by tasks that each write their own part of it.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: users hand it to tasks that write disjoint elements only.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the whole wrapper).
+    pub(crate) fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
 /// Rows of `op(A)` up to which [`sgemm`] computes `A · Bᵀ` itself.
 const SKINNY_ROWS: usize = 4;
 
@@ -216,15 +229,7 @@ fn skinny(
     ldc: usize,
 ) {
     use rayon::prelude::*;
-    struct Out(*mut f32);
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
-    impl Out {
-        fn get(&self) -> *mut f32 {
-            self.0
-        }
-    }
-    let out = Out(c.as_mut_ptr());
+    let out = SendPtr(c.as_mut_ptr());
     let task = |t: usize| {
         let cols = t * COLS_PER_TASK..((t + 1) * COLS_PER_TASK).min(n);
         let mut acc = [0f32; SKINNY_ROWS * COLS_PER_TASK];

@@ -60,16 +60,6 @@ pub(crate) fn genuine_intel() -> bool {
     }
 }
 
-struct SendPtr(*mut i32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(&self) -> *mut i32 {
-        self.0
-    }
-}
-
 /// `B` `(n, k)` packed for [`gemm_packed`].
 pub(crate) struct PackedI8 {
     n: usize,
@@ -114,7 +104,7 @@ pub(crate) fn gemm_packed(m: usize, a: &[u8], b: &PackedI8, c: &mut [i32]) {
     if m == 0 || n == 0 {
         return;
     }
-    let out = SendPtr(c.as_mut_ptr());
+    let out = crate::blas::SendPtr(c.as_mut_ptr());
     let panels = n.div_ceil(PANEL);
     let task = |t: usize| {
         let ps = t * PANELS_PER_TASK..((t + 1) * PANELS_PER_TASK).min(panels);

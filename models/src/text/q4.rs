@@ -312,7 +312,7 @@ impl Q4Matrix {
         // matmuls run on, so the two never fight for cores); each (row,
         // column) is written by one chunk only.
         let chunk = 16;
-        let out_ptr = super::q8::SendPtr(out.as_mut_ptr());
+        let out_ptr = crate::blas::SendPtr(out.as_mut_ptr());
         let chunks = self.n.div_ceil(chunk);
         candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
             let cols = range.start * chunk..(range.end * chunk).min(self.n);

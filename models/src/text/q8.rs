@@ -142,7 +142,7 @@ impl Q8Matrix {
         // matmuls run on, so the two never fight for cores); each (row,
         // column) is written by one chunk only.
         let chunk = 16;
-        let out_ptr = SendPtr(out.as_mut_ptr());
+        let out_ptr = crate::blas::SendPtr(out.as_mut_ptr());
         let chunks = self.n.div_ceil(chunk);
         candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
             let cols = range.start * chunk..(range.end * chunk).min(self.n);
@@ -264,10 +264,6 @@ impl Q8Matrix {
         }
     }
 }
-
-pub(super) struct SendPtr(pub(super) *mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// Activations as candle quantizes them to Q8_0 (scale `amax / 127` kept as
 /// f16, values `round(x / scale)`), stored shifted to unsigned (`q + 128`)

@@ -662,7 +662,7 @@ impl QuantizedLlama {
                         Kv::Tensors(_) => unreachable!("checked above"),
                     })
                     .collect();
-                let out = super::q8::SendPtr(y.as_mut_ptr());
+                let out = crate::blas::SendPtr(y.as_mut_ptr());
                 let q = &q;
                 candle_core::utils::barrier_pool().execute_chunked(rows * nh, |tasks| {
                     let out = &out;

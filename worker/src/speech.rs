@@ -27,16 +27,19 @@ pub trait TextToSpeech: Send + Sync {
 
     /// `text` spoken and encoded.
     fn synthesize(&self, text: &str, voice: Option<&str>) -> Result<SpokenAudio, String> {
-        encoded(&self.speak(text, voice)?, self.format())
+        SpokenAudio::encode(&self.speak(text, voice)?, self.format())
     }
 }
 
-fn encoded(pcm: &Pcm, format: AudioFormat) -> Result<SpokenAudio, String> {
-    Ok(SpokenAudio {
-        bytes: audio::encode(pcm, format).map_err(|e| e.to_string())?,
-        format,
-        seconds: pcm.seconds(),
-    })
+impl SpokenAudio {
+    /// Samples encoded in `format`.
+    pub fn encode(pcm: &Pcm, format: AudioFormat) -> Result<Self, String> {
+        Ok(Self {
+            bytes: audio::encode(pcm, format).map_err(|e| e.to_string())?,
+            format,
+            seconds: pcm.seconds(),
+        })
+    }
 }
 
 /// Piper voices on ONNX Runtime, synthesized sentence by sentence.

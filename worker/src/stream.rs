@@ -259,16 +259,13 @@ impl StreamRun {
                 match spoken {
                     None => None,
                     Some((pcm, format, chunks)) => {
-                        let spoken = tokio::task::spawn_blocking(move || {
-                            models::speech::audio::encode(&pcm, format).map(|bytes| SpokenAudio {
-                                bytes,
-                                format,
-                                seconds: pcm.seconds(),
-                            })
-                        })
-                        .await
-                        .map_err(|e| JobError::new(format!("audio encoding task: {e}")))?
-                        .map_err(|e| JobError::new(format!("encoding the reply's audio: {e}")))?;
+                        let spoken =
+                            tokio::task::spawn_blocking(move || SpokenAudio::encode(&pcm, format))
+                                .await
+                                .map_err(|e| JobError::new(format!("audio encoding task: {e}")))?
+                                .map_err(|e| {
+                                    JobError::new(format!("encoding the reply's audio: {e}"))
+                                })?;
                         self.check_lease().await?;
                         let url = self
                             .engine

@@ -656,7 +656,13 @@ async fn a_spoken_message_is_transcribed_and_the_reply_is_spoken() {
         )
         .unwrap();
     let back = words_of(&back.text);
-    let long: Vec<&String> = words.iter().filter(|w| w.len() >= 4).collect();
+    // Its longer words, or all of them for a reply of fewer than three
+    // (Whisper writes a reply of "Oh my gawd!" as "oh my god": one long
+    // word, spelled its own way, must not decide the test alone).
+    let mut long: Vec<&String> = words.iter().filter(|w| w.len() >= 4).collect();
+    if long.len() < 3 {
+        long = words.iter().collect();
+    }
     let found = long.iter().filter(|w| back.contains(w)).count();
     assert!(
         found * 2 >= long.len(),

@@ -1,11 +1,15 @@
 //! The f32 matrix product and exponential the CPU kernels here share
-//! (FrameConv's convolutions, the fused attention): MKL's `cblas_sgemm` and
-//! `vsExp` where the build links MKL (the `mkl` feature, the default on
-//! x86-64 for the worker), else the `gemm` crate on rayon's threads and the
-//! standard library's `exp`. Also MKL's integer product under
+//! (FrameConv's convolutions, the fused attention): on AVX-512 CPUs other
+//! than Intel's our packed kernel ([`crate::sgemm512`]), else MKL's
+//! `cblas_sgemm` where the build links MKL (the `mkl` feature, the default
+//! on x86-64 for the worker), else the `gemm` crate on rayon's threads; a
+//! few rows on our own kernel everywhere. MKL's `vsExp` where linked, else
+//! the standard library's `exp`. Also MKL's integer product under
 //! [`crate::int8`] (MKL builds only).
 
 use candle_core::{DType, Tensor};
+
+use crate::sgemm512::Strided;
 
 /// A row-major operand: `data[i * ld + j]` is element (i, j) of the stored
 /// matrix; `trans` uses its transpose.
@@ -102,92 +106,129 @@ pub(crate) fn sgemm(
     if m <= SKINNY_ROWS && !a.trans {
         return skinny(m, n, k, alpha, a, b, beta, c, ldc);
     }
-    #[cfg(feature = "mkl")]
-    {
-        const ROW_MAJOR: i32 = 101;
-        const NO_TRANS: i32 = 111;
-        const TRANS: i32 = 112;
-        unsafe extern "C" {
-            fn cblas_sgemm(
-                layout: i32,
-                trans_a: i32,
-                trans_b: i32,
-                m: i32,
-                n: i32,
-                k: i32,
-                alpha: f32,
-                a: *const f32,
-                lda: i32,
-                b: *const f32,
-                ldb: i32,
-                beta: f32,
-                c: *mut f32,
-                ldc: i32,
-            );
-        }
-        let op = |t: bool| if t { TRANS } else { NO_TRANS };
-        // SAFETY: `check` and the assert above keep every element the
-        // product reads or writes inside its slice; MKL is linked
-        // statically by candle's mkl feature.
-        unsafe {
-            cblas_sgemm(
-                ROW_MAJOR,
-                op(a.trans),
-                op(b.trans),
-                m as i32,
-                n as i32,
-                k as i32,
-                alpha,
-                a.data.as_ptr(),
-                a.ld.max(1) as i32,
-                b.data.as_ptr(),
-                b.ld.max(1) as i32,
-                beta,
-                c.as_mut_ptr(),
-                ldc as i32,
-            );
-        }
-    }
-    #[cfg(not(feature = "mkl"))]
-    {
-        // (row stride, column stride) of op(X).
-        let strides = |x: &Mat| {
-            if x.trans {
-                (1, x.ld as isize)
-            } else {
-                (x.ld as isize, 1)
-            }
+    if crate::sgemm512::preferred() {
+        let e = crate::sgemm512::Epilogue {
+            alpha,
+            beta,
+            bias: None,
         };
-        let ((a_rs, a_cs), (b_rs, b_cs)) = (strides(&a), strides(&b));
-        // SAFETY: as above, with the same shapes and strides. gemm's
-        // `alpha` scales the destination and `beta` the product.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                1,
-                ldc as isize,
-                beta != 0.0,
-                a.data.as_ptr(),
-                a_cs,
-                a_rs,
-                b.data.as_ptr(),
-                b_cs,
-                b_rs,
-                beta,
-                alpha,
-                false,
-                false,
-                false,
-                if SERIAL.with(|s| s.get()) {
-                    gemm::Parallelism::None
-                } else {
-                    gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
-                },
-            );
+        let serial = SERIAL.with(|s| s.get());
+        return crate::sgemm512::gemm(m, n, k, Strided::of(a), b, e, c, ldc, serial);
+    }
+    #[cfg(feature = "mkl")]
+    return mkl_sgemm(m, n, k, alpha, a, b, beta, c, ldc);
+    #[cfg(not(feature = "mkl"))]
+    gemm_crate(m, n, k, alpha, a, b, beta, c, ldc)
+}
+
+#[cfg(feature = "mkl")]
+#[allow(clippy::too_many_arguments)]
+fn mkl_sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Mat,
+    b: Mat,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    const ROW_MAJOR: i32 = 101;
+    const NO_TRANS: i32 = 111;
+    const TRANS: i32 = 112;
+    unsafe extern "C" {
+        fn cblas_sgemm(
+            layout: i32,
+            trans_a: i32,
+            trans_b: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+    }
+    let op = |t: bool| if t { TRANS } else { NO_TRANS };
+    // SAFETY: `check` and the assert above keep every element the
+    // product reads or writes inside its slice; MKL is linked
+    // statically by candle's mkl feature.
+    unsafe {
+        cblas_sgemm(
+            ROW_MAJOR,
+            op(a.trans),
+            op(b.trans),
+            m as i32,
+            n as i32,
+            k as i32,
+            alpha,
+            a.data.as_ptr(),
+            a.ld.max(1) as i32,
+            b.data.as_ptr(),
+            b.ld.max(1) as i32,
+            beta,
+            c.as_mut_ptr(),
+            ldc as i32,
+        );
+    }
+}
+
+#[cfg(not(feature = "mkl"))]
+#[allow(clippy::too_many_arguments)]
+fn gemm_crate(
+    m: usize,
+    n: usize,
+    k: usize,
+    alpha: f32,
+    a: Mat,
+    b: Mat,
+    beta: f32,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    // (row stride, column stride) of op(X).
+    let strides = |x: &Mat| {
+        if x.trans {
+            (1, x.ld as isize)
+        } else {
+            (x.ld as isize, 1)
         }
+    };
+    let ((a_rs, a_cs), (b_rs, b_cs)) = (strides(&a), strides(&b));
+    // SAFETY: as above, with the same shapes and strides. gemm's
+    // `alpha` scales the destination and `beta` the product.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            beta != 0.0,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            if SERIAL.with(|s| s.get()) {
+                gemm::Parallelism::None
+            } else {
+                gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
+            },
+        );
     }
 }
 
@@ -504,13 +545,34 @@ pub(crate) fn with_cpu_slice<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> cand
 /// elsewhere candle's `Linear`.
 pub struct Linear {
     inner: candle_nn::Linear,
+    /// The weights packed for [`crate::sgemm512`] where it is the kernel
+    /// of choice (f32 CPU weights on AVX-512 CPUs but Intel ones with
+    /// MKL), with the bias as floats; the product of any number of rows
+    /// runs on it.
+    packed: Option<(crate::sgemm512::PackedF32, Option<Vec<f32>>)>,
 }
 
 impl Linear {
     /// `weight` `(out, in)`, `bias` `(out)`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        let packed =
+            (crate::sgemm512::preferred() && cpu_f32(&weight) && bias.as_ref().is_none_or(cpu_f32))
+                .then(|| -> candle_core::Result<_> {
+                    let (dout, din) = weight.dims2()?;
+                    let packed = with_cpu_slice(&weight.contiguous()?, |w| {
+                        crate::sgemm512::PackedF32::of_rows(w, dout, din)
+                    })?;
+                    let bias = match &bias {
+                        Some(b) => Some(b.flatten_all()?.to_vec1::<f32>()?),
+                        None => None,
+                    };
+                    Ok((packed, bias))
+                })
+                .and_then(Result::ok);
         Self {
             inner: candle_nn::Linear::new(weight, bias),
+            packed,
         }
     }
 }
@@ -529,6 +591,23 @@ impl candle_core::Module for Linear {
             _ => candle_core::bail!("linear: input {:?} for a {din} -> {dout} weight", x.dims()),
         }
         let rows = x.elem_count() / din.max(1);
+        let x = x.contiguous()?;
+        // A decoding step's few rows stream the weights as stored
+        // (`sgemm`'s few-row kernel); more rows run on the packed ones.
+        if let Some((packed, bias)) = self.packed.as_ref().filter(|_| rows > SKINNY_ROWS) {
+            let mut out = vec![0f32; rows * dout];
+            let e = crate::sgemm512::Epilogue {
+                alpha: 1.0,
+                beta: 0.0,
+                bias: bias.as_deref(),
+            };
+            let serial = SERIAL.with(|s| s.get());
+            with_cpu_slice(&x, |xs| {
+                let a = Strided::of(Mat::n(xs, din));
+                crate::sgemm512::gemm_packed(rows, a, packed, e, &mut out, dout, serial)
+            })?;
+            return Tensor::from_vec(out, shape, &candle_core::Device::Cpu);
+        }
         // The product accumulates onto the bias, read in place.
         let mut out = match self.inner.bias() {
             Some(b) => with_cpu_slice(&b.contiguous()?, |b| b.repeat(rows))?,
@@ -539,7 +618,6 @@ impl candle_core::Module for Linear {
         } else {
             0.0
         };
-        let x = x.contiguous()?;
         with_cpu_slice(&x, |xs| {
             with_cpu_slice(w, |ws| {
                 sgemm(
@@ -567,14 +645,18 @@ mod tests {
     #[test]
     fn linear_matches_candle() {
         let dev = candle_core::Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 5, 7), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 3, &dev).unwrap();
-        for bias in [Some(b), None] {
-            let ours = Linear::new(w.clone(), bias.clone()).forward(&x).unwrap();
-            let want = candle_nn::Linear::new(w.clone(), bias).forward(&x).unwrap();
-            assert_eq!(ours.dims(), &[2, 5, 3]);
-            assert!(crate::testing::max_abs_diff(&ours, &want) < 1e-5);
+        let w = Tensor::randn(0f32, 1.0, (19, 7), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 19, &dev).unwrap();
+        // Ten rows (the packed AVX-512 kernel where it is chosen, else
+        // sgemm) and three (the few-row kernel).
+        for rows in [(2, 5), (1, 3)] {
+            let x = Tensor::randn(0f32, 1.0, (rows.0, rows.1, 7), &dev).unwrap();
+            for bias in [Some(b.clone()), None] {
+                let ours = Linear::new(w.clone(), bias.clone()).forward(&x).unwrap();
+                let want = candle_nn::Linear::new(w.clone(), bias).forward(&x).unwrap();
+                assert_eq!(ours.dims(), &[rows.0, rows.1, 19]);
+                assert!(crate::testing::max_abs_diff(&ours, &want) < 1e-5);
+            }
         }
     }
 

@@ -17,6 +17,7 @@ pub mod image;
 pub mod int8;
 pub(crate) mod ops;
 pub mod registry;
+mod sgemm512;
 pub mod speech;
 pub mod text;
 pub mod video;

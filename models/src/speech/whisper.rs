@@ -124,8 +124,9 @@ pub async fn resolve_whisper(spec: &str, models_dir: &Path) -> Result<PathBuf, M
     )))
 }
 
-/// A linear layer in f32 ([`crate::blas::Linear`]: MKL's sgemm, a
-/// decoding step's few rows on our own kernel) or in int8 (the
+/// A linear layer in f32 ([`crate::blas::Linear`]: MKL's sgemm on Intel
+/// CPUs, our AVX-512 kernel on others that have it, a decoding step's few
+/// rows on our own kernel) or in int8 (the
 /// `int8` compute type: [`crate::int8`], as CTranslate2 runs
 /// faster-whisper's int8 on CPUs).
 enum Lin {

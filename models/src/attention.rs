@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Result as R, Tensor};
 use rayon::prelude::*;
 
 use crate::blas::{exp_in_place, sgemm, with_cpu_slice, Mat};
+use crate::sgemm512::{gemm_packed, Epilogue, PackedF32, Strided};
 
 /// Floats of one band of scores (1 MB: in a core's L2 cache).
 const BAND_FLOATS: usize = 1 << 18;
@@ -53,6 +54,23 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> R<Tensor> {
             return out;
         }
         let rows = (BAND_FLOATS / lk).clamp(1, MAX_BAND_ROWS.min(lq));
+        // Where the AVX-512 kernel runs the products, each head's keys and
+        // values are packed for it once, not once per band.
+        let packed: Vec<(PackedF32, PackedF32)> = if crate::sgemm512::preferred() && lq > rows {
+            (0..heads)
+                .into_par_iter()
+                .map(|h| {
+                    let kh = &k[h * lk * d..(h + 1) * lk * d];
+                    let vh = &v[h * lk * dv..(h + 1) * lk * dv];
+                    (
+                        PackedF32::of_rows(kh, lk, d),
+                        PackedF32::new(Mat::n(vh, dv), lk, dv),
+                    )
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         // Tasks of (head, band of query rows), each on one thread with
         // its own scores buffer: independent work for every core and no
         // fork/join inside the products.
@@ -79,14 +97,27 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> R<Tensor> {
                     let band = &mut s[..n * lk];
                     let mut sums = [0f32; MAX_BAND_ROWS];
                     super::blas::single_threaded(|| {
-                        sgemm(n, lk, d, scale as f32, Mat::n(qh, d), Mat::t(kh, d), 0.0, band, lk);
+                        let e = |alpha| Epilogue {
+                            alpha,
+                            beta: 0.0,
+                            bias: None,
+                        };
+                        match packed.get(h) {
+                            Some((pk, _)) => {
+                                gemm_packed(n, Strided::of(Mat::n(qh, d)), pk, e(scale as f32), band, lk, true)
+                            }
+                            None => sgemm(n, lk, d, scale as f32, Mat::n(qh, d), Mat::t(kh, d), 0.0, band, lk),
+                        }
                         for (row, sum) in band.chunks_mut(lk).zip(sums.iter_mut()) {
                             let max = max_of(row);
                             subtract(row, max);
                             exp_in_place(row);
                             *sum = sum_of(row);
                         }
-                        sgemm(n, dv, lk, 1.0, Mat::n(band, lk), Mat::n(vh, dv), 0.0, ob, dv);
+                        match packed.get(h) {
+                            Some((_, pv)) => gemm_packed(n, Strided::of(Mat::n(band, lk)), pv, e(1.0), ob, dv, true),
+                            None => sgemm(n, dv, lk, 1.0, Mat::n(band, lk), Mat::n(vh, dv), 0.0, ob, dv),
+                        }
                     });
                     for (orow, sum) in ob.chunks_mut(dv).zip(sums.iter()) {
                         let inv = 1.0 / sum;

@@ -428,8 +428,12 @@ fn vml_in_place(x: &mut [f32], f: VmlFn) {
     }
 }
 
-/// `x[i] = exp(x[i])` in place (MKL's vector exp where linked).
+/// `x[i] = exp(x[i])` in place ([`crate::vmath`] where the AVX-512 kernels
+/// are chosen, else MKL's vector exp where linked).
 pub(crate) fn exp_in_place(x: &mut [f32]) {
+    if crate::sgemm512::preferred() {
+        return crate::vmath::exp_in_place(x);
+    }
     #[cfg(feature = "mkl")]
     vml_in_place(x, vmsExp);
     #[cfg(not(feature = "mkl"))]
@@ -519,8 +523,11 @@ pub(crate) fn gemm_u8s8(
     candle_core::bail!("int8 linear layers need a build with the mkl feature")
 }
 
-/// `x[i] = erf(x[i])` in place (MKL's vector erf where linked).
+/// `x[i] = erf(x[i])` in place (as [`exp_in_place`]).
 pub(crate) fn erf_in_place(x: &mut [f32]) {
+    if crate::sgemm512::preferred() {
+        return crate::vmath::erf_in_place(x);
+    }
     #[cfg(feature = "mkl")]
     vml_in_place(x, vmsErf);
     #[cfg(not(feature = "mkl"))]

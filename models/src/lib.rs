@@ -21,6 +21,7 @@ mod sgemm512;
 pub mod speech;
 pub mod text;
 pub mod video;
+mod vmath;
 mod vnni;
 
 /// Helpers the unit tests share.

@@ -60,8 +60,13 @@ impl PackedF32 {
     /// Packs the weights of a linear layer: `w` `(n, k)` row-major, so
     /// that `op(B) = wᵀ`.
     pub(crate) fn of_rows(w: &[f32], n: usize, k: usize) -> Self {
+        Self::new(crate::blas::Mat::t(w, k), k, n)
+    }
+
+    /// Packs `op(b)` (`k × n`).
+    pub(crate) fn new(b: crate::blas::Mat, k: usize, n: usize) -> Self {
         let mut data = Vec::new();
-        pack(crate::blas::Mat::t(w, k), k, n, &mut data);
+        pack(b, k, n, &mut data);
         Self { n, k, data }
     }
 

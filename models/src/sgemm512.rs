@@ -9,20 +9,24 @@
 //! `op(B)` (`k × n`) is packed into panels of 16 columns, each step along
 //! `k` one 64-byte vector of the 16 columns' values: a linear layer's
 //! weights once at load ([`PackedF32`], kept by [`crate::blas::Linear`]),
-//! other operands per call into a reused buffer. A step broadcasts one
-//! value of each `A` row and multiplies it into 16 columns at once. The
-//! tile is 12 rows × 2 panels (24 accumulators in registers: 2 loads, 12
-//! broadcasts, 24 FMAs a step); tasks of 4 panels go across rayon's
-//! threads, their 64 columns of `B` (512 KiB at `k` = 2048) staying in L2
-//! while every row of `A` meets them. The bias, `alpha` and `beta` are
+//! other operands per call into a reused buffer. `op(A)` is packed per
+//! call into tiles of 12 rows, each step the 12 rows' values side by side.
+//! A step broadcasts one value of each row and multiplies it into 16
+//! columns at once: the tile is 12 rows × 2 panels, 24 accumulators in
+//! zmm8–zmm31 of an assembly loop (2 loads, 12 broadcasts, 24 FMAs a
+//! step). Tasks of 8 row tiles × 8 panels go across rayon's threads; in a
+//! task each pair of panels (256 KiB of `B` at `k` = 2048) stays in L2
+//! while the task's row tiles meet it. The bias, `alpha` and `beta` are
 //! applied as each tile is stored.
 
 use rayon::prelude::*;
 
 /// Columns of a packed panel (one 512-bit vector of f32).
 const PANEL: usize = 16;
-/// Panels per task.
-const PANELS_PER_TASK: usize = 4;
+/// Panels per task (128 columns: 1 MiB of `B` at `k` = 2048, in L2).
+const PANELS_PER_TASK: usize = 8;
+/// Tiles of rows per task.
+const TILES_PER_TASK: usize = 8;
 /// Rows of `A` per tile.
 const MR: usize = 12;
 
@@ -205,63 +209,164 @@ fn run(m: usize, a: Strided, b: Panels, e: Epilogue, c: &mut [f32], ldc: usize, 
     assert!(k == 0 || a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs);
     assert!(b.data.len() >= n.div_ceil(PANEL) * k * PANEL);
     assert!(e.bias.is_none_or(|bias| bias.len() >= n));
-    let out = crate::blas::SendPtr(c.as_mut_ptr());
-    let panels = n.div_ceil(PANEL);
-    let task = |t: usize| {
-        let ps = t * PANELS_PER_TASK..((t + 1) * PANELS_PER_TASK).min(panels);
-        // SAFETY: `available()` holds (asserted); the sizes are checked
-        // above; each task writes only its own panels' columns.
-        unsafe { columns(m, a, b, e, ps, out.get(), ldc) }
-    };
-    let tasks = panels.div_ceil(PANELS_PER_TASK);
-    if serial || tasks == 1 || m * n * k < 1 << 18 {
-        (0..tasks).for_each(task);
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let parallel = !serial && m * n * k >= 1 << 18;
+    BUF.with(|cell| {
+        let mut own = Vec::new();
+        let mut guard = cell.try_borrow_mut().ok();
+        let buf = match guard.as_deref_mut() {
+            Some(b) => b,
+            None => &mut own,
+        };
+        let tiles = m.div_ceil(MR);
+        buf.clear();
+        buf.resize(tiles * k * MR, 0.0);
+        let pack_tile =
+            |(t, dst): (usize, &mut [f32])| pack_a(a, t * MR, (m - t * MR).min(MR), k, dst);
+        if parallel {
+            buf.par_chunks_mut((k * MR).max(1))
+                .enumerate()
+                .for_each(pack_tile);
+        } else {
+            buf.chunks_mut((k * MR).max(1))
+                .enumerate()
+                .for_each(pack_tile);
+        }
+        let packed_a: &[f32] = buf;
+        let out = crate::blas::SendPtr(c.as_mut_ptr());
+        let panels = n.div_ceil(PANEL);
+        let (row_blocks, groups) = (
+            tiles.div_ceil(TILES_PER_TASK),
+            panels.div_ceil(PANELS_PER_TASK),
+        );
+        let task = |t: usize| {
+            let (rb, g) = (t / groups, t % groups);
+            let ts = rb * TILES_PER_TASK..((rb + 1) * TILES_PER_TASK).min(tiles);
+            let ps = g * PANELS_PER_TASK..((g + 1) * PANELS_PER_TASK).min(panels);
+            // SAFETY: `available()` holds (asserted); the sizes are checked
+            // above; each task writes only its own rows' and panels' part.
+            unsafe { block(m, packed_a, b, e, ts, ps, out.get(), ldc) }
+        };
+        let tasks = row_blocks * groups;
+        if !parallel || tasks == 1 {
+            (0..tasks).for_each(task);
+        } else {
+            (0..tasks).into_par_iter().for_each(task);
+        }
+    })
+}
+
+/// Rows `i..i + rows` of `op(A)` into `dst` (`k` steps of 12 values, rows
+/// past `rows` zero).
+fn pack_a(a: Strided, i: usize, rows: usize, k: usize, dst: &mut [f32]) {
+    if a.rs == 1 {
+        // Each step's rows are contiguous.
+        for (s, d) in dst.chunks_exact_mut(MR).enumerate().take(k) {
+            let at = s * a.cs + i;
+            d[..rows].copy_from_slice(&a.data[at..at + rows]);
+        }
     } else {
-        (0..tasks).into_par_iter().for_each(task);
+        for r in 0..rows {
+            let row = (i + r) * a.rs;
+            for s in 0..k {
+                dst[s * MR + r] = a.data[row + s * a.cs];
+            }
+        }
     }
 }
 
-/// Every row times the panels `ps`: tiles of up to 12 rows × 2 panels.
+/// Tiles `ts` (of 12 rows) times panels `ps`, panel pair by panel pair,
+/// every tile meeting a pair while it is in L2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn columns(
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
     m: usize,
-    a: Strided,
+    packed_a: &[f32],
     b: Panels,
     e: Epilogue,
+    ts: std::ops::Range<usize>,
     ps: std::ops::Range<usize>,
     c: *mut f32,
     ldc: usize,
 ) {
-    macro_rules! tiles {
-        ($r:expr, $np:expr, $i:expr, $p:expr, $($rr:literal)*) => {
-            match ($r, $np) {
-                $( ($rr, 2) => tile::<$rr, 2>(a, b, e, $i, $p, c, ldc), )*
-                $( ($rr, _) => tile::<$rr, 1>(a, b, e, $i, $p, c, ldc), )*
-                _ => unreachable!(),
-            }
+    use std::arch::x86_64::*;
+    #[repr(align(64))]
+    struct Tile([f32; MR * 2 * PANEL]);
+    let mut tile = Tile([0.0; MR * 2 * PANEL]);
+    let (n, k) = (b.n, b.k);
+    let alpha = _mm512_set1_ps(e.alpha);
+    let beta = _mm512_set1_ps(e.beta);
+    let mut p = ps.start;
+    while p < ps.end {
+        let np = (ps.end - p).min(2);
+        // SAFETY: panels p..p + np hold k steps of 16 floats each (a lone
+        // panel is read twice, its second copy never stored).
+        let b0 = unsafe { b.data.as_ptr().add(p * k * PANEL) };
+        let b1 = if np == 2 {
+            unsafe { b0.add(k * PANEL) }
+        } else {
+            b0
         };
-    }
-    let mut i = 0;
-    while i < m {
-        let r = (m - i).min(MR);
-        let mut p = ps.start;
-        while p < ps.end {
-            let np = (ps.end - p).min(2);
-            // SAFETY: rows i..i + r < m, panels p..p + np < the panels.
-            unsafe { tiles!(r, np, i, p, 1 2 3 4 5 6 7 8 9 10 11 12) };
-            p += np;
+        for t in ts.clone() {
+            let i = t * MR;
+            // SAFETY: tile t of the packed A holds k steps of 12 floats;
+            // `tile` holds 24 vectors.
+            unsafe {
+                kernel(
+                    k,
+                    packed_a.as_ptr().add(t * k * MR),
+                    b0,
+                    b1,
+                    tile.0.as_mut_ptr(),
+                )
+            };
+            for r in 0..(m - i).min(MR) {
+                for q in 0..np {
+                    let col = (p + q) * PANEL;
+                    let mask: __mmask16 = if col + PANEL <= n {
+                        !0
+                    } else {
+                        (1u16 << (n - col)) - 1
+                    };
+                    // SAFETY: row i + r < m; the masked loads and store
+                    // touch columns col..min(col + 16, n) only.
+                    unsafe {
+                        let v = _mm512_load_ps(tile.0.as_ptr().add((r * 2 + q) * PANEL));
+                        let dst = c.add((i + r) * ldc + col);
+                        let mut v = if e.alpha == 1.0 {
+                            v
+                        } else {
+                            _mm512_mul_ps(v, alpha)
+                        };
+                        if let Some(bias) = e.bias {
+                            v = _mm512_add_ps(
+                                v,
+                                _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(col)),
+                            );
+                        }
+                        if e.beta != 0.0 {
+                            v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, dst), beta, v);
+                        }
+                        _mm512_mask_storeu_ps(dst, mask, v);
+                    }
+                }
+            }
         }
-        i += r;
+        p += np;
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn columns(
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
     _: usize,
-    _: Strided,
+    _: &[f32],
     _: Panels,
     _: Epilogue,
+    _: std::ops::Range<usize>,
     _: std::ops::Range<usize>,
     _: *mut f32,
     _: usize,
@@ -269,89 +374,123 @@ unsafe fn columns(
     unreachable!("the AVX-512 kernel is only chosen on x86_64")
 }
 
-/// Rows `i..i + R` times panels `p..p + NP` (R ≤ 12, NP ≤ 2).
+/// The 12 × 32 tile over `k` steps: `out[(r * 2 + q) * 16 + j]` =
+/// `Σ_s a[s * 12 + r] · b_q[s * 16 + j]`. In assembly so that the 24 sums
+/// stay in zmm8–zmm31 with six registers for the broadcasts (the compiler
+/// hoisted all twelve broadcasts and spilled sums to the stack).
+///
+/// # Safety
+/// AVX-512F; `a` holds `k · 12` floats, `b0` and `b1` `k · 16` each, `out`
+/// 384.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn tile<const R: usize, const NP: usize>(
-    a: Strided,
-    b: Panels,
-    e: Epilogue,
-    i: usize,
-    p: usize,
-    c: *mut f32,
-    ldc: usize,
-) {
-    use std::arch::x86_64::*;
-    let (n, k) = (b.n, b.k);
-    let mut acc = [[_mm512_setzero_ps(); NP]; R];
-    // Each row's and each panel's read position, advanced step by step
-    // (no index arithmetic in the loop; the rows are unrolled by hand so
-    // the sums stay in registers in any build profile).
-    // SAFETY (all reads): rows i..i + R of A reach k steps of `cs`;
-    // panels p..p + NP hold k steps of 16 floats.
-    let base = a.data.as_ptr();
-    let mut ap: [*const f32; R] = [base; R];
-    for (r, ap) in ap.iter_mut().enumerate() {
-        *ap = unsafe { base.add((i + r) * a.rs) };
-    }
-    let cs = a.cs;
-    let mut bp: [*const f32; NP] = [b.data.as_ptr(); NP];
-    for (q, bp) in bp.iter_mut().enumerate() {
-        *bp = unsafe { b.data.as_ptr().add((p + q) * k * PANEL) };
-    }
-    for _ in 0..k {
-        let b0 = unsafe { _mm512_loadu_ps(bp[0]) };
-        let b1 = if NP > 1 {
-            unsafe { _mm512_loadu_ps(bp[NP - 1]) }
-        } else {
-            b0
-        };
-        macro_rules! row {
-            ($($r:literal)*) => {$(
-                if $r < R {
-                    let av = _mm512_set1_ps(unsafe { ap[$r].read_unaligned() });
-                    acc[$r][0] = _mm512_fmadd_ps(av, b0, acc[$r][0]);
-                    if NP > 1 {
-                        acc[$r][NP - 1] = _mm512_fmadd_ps(av, b1, acc[$r][NP - 1]);
-                    }
-                    ap[$r] = ap[$r].wrapping_add(cs);
-                }
-            )*};
-        }
-        row!(0 1 2 3 4 5 6 7 8 9 10 11);
-        for bp in bp.iter_mut() {
-            *bp = bp.wrapping_add(PANEL);
-        }
-    }
-    let alpha = _mm512_set1_ps(e.alpha);
-    let beta = _mm512_set1_ps(e.beta);
-    for (r, acc) in acc.iter().enumerate() {
-        for (q, &v) in acc.iter().enumerate() {
-            let col = (p + q) * PANEL;
-            let mask: __mmask16 = if col + PANEL <= n {
-                !0
-            } else {
-                (1u16 << (n - col)) - 1
-            };
-            // SAFETY: row i + r < m; the masked loads and store touch
-            // columns col..min(col + 16, n) only.
-            unsafe {
-                let dst = c.add((i + r) * ldc + col);
-                let mut v = if e.alpha == 1.0 {
-                    v
-                } else {
-                    _mm512_mul_ps(v, alpha)
-                };
-                if let Some(bias) = e.bias {
-                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(col)));
-                }
-                if e.beta != 0.0 {
-                    v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, dst), beta, v);
-                }
-                _mm512_mask_storeu_ps(dst, mask, v);
-            }
-        }
+unsafe fn kernel(k: usize, a: *const f32, b0: *const f32, b1: *const f32, out: *mut f32) {
+    // SAFETY: the reads and writes stay within the bounds above.
+    unsafe {
+        std::arch::asm!(
+            "vxorps zmm8, zmm8, zmm8",
+            "vxorps zmm9, zmm9, zmm9",
+            "vxorps zmm10, zmm10, zmm10",
+            "vxorps zmm11, zmm11, zmm11",
+            "vxorps zmm12, zmm12, zmm12",
+            "vxorps zmm13, zmm13, zmm13",
+            "vxorps zmm14, zmm14, zmm14",
+            "vxorps zmm15, zmm15, zmm15",
+            "vxorps zmm16, zmm16, zmm16",
+            "vxorps zmm17, zmm17, zmm17",
+            "vxorps zmm18, zmm18, zmm18",
+            "vxorps zmm19, zmm19, zmm19",
+            "vxorps zmm20, zmm20, zmm20",
+            "vxorps zmm21, zmm21, zmm21",
+            "vxorps zmm22, zmm22, zmm22",
+            "vxorps zmm23, zmm23, zmm23",
+            "vxorps zmm24, zmm24, zmm24",
+            "vxorps zmm25, zmm25, zmm25",
+            "vxorps zmm26, zmm26, zmm26",
+            "vxorps zmm27, zmm27, zmm27",
+            "vxorps zmm28, zmm28, zmm28",
+            "vxorps zmm29, zmm29, zmm29",
+            "vxorps zmm30, zmm30, zmm30",
+            "vxorps zmm31, zmm31, zmm31",
+            "test {k}, {k}",
+            "jz 3f",
+            "2:",
+            "vmovups zmm0, [{b0}]",
+            "vmovups zmm1, [{b1}]",
+            "vbroadcastss zmm2, dword ptr [{a} + 0]",
+            "vfmadd231ps zmm8, zmm0, zmm2",
+            "vfmadd231ps zmm9, zmm1, zmm2",
+            "vbroadcastss zmm3, dword ptr [{a} + 4]",
+            "vfmadd231ps zmm10, zmm0, zmm3",
+            "vfmadd231ps zmm11, zmm1, zmm3",
+            "vbroadcastss zmm4, dword ptr [{a} + 8]",
+            "vfmadd231ps zmm12, zmm0, zmm4",
+            "vfmadd231ps zmm13, zmm1, zmm4",
+            "vbroadcastss zmm5, dword ptr [{a} + 12]",
+            "vfmadd231ps zmm14, zmm0, zmm5",
+            "vfmadd231ps zmm15, zmm1, zmm5",
+            "vbroadcastss zmm6, dword ptr [{a} + 16]",
+            "vfmadd231ps zmm16, zmm0, zmm6",
+            "vfmadd231ps zmm17, zmm1, zmm6",
+            "vbroadcastss zmm7, dword ptr [{a} + 20]",
+            "vfmadd231ps zmm18, zmm0, zmm7",
+            "vfmadd231ps zmm19, zmm1, zmm7",
+            "vbroadcastss zmm2, dword ptr [{a} + 24]",
+            "vfmadd231ps zmm20, zmm0, zmm2",
+            "vfmadd231ps zmm21, zmm1, zmm2",
+            "vbroadcastss zmm3, dword ptr [{a} + 28]",
+            "vfmadd231ps zmm22, zmm0, zmm3",
+            "vfmadd231ps zmm23, zmm1, zmm3",
+            "vbroadcastss zmm4, dword ptr [{a} + 32]",
+            "vfmadd231ps zmm24, zmm0, zmm4",
+            "vfmadd231ps zmm25, zmm1, zmm4",
+            "vbroadcastss zmm5, dword ptr [{a} + 36]",
+            "vfmadd231ps zmm26, zmm0, zmm5",
+            "vfmadd231ps zmm27, zmm1, zmm5",
+            "vbroadcastss zmm6, dword ptr [{a} + 40]",
+            "vfmadd231ps zmm28, zmm0, zmm6",
+            "vfmadd231ps zmm29, zmm1, zmm6",
+            "vbroadcastss zmm7, dword ptr [{a} + 44]",
+            "vfmadd231ps zmm30, zmm0, zmm7",
+            "vfmadd231ps zmm31, zmm1, zmm7",
+            "add {a}, 48",
+            "add {b0}, 64",
+            "add {b1}, 64",
+            "dec {k}",
+            "jnz 2b",
+            "3:",
+            "vmovups [{out} + 0], zmm8",
+            "vmovups [{out} + 64], zmm9",
+            "vmovups [{out} + 128], zmm10",
+            "vmovups [{out} + 192], zmm11",
+            "vmovups [{out} + 256], zmm12",
+            "vmovups [{out} + 320], zmm13",
+            "vmovups [{out} + 384], zmm14",
+            "vmovups [{out} + 448], zmm15",
+            "vmovups [{out} + 512], zmm16",
+            "vmovups [{out} + 576], zmm17",
+            "vmovups [{out} + 640], zmm18",
+            "vmovups [{out} + 704], zmm19",
+            "vmovups [{out} + 768], zmm20",
+            "vmovups [{out} + 832], zmm21",
+            "vmovups [{out} + 896], zmm22",
+            "vmovups [{out} + 960], zmm23",
+            "vmovups [{out} + 1024], zmm24",
+            "vmovups [{out} + 1088], zmm25",
+            "vmovups [{out} + 1152], zmm26",
+            "vmovups [{out} + 1216], zmm27",
+            "vmovups [{out} + 1280], zmm28",
+            "vmovups [{out} + 1344], zmm29",
+            "vmovups [{out} + 1408], zmm30",
+            "vmovups [{out} + 1472], zmm31",
+            k = inout(reg) k => _,
+            a = inout(reg) a => _,
+            b0 = inout(reg) b0 => _,
+            b1 = inout(reg) b1 => _,
+            out = in(reg) out,
+            out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _, out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _, out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _, out("zmm12") _, out("zmm13") _, out("zmm14") _, out("zmm15") _, out("zmm16") _, out("zmm17") _, out("zmm18") _, out("zmm19") _, out("zmm20") _, out("zmm21") _, out("zmm22") _, out("zmm23") _, out("zmm24") _, out("zmm25") _, out("zmm26") _, out("zmm27") _, out("zmm28") _, out("zmm29") _, out("zmm30") _, out("zmm31") _,
+            options(nostack),
+        );
     }
 }
 

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Result as R, Tensor};
 use rayon::prelude::*;
 
 use crate::blas::{exp_in_place, sgemm, with_cpu_slice, Mat};
-use crate::sgemm512::{gemm_packed, Epilogue, PackedF32, Strided};
+use crate::sgemm512::{gemm_packed, gemm_rows_packed, Epilogue, PackedF32, PackedRows, Strided};
 
 /// Floats of one band of scores (1 MB: in a core's L2 cache).
 const BAND_FLOATS: usize = 1 << 18;
@@ -55,15 +55,16 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> R<Tensor> {
         }
         let rows = (BAND_FLOATS / lk).clamp(1, MAX_BAND_ROWS.min(lq));
         // Where the AVX-512 kernel runs the products, each head's keys and
-        // values are packed for it once, not once per band.
-        let packed: Vec<(PackedF32, PackedF32)> = if crate::sgemm512::preferred() && lq > rows {
+        // values are packed for it once, not once per band, and a band's
+        // scores are computed transposed (below).
+        let packed: Vec<(PackedRows, PackedF32)> = if crate::sgemm512::preferred() && lq > rows {
             (0..heads)
                 .into_par_iter()
                 .map(|h| {
                     let kh = &k[h * lk * d..(h + 1) * lk * d];
                     let vh = &v[h * lk * dv..(h + 1) * lk * dv];
                     (
-                        PackedF32::of_rows(kh, lk, d),
+                        PackedRows::new(Strided::of(Mat::n(kh, d)), lk, d),
                         PackedF32::new(Mat::n(vh, dv), lk, dv),
                     )
                 })
@@ -96,27 +97,36 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> R<Tensor> {
                     }
                     let band = &mut s[..n * lk];
                     let mut sums = [0f32; MAX_BAND_ROWS];
-                    super::blas::single_threaded(|| {
-                        let e = |alpha| Epilogue {
-                            alpha,
-                            beta: 0.0,
-                            bias: None,
-                        };
-                        match packed.get(h) {
-                            Some((pk, _)) => {
-                                gemm_packed(n, Strided::of(Mat::n(qh, d)), pk, e(scale as f32), band, lk, true)
+                    super::blas::single_threaded(|| match packed.get(h) {
+                        Some((pk, pv)) => {
+                            // Scores transposed, (keys, queries): the keys
+                            // are the packed rows, the band's queries the
+                            // small operand packed per call, and the
+                            // weights times the values read the scores'
+                            // columns as contiguous rows, no repacking.
+                            let e = |alpha| Epilogue {
+                                alpha,
+                                beta: 0.0,
+                                bias: None,
+                            };
+                            gemm_rows_packed(pk, n, Mat::t(qh, d), e(scale as f32), band, n, true);
+                            softmax_columns(band, n, &mut sums[..n]);
+                            let p = Strided {
+                                data: band,
+                                rs: 1,
+                                cs: n,
+                            };
+                            gemm_packed(n, p, pv, e(1.0), ob, dv, true);
+                        }
+                        None => {
+                            sgemm(n, lk, d, scale as f32, Mat::n(qh, d), Mat::t(kh, d), 0.0, band, lk);
+                            for (row, sum) in band.chunks_mut(lk).zip(sums.iter_mut()) {
+                                let max = max_of(row);
+                                subtract(row, max);
+                                exp_in_place(row);
+                                *sum = sum_of(row);
                             }
-                            None => sgemm(n, lk, d, scale as f32, Mat::n(qh, d), Mat::t(kh, d), 0.0, band, lk),
-                        }
-                        for (row, sum) in band.chunks_mut(lk).zip(sums.iter_mut()) {
-                            let max = max_of(row);
-                            subtract(row, max);
-                            exp_in_place(row);
-                            *sum = sum_of(row);
-                        }
-                        match packed.get(h) {
-                            Some((_, pv)) => gemm_packed(n, Strided::of(Mat::n(band, lk)), pv, e(1.0), ob, dv, true),
-                            None => sgemm(n, dv, lk, 1.0, Mat::n(band, lk), Mat::n(vh, dv), 0.0, ob, dv),
+                            sgemm(n, dv, lk, 1.0, Mat::n(band, lk), Mat::n(vh, dv), 0.0, ob, dv);
                         }
                     });
                     for (orow, sum) in ob.chunks_mut(dv).zip(sums.iter()) {
@@ -162,6 +172,32 @@ fn sum_of(x: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// Softmax down the columns of `s` (`rows × n`, row-major) in place,
+/// leaving out the division: each column's values become `e^(x - max)`
+/// and `sums[j]` their sum.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512vl+avx2+fma", "x86_64+avx2+fma"))]
+fn softmax_columns(s: &mut [f32], n: usize, sums: &mut [f32]) {
+    let mut max = [f32::NEG_INFINITY; MAX_BAND_ROWS];
+    let max = &mut max[..n];
+    for row in s.chunks_exact(n) {
+        for (m, &x) in max.iter_mut().zip(row) {
+            *m = m.max(x);
+        }
+    }
+    for row in s.chunks_exact_mut(n) {
+        for (x, &m) in row.iter_mut().zip(max.iter()) {
+            *x -= m;
+        }
+    }
+    exp_in_place(s);
+    sums.fill(0.0);
+    for row in s.chunks_exact(n) {
+        for (sum, &x) in sums.iter_mut().zip(row) {
+            *sum += x;
+        }
+    }
 }
 
 /// `x[i] -= v`.

@@ -182,18 +182,7 @@ pub(crate) fn gemm(
     ldc: usize,
     serial: bool,
 ) {
-    thread_local! {
-        static BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    BUF.with(|cell| {
-        // A product inside a task of a product on this thread (never
-        // today) gets a buffer of its own rather than a borrow panic.
-        let mut own = Vec::new();
-        let mut guard = cell.try_borrow_mut().ok();
-        let buf = match guard.as_deref_mut() {
-            Some(b) => b,
-            None => &mut own,
-        };
+    with_buffer(&B_BUF, |buf| {
         pack(b, k, n, buf);
         run(m, a, Panels { n, k, data: buf }, e, c, ldc, serial);
     })
@@ -209,19 +198,10 @@ fn run(m: usize, a: Strided, b: Panels, e: Epilogue, c: &mut [f32], ldc: usize, 
     assert!(k == 0 || a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs);
     assert!(b.data.len() >= n.div_ceil(PANEL) * k * PANEL);
     assert!(e.bias.is_none_or(|bias| bias.len() >= n));
-    thread_local! {
-        static BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
     let parallel = !serial && m * n * k >= 1 << 18;
-    BUF.with(|cell| {
-        let mut own = Vec::new();
-        let mut guard = cell.try_borrow_mut().ok();
-        let buf = match guard.as_deref_mut() {
-            Some(b) => b,
-            None => &mut own,
-        };
+    with_buffer(&A_BUF, |buf| {
         let tiles = m.div_ceil(MR);
-        buf.clear();
+        // Every element is written by `pack_a` (padding rows too).
         buf.resize(tiles * k * MR, 0.0);
         let pack_tile =
             |(t, dst): (usize, &mut [f32])| pack_a(a, t * MR, (m - t * MR).min(MR), k, dst);
@@ -234,33 +214,117 @@ fn run(m: usize, a: Strided, b: Panels, e: Epilogue, c: &mut [f32], ldc: usize, 
                 .enumerate()
                 .for_each(pack_tile);
         }
-        let packed_a: &[f32] = buf;
-        let out = crate::blas::SendPtr(c.as_mut_ptr());
-        let panels = n.div_ceil(PANEL);
-        let (row_blocks, groups) = (
-            tiles.div_ceil(TILES_PER_TASK),
-            panels.div_ceil(PANELS_PER_TASK),
-        );
-        let task = |t: usize| {
-            let (rb, g) = (t / groups, t % groups);
-            let ts = rb * TILES_PER_TASK..((rb + 1) * TILES_PER_TASK).min(tiles);
-            let ps = g * PANELS_PER_TASK..((g + 1) * PANELS_PER_TASK).min(panels);
-            // SAFETY: `available()` holds (asserted); the sizes are checked
-            // above; each task writes only its own rows' and panels' part.
-            unsafe { block(m, packed_a, b, e, ts, ps, out.get(), ldc) }
-        };
-        let tasks = row_blocks * groups;
-        if !parallel || tasks == 1 {
-            (0..tasks).for_each(task);
-        } else {
-            (0..tasks).into_par_iter().for_each(task);
+        run_packed(m, buf, b, e, c, ldc, parallel)
+    })
+}
+
+thread_local! {
+    /// This thread's buffers for packing `A` and `B` per call.
+    static A_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static B_BUF: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's `buffer`, or on a new one where it is in use
+/// (a product started by a task that this thread runs while it waits in
+/// another product).
+fn with_buffer<T>(
+    buffer: &'static std::thread::LocalKey<std::cell::RefCell<Vec<f32>>>,
+    f: impl FnOnce(&mut Vec<f32>) -> T,
+) -> T {
+    buffer.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut b) => f(&mut b),
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
+/// [`run`] on `A` already packed in 12-row tiles.
+fn run_packed(
+    m: usize,
+    packed_a: &[f32],
+    b: Panels,
+    e: Epilogue,
+    c: &mut [f32],
+    ldc: usize,
+    parallel: bool,
+) {
+    let (n, k) = (b.n, b.k);
+    let tiles = m.div_ceil(MR);
+    assert!(packed_a.len() >= tiles * k * MR);
+    let out = crate::blas::SendPtr(c.as_mut_ptr());
+    let panels = n.div_ceil(PANEL);
+    let (row_blocks, groups) = (
+        tiles.div_ceil(TILES_PER_TASK),
+        panels.div_ceil(PANELS_PER_TASK),
+    );
+    let task = |t: usize| {
+        let (rb, g) = (t / groups, t % groups);
+        let ts = rb * TILES_PER_TASK..((rb + 1) * TILES_PER_TASK).min(tiles);
+        let ps = g * PANELS_PER_TASK..((g + 1) * PANELS_PER_TASK).min(panels);
+        // SAFETY: `available()` holds (asserted by every caller); the
+        // sizes are checked by them and above; each task writes only its
+        // own rows' and panels' part.
+        unsafe { block(m, packed_a, b, e, ts, ps, out.get(), ldc) }
+    };
+    let tasks = row_blocks * groups;
+    if !parallel || tasks == 1 {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+/// `op(A)` (`m × k`) packed once in 12-row tiles, for products with
+/// different `B`s ([`gemm_rows_packed`]).
+pub(crate) struct PackedRows {
+    m: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl PackedRows {
+    pub(crate) fn new(a: Strided, m: usize, k: usize) -> Self {
+        let tiles = m.div_ceil(MR);
+        let mut data = vec![0f32; tiles * k * MR];
+        for (t, dst) in data.chunks_mut((k * MR).max(1)).enumerate().take(tiles) {
+            pack_a(a, t * MR, (m - t * MR).min(MR), k, dst);
         }
+        Self { m, k, data }
+    }
+}
+
+/// `C = alpha · A · op(B) + beta · C` with `A` packed once and `op(B)`
+/// (`k × n`) packed here.
+pub(crate) fn gemm_rows_packed(
+    a: &PackedRows,
+    n: usize,
+    b: crate::blas::Mat,
+    e: Epilogue,
+    c: &mut [f32],
+    ldc: usize,
+    serial: bool,
+) {
+    assert!(available(), "the AVX-512 kernel on a CPU without AVX-512");
+    let (m, k) = (a.m, a.k);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n);
+    assert!(e.bias.is_none_or(|bias| bias.len() >= n));
+    with_buffer(&B_BUF, |buf| {
+        pack(b, k, n, buf);
+        let parallel = !serial && m * n * k >= 1 << 18;
+        run_packed(m, &a.data, Panels { n, k, data: buf }, e, c, ldc, parallel)
     })
 }
 
 /// Rows `i..i + rows` of `op(A)` into `dst` (`k` steps of 12 values, rows
 /// past `rows` zero).
 fn pack_a(a: Strided, i: usize, rows: usize, k: usize, dst: &mut [f32]) {
+    if rows < MR {
+        for d in dst.chunks_exact_mut(MR).take(k) {
+            d[rows..].fill(0.0);
+        }
+    }
     if a.rs == 1 {
         // Each step's rows are contiguous.
         for (s, d) in dst.chunks_exact_mut(MR).enumerate().take(k) {
@@ -580,4 +644,3 @@ mod tests {
         }
     }
 }
-

@@ -108,6 +108,7 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> R<Tensor> {
                                 alpha,
                                 beta: 0.0,
                                 bias: None,
+                                gelu: false,
                             };
                             gemm_rows_packed(pk, n, Mat::t(qh, d), e(scale as f32), band, n, true);
                             softmax_columns(band, n, &mut sums[..n]);

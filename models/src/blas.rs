@@ -111,6 +111,7 @@ pub(crate) fn sgemm(
             alpha,
             beta,
             bias: None,
+            gelu: false,
         };
         let serial = SERIAL.with(|s| s.get());
         return crate::sgemm512::gemm(m, n, k, Strided::of(a), b, e, c, ldc, serial);
@@ -586,10 +587,29 @@ impl Linear {
 
 impl candle_core::Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, false)
+    }
+}
+
+impl Linear {
+    /// The exact GELU of [`Module::forward`]'s result, applied as the
+    /// AVX-512 kernel stores it where that runs the product.
+    pub fn forward_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
         let w = self.inner.weight();
         let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+        let finish = |y: Tensor| {
+            if gelu {
+                crate::ops::gelu_erf(&y)
+            } else {
+                Ok(y)
+            }
+        };
         if !(cpu_f32(x) && cpu_f32(w) && w.is_contiguous()) {
-            return self.inner.forward(x);
+            return finish(candle_core::Module::forward(&self.inner, x)?);
         }
         let (dout, din) = w.dims2()?;
         let mut shape = x.dims().to_vec();
@@ -607,6 +627,7 @@ impl candle_core::Module for Linear {
                 alpha: 1.0,
                 beta: 0.0,
                 bias: bias.as_deref(),
+                gelu,
             };
             let serial = SERIAL.with(|s| s.get());
             with_cpu_slice(&x, |xs| {
@@ -640,7 +661,7 @@ impl candle_core::Module for Linear {
                 )
             })
         })??;
-        Tensor::from_vec(out, shape, &candle_core::Device::Cpu)
+        finish(Tensor::from_vec(out, shape, &candle_core::Device::Cpu)?)
     }
 }
 

@@ -152,6 +152,8 @@ pub(crate) struct Epilogue<'a> {
     pub beta: f32,
     /// Added to every row (`n` values).
     pub bias: Option<&'a [f32]>,
+    /// The exact GELU of the result (after the bias and `beta · C`).
+    pub gelu: bool,
 }
 
 /// `C (m × n, rows ldc apart) = alpha · op(A) · W + bias + beta · C` with
@@ -414,6 +416,14 @@ unsafe fn block(
                         if e.beta != 0.0 {
                             v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, dst), beta, v);
                         }
+                        if e.gelu {
+                            let erf = crate::vmath::erf16(_mm512_mul_ps(
+                                v,
+                                _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
+                            ));
+                            let half = _mm512_mul_ps(v, _mm512_set1_ps(0.5));
+                            v = _mm512_fmadd_ps(half, erf, half);
+                        }
                         _mm512_mask_storeu_ps(dst, mask, v);
                     }
                 }
@@ -612,6 +622,7 @@ mod tests {
                         alpha: 0.5,
                         beta: -1.5,
                         bias: Some(&bias),
+                        gelu: false,
                     };
                     gemm(m, n, k, sa, mb, e, &mut c, ldc, false);
                     for i in 0..m {
@@ -629,6 +640,7 @@ mod tests {
                     alpha: 1.0,
                     beta: 0.0,
                     bias: None,
+                    gelu: false,
                 };
                 gemm_packed(m, sa, &packed, e, &mut c, n, true);
                 for i in 0..m {

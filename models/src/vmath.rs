@@ -95,7 +95,7 @@ fn exp16(x: __m512) -> __m512 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn erf16(x: __m512) -> __m512 {
+pub(crate) fn erf16(x: __m512) -> __m512 {
     let sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN));
     let a = _mm512_abs_ps(x);
     // |x| < 0.84375: x + x·R(x²), fdlibm's rational fit (1 ulp).

@@ -15,9 +15,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::{conv1d, Conv1d, Conv1dConfig};
-use candle_nn::{
-    embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Module, VarBuilder,
-};
+use candle_nn::{embedding, linear, linear_no_bias, Embedding, Module, VarBuilder};
 use candle_transformers::models::whisper::{self as w};
 use tokenizers::Tokenizer;
 
@@ -168,6 +166,17 @@ impl Module for Lin {
     }
 }
 
+impl Lin {
+    /// The exact GELU of the output (in the f32 kernel's store where that
+    /// runs it).
+    fn forward_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::F32(l) => l.forward_gelu(x),
+            Self::Int8(l) => crate::ops::gelu_erf(&l.forward(x)?),
+        }
+    }
+}
+
 struct Attention {
     q: Lin,
     k: Lin,
@@ -226,10 +235,10 @@ impl Attention {
 
 struct EncoderLayer {
     attn: Attention,
-    attn_ln: LayerNorm,
+    attn_ln: crate::ops::LayerNorm,
     fc1: Lin,
     fc2: Lin,
-    final_ln: LayerNorm,
+    final_ln: crate::ops::LayerNorm,
 }
 
 /// A convolution of kernel 3 and padding 1 over time (Whisper's two), on
@@ -256,17 +265,21 @@ impl Conv3 {
         let w = conv.weight();
         let taps = (w.device().is_cpu() && w.dtype() == DType::F32)
             .then(|| -> candle_core::Result<_> {
-                let w = w.permute((0, 2, 1))?.contiguous()?.reshape((cout, 3 * cin))?;
+                let w = w
+                    .permute((0, 2, 1))?
+                    .contiguous()?
+                    .reshape((cout, 3 * cin))?;
                 Ok(crate::blas::Linear::new(w, conv.bias().cloned()))
             })
             .transpose()?;
         Ok(Self { conv, taps, stride })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// The exact GELU of the convolution.
+    fn forward_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let Some(taps) = &self.taps else {
             let y = self.conv.forward(&x.t()?.unsqueeze(0)?)?;
-            return y.squeeze(0)?.t()?.contiguous();
+            return crate::ops::gelu_erf(&y.squeeze(0)?.t()?.contiguous()?);
         };
         let (t_in, c) = x.dims2()?;
         let t_out = (t_in + 2 - 3) / self.stride + 1;
@@ -283,7 +296,7 @@ impl Conv3 {
                 }
             })
         })?;
-        taps.forward(&Tensor::from_vec(rows, (t_out, 3 * c), x.device())?)
+        taps.forward_gelu(&Tensor::from_vec(rows, (t_out, 3 * c), x.device())?)
     }
 }
 
@@ -293,7 +306,7 @@ struct Encoder {
     conv2: Conv3,
     positions: Tensor,
     layers: Vec<EncoderLayer>,
-    ln: LayerNorm,
+    ln: crate::ops::LayerNorm,
 }
 
 impl Encoder {
@@ -309,10 +322,10 @@ impl Encoder {
                         vb.pp("self_attn"),
                         int8,
                     )?,
-                    attn_ln: layer_norm(d, 1e-5, vb.pp("self_attn_layer_norm"))?,
+                    attn_ln: crate::ops::LayerNorm::load(d, 1e-5, vb.pp("self_attn_layer_norm"))?,
                     fc1: Lin::load(d, d * 4, true, vb.pp("fc1"), int8)?,
                     fc2: Lin::load(d * 4, d, true, vb.pp("fc2"), int8)?,
-                    final_ln: layer_norm(d, 1e-5, vb.pp("final_layer_norm"))?,
+                    final_ln: crate::ops::LayerNorm::load(d, 1e-5, vb.pp("final_layer_norm"))?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
@@ -321,14 +334,14 @@ impl Encoder {
             conv2: Conv3::load(d, d, 2, vb.pp("conv2"))?,
             positions: vb.get((cfg.max_source_positions, d), "embed_positions.weight")?,
             layers,
-            ln: layer_norm(d, 1e-5, vb.pp("layer_norm"))?,
+            ln: crate::ops::LayerNorm::load(d, 1e-5, vb.pp("layer_norm"))?,
         })
     }
 
     /// (1, mels, frames) → (1, frames / 2, d).
     fn forward(&self, mel: &Tensor) -> candle_core::Result<Tensor> {
-        let x = crate::ops::gelu_erf(&self.conv1.forward(&mel.squeeze(0)?.t()?)?)?;
-        let x = crate::ops::gelu_erf(&self.conv2.forward(&x)?)?;
+        let x = self.conv1.forward_gelu(&mel.squeeze(0)?.t()?)?;
+        let x = self.conv2.forward_gelu(&x)?;
         let n = x.dim(0)?;
         let mut x = (x + self.positions.narrow(0, 0, n)?)?.unsqueeze(0)?;
         for layer in &self.layers {
@@ -336,10 +349,7 @@ impl Encoder {
             let (k, v) = layer.attn.keys_values(&h)?;
             x = (&x + layer.attn.attend(&h, &k, &v, None)?)?;
             let h = layer.final_ln.forward(&x)?;
-            x = (&x
-                + layer
-                    .fc2
-                    .forward(&crate::ops::gelu_erf(&layer.fc1.forward(&h)?)?)?)?;
+            x = (&x + layer.fc2.forward(&layer.fc1.forward_gelu(&h)?)?)?;
         }
         self.ln.forward(&x)
     }
@@ -347,12 +357,12 @@ impl Encoder {
 
 struct DecoderLayer {
     self_attn: Attention,
-    self_ln: LayerNorm,
+    self_ln: crate::ops::LayerNorm,
     cross_attn: Attention,
-    cross_ln: LayerNorm,
+    cross_ln: crate::ops::LayerNorm,
     fc1: Lin,
     fc2: Lin,
-    final_ln: LayerNorm,
+    final_ln: crate::ops::LayerNorm,
 }
 
 /// Per-window decoder state: the self-attention cache grows by one entry a
@@ -370,7 +380,7 @@ struct Decoder {
     logits: Lin,
     positions: Tensor,
     layers: Vec<DecoderLayer>,
-    ln: LayerNorm,
+    ln: crate::ops::LayerNorm,
 }
 
 impl Decoder {
@@ -387,17 +397,21 @@ impl Decoder {
                         vb.pp("self_attn"),
                         int8,
                     )?,
-                    self_ln: layer_norm(d, 1e-5, vb.pp("self_attn_layer_norm"))?,
+                    self_ln: crate::ops::LayerNorm::load(d, 1e-5, vb.pp("self_attn_layer_norm"))?,
                     cross_attn: Attention::load(
                         d,
                         cfg.decoder_attention_heads,
                         vb.pp("encoder_attn"),
                         int8,
                     )?,
-                    cross_ln: layer_norm(d, 1e-5, vb.pp("encoder_attn_layer_norm"))?,
+                    cross_ln: crate::ops::LayerNorm::load(
+                        d,
+                        1e-5,
+                        vb.pp("encoder_attn_layer_norm"),
+                    )?,
                     fc1: Lin::load(d, ffn, true, vb.pp("fc1"), int8)?,
                     fc2: Lin::load(ffn, d, true, vb.pp("fc2"), int8)?,
-                    final_ln: layer_norm(d, 1e-5, vb.pp("final_layer_norm"))?,
+                    final_ln: crate::ops::LayerNorm::load(d, 1e-5, vb.pp("final_layer_norm"))?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
@@ -408,7 +422,7 @@ impl Decoder {
             logits,
             positions: vb.get((cfg.max_target_positions, d), "embed_positions.weight")?,
             layers,
-            ln: layer_norm(d, 1e-5, vb.pp("layer_norm"))?,
+            ln: crate::ops::LayerNorm::load(d, 1e-5, vb.pp("layer_norm"))?,
         })
     }
 
@@ -466,10 +480,7 @@ impl Decoder {
             let (ck, cv) = &cache.cross_kv[i];
             x = (&x + layer.cross_attn.attend(&h, ck, cv, None)?)?;
             let h = layer.final_ln.forward(&x)?;
-            x = (&x
-                + layer
-                    .fc2
-                    .forward(&crate::ops::gelu_erf(&layer.fc1.forward(&h)?)?)?)?;
+            x = (&x + layer.fc2.forward(&layer.fc1.forward_gelu(&h)?)?)?;
         }
         cache.len += n;
         self.ln.forward(&x)
@@ -944,8 +955,8 @@ mod tests {
         assert!(worst < 1e-3, "max difference {worst}");
     }
 
-    /// Both convolutions as linear layers over tap rows equal candle's
-    /// `conv1d` (time-major in and out).
+    /// Both convolutions as linear layers over tap rows, GELU applied,
+    /// equal candle's `conv1d` and `gelu_erf` (time-major in and out).
     #[test]
     fn conv3_matches_candles_conv1d() {
         let dev = Device::Cpu;
@@ -953,14 +964,18 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (cout, cin, 3), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
             let vb = VarBuilder::from_tensors(
-                [("weight".to_string(), w.clone()), ("bias".to_string(), b.clone())].into(),
+                [
+                    ("weight".to_string(), w.clone()),
+                    ("bias".to_string(), b.clone()),
+                ]
+                .into(),
                 DType::F32,
                 &dev,
             );
             let conv = Conv3::load(cin, cout, stride, vb).unwrap();
             assert!(conv.taps.is_some());
             let x = Tensor::randn(0f32, 1.0, (t, cin), &dev).unwrap();
-            let ours = conv.forward(&x).unwrap();
+            let ours = conv.forward_gelu(&x).unwrap();
             let cfg = Conv1dConfig {
                 padding: 1,
                 stride,
@@ -972,6 +987,8 @@ mod tests {
                 .squeeze(0)
                 .unwrap()
                 .t()
+                .unwrap()
+                .gelu_erf()
                 .unwrap();
             assert_eq!(ours.dims(), want.dims());
             assert!(crate::testing::max_abs_diff(&ours, &want) < 1e-4);

@@ -491,6 +491,15 @@ impl Decoder {
     }
 }
 
+/// Runs `f` on one of rayon's threads (here when this is one).
+fn in_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// Options for one transcription.
 #[derive(Debug, Clone, Default)]
 pub struct TranscribeOptions {
@@ -696,90 +705,97 @@ impl Whisper {
             } else {
                 window
             };
-            let features = self.encoder.forward(&window)?;
-            let mut cache = self.decoder.new_cache(&features)?;
-            let lang = match forced_lang {
-                Some(id) => Some(id),
-                None if !self.languages.is_empty() => Some(self.detect_language(&features)?),
-                None => None,
-            };
-            if out.language.is_none() {
-                out.language = lang.and_then(|id| {
-                    self.languages
-                        .iter()
-                        .find(|(i, _)| *i == id)
-                        .map(|(_, c)| c.clone())
-                });
-            }
-            let mut prompt = vec![self.sot];
-            prompt.extend(lang);
-            prompt.push(self.transcribe);
-            prompt.push(self.no_timestamps);
-            let hidden = self.decoder.forward(&prompt, &mut cache)?;
-            let no_speech_prob = match self.no_speech {
-                Some(ns) => {
-                    let first = self
-                        .decoder
-                        .logits(&hidden.i((.., 0..1, ..))?)?
-                        .flatten_all()?;
-                    let probs = candle_nn::ops::softmax_last_dim(&first)?;
-                    probs.i(ns as usize)?.to_scalar::<f32>()?
+            // The window's work runs on one of rayon's threads, so the
+            // products' parallel parts start from a pool thread (pushed on
+            // its own queue, taken by the others) rather than each waking
+            // the pool and putting this thread to sleep until they end:
+            // a decoding step has ~70 of them.
+            in_pool(|| -> Result<(), ModelError> {
+                let features = self.encoder.forward(&window)?;
+                let mut cache = self.decoder.new_cache(&features)?;
+                let lang = match forced_lang {
+                    Some(id) => Some(id),
+                    None if !self.languages.is_empty() => Some(self.detect_language(&features)?),
+                    None => None,
+                };
+                if out.language.is_none() {
+                    out.language = lang.and_then(|id| {
+                        self.languages
+                            .iter()
+                            .find(|(i, _)| *i == id)
+                            .map(|(_, c)| c.clone())
+                    });
                 }
-                None => 0.0,
-            };
-            let mut last = hidden.i((.., prompt.len() - 1.., ..))?;
-            let mut tokens: Vec<u32> = Vec::new();
-            let mut sum_logprob = 0.0f32;
-            let max_tokens = self.config.max_target_positions / 2;
-            for step in 0..max_tokens {
-                let logits = self.decoder.logits(&last)?.flatten_all()?;
-                let mut logits = logits.to_vec1::<f32>()?;
-                for &t in &self.suppress {
-                    if let Some(l) = logits.get_mut(t as usize) {
-                        *l = f32::NEG_INFINITY;
+                let mut prompt = vec![self.sot];
+                prompt.extend(lang);
+                prompt.push(self.transcribe);
+                prompt.push(self.no_timestamps);
+                let hidden = self.decoder.forward(&prompt, &mut cache)?;
+                let no_speech_prob = match self.no_speech {
+                    Some(ns) => {
+                        let first = self
+                            .decoder
+                            .logits(&hidden.i((.., 0..1, ..))?)?
+                            .flatten_all()?;
+                        let probs = candle_nn::ops::softmax_last_dim(&first)?;
+                        probs.i(ns as usize)?.to_scalar::<f32>()?
                     }
-                }
-                if step == 0 {
-                    for &t in &self.suppress_begin {
+                    None => 0.0,
+                };
+                let mut last = hidden.i((.., prompt.len() - 1.., ..))?;
+                let mut tokens: Vec<u32> = Vec::new();
+                let mut sum_logprob = 0.0f32;
+                let max_tokens = self.config.max_target_positions / 2;
+                for step in 0..max_tokens {
+                    let logits = self.decoder.logits(&last)?.flatten_all()?;
+                    let mut logits = logits.to_vec1::<f32>()?;
+                    for &t in &self.suppress {
                         if let Some(l) = logits.get_mut(t as usize) {
                             *l = f32::NEG_INFINITY;
                         }
                     }
-                }
-                let (best, best_logit) =
-                    logits
-                        .iter()
-                        .enumerate()
-                        .fold((0usize, f32::NEG_INFINITY), |acc, (i, &l)| {
+                    if step == 0 {
+                        for &t in &self.suppress_begin {
+                            if let Some(l) = logits.get_mut(t as usize) {
+                                *l = f32::NEG_INFINITY;
+                            }
+                        }
+                    }
+                    let (best, best_logit) = logits.iter().enumerate().fold(
+                        (0usize, f32::NEG_INFINITY),
+                        |acc, (i, &l)| {
                             if l > acc.1 {
                                 (i, l)
                             } else {
                                 acc
                             }
-                        });
-                let max = best_logit;
-                let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
-                sum_logprob += best_logit - lse;
-                let best = best as u32;
-                if best == self.eot || cache.len >= self.config.max_target_positions {
-                    break;
+                        },
+                    );
+                    let max = best_logit;
+                    let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+                    sum_logprob += best_logit - lse;
+                    let best = best as u32;
+                    if best == self.eot || cache.len >= self.config.max_target_positions {
+                        break;
+                    }
+                    tokens.push(best);
+                    last = self.decoder.forward(&[best], &mut cache)?;
                 }
-                tokens.push(best);
-                last = self.decoder.forward(&[best], &mut cache)?;
-            }
-            let avg_logprob = sum_logprob / (tokens.len() + 1) as f32;
-            if no_speech_prob > NO_SPEECH_THRESHOLD && avg_logprob < LOGPROB_THRESHOLD {
-                out.silent_windows += 1;
-                continue;
-            }
-            let text = self
-                .tokenizer
-                .decode(&tokens, true)
-                .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-            let text = text.trim();
-            if !text.is_empty() {
-                texts.push(text.to_string());
-            }
+                let avg_logprob = sum_logprob / (tokens.len() + 1) as f32;
+                if no_speech_prob > NO_SPEECH_THRESHOLD && avg_logprob < LOGPROB_THRESHOLD {
+                    out.silent_windows += 1;
+                    return Ok(());
+                }
+                let text = self
+                    .tokenizer
+                    .decode(&tokens, true)
+                    .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+                let text = text.trim();
+                if !text.is_empty() {
+                    texts.push(text.to_string());
+                }
+                Ok(())
+            })?;
         }
         out.text = texts.join(" ");
         Ok(out)

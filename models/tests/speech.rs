@@ -33,20 +33,24 @@ fn whisper() -> &'static Whisper {
     })
 }
 
+fn registry(lanes: usize) -> VoiceRegistry {
+    let specs = HashMap::from([("joe".to_string(), piper::DEFAULT_VOICE.to_string())]);
+    rt().block_on(VoiceRegistry::new(
+        specs,
+        "joe",
+        piper::DEFAULT_ONNXRUNTIME,
+        piper::DEFAULT_ESPEAK_DATA,
+        &models_dir(),
+        0,
+        lanes,
+    ))
+    .unwrap()
+}
+
+/// The voice on two lanes (the worker's default).
 fn voices() -> &'static VoiceRegistry {
     static V: OnceLock<VoiceRegistry> = OnceLock::new();
-    V.get_or_init(|| {
-        let specs = HashMap::from([("joe".to_string(), piper::DEFAULT_VOICE.to_string())]);
-        rt().block_on(VoiceRegistry::new(
-            specs,
-            "joe",
-            piper::DEFAULT_ONNXRUNTIME,
-            piper::DEFAULT_ESPEAK_DATA,
-            &models_dir(),
-            0,
-        ))
-        .unwrap()
-    })
+    V.get_or_init(|| registry(2))
 }
 
 fn voice() -> Arc<PiperVoice> {
@@ -360,6 +364,47 @@ fn piper_speech_is_deterministic_plausible_and_transcribes_back() {
             );
         }
     }
+}
+
+/// Sentences synthesized on two lanes at once come out as one lane's,
+/// in order.
+#[test]
+fn two_lanes_speak_as_one() {
+    let text = "First sentence here. A second, longer sentence follows it. Third! And a fourth one, to queue.";
+    let cfg = SynthesisConfig::deterministic();
+    let one = rt().block_on(registry(1).voice(None)).unwrap();
+    let mut want = Vec::new();
+    one.synthesize_each(text, &cfg, |pcm| {
+        want.push(pcm.samples);
+        Ok(())
+    })
+    .unwrap();
+    let mut got = Vec::new();
+    voice()
+        .synthesize_each(text, &cfg, |pcm| {
+            got.push(pcm.samples);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(got.len(), 4);
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.len(), w.len(), "sentence {i}");
+        let worst = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-3, "sentence {i}: max |diff| {worst}");
+    }
+    // A failing callback stops the lanes and comes back as the error.
+    let mut calls = 0;
+    let err = voice().synthesize_each(text, &cfg, |_| {
+        calls += 1;
+        Err(models::ModelError::Cancelled)
+    });
+    assert!(matches!(err, Err(models::ModelError::Cancelled)), "{err:?}");
+    assert_eq!(calls, 1);
 }
 
 #[test]

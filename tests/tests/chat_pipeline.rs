@@ -592,6 +592,7 @@ async fn a_spoken_message_is_transcribed_and_the_reply_is_spoken() {
         models::speech::piper::DEFAULT_ESPEAK_DATA,
         &models_dir,
         0,
+        1,
     )
     .await
     .unwrap();

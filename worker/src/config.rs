@@ -238,9 +238,13 @@ pub struct WorkerConfig {
     /// espeak-ng data folder for Piper's phonemes.
     #[arg(long, env = "ESPEAK_DATA", default_value = models::speech::piper::DEFAULT_ESPEAK_DATA)]
     pub espeak_data: String,
-    /// ONNX Runtime threads per synthesis (0: one per core).
+    /// ONNX Runtime threads per lane (0: the cores shared among the lanes).
     #[arg(long, env = "TTS_THREADS", default_value_t = 0)]
     pub tts_threads: usize,
+    /// Sentences of one reply synthesized at once, each lane an ONNX
+    /// Runtime session of its own (more memory, faster whole replies).
+    #[arg(long, env = "TTS_LANES", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=16))]
+    pub tts_lanes: u64,
     /// Spoken reply format: wav, mp3 or ogg (Ogg/Opus).
     #[arg(long, env = "TTS_FORMAT", default_value = "wav", value_parser = parse_audio_format)]
     pub tts_format: AudioFormat,
@@ -742,6 +746,7 @@ impl WorkerConfig {
             &self.espeak_data,
             &self.models_dir(),
             self.tts_threads,
+            self.tts_lanes as usize,
         )
         .await?)
     }

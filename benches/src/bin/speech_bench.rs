@@ -25,6 +25,11 @@ async fn main() -> anyhow::Result<()> {
         piper::DEFAULT_ESPEAK_DATA,
         &models_dir,
         0,
+        // The worker's default lanes (TTS_LANES).
+        std::env::var("TTS_LANES")
+            .ok()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(2),
     )
     .await?;
     let voice = voices.voice(None).await?;

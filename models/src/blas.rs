@@ -552,12 +552,20 @@ pub(crate) fn with_cpu_slice<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> T) -> cand
 /// (candle's adds the bias in a second pass over a second fresh output);
 /// elsewhere candle's `Linear`.
 pub struct Linear {
-    inner: candle_nn::Linear,
-    /// The weights packed for [`crate::sgemm512`] where it is the kernel
-    /// of choice (f32 CPU weights on AVX-512 CPUs but Intel ones with
-    /// MKL), with the bias as floats; the product of any number of rows
-    /// runs on it.
-    packed: Option<(crate::sgemm512::PackedF32, Option<Vec<f32>>)>,
+    inner: LinearKind,
+}
+
+enum LinearKind {
+    /// candle's layer, run on [`sgemm`] for CPU f32 inputs.
+    Plain(candle_nn::Linear),
+    /// The weights only as packed for [`crate::sgemm512`], where that is
+    /// the kernel of choice (f32 CPU weights on AVX-512 CPUs but Intel ones
+    /// with MKL), with the bias as floats: products of any number of rows
+    /// run on them, so the weights are held once.
+    Packed {
+        weights: crate::sgemm512::PackedF32,
+        bias: Option<Vec<f32>>,
+    },
 }
 
 impl Linear {
@@ -568,30 +576,22 @@ impl Linear {
             (crate::sgemm512::preferred() && cpu_f32(&weight) && bias.as_ref().is_none_or(cpu_f32))
                 .then(|| -> candle_core::Result<_> {
                     let (dout, din) = weight.dims2()?;
-                    let packed = with_cpu_slice(&weight.contiguous()?, |w| {
+                    let weights = with_cpu_slice(&weight.contiguous()?, |w| {
                         crate::sgemm512::PackedF32::of_rows(w, dout, din)
                     })?;
                     let bias = match &bias {
                         Some(b) => Some(b.flatten_all()?.to_vec1::<f32>()?),
                         None => None,
                     };
-                    Ok((packed, bias))
+                    Ok(LinearKind::Packed { weights, bias })
                 })
                 .and_then(Result::ok);
         Self {
-            inner: candle_nn::Linear::new(weight, bias),
-            packed,
+            inner: packed
+                .unwrap_or_else(|| LinearKind::Plain(candle_nn::Linear::new(weight, bias))),
         }
     }
-}
 
-impl candle_core::Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.apply(x, false)
-    }
-}
-
-impl Linear {
     /// The exact GELU of [`Module::forward`]'s result, applied as the
     /// AVX-512 kernel stores it where that runs the product.
     pub fn forward_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -599,7 +599,6 @@ impl Linear {
     }
 
     fn apply(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
-        let w = self.inner.weight();
         let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
         let finish = |y: Tensor| {
             if gelu {
@@ -608,60 +607,82 @@ impl Linear {
                 Ok(y)
             }
         };
-        if !(cpu_f32(x) && cpu_f32(w) && w.is_contiguous()) {
-            return finish(candle_core::Module::forward(&self.inner, x)?);
-        }
-        let (dout, din) = w.dims2()?;
+        let (dout, din) = match &self.inner {
+            LinearKind::Plain(l) => l.weight().dims2()?,
+            LinearKind::Packed { weights, .. } => (weights.n(), weights.k()),
+        };
         let mut shape = x.dims().to_vec();
         match shape.last_mut() {
             Some(last) if *last == din => *last = dout,
             _ => candle_core::bail!("linear: input {:?} for a {din} -> {dout} weight", x.dims()),
         }
         let rows = x.elem_count() / din.max(1);
-        let x = x.contiguous()?;
-        // A decoding step's few rows stream the weights as stored
-        // (`sgemm`'s few-row kernel); more rows run on the packed ones.
-        if let Some((packed, bias)) = self.packed.as_ref().filter(|_| rows > SKINNY_ROWS) {
-            let mut out = vec![0f32; rows * dout];
-            let e = crate::sgemm512::Epilogue {
-                alpha: 1.0,
-                beta: 0.0,
-                bias: bias.as_deref(),
-                gelu,
-            };
-            let serial = SERIAL.with(|s| s.get());
-            with_cpu_slice(&x, |xs| {
-                let a = Strided::of(Mat::n(xs, din));
-                crate::sgemm512::gemm_packed(rows, a, packed, e, &mut out, dout, serial)
-            })?;
-            return Tensor::from_vec(out, shape, &candle_core::Device::Cpu);
+        match &self.inner {
+            LinearKind::Packed { weights, bias } => {
+                if !cpu_f32(x) {
+                    candle_core::bail!(
+                        "linear: weights packed for the CPU in f32, input {:?} on {:?}",
+                        x.dtype(),
+                        x.device()
+                    );
+                }
+                let x = x.contiguous()?;
+                let mut out = vec![0f32; rows * dout];
+                let e = crate::sgemm512::Epilogue {
+                    alpha: 1.0,
+                    beta: 0.0,
+                    bias: bias.as_deref(),
+                    gelu,
+                };
+                let serial = SERIAL.with(|s| s.get());
+                with_cpu_slice(&x, |xs| {
+                    if rows == 0 {
+                    } else if rows <= SKINNY_ROWS {
+                        // A decoding step's few rows stream the panels once.
+                        crate::sgemm512::gemm_few_rows(rows, xs, weights, e, &mut out, dout, serial)
+                    } else {
+                        let a = Strided::of(Mat::n(xs, din));
+                        crate::sgemm512::gemm_packed(rows, a, weights, e, &mut out, dout, serial)
+                    }
+                })?;
+                Tensor::from_vec(out, shape, &candle_core::Device::Cpu)
+            }
+            LinearKind::Plain(l) => {
+                let w = l.weight();
+                if !(cpu_f32(x) && cpu_f32(w) && w.is_contiguous()) {
+                    return finish(candle_core::Module::forward(l, x)?);
+                }
+                let x = x.contiguous()?;
+                // The product accumulates onto the bias, read in place.
+                let mut out = match l.bias() {
+                    Some(b) => with_cpu_slice(&b.contiguous()?, |b| b.repeat(rows))?,
+                    None => vec![0f32; rows * dout],
+                };
+                let beta = if l.bias().is_some() { 1.0 } else { 0.0 };
+                with_cpu_slice(&x, |xs| {
+                    with_cpu_slice(w, |ws| {
+                        sgemm(
+                            rows,
+                            dout,
+                            din,
+                            1.0,
+                            Mat::n(xs, din),
+                            Mat::t(ws, din),
+                            beta,
+                            &mut out,
+                            dout,
+                        )
+                    })
+                })??;
+                finish(Tensor::from_vec(out, shape, &candle_core::Device::Cpu)?)
+            }
         }
-        // The product accumulates onto the bias, read in place.
-        let mut out = match self.inner.bias() {
-            Some(b) => with_cpu_slice(&b.contiguous()?, |b| b.repeat(rows))?,
-            None => vec![0f32; rows * dout],
-        };
-        let beta = if self.inner.bias().is_some() {
-            1.0
-        } else {
-            0.0
-        };
-        with_cpu_slice(&x, |xs| {
-            with_cpu_slice(w, |ws| {
-                sgemm(
-                    rows,
-                    dout,
-                    din,
-                    1.0,
-                    Mat::n(xs, din),
-                    Mat::t(ws, din),
-                    beta,
-                    &mut out,
-                    dout,
-                )
-            })
-        })??;
-        finish(Tensor::from_vec(out, shape, &candle_core::Device::Cpu)?)
+    }
+}
+
+impl candle_core::Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, false)
     }
 }
 
@@ -680,10 +701,14 @@ mod tests {
         for rows in [(2, 5), (1, 3)] {
             let x = Tensor::randn(0f32, 1.0, (rows.0, rows.1, 7), &dev).unwrap();
             for bias in [Some(b.clone()), None] {
-                let ours = Linear::new(w.clone(), bias.clone()).forward(&x).unwrap();
+                let ours = Linear::new(w.clone(), bias.clone());
                 let want = candle_nn::Linear::new(w.clone(), bias).forward(&x).unwrap();
-                assert_eq!(ours.dims(), &[rows.0, rows.1, 19]);
-                assert!(crate::testing::max_abs_diff(&ours, &want) < 1e-5);
+                let got = ours.forward(&x).unwrap();
+                assert_eq!(got.dims(), &[rows.0, rows.1, 19]);
+                assert!(crate::testing::max_abs_diff(&got, &want) < 1e-5);
+                let got = ours.forward_gelu(&x).unwrap();
+                let want = want.gelu_erf().unwrap();
+                assert!(crate::testing::max_abs_diff(&got, &want) < 1e-5);
             }
         }
     }

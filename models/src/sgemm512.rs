@@ -17,7 +17,9 @@
 //! step). Tasks of 8 row tiles × 8 panels go across rayon's threads; in a
 //! task each pair of panels (256 KiB of `B` at `k` = 2048) stays in L2
 //! while the task's row tiles meet it. The bias, `alpha` and `beta` are
-//! applied as each tile is stored.
+//! applied as each tile is stored, and GELU where asked. One to four rows
+//! (a decoding step's) read the packed panels directly
+//! ([`gemm_few_rows`]), so a linear layer holds its weights once, packed.
 
 use rayon::prelude::*;
 
@@ -72,6 +74,16 @@ impl PackedF32 {
         let mut data = Vec::new();
         pack(b, k, n, &mut data);
         Self { n, k, data }
+    }
+
+    /// Columns of `op(B)` (a linear layer's outputs).
+    pub(crate) fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Rows of `op(B)` (a linear layer's inputs).
+    pub(crate) fn k(&self) -> usize {
+        self.k
     }
 
     fn view(&self) -> Panels<'_> {
@@ -363,8 +375,6 @@ unsafe fn block(
     struct Tile([f32; MR * 2 * PANEL]);
     let mut tile = Tile([0.0; MR * 2 * PANEL]);
     let (n, k) = (b.n, b.k);
-    let alpha = _mm512_set1_ps(e.alpha);
-    let beta = _mm512_set1_ps(e.beta);
     let mut p = ps.start;
     while p < ps.end {
         let np = (ps.end - p).min(2);
@@ -391,40 +401,10 @@ unsafe fn block(
             };
             for r in 0..(m - i).min(MR) {
                 for q in 0..np {
-                    let col = (p + q) * PANEL;
-                    let mask: __mmask16 = if col + PANEL <= n {
-                        !0
-                    } else {
-                        (1u16 << (n - col)) - 1
-                    };
-                    // SAFETY: row i + r < m; the masked loads and store
-                    // touch columns col..min(col + 16, n) only.
+                    // SAFETY: row i + r < m; `tile` holds the 24 vectors.
                     unsafe {
                         let v = _mm512_load_ps(tile.0.as_ptr().add((r * 2 + q) * PANEL));
-                        let dst = c.add((i + r) * ldc + col);
-                        let mut v = if e.alpha == 1.0 {
-                            v
-                        } else {
-                            _mm512_mul_ps(v, alpha)
-                        };
-                        if let Some(bias) = e.bias {
-                            v = _mm512_add_ps(
-                                v,
-                                _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(col)),
-                            );
-                        }
-                        if e.beta != 0.0 {
-                            v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, dst), beta, v);
-                        }
-                        if e.gelu {
-                            let erf = crate::vmath::erf16(_mm512_mul_ps(
-                                v,
-                                _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
-                            ));
-                            let half = _mm512_mul_ps(v, _mm512_set1_ps(0.5));
-                            v = _mm512_fmadd_ps(half, erf, half);
-                        }
-                        _mm512_mask_storeu_ps(dst, mask, v);
+                        store(v, e, p + q, n, c.add((i + r) * ldc));
                     }
                 }
             }
@@ -568,10 +548,232 @@ unsafe fn kernel(k: usize, a: *const f32, b0: *const f32, b1: *const f32, out: *
     }
 }
 
+/// Panels a few-row task streams.
+const FEW_PANELS_PER_TASK: usize = 8;
+
+/// `C = A · W` (+ the epilogue) for at most 4 rows of `A` (`m × k`, rows
+/// `k` apart) straight from the packed panels: a decoding step's rows,
+/// bound by reading `W` once. Tasks of 8 panels go across rayon's threads
+/// (unless `serial`); each streams 4 panels at a time.
+pub(crate) fn gemm_few_rows(
+    m: usize,
+    a: &[f32],
+    w: &PackedF32,
+    e: Epilogue,
+    c: &mut [f32],
+    ldc: usize,
+    serial: bool,
+) {
+    assert!(available(), "the AVX-512 kernel on a CPU without AVX-512");
+    assert!((1..=4).contains(&m), "gemm_few_rows: {m} rows");
+    let (n, k) = (w.n, w.k);
+    assert!(a.len() >= m * k && ldc >= n && c.len() >= (m - 1) * ldc + n);
+    assert!(e.bias.is_none_or(|bias| bias.len() >= n));
+    let b = w.view();
+    let out = crate::blas::SendPtr(c.as_mut_ptr());
+    let panels = n.div_ceil(PANEL);
+    let task = |t: usize| {
+        let ps = t * FEW_PANELS_PER_TASK..((t + 1) * FEW_PANELS_PER_TASK).min(panels);
+        // SAFETY: `available()` holds (asserted); sizes checked above;
+        // each task writes only its own panels' columns.
+        unsafe { few_rows(m, a, b, e, ps, out.get(), ldc) }
+    };
+    let tasks = panels.div_ceil(FEW_PANELS_PER_TASK);
+    if serial || tasks == 1 || n * k < 1 << 16 {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn few_rows(
+    m: usize,
+    a: &[f32],
+    b: Panels,
+    e: Epilogue,
+    ps: std::ops::Range<usize>,
+    c: *mut f32,
+    ldc: usize,
+) {
+    macro_rules! go {
+        ($m:literal) => {{
+            let mut p = ps.start;
+            while p < ps.end {
+                let np = (ps.end - p).min(4);
+                // SAFETY: rows < m, panels p..p + np < the panels.
+                unsafe {
+                    match np {
+                        4 => few::<$m, 4>(a, b, e, p, c, ldc),
+                        3 => few::<$m, 3>(a, b, e, p, c, ldc),
+                        2 => few::<$m, 2>(a, b, e, p, c, ldc),
+                        _ => few::<$m, 1>(a, b, e, p, c, ldc),
+                    }
+                }
+                p += np;
+            }
+        }};
+    }
+    match m {
+        1 => go!(1),
+        2 => go!(2),
+        3 => go!(3),
+        _ => go!(4),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn few_rows(
+    _: usize,
+    _: &[f32],
+    _: Panels,
+    _: Epilogue,
+    _: std::ops::Range<usize>,
+    _: *mut f32,
+    _: usize,
+) {
+    unreachable!("the AVX-512 kernel is only chosen on x86_64")
+}
+
+/// Rows `0..M` times panels `p..p + NP`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn few<const M: usize, const NP: usize>(
+    a: &[f32],
+    b: Panels,
+    e: Epilogue,
+    p: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    use std::arch::x86_64::*;
+    let (n, k) = (b.n, b.k);
+    let mut acc = [[_mm512_setzero_ps(); NP]; M];
+    // SAFETY (all reads): panels p..p + NP hold k steps of 16 floats;
+    // rows 0..M of `a` hold k floats.
+    let bp = unsafe { b.data.as_ptr().add(p * k * PANEL) };
+    let ap = a.as_ptr();
+    for s in 0..k {
+        let mut bv = [_mm512_setzero_ps(); NP];
+        for (q, v) in bv.iter_mut().enumerate() {
+            *v = unsafe { _mm512_loadu_ps(bp.add((q * k + s) * PANEL)) };
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = _mm512_set1_ps(unsafe { *ap.add(r * k + s) });
+            for (acc, &v) in acc.iter_mut().zip(&bv) {
+                *acc = _mm512_fmadd_ps(x, v, *acc);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        for (q, &v) in acc.iter().enumerate() {
+            // SAFETY: row r < m; columns col..min(col + 16, n).
+            unsafe { store(v, e, p + q, n, c.add(r * ldc)) };
+        }
+    }
+}
+
+/// Stores 16 sums of panel `p` into the row at `row` with the epilogue
+/// (masked past `n`).
+///
+/// # Safety
+/// AVX-512F; `row` holds `n` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn store(v: std::arch::x86_64::__m512, e: Epilogue, p: usize, n: usize, row: *mut f32) {
+    use std::arch::x86_64::*;
+    let col = p * PANEL;
+    let mask: __mmask16 = if col + PANEL <= n {
+        !0
+    } else {
+        (1u16 << (n - col)) - 1
+    };
+    // SAFETY: the masked loads and store touch columns col..min(col + 16,
+    // n) of the row and of the bias only.
+    unsafe {
+        let dst = row.add(col);
+        let mut v = if e.alpha == 1.0 {
+            v
+        } else {
+            _mm512_mul_ps(v, _mm512_set1_ps(e.alpha))
+        };
+        if let Some(bias) = e.bias {
+            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, bias.as_ptr().add(col)));
+        }
+        if e.beta != 0.0 {
+            v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, dst), _mm512_set1_ps(e.beta), v);
+        }
+        if e.gelu {
+            let erf = crate::vmath::erf16(_mm512_mul_ps(
+                v,
+                _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
+            ));
+            let half = _mm512_mul_ps(v, _mm512_set1_ps(0.5));
+            v = _mm512_fmadd_ps(half, erf, half);
+        }
+        _mm512_mask_storeu_ps(dst, mask, v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::blas::Mat;
+
+    /// One to four rows straight from the panels, every panel count and a
+    /// ragged last panel, with the bias and GELU, against the definition.
+    #[test]
+    fn few_rows_match_the_definition() {
+        if !available() {
+            eprintln!("no AVX-512 on this CPU: the kernel is never chosen here");
+            return;
+        }
+        for &(n, k) in &[(1, 1), (7, 33), (70, 64), (131, 130), (300, 512)] {
+            let w: Vec<f32> = (0..n * k)
+                .map(|x| ((x * 91 % 103) as f32 - 51.) / 51.)
+                .collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01 - 0.5).collect();
+            let packed = PackedF32::of_rows(&w, n, k);
+            for m in 1..=4 {
+                let a: Vec<f32> = (0..m * k)
+                    .map(|x| ((x * 37 % 101) as f32 - 50.) / 50.)
+                    .collect();
+                for gelu in [false, true] {
+                    let e = Epilogue {
+                        alpha: 1.0,
+                        beta: 0.0,
+                        bias: Some(&bias),
+                        gelu,
+                    };
+                    let ldc = n + 1;
+                    let mut c = vec![9f32; m * ldc];
+                    gemm_few_rows(m, &a, &packed, e, &mut c, ldc, false);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let y: f64 = (0..k)
+                                .map(|p| a[i * k + p] as f64 * w[j * k + p] as f64)
+                                .sum::<f64>()
+                                + bias[j] as f64;
+                            let want = if gelu {
+                                0.5 * y * (1.0 + candle_core::cpu::erf::erf_f64(y / 2f64.sqrt()))
+                            } else {
+                                y
+                            };
+                            let got = c[i * ldc + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1. + want.abs()),
+                                "{m}x{n}x{k} ({i}, {j}): {got} vs {want}"
+                            );
+                        }
+                        assert_eq!(c[i * ldc + n], 9.0, "past n");
+                    }
+                }
+            }
+        }
+    }
 
     /// Every tile shape, `n` not a multiple of 16, both layouts of each
     /// operand, alpha, beta and a bias, against the triple loop in f64.

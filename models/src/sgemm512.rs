@@ -277,7 +277,12 @@ fn run_packed(
         // SAFETY: `available()` holds (asserted by every caller); the
         // sizes are checked by them and above; each task writes only its
         // own rows' and panels' part.
-        unsafe { block(m, packed_a, b, e, ts, ps, out.get(), ldc) }
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            block(m, packed_a, b, e, ts, ps, out.get(), ldc)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("{:?}", (ts, ps, out.get(), ldc))
     };
     let tasks = row_blocks * groups;
     if !parallel || tasks == 1 {
@@ -411,21 +416,6 @@ unsafe fn block(
         }
         p += np;
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block(
-    _: usize,
-    _: &[f32],
-    _: Panels,
-    _: Epilogue,
-    _: std::ops::Range<usize>,
-    _: std::ops::Range<usize>,
-    _: *mut f32,
-    _: usize,
-) {
-    unreachable!("the AVX-512 kernel is only chosen on x86_64")
 }
 
 /// The 12 × 32 tile over `k` steps: `out[(r * 2 + q) * 16 + j]` =
@@ -576,7 +566,12 @@ pub(crate) fn gemm_few_rows(
         let ps = t * FEW_PANELS_PER_TASK..((t + 1) * FEW_PANELS_PER_TASK).min(panels);
         // SAFETY: `available()` holds (asserted); sizes checked above;
         // each task writes only its own panels' columns.
-        unsafe { few_rows(m, a, b, e, ps, out.get(), ldc) }
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            few_rows(m, a, b, e, ps, out.get(), ldc)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("{:?}", (ps, out.get(), ldc))
     };
     let tasks = panels.div_ceil(FEW_PANELS_PER_TASK);
     if serial || tasks == 1 || n * k < 1 << 16 {
@@ -621,19 +616,6 @@ unsafe fn few_rows(
         3 => go!(3),
         _ => go!(4),
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn few_rows(
-    _: usize,
-    _: &[f32],
-    _: Panels,
-    _: Epilogue,
-    _: std::ops::Range<usize>,
-    _: *mut f32,
-    _: usize,
-) {
-    unreachable!("the AVX-512 kernel is only chosen on x86_64")
 }
 
 /// Rows `0..M` times panels `p..p + NP`.

@@ -182,8 +182,12 @@ pub(crate) fn gemm_packed(
     run(m, a, b.view(), e, c, ldc, serial)
 }
 
+/// Floats of `op(B)` packed per call at most (8 MiB): a wider `B` (a
+/// pointwise convolution's whole image) goes in column blocks.
+const PACKED_B_FLOATS: usize = 1 << 21;
+
 /// `C = alpha · op(A) · op(B) + beta · C`, packing `op(B)` into this
-/// thread's buffer first.
+/// thread's buffer first, a block of columns at a time.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm(
     m: usize,
@@ -196,9 +200,26 @@ pub(crate) fn gemm(
     ldc: usize,
     serial: bool,
 ) {
+    let block = PANEL * PANELS_PER_TASK;
+    let cols = (PACKED_B_FLOATS / k.max(1) / block * block).max(block);
     with_buffer(&B_BUF, |buf| {
-        pack(b, k, n, buf);
-        run(m, a, Panels { n, k, data: buf }, e, c, ldc, serial);
+        for j0 in (0..n).step_by(cols) {
+            let nj = cols.min(n - j0);
+            // op(B)'s columns j0.. start at row j0 of a transposed store,
+            // at column j0 of a plain one.
+            let at = if b.trans { j0 * b.ld } else { j0 };
+            let bj = crate::blas::Mat {
+                data: &b.data[at..],
+                ..b
+            };
+            pack(bj, k, nj, buf);
+            let ej = Epilogue {
+                bias: e.bias.map(|bias| &bias[j0..]),
+                ..e
+            };
+            let panels = Panels { n: nj, k, data: buf };
+            run(m, a, panels, ej, &mut c[j0..], ldc, serial);
+        }
     })
 }
 
@@ -771,6 +792,8 @@ mod tests {
             (13, 70, 201),
             (67, 131, 130),
             (25, 300, 2048),
+            // Two column blocks of packed B (1024 + 176 columns).
+            (7, 1200, 2048),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|x| ((x * 37 % 101) as f32 - 50.) / 50.)

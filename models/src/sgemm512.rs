@@ -217,7 +217,11 @@ pub(crate) fn gemm(
                 bias: e.bias.map(|bias| &bias[j0..]),
                 ..e
             };
-            let panels = Panels { n: nj, k, data: buf };
+            let panels = Panels {
+                n: nj,
+                k,
+                data: buf,
+            };
             run(m, a, panels, ej, &mut c[j0..], ldc, serial);
         }
     })

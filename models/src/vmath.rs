@@ -76,7 +76,10 @@ unsafe fn map16(x: &mut [f32], f: impl Fn(__m512) -> __m512) {
 #[inline]
 fn exp16(x: __m512) -> __m512 {
     // Past these e^x is 0 (after scaling) or +inf; NaN stays NaN.
-    let x = _mm512_min_ps(_mm512_set1_ps(89.0), _mm512_max_ps(_mm512_set1_ps(-104.0), x));
+    let x = _mm512_min_ps(
+        _mm512_set1_ps(89.0),
+        _mm512_max_ps(_mm512_set1_ps(-104.0), x),
+    );
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
         _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
     );
@@ -84,7 +87,13 @@ fn exp16(x: __m512) -> __m512 {
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
     let mut p = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1] {
+    for c in [
+        1.398_2e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        5e-1,
+    ] {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
     }
     let r2 = _mm512_mul_ps(r, r);
@@ -168,7 +177,14 @@ mod tests {
                 "exp({x}) = {y}, want {want}"
             );
         }
-        let mut edge = [f32::NEG_INFINITY, -200.0, 0.0, 100.0, f32::INFINITY, f32::NAN];
+        let mut edge = [
+            f32::NEG_INFINITY,
+            -200.0,
+            0.0,
+            100.0,
+            f32::INFINITY,
+            f32::NAN,
+        ];
         exp_in_place(&mut edge);
         assert_eq!(edge[..5], [0.0, 0.0, 1.0, f32::INFINITY, f32::INFINITY]);
         assert!(edge[5].is_nan());
@@ -186,7 +202,10 @@ mod tests {
         for (&x, &y) in xs.iter().zip(&ys) {
             let want = candle_core::cpu::erf::erf_f64(x as f64);
             let ulp = (want.abs() as f32 * f32::EPSILON) as f64;
-            assert!(((y as f64) - want).abs() <= 4.0 * ulp, "erf({x}) = {y}, want {want}");
+            assert!(
+                ((y as f64) - want).abs() <= 4.0 * ulp,
+                "erf({x}) = {y}, want {want}"
+            );
         }
     }
 }

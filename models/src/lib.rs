@@ -10,7 +10,7 @@
 //! This crate never touches Redis or the job contract.
 
 pub mod attention;
-pub(crate) mod blas;
+pub mod blas;
 pub mod conv;
 pub mod device;
 pub mod image;

@@ -4,7 +4,7 @@
 //! not the one to use. MKL picks its AVX-512 kernels on Intel CPUs only;
 //! on an AMD EPYC with AVX-512 (Zen 5, measured) it runs its AVX2 `zen`
 //! kernel, and Whisper base's encoder took 0.66 s there against
-//! CTranslate2's 0.22 s (oneDNN, which picks kernels by instruction set).
+//! CTranslate2's 0.22 s.
 //!
 //! `op(B)` (`k × n`) is packed into panels of 16 columns, each step along
 //! `k` one 64-byte vector of the 16 columns' values: a linear layer's

@@ -117,119 +117,91 @@ pub(crate) fn sgemm(
         return crate::sgemm512::gemm(m, n, k, Strided::of(a), b, e, c, ldc, serial);
     }
     #[cfg(feature = "mkl")]
-    return mkl_sgemm(m, n, k, alpha, a, b, beta, c, ldc);
-    #[cfg(not(feature = "mkl"))]
-    gemm_crate(m, n, k, alpha, a, b, beta, c, ldc)
-}
-
-#[cfg(feature = "mkl")]
-#[allow(clippy::too_many_arguments)]
-fn mkl_sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: Mat,
-    b: Mat,
-    beta: f32,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    const ROW_MAJOR: i32 = 101;
-    const NO_TRANS: i32 = 111;
-    const TRANS: i32 = 112;
-    unsafe extern "C" {
-        fn cblas_sgemm(
-            layout: i32,
-            trans_a: i32,
-            trans_b: i32,
-            m: i32,
-            n: i32,
-            k: i32,
-            alpha: f32,
-            a: *const f32,
-            lda: i32,
-            b: *const f32,
-            ldb: i32,
-            beta: f32,
-            c: *mut f32,
-            ldc: i32,
-        );
-    }
-    let op = |t: bool| if t { TRANS } else { NO_TRANS };
-    // SAFETY: `check` and the assert above keep every element the
-    // product reads or writes inside its slice; MKL is linked
-    // statically by candle's mkl feature.
-    unsafe {
-        cblas_sgemm(
-            ROW_MAJOR,
-            op(a.trans),
-            op(b.trans),
-            m as i32,
-            n as i32,
-            k as i32,
-            alpha,
-            a.data.as_ptr(),
-            a.ld.max(1) as i32,
-            b.data.as_ptr(),
-            b.ld.max(1) as i32,
-            beta,
-            c.as_mut_ptr(),
-            ldc as i32,
-        );
-    }
-}
-
-#[cfg(not(feature = "mkl"))]
-#[allow(clippy::too_many_arguments)]
-fn gemm_crate(
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: Mat,
-    b: Mat,
-    beta: f32,
-    c: &mut [f32],
-    ldc: usize,
-) {
-    // (row stride, column stride) of op(X).
-    let strides = |x: &Mat| {
-        if x.trans {
-            (1, x.ld as isize)
-        } else {
-            (x.ld as isize, 1)
+    {
+        const ROW_MAJOR: i32 = 101;
+        const NO_TRANS: i32 = 111;
+        const TRANS: i32 = 112;
+        unsafe extern "C" {
+            fn cblas_sgemm(
+                layout: i32,
+                trans_a: i32,
+                trans_b: i32,
+                m: i32,
+                n: i32,
+                k: i32,
+                alpha: f32,
+                a: *const f32,
+                lda: i32,
+                b: *const f32,
+                ldb: i32,
+                beta: f32,
+                c: *mut f32,
+                ldc: i32,
+            );
         }
-    };
-    let ((a_rs, a_cs), (b_rs, b_cs)) = (strides(&a), strides(&b));
-    // SAFETY: as above, with the same shapes and strides. gemm's
-    // `alpha` scales the destination and `beta` the product.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            beta != 0.0,
-            a.data.as_ptr(),
-            a_cs,
-            a_rs,
-            b.data.as_ptr(),
-            b_cs,
-            b_rs,
-            beta,
-            alpha,
-            false,
-            false,
-            false,
-            if SERIAL.with(|s| s.get()) {
-                gemm::Parallelism::None
+        let op = |t: bool| if t { TRANS } else { NO_TRANS };
+        // SAFETY: `check` and the assert above keep every element the
+        // product reads or writes inside its slice; MKL is linked
+        // statically by candle's mkl feature.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                op(a.trans),
+                op(b.trans),
+                m as i32,
+                n as i32,
+                k as i32,
+                alpha,
+                a.data.as_ptr(),
+                a.ld.max(1) as i32,
+                b.data.as_ptr(),
+                b.ld.max(1) as i32,
+                beta,
+                c.as_mut_ptr(),
+                ldc as i32,
+            );
+        }
+    }
+    #[cfg(not(feature = "mkl"))]
+    {
+        // (row stride, column stride) of op(X).
+        let strides = |x: &Mat| {
+            if x.trans {
+                (1, x.ld as isize)
             } else {
-                gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
-            },
-        );
+                (x.ld as isize, 1)
+            }
+        };
+        let ((a_rs, a_cs), (b_rs, b_cs)) = (strides(&a), strides(&b));
+        // SAFETY: as above, with the same shapes and strides. gemm's
+        // `alpha` scales the destination and `beta` the product.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                ldc as isize,
+                beta != 0.0,
+                a.data.as_ptr(),
+                a_cs,
+                a_rs,
+                b.data.as_ptr(),
+                b_cs,
+                b_rs,
+                beta,
+                alpha,
+                false,
+                false,
+                false,
+                if SERIAL.with(|s| s.get()) {
+                    gemm::Parallelism::None
+                } else {
+                    gemm::Parallelism::Rayon(candle_core::utils::get_num_threads())
+                },
+            );
+        }
     }
 }
 

@@ -248,7 +248,8 @@ struct EncoderLayer {
 /// tap-major once); elsewhere candle's `conv1d`. candle's CPU convolution
 /// took 8% of the encoder.
 struct Conv3 {
-    conv: Conv1d,
+    /// candle's layer where the tap rows are not used.
+    conv: Option<Conv1d>,
     /// Weights `(Cout, 3 · Cin)`, tap-major, and the bias.
     taps: Option<crate::blas::Linear>,
     stride: usize,
@@ -272,13 +273,16 @@ impl Conv3 {
                 Ok(crate::blas::Linear::new(w, conv.bias().cloned()))
             })
             .transpose()?;
+        // The weights are held once: reordered, or as loaded.
+        let conv = taps.is_none().then_some(conv);
         Ok(Self { conv, taps, stride })
     }
 
     /// The exact GELU of the convolution.
     fn forward_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let Some(taps) = &self.taps else {
-            let y = self.conv.forward(&x.t()?.unsqueeze(0)?)?;
+            let conv = self.conv.as_ref().expect("a Conv3 holds one of the two");
+            let y = conv.forward(&x.t()?.unsqueeze(0)?)?;
             return crate::ops::gelu_erf(&y.squeeze(0)?.t()?.contiguous()?);
         };
         let (t_in, c) = x.dims2()?;

@@ -133,6 +133,7 @@ def measure_spoken(shim, key, runs):
                         first = False
                 elif line.startswith("data: ") and event == "completed":
                     break
+    first_unsorted = list(first_after_text)
     after_text.sort()
     first_after_text.sort()
     ms = lambda xs, q: 1000 * xs[min(len(xs) - 1, int(len(xs) * q))]
@@ -147,6 +148,8 @@ def measure_spoken(shim, key, runs):
         "audio_after_text_ms_p90": ms(after_text, 0.9),
         "chunk_seconds_mean": sum(seconds) / len(seconds),
         "first_chunk_seconds_mean": sum(first_seconds) / len(first_seconds),
+        # Each reply's first chunk: seconds of speech, ms after its text.
+        "first_chunks": [[round(s, 2), round(1000 * t)] for s, t in zip(first_seconds, first_unsorted)],
     }
 
 

@@ -43,5 +43,6 @@ print(f"pipeline's added gap per chunk:  {s['gap_ms_median'] - per_token:+.1f} m
 print(f"spoken replies ({a['runs']}, {a['chunks']} chunks of {a['chunk_seconds_mean']:.2f} s of speech on average):")
 print(f"  first text / first audio:      {a['first_text_ms_mean']:.0f} / {a['first_audio_ms_mean']:.0f} ms after the request (mean)")
 print(f"  first audio after its text:    {a['first_audio_after_text_ms_median']:.0f} ms median, {a['first_audio_after_text_ms_max']:.0f} ms max (first chunks: {a['first_chunk_seconds_mean']:.2f} s of speech on average)")
+print("  each reply's first chunk:       " + ", ".join(f"{s:.2f} s in {ms} ms" for s, ms in a["first_chunks"]))
 print(f"  any chunk after its text:      {a['audio_after_text_ms_median']:.0f} ms median, {a['audio_after_text_ms_p90']:.0f} ms p90")
 PY

@@ -25,6 +25,12 @@ pub trait TextToSpeech: Send + Sync {
     /// The format replies are encoded in (`TTS_FORMAT`).
     fn format(&self) -> AudioFormat;
 
+    /// How many texts the backend speaks at once at full speed (Piper's
+    /// lanes, `TTS_LANES`).
+    fn lanes(&self) -> usize {
+        1
+    }
+
     /// `text` spoken and encoded.
     fn synthesize(&self, text: &str, voice: Option<&str>) -> Result<SpokenAudio, String> {
         SpokenAudio::encode(&self.speak(text, voice)?, self.format())
@@ -64,6 +70,10 @@ impl PiperTts {
 impl TextToSpeech for PiperTts {
     fn format(&self) -> AudioFormat {
         self.format
+    }
+
+    fn lanes(&self) -> usize {
+        self.voices.lanes()
     }
 
     fn speak(&self, text: &str, voice: Option<&str>) -> Result<Pcm, String> {
@@ -159,47 +169,44 @@ impl TextToSpeech for EspeakNg {
     }
 }
 
-/// Speaks a reply while its text streams in: each sentence is spoken as
-/// soon as it is complete and handed out as a chunk (a whole file in the
-/// TTS's format, numbered from 0), so the first audio follows the first
-/// sentence instead of the whole reply. The first sentence is spoken in two
-/// chunks when it has a clause break (see [`first_clause_end`]): synthesis
-/// time grows with the length of what is spoken, and the first chunk is
-/// the one a listener waits for; the rest is synthesized while it plays. Chunk texts, joined, are the text
-/// pushed (whitespace included; a sentence the voice gives no samples for
-/// makes no chunk); the samples of every chunk together are the whole
-/// reply's audio.
-pub struct SentenceSpeaker<'a> {
-    tts: &'a dyn TextToSpeech,
-    voice: Option<String>,
+/// Cuts streamed text into the chunks a reply is spoken in: one per
+/// sentence, as soon as the sentence is complete, and the reply's first
+/// sentence cut shorter (see [`first_chunk_end`]): synthesis time grows
+/// with the length of what is spoken, and the first chunk is the one a
+/// listener waits for; the rest is synthesized while it plays. Chunk texts,
+/// joined, are the text pushed (whitespace included).
+pub struct SentenceSplitter {
     /// Deltas end where sentences end (whole-sentence streaming), so an end
     /// at the very end of the text so far is a real one; otherwise a
     /// sentence counts once more text follows its end.
     settled: bool,
-    /// Text pushed and not yet spoken.
+    /// Text pushed and not yet in a chunk.
     pending: String,
-    next_index: u64,
-    samples: Vec<f32>,
-    sample_rate: u32,
+    /// Chunks handed out so far.
+    chunks: u64,
 }
 
-impl<'a> SentenceSpeaker<'a> {
-    pub fn new(tts: &'a dyn TextToSpeech, voice: Option<String>, settled: bool) -> Self {
+/// One chunk to speak: its share of the reply's text (whitespace included)
+/// and what the voice is given for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkText {
+    pub text: String,
+    pub spoken: String,
+}
+
+impl SentenceSplitter {
+    pub fn new(settled: bool) -> Self {
         Self {
-            tts,
-            voice,
             settled,
             pending: String::new(),
-            next_index: 0,
-            samples: Vec::new(),
-            sample_rate: 0,
+            chunks: 0,
         }
     }
 
-    /// Adds streamed text; speaks every sentence it completes, one chunk
-    /// each, in order.
-    pub fn push(&mut self, delta: &str, out: &mut dyn FnMut(AudioChunk)) -> Result<(), String> {
-        use models::text::reply::{first_sentence_end, sentence_end, settled_sentence_end};
+    /// Adds streamed text; the chunks of every sentence it completes, in
+    /// order.
+    pub fn push(&mut self, delta: &str) -> Vec<ChunkText> {
+        use models::text::reply::{sentence_end, settled_sentence_end};
         self.pending.push_str(delta);
         let complete = if self.settled {
             sentence_end(&self.pending)
@@ -207,67 +214,269 @@ impl<'a> SentenceSpeaker<'a> {
             settled_sentence_end(&self.pending)
         };
         let Some(complete) = complete else {
-            return Ok(());
+            return Vec::new();
         };
         let mut rest: String = self.pending.split_off(complete);
         std::mem::swap(&mut rest, &mut self.pending);
-        // `rest` now holds the complete sentences: one chunk each, and the
-        // reply's first sentence cut after its first clause.
-        let mut text = rest.as_str();
+        // `rest` now holds the complete sentences.
+        self.sentences(&rest)
+    }
+
+    /// One chunk per sentence of `text`, the reply's first sentence cut
+    /// shorter.
+    fn sentences(&mut self, mut text: &str) -> Vec<ChunkText> {
+        use models::text::reply::first_sentence_end;
+        let mut out = Vec::new();
         while !text.is_empty() {
             let end = first_sentence_end(text).unwrap_or(text.len());
-            let end = match self.next_index {
-                0 => first_clause_end(&text[..end]).unwrap_or(end),
-                _ => end,
+            let (end, cut_in_phrase) = match self.chunks {
+                0 => first_chunk_end(&text[..end]).unwrap_or((end, false)),
+                _ => (end, false),
             };
-            // Whitespace after the last end belongs to that sentence.
+            // Whitespace after the last end belongs to that chunk.
             let end = end + text[end..].len() - text[end..].trim_start().len();
-            self.speak(&text[..end], out)?;
+            self.chunk(&text[..end], cut_in_phrase, &mut out);
             text = &text[end..];
         }
-        Ok(())
+        out
     }
 
-    /// Speaks what is left (a last sentence without an end); the whole
-    /// reply's audio, None when nothing was spoken.
-    pub fn finish(mut self, out: &mut dyn FnMut(AudioChunk)) -> Result<Option<Pcm>, String> {
+    /// The chunks of what is left (a last sentence without an end; the
+    /// whole reply when none had one, its first part cut shorter).
+    pub fn finish(mut self) -> Vec<ChunkText> {
         let rest = std::mem::take(&mut self.pending);
-        self.speak(&rest, out)?;
-        Ok((!self.samples.is_empty()).then_some(Pcm {
-            samples: self.samples,
-            sample_rate: self.sample_rate,
-        }))
+        let mut out = self.sentences(&rest);
+        // Whitespace alone stays unspoken.
+        self.pending.clear();
+        out.retain(|c| !c.spoken.is_empty());
+        out
     }
 
-    fn speak(&mut self, text: &str, out: &mut dyn FnMut(AudioChunk)) -> Result<(), String> {
+    fn chunk(&mut self, text: &str, cut_in_phrase: bool, out: &mut Vec<ChunkText>) {
         if text.trim().is_empty() {
             // Nothing to say: the whitespace goes with the next sentence.
             self.pending.insert_str(0, text);
-            return Ok(());
+            return;
         }
-        let pcm = self.tts.speak(text.trim(), self.voice.as_deref())?;
-        if pcm.samples.is_empty() {
-            return Ok(());
+        let mut spoken = text.trim().to_string();
+        if cut_in_phrase {
+            // A cut between two words is spoken like a comma (a phrase that
+            // goes on), not like the end of a sentence.
+            spoken.push(',');
         }
-        let format = self.tts.format();
-        let audio = audio::encode(&pcm, format).map_err(|e| e.to_string())?;
-        out(AudioChunk {
-            index: self.next_index,
+        out.push(ChunkText {
             text: text.to_string(),
-            format: format.extension().to_string(),
-            seconds: pcm.seconds(),
-            audio,
+            spoken,
         });
-        self.next_index += 1;
-        self.sample_rate = pcm.sample_rate;
-        self.samples.extend(pcm.samples);
-        Ok(())
+        self.chunks += 1;
     }
 }
 
-/// Fewest characters on each side of a clause break the first sentence is
-/// cut at: no one- or two-word chunk.
+/// Speaks a reply while its text streams in (`deltas`, ending when the
+/// generation does): each chunk of [`SentenceSplitter`] goes to the voice
+/// as soon as its text is complete, on as many threads as the backend has
+/// lanes ([`TextToSpeech::lanes`]; the first chunk alone, as the others
+/// would slow the one a listener waits for), and `out` gets the chunks in
+/// order (a whole file in the TTS's format each, numbered from 0) as soon
+/// as each and those before it are spoken. A chunk the voice gives no samples for
+/// makes none. Stops when `stop` says so (a client that left hears
+/// nothing more). The whole reply's audio (every chunk's samples) and the
+/// number of chunks; None when nothing was spoken.
+pub fn speak_streamed(
+    tts: &dyn TextToSpeech,
+    voice: Option<&str>,
+    settled: bool,
+    deltas: impl IntoIterator<Item = String>,
+    stop: &(dyn Fn() -> bool + Sync),
+    out: &(dyn Fn(AudioChunk) + Sync),
+) -> Result<Option<(Pcm, u64)>, String> {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Mutex};
+
+    /// Chunks spoken, handed out in the order their texts came.
+    struct InOrder {
+        /// Sequence number of the next chunk text to hand out.
+        next: u64,
+        /// Spoken chunks waiting for those before them.
+        ready: BTreeMap<u64, Result<Option<(AudioChunk, Pcm)>, String>>,
+        index: u64,
+        samples: Vec<f32>,
+        sample_rate: u32,
+        error: Option<String>,
+    }
+    let lanes = tts.lanes().max(1);
+    let format = tts.format();
+    let (job_tx, job_rx) = mpsc::channel::<(u64, ChunkText)>();
+    let job_rx = Mutex::new(job_rx);
+    let failed = AtomicBool::new(false);
+    let first_done = (Mutex::new(false), std::sync::Condvar::new());
+    let order = Mutex::new(InOrder {
+        next: 0,
+        ready: BTreeMap::new(),
+        index: 0,
+        samples: Vec::new(),
+        sample_rate: 0,
+        error: None,
+    });
+    let speak = |chunk: ChunkText| -> Result<Option<(AudioChunk, Pcm)>, String> {
+        let pcm = tts.speak(&chunk.spoken, voice)?;
+        if pcm.samples.is_empty() {
+            return Ok(None);
+        }
+        let audio = audio::encode(&pcm, format).map_err(|e| e.to_string())?;
+        let chunk = AudioChunk {
+            index: 0,
+            text: chunk.text,
+            format: format.extension().to_string(),
+            seconds: pcm.seconds(),
+            audio,
+        };
+        Ok(Some((chunk, pcm)))
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..lanes {
+            scope.spawn(|| loop {
+                // One lane waits for the next chunk at a time.
+                let job = job_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok((seq, chunk)) = job else { break };
+                if seq > 0 {
+                    // The first chunk, the one a listener waits for, is
+                    // spoken alone.
+                    let (lock, cv) = &first_done;
+                    let mut done = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    while !*done {
+                        done = cv.wait(done).unwrap_or_else(|p| p.into_inner());
+                    }
+                }
+                let spoken = if failed.load(Ordering::Relaxed) || stop() {
+                    Ok(None)
+                } else {
+                    // A panic in the voice fails the speaking, never leaves
+                    // the other lanes waiting.
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| speak(chunk)))
+                        .unwrap_or_else(|_| Err("text-to-speech panicked".to_string()))
+                };
+                if seq == 0 {
+                    let (lock, cv) = &first_done;
+                    *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                    cv.notify_all();
+                }
+                let mut guard = order.lock().unwrap_or_else(|p| p.into_inner());
+                let o = &mut *guard;
+                o.ready.insert(seq, spoken);
+                while let Some(done) = o.ready.remove(&o.next) {
+                    o.next += 1;
+                    match done {
+                        Ok(Some((mut chunk, pcm))) if o.error.is_none() => {
+                            chunk.index = o.index;
+                            o.index += 1;
+                            o.sample_rate = pcm.sample_rate;
+                            o.samples.extend(pcm.samples);
+                            out(chunk);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            o.error.get_or_insert(e);
+                        }
+                    }
+                }
+            });
+        }
+        let mut splitter = SentenceSplitter::new(settled);
+        let mut seq = 0u64;
+        let mut send = |chunk: ChunkText| {
+            let _ = job_tx.send((seq, chunk));
+            seq += 1;
+        };
+        for delta in deltas {
+            if stop() || failed.load(Ordering::Relaxed) {
+                break;
+            }
+            splitter.push(&delta).into_iter().for_each(&mut send);
+        }
+        if !stop() && !failed.load(Ordering::Relaxed) {
+            splitter.finish().into_iter().for_each(&mut send);
+        }
+        drop(job_tx);
+    });
+    let o = order.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = o.error {
+        return Err(e);
+    }
+    let pcm = Pcm {
+        samples: o.samples,
+        sample_rate: o.sample_rate,
+    };
+    Ok((o.index > 0).then_some((pcm, o.index)))
+}
+
+/// Fewest characters on each side of a cut in the first sentence: no one-
+/// or two-word chunk.
 const MIN_CLAUSE_CHARS: usize = 12;
+
+/// Longest first chunk, in characters, cut between two words when it has
+/// no clause break before: about 2.5 s of speech at Piper's pace, which
+/// Piper on one thread speaks in 40–60 ms a second beside the text model
+/// on 2 cores.
+const FIRST_CHUNK_MAX_CHARS: usize = 40;
+
+/// Words a phrase starts with: a cut in a sentence goes before one of them
+/// when it can.
+const PHRASE_STARTS: &[&str] = &[
+    "and", "but", "or", "so", "because", "when", "while", "with", "to", "that", "which", "who",
+    "if", "as", "for", "in", "on", "at", "of", "about", "from", "into", "after", "before", "until",
+    "since", "though", "although", "like", "than", "where", "just", "then",
+];
+
+/// Where the reply's first chunk ends in its first sentence: after its
+/// first clause break (see [`first_clause_end`]), and in any case within
+/// [`FIRST_CHUNK_MAX_CHARS`] characters, cut between two words (before a
+/// word a phrase starts with when there is one; `true` then). None when the
+/// sentence stays whole.
+fn first_chunk_end(sentence: &str) -> Option<(usize, bool)> {
+    let end = first_clause_end(sentence);
+    let head = &sentence[..end.unwrap_or(sentence.len())];
+    if head.trim_end().chars().count() <= FIRST_CHUNK_MAX_CHARS {
+        return end.map(|e| (e, false));
+    }
+    word_cut(head)
+        .map(|e| (e, true))
+        .or(end.map(|e| (e, false)))
+}
+
+/// A cut between two words of `text` with at most [`FIRST_CHUNK_MAX_CHARS`]
+/// characters before it and at least [`MIN_CLAUSE_CHARS`] on each side: the
+/// last one before a word a phrase starts with, else the last one; the
+/// byte index of the word after it.
+fn word_cut(text: &str) -> Option<usize> {
+    let total = text.trim_end().chars().count();
+    let mut last = None;
+    let mut before_phrase = None;
+    let mut prev_space = false;
+    for (chars, (i, c)) in text.char_indices().enumerate() {
+        if prev_space && !c.is_whitespace() {
+            let left = text[..i].trim_end().chars().count();
+            if left > FIRST_CHUNK_MAX_CHARS {
+                break;
+            }
+            if left >= MIN_CLAUSE_CHARS && total - chars >= MIN_CLAUSE_CHARS {
+                last = Some(i);
+                let word: String = text[i..]
+                    .chars()
+                    .take_while(|c| c.is_alphabetic() || *c == '\'')
+                    .collect::<String>()
+                    .to_lowercase();
+                if PHRASE_STARTS.contains(&word.as_str()) {
+                    before_phrase = Some(i);
+                }
+            }
+        }
+        prev_space = c.is_whitespace();
+    }
+    before_phrase.or(last)
+}
 
 /// Byte index just past the first clause break of `sentence` (a comma,
 /// semicolon, colon or dash followed by a space, its whitespace included)
@@ -419,30 +628,45 @@ mod tests {
 
     fn run(settled: bool, deltas: &[&str]) -> (Vec<String>, Vec<AudioChunk>, Option<Pcm>) {
         let tts = Counting(Mutex::default());
-        let mut chunks = Vec::new();
-        let mut speaker = SentenceSpeaker::new(&tts, None, settled);
-        for d in deltas {
-            speaker.push(d, &mut |c| chunks.push(c)).expect("speaks");
+        let chunks = Mutex::new(Vec::new());
+        let spoken = speak_streamed(
+            &tts,
+            None,
+            settled,
+            deltas.iter().map(|d| d.to_string()),
+            &|| false,
+            &|c| chunks.lock().unwrap().push(c),
+        )
+        .expect("speaks");
+        let chunks = chunks.into_inner().unwrap();
+        if let Some((_, n)) = &spoken {
+            assert_eq!(*n, chunks.len() as u64);
         }
-        let pcm = speaker.finish(&mut |c| chunks.push(c)).expect("speaks");
-        (tts.0.into_inner().unwrap(), chunks, pcm)
+        (
+            tts.0.into_inner().unwrap(),
+            chunks,
+            spoken.map(|(pcm, _)| pcm),
+        )
     }
 
     #[test]
     fn whole_sentence_deltas_are_spoken_one_sentence_per_chunk_as_they_come() {
-        let tts = Counting(Mutex::default());
-        let mut chunks = Vec::new();
-        let mut speaker = SentenceSpeaker::new(&tts, Some("joe".into()), true);
-        speaker.push("Hi there! ", &mut |c| chunks.push(c)).unwrap();
-        // Spoken at once: the delta ended on a sentence end.
-        assert_eq!(chunks.len(), 1);
-        speaker
-            .push("How are you, my friend? *smiles* Fine.", &mut |c| {
-                chunks.push(c)
-            })
-            .unwrap();
-        assert_eq!(chunks.len(), 4);
-        let pcm = speaker.finish(&mut |c| chunks.push(c)).unwrap().unwrap();
+        let mut splitter = SentenceSplitter::new(true);
+        // A chunk at once: the delta ended on a sentence end.
+        assert_eq!(splitter.push("Hi there! ").len(), 1);
+        assert_eq!(
+            splitter
+                .push("How are you, my friend? *smiles* Fine.")
+                .len(),
+            3
+        );
+        assert!(splitter.finish().is_empty());
+
+        let (calls, chunks, pcm) = run(
+            true,
+            &["Hi there! ", "How are you, my friend? *smiles* Fine."],
+        );
+        let pcm = pcm.unwrap();
         let texts: Vec<&str> = chunks.iter().map(|c| c.text.as_str()).collect();
         // Only the first sentence is cut at a clause (this one has none).
         assert_eq!(
@@ -455,7 +679,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            tts.0.lock().unwrap().as_slice(),
+            calls,
             ["Hi there!", "How are you, my friend?", "*smiles*", "Fine."]
         );
         for (i, c) in chunks.iter().enumerate() {
@@ -518,6 +742,202 @@ mod tests {
             first_clause_end("I'd love that — more than anything, really."),
             Some("I'd love that — ".len())
         );
+    }
+
+    #[test]
+    fn a_long_first_sentence_without_a_clause_break_is_cut_between_two_words() {
+        let sentence =
+            "I have been thinking about you all evening long while wiping down the counters. ";
+        let (calls, chunks, _) = run(true, &[sentence, "Come by!"]);
+        // Cut before "about" (a word a phrase starts with) within 40
+        // characters, the first part spoken as a phrase that goes on.
+        assert_eq!(
+            calls,
+            [
+                "I have been thinking,",
+                "about you all evening long while wiping down the counters.",
+                "Come by!"
+            ]
+        );
+        let texts: Vec<&str> = chunks.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "I have been thinking ",
+                "about you all evening long while wiping down the counters.",
+                " Come by!"
+            ]
+        );
+        // A reply with no sentence end at all is cut the same way when it
+        // ends.
+        let (calls, _, _) = run(false, &[sentence.trim_end().trim_end_matches('.')]);
+        assert_eq!(
+            calls,
+            [
+                "I have been thinking,",
+                "about you all evening long while wiping down the counters"
+            ]
+        );
+        // Without such a word, the last space within the limit; a short
+        // first sentence, or a long one after the first, stays whole.
+        let plain = "Absolutely everything tastes better here tonight honestly darling friend.";
+        let cut = word_cut(plain).unwrap();
+        assert_eq!(&plain[..cut], "Absolutely everything tastes better here ");
+        assert_eq!(first_chunk_end("Sure thing, I will."), None);
+        let (calls, _, _) = run(true, &["Yes. ", sentence]);
+        assert_eq!(calls, ["Yes.", sentence.trim()]);
+        // A long clause before the first break is cut too.
+        let (end, in_phrase) = first_chunk_end(
+            "The moon over the harbor looked enormous tonight from the pier, truly.",
+        )
+        .unwrap();
+        assert!(in_phrase);
+        assert_eq!(
+            &"The moon over the harbor looked enormous tonight from the pier, truly."[..end],
+            "The moon over the harbor looked enormous "
+        );
+    }
+
+    /// Two lanes; "Slow…" is spoken only once "Quick…" has started on the
+    /// other lane (an error after 30 s if it does not).
+    struct TwoLanes {
+        started: Mutex<std::sync::mpsc::Sender<()>>,
+        other_started: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl TextToSpeech for TwoLanes {
+        fn speak(&self, text: &str, _voice: Option<&str>) -> Result<Pcm, String> {
+            if text.starts_with("Slow") {
+                self.other_started
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(std::time::Duration::from_secs(30))
+                    .map_err(|_| "the second lane never started".to_string())?;
+            } else if text.starts_with("Quick") {
+                let _ = self.started.lock().unwrap().send(());
+            }
+            if text.starts_with("Silent") {
+                return Ok(Pcm {
+                    samples: Vec::new(),
+                    sample_rate: 16_000,
+                });
+            }
+            if text.starts_with("Broken") {
+                return Err("voice failed".into());
+            }
+            Ok(Pcm {
+                samples: vec![0.5; 10 * text.chars().count()],
+                sample_rate: 16_000,
+            })
+        }
+        fn format(&self) -> AudioFormat {
+            AudioFormat::Wav
+        }
+        fn lanes(&self) -> usize {
+            2
+        }
+    }
+
+    fn two_lanes() -> TwoLanes {
+        let (tx, rx) = std::sync::mpsc::channel();
+        TwoLanes {
+            started: Mutex::new(tx),
+            other_started: Mutex::new(rx),
+        }
+    }
+
+    #[test]
+    fn chunks_are_spoken_on_every_lane_at_once_and_handed_out_in_order() {
+        let tts = two_lanes();
+        let chunks = Mutex::new(Vec::new());
+        let deltas = [
+            "Hi there. Slow sentence second. ",
+            "Silent one. Quick one. Another quick one.",
+        ];
+        let (pcm, n) = speak_streamed(
+            &tts,
+            None,
+            true,
+            deltas.map(String::from),
+            &|| false,
+            &|c| chunks.lock().unwrap().push(c),
+        )
+        .unwrap()
+        .unwrap();
+        let chunks = chunks.into_inner().unwrap();
+        // The first chunk was spoken alone; the slow second one while a
+        // later one was (else it fails), and still came before it; the
+        // silent one made no chunk and took no index.
+        let got: Vec<(u64, &str)> = chunks.iter().map(|c| (c.index, c.text.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                (0, "Hi there. "),
+                (1, "Slow sentence second."),
+                (2, "Quick one. "),
+                (3, "Another quick one.")
+            ]
+        );
+        assert_eq!(n, 4);
+        let expected: usize = chunks
+            .iter()
+            .map(|c| 10 * c.text.trim().chars().count())
+            .sum();
+        assert_eq!(pcm.samples.len(), expected);
+    }
+
+    #[test]
+    fn a_failed_chunk_fails_the_speaking_and_nothing_after_it_is_handed_out() {
+        let tts = two_lanes();
+        let chunks = Mutex::new(Vec::new());
+        let err = speak_streamed(
+            &tts,
+            None,
+            true,
+            ["Fine first. Broken here. Fine after.".to_string()],
+            &|| false,
+            &|c| chunks.lock().unwrap().push(c),
+        )
+        .unwrap_err();
+        assert_eq!(err, "voice failed");
+        let texts: Vec<String> = chunks
+            .into_inner()
+            .unwrap()
+            .into_iter()
+            .map(|c| c.text)
+            .collect();
+        assert_eq!(texts, ["Fine first. "]);
+    }
+
+    #[test]
+    fn speaking_stops_when_told() {
+        let tts = Counting(Mutex::default());
+        let stopped = std::sync::atomic::AtomicBool::new(false);
+        let (spoken_tx, spoken_rx) = std::sync::mpsc::channel();
+        let spoken_tx = Mutex::new(spoken_tx);
+        let deltas = ["One. ", "Two. ", "Three."].into_iter().map(|d| {
+            // The client leaves once the first sentence is heard and the
+            // second generated.
+            if d.starts_with("Two") {
+                spoken_rx
+                    .recv_timeout(std::time::Duration::from_secs(30))
+                    .expect("One.");
+                stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            d.to_string()
+        });
+        let (_, n) = speak_streamed(
+            &tts,
+            None,
+            true,
+            deltas,
+            &|| stopped.load(std::sync::atomic::Ordering::Relaxed),
+            &|c| spoken_tx.lock().unwrap().send(c.text).unwrap(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(tts.0.into_inner().unwrap(), ["One."]);
+        assert_eq!(n, 1);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::chat::{ChatContext, ChatEngine, JobError, Usage};
 use crate::handlers::StreamItem;
-use crate::speech::{SentenceSpeaker, SpokenAudio};
+use crate::speech::{speak_streamed, SpokenAudio};
 
 pub struct StreamRun {
     pub engine: Arc<ChatEngine>,
@@ -189,22 +189,21 @@ impl StreamRun {
             let (cancel, deltas) = (self.cancel.clone(), self.deltas.clone());
             let settled = self.engine.whole_sentences();
             let task = tokio::task::spawn_blocking(move || {
-                let mut speaker = SentenceSpeaker::new(tts.as_ref(), voice, settled);
-                let mut chunks = 0u64;
-                let mut send = |chunk| {
-                    chunks += 1;
+                let send = |chunk| {
                     let _ = deltas.send(StreamItem::Audio(chunk));
                 };
-                for delta in text_rx {
-                    // A client that left hears nothing more.
-                    if cancel.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    speaker.push(&delta, &mut send)?;
-                }
-                let pcm = speaker.finish(&mut send)?;
+                // A client that left hears nothing more.
+                let stop = || cancel.load(Ordering::Relaxed);
+                let spoken = speak_streamed(
+                    tts.as_ref(),
+                    voice.as_deref(),
+                    settled,
+                    text_rx,
+                    &stop,
+                    &send,
+                )?;
                 let format = tts.format();
-                Ok::<_, String>(pcm.map(|pcm| (pcm, format, chunks)))
+                Ok::<_, String>(spoken.map(|(pcm, chunks)| (pcm, format, chunks)))
             });
             (text_tx, task)
         });

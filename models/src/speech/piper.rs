@@ -424,6 +424,11 @@ impl VoiceRegistry {
         Ok(registry)
     }
 
+    /// Sessions per voice: sentences synthesized at once.
+    pub fn lanes(&self) -> usize {
+        self.lanes.max(1)
+    }
+
     pub fn ids(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.specs.keys().cloned().collect();
         ids.sort();

@@ -47,11 +47,26 @@ live() { curl -s "$BASE/health" | python3 -c 'import json,sys; w=json.load(sys.s
 until [ "$(live)" -ge "$WORKERS" ]; do sleep 0.1; done
 
 echo "workers: $WORKERS ours (32 echo slots each) / $WORKERS Celery prefork / $WORKERS RQ; ${SECONDS_PER_RUN} s per run; $PROFILE build; everything on this machine's $(nproc) cores"
-echo "| system | clients | jobs/s | p50 ms | p99 ms | callbacks |"
-echo "|---|---|---|---|---|---|"
+echo "| system | clients | jobs/s | p50 ms | p99 ms | Redis CPU µs/job | callbacks |"
+echo "|---|---|---|---|---|---|---|"
+# Redis's own CPU time (user + system) per job: the one part of the
+# pipeline that does not scale out with more shims and workers, so
+# 1,000,000 / it bounds jobs/s on one Redis whatever else is added.
+redis_cpu() { redis-cli -p "$RP" info cpu | awk -F: '/used_cpu_(sys|user):/ {s += $2} END {printf "%.6f", s}'; }
+TMP=$(mktemp -d)
 for c in 1 64; do
-  "./$BIN/overhead_load" "$BASE" "$KEY" "$c" "$SECONDS_PER_RUN" 2>/dev/null
+  c0=$(redis_cpu)
+  "./$BIN/overhead_load" "$BASE" "$KEY" "$c" "$SECONDS_PER_RUN" 2>"$TMP/summary" >"$TMP/row"
+  c1=$(redis_cpu)
+  python3 - "$TMP/summary" "$TMP/row" "$c0" "$c1" <<'PY'
+import json, sys
+jobs = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])["jobs"]
+row = open(sys.argv[2]).read().strip().split(" | ")
+us = (float(sys.argv[4]) - float(sys.argv[3])) * 1e6 / jobs
+print(" | ".join(row[:-1] + [f"{us:.0f}", row[-1]]))
+PY
 done
+rm -rf "$TMP"
 kill "${pids[@]:1}" 2>/dev/null || true
 redis-cli -p "$RP" flushall >/dev/null
 "$PEER/bin/python" benches/pipeline_overhead_peers.py "$REDIS_URL" "$WORKERS" "$SECONDS_PER_RUN"

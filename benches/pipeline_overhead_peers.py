@@ -29,8 +29,17 @@ def rq_noop(x):
 '''
 
 
+def redis_cpu():
+    """Seconds of CPU the redis-server has used (user + system)."""
+    from redis import Redis
+
+    info = Redis.from_url(REDIS).info("cpu")
+    return info["used_cpu_user"] + info["used_cpu_sys"]
+
+
 def measure(call, clients):
     lat, lock, stop = [], threading.Lock(), time.perf_counter() + SECONDS
+    cpu0 = redis_cpu()
 
     def client(c):
         n, mine = 0, []
@@ -50,13 +59,14 @@ def measure(call, clients):
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    cpu_us = (redis_cpu() - cpu0) * 1e6 / len(lat)
     lat.sort()
     pct = lambda p: lat[round((len(lat) - 1) * p)]
-    return len(lat) / elapsed, pct(0.5), pct(0.99)
+    return len(lat) / elapsed, pct(0.5), pct(0.99), cpu_us
 
 
 def row(name, clients, r):
-    print(f"| {name} | {clients} | {r[0]:.0f} | {r[1]:.2f} | {r[2]:.2f} | n/a |", flush=True)
+    print(f"| {name} | {clients} | {r[0]:.0f} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.0f} | n/a |", flush=True)
 
 
 def main():

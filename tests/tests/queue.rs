@@ -128,6 +128,31 @@ async fn normal_lane_goes_before_low_priority() {
             .unwrap();
     }
     assert_eq!(order, [a.id, b.id, low.id]);
+
+    // The same once the consumer has found the lanes drained (its next read
+    // blocks at once, and sees both lanes' entries in one reply).
+    assert!(consumer
+        .next(Duration::from_millis(50))
+        .await
+        .unwrap()
+        .is_none());
+    let low_priority = request(Policy {
+        low_priority: true,
+        ..Policy::default()
+    });
+    let low = q.enqueue(&low_priority, "o").await.unwrap();
+    let low2 = q.enqueue(&low_priority, "o").await.unwrap();
+    let a = q.enqueue(&request(Policy::default()), "o").await.unwrap();
+    let b = q.enqueue(&request(Policy::default()), "o").await.unwrap();
+    let mut order = vec![];
+    while let Some(lease) = consumer.next(Duration::from_millis(200)).await.unwrap() {
+        order.push(lease.record.id.clone());
+        consumer
+            .finish(&lease, Outcome::Completed(json!({})))
+            .await
+            .unwrap();
+    }
+    assert_eq!(order, [a.id, b.id, low.id, low2.id]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

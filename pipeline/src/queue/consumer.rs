@@ -210,6 +210,11 @@ pub struct Consumer {
     block_conn: ConnectionManager,
     streams: Vec<String>,
     buffer: VecDeque<(String, String, String)>,
+    /// Whether the lanes may hold new entries: a look in priority order
+    /// (one round trip) comes before a blocking read only then. After a
+    /// look that found them drained, the next read blocks at once (it
+    /// returns at once too when an entry came meanwhile).
+    may_have_more: bool,
     held: HeldMap,
     running: Arc<Mutex<Option<String>>>,
     last_reclaim: Option<Instant>,
@@ -231,7 +236,7 @@ impl RedisQueue {
             streams.extend(self.keys.lanes(*k));
         }
         // Normal lanes before low ones: XREADGROUP returns streams in order.
-        streams.sort_by_key(|s| s.ends_with(":low"));
+        streams.sort_by_key(|s| is_low(s));
         let consumer = Consumer {
             queue: self.clone(),
             name: name.to_string(),
@@ -239,6 +244,7 @@ impl RedisQueue {
             block_conn: self.blocking_connection().await?,
             streams,
             buffer: VecDeque::new(),
+            may_have_more: true,
             held: Arc::new(Mutex::new(HashMap::new())),
             running: Arc::new(Mutex::new(None)),
             last_reclaim: None,
@@ -248,6 +254,11 @@ impl RedisQueue {
         consumer.beat().await?;
         Ok(consumer)
     }
+}
+
+/// Whether `stream` is a low-priority lane ([`super::keys::Keys::lane`]).
+fn is_low(stream: &str) -> bool {
+    stream.ends_with(":low")
 }
 
 impl Consumer {
@@ -325,7 +336,10 @@ impl Consumer {
         let deadline = Instant::now() + block;
         loop {
             self.reclaim_orphans().await?;
-            if self.buffer.is_empty() {
+            // A look in priority order when nothing is at hand, or only a
+            // low lane's entry (a normal one may have come since).
+            let only_low = self.buffer.front().is_some_and(|(s, _, _)| is_low(s));
+            if self.may_have_more && (self.buffer.is_empty() || only_low) {
                 self.read_in_priority_order().await?;
             }
             if self.buffer.is_empty() {
@@ -360,26 +374,30 @@ impl Consumer {
     }
 
     /// One entry from the first lane that has one (normal before low), in
-    /// one round trip.
+    /// one round trip; notes whether more may be waiting.
     async fn read_in_priority_order(&mut self) -> Result<(), PipelineError> {
         let mut inv = self.queue.scripts.take.prepare_invoke();
         for stream in &self.streams {
             inv.key(stream);
         }
         inv.arg(GROUP).arg(&self.name);
-        let reply: Option<(String, String, HashMap<String, redis::Value>)> =
-            match inv.invoke_async(&mut self.block_conn).await {
-                Ok(r) => r,
-                Err(e) => return self.recover_groups(e).await,
-            };
-        if let Some((stream, id, map)) = reply {
+        type Taken = (String, String, HashMap<String, redis::Value>, i64);
+        let reply: Option<Taken> = match inv.invoke_async(&mut self.block_conn).await {
+            Ok(r) => r,
+            Err(e) => return self.recover_groups(e).await,
+        };
+        self.may_have_more = false;
+        if let Some((stream, id, map, more)) = reply {
+            self.may_have_more = more == 1;
             self.take(stream, redis::streams::StreamId { id, map });
         }
         Ok(())
     }
 
     /// Waits for an entry on any lane. Entries that arrive on several lanes
-    /// during one wait are all kept, the higher lane first.
+    /// during one wait are all kept, the higher lane first; entries on
+    /// several lanes mean a backlog, and the next read looks in priority
+    /// order first again.
     async fn read_blocking(&mut self, block: Duration) -> Result<(), PipelineError> {
         let opts = StreamReadOptions::default()
             .group(GROUP, &self.name)
@@ -398,6 +416,8 @@ impl Consumer {
             Err(e) => return self.recover_groups(e).await,
         };
         let mut keys = reply.map(|r| r.keys).unwrap_or_default();
+        keys.retain(|k| !k.ids.is_empty());
+        self.may_have_more = keys.len() > 1;
         keys.sort_by_key(|k| self.streams.iter().position(|s| *s == k.key));
         for key in keys {
             for entry in key.ids {
@@ -417,7 +437,16 @@ impl Consumer {
                 lost: Arc::new(AtomicBool::new(false)),
             },
         );
-        self.buffer.push_back((stream, entry.id, job));
+        // Normal lanes' entries before low ones', each in the order read.
+        let at = match is_low(&stream) {
+            true => self.buffer.len(),
+            false => self
+                .buffer
+                .iter()
+                .position(|(s, _, _)| is_low(s))
+                .unwrap_or(self.buffer.len()),
+        };
+        self.buffer.insert(at, (stream, entry.id, job));
     }
 
     /// Takes over entries whose holder stopped heartbeating, and prunes

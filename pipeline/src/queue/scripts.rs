@@ -244,14 +244,23 @@ return 1
 
 /// KEYS: a kind's lanes, highest first. ARGV: group, consumer. One new
 /// entry for this consumer from the highest lane that has one, as {lane,
-/// entry id, fields}, or nil; NOGROUP comes back as the error it is.
+/// entry id, fields, more}, or nil; NOGROUP comes back as the error it is.
+/// `more` is 1 when the lanes may hold further new entries: the lane read
+/// has entries after this one, or a lower lane is not empty (its entries
+/// may all be delivered already: 1 errs on the side of another look).
 const LUA_TAKE: &str = r#"
 for i = 1, #KEYS do
   local r = redis.pcall('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1, 'STREAMS', KEYS[i], '>')
   if type(r) == 'table' and r.err then return r end
   if r then
     local e = r[1][2][1]
-    return {KEYS[i], e[1], e[2]}
+    local last = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+    local more = 0
+    if last[1] and last[1][1] ~= e[1] then more = 1 end
+    for j = i + 1, #KEYS do
+      if more == 0 and redis.call('XLEN', KEYS[j]) > 0 then more = 1 end
+    end
+    return {KEYS[i], e[1], e[2], more}
   end
 end
 return false

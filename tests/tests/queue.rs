@@ -822,3 +822,86 @@ async fn jobs_pushed_through_the_apalis_task_sink_reach_a_worker() {
     ];
     assert_eq!(read, expected);
 }
+
+/// Callbacks accepted together are settled together (one script for all
+/// that are waiting): every job is called back once, and nothing stays
+/// due or pending once they are in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_callbacks_are_settled_together_and_never_sent_twice() {
+    use pipeline::webhook::{CallbackSender, WebhookConfig};
+    let redis = Redis::start();
+    let q = queue(&redis, QueueConfig::default()).await;
+    let receiver = common::Receiver::start(0).await;
+    let jobs = 48;
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..jobs {
+        let mut req = request(Policy::default());
+        req.webhook = Some(receiver.url.clone());
+        ids.insert(q.enqueue(&req, "o").await.unwrap().id);
+    }
+    let mut consumer = q.consumer(&[JobKind::Chat], "w").await.unwrap();
+    for _ in 0..jobs {
+        let lease = consumer
+            .next(Duration::from_millis(500))
+            .await
+            .unwrap()
+            .unwrap();
+        consumer
+            .finish(&lease, Outcome::Completed(json!({"ok": true})))
+            .await
+            .unwrap();
+    }
+    let mut conn = redis.conn().await;
+    let due: usize = conn.zcard(q.keys().callbacks_due()).await.unwrap();
+    assert_eq!(due, jobs);
+
+    let sender = CallbackSender::new(
+        q.clone(),
+        WebhookConfig {
+            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+            schedule: vec![Duration::ZERO, Duration::from_millis(100)],
+            timeout: Duration::from_secs(10),
+            // Long enough that a delivery left unsettled is not tried
+            // again within the test.
+            lease: Duration::from_secs(60),
+            dead_letter_max: 10,
+            allow: pipeline::outbound::OutboundAllow::parse("127.0.0.0/8").unwrap(),
+        },
+    )
+    .unwrap();
+    let (_wake_tx, wake) = tokio::sync::broadcast::channel(1);
+    let run = tokio::spawn(sender.run(Duration::from_millis(20), wake));
+    receiver.wait_for(jobs, Duration::from_secs(60)).await;
+    // Settled: off the due set, the delivery hashes gone.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let due: usize = conn.zcard(q.keys().callbacks_due()).await.unwrap();
+        let mut pending = 0;
+        for id in &ids {
+            let exists: bool = conn.exists(q.keys().callback(id)).await.unwrap();
+            pending += exists as usize;
+        }
+        if due == 0 && pending == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{due} still due, {pending} delivery hashes left"
+        );
+        tokio::task::yield_now().await;
+    }
+    run.abort();
+    let got = receiver.got.lock().unwrap();
+    let called: Vec<String> = got
+        .iter()
+        .map(|r| {
+            let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            body["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(called.len(), jobs, "one POST per job");
+    assert_eq!(
+        called.into_iter().collect::<std::collections::HashSet<_>>(),
+        ids
+    );
+}

@@ -171,7 +171,22 @@ impl RedisQueue {
         for (k, v) in &fields {
             inv.arg(*k).arg(v);
         }
-        let stored: HashMap<String, String> = inv.invoke_async(&mut self.conn.clone()).await?;
+        let reply: (i64, redis::Value) = inv.invoke_async(&mut self.conn.clone()).await?;
+        let stored: HashMap<String, String> = match reply {
+            // New: what was written, and the two times from the Redis clock.
+            (1, times) => {
+                let (created, expires): (i64, i64) = redis::from_redis_value(&times)?;
+                fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .chain([
+                        ("created_ms".to_string(), created.to_string()),
+                        ("expires_ms".to_string(), expires.to_string()),
+                    ])
+                    .collect()
+            }
+            (_, existing) => redis::from_redis_value(&existing)?,
+        };
         JobRecord::from_hash(&id, stored)
     }
 

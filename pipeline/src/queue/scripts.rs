@@ -10,7 +10,8 @@
 use redis::Script;
 
 /// Shared helpers: the Redis clock and the move to a terminal state (counts,
-/// finish time, expiry, callback, the token stream's end event, the event:
+/// finish time, expiry, callback, the token stream's end event when the job
+/// streamed, the event:
 /// `id`, or `id\n` and the record's HGETALL as a JSON array when its
 /// fields and values are at most `EVENT_RECORD_MAX` bytes in all).
 const LUA_PRELUDE: &str = r#"
@@ -36,8 +37,13 @@ local function terminal(from, to, ttl)
     redis.call('HSET', KEYS[4], 'url', hook, 'webhook_id', 'msg_' .. ARGV[1] .. '_' .. now .. '_' .. run, 'attempts', 0)
     redis.call('ZADD', KEYS[3], now, ARGV[1])
   end
-  redis.call('XADD', KEYS[5], '*', 'end', to)
-  redis.call('EXPIRE', KEYS[5], 3600)
+  -- The token stream's end, when the job has one: a reader of a job that
+  -- streamed nothing finds the end in the record (a stream per job would
+  -- double the keys a busy Redis holds).
+  if redis.call('EXISTS', KEYS[5]) == 1 then
+    redis.call('XADD', KEYS[5], '*', 'end', to)
+    redis.call('EXPIRE', KEYS[5], 3600)
+  end
   -- The event: the job id, and the record as it ends when it is small
   -- (a waiting /runsync answers from it without reading it back).
   -- The input and the output are the fields that can be large (an audio
@@ -62,10 +68,11 @@ end
 /// pairs. Creates the record (created and expiry times from the Redis
 /// clock) and queues it, the lane and its consumer group first when the
 /// lane does not exist yet (a fresh or restarted Redis: workers read with
-/// the group). Returns the record as stored (an existing record with that
-/// id unchanged), so the caller needs no second round trip.
+/// the group). Returns {1, {created_ms, expires_ms}} for a new record (the
+/// caller knows the rest of what it stored), {0, the record's HGETALL} for
+/// an existing one (left unchanged), so no second round trip is needed.
 const LUA_ENQUEUE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGETALL', KEYS[1]) end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, redis.call('HGETALL', KEYS[1])} end
 local now = now_ms()
 local ttl = tonumber(ARGV[3])
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
@@ -75,7 +82,7 @@ if redis.call('EXISTS', KEYS[6]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[6], ARGV[4], '0', 'MKSTREAM')
 end
 redis.call('XADD', KEYS[6], '*', 'job', ARGV[1])
-return redis.call('HGETALL', KEYS[1])
+return {1, {now, now + ttl}}
 "#;
 
 /// ARGV: id, events, worker, result ttl. Returns {verdict, attempt, run}

@@ -20,20 +20,22 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function terminal(from, to, ttl)
+local function terminal(from, to, ttl, extra)
   local now = now_ms()
   redis.call('HINCRBY', KEYS[2], from, -1)
   redis.call('HINCRBY', KEYS[2], to, 1)
-  redis.call('HSET', KEYS[1], 'state', to, 'finished_ms', now)
+  -- `extra`: field pairs written with the state (a result, an error).
+  redis.call('HSET', KEYS[1], 'state', to, 'finished_ms', now, unpack(extra or {}))
   if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
-  local hook = redis.call('HGET', KEYS[1], 'webhook')
+  local f = redis.call('HMGET', KEYS[1], 'webhook', 'run')
+  local hook = f[1]
   if hook then
     -- A new terminal state means a new delivery: any older one is dropped,
     -- and its webhook id no longer matches (see the callback scripts).
     redis.call('DEL', KEYS[4])
     -- The end time and the run: unique to this terminal state even when
     -- two fall in one millisecond (a retried job that expires again).
-    local run = redis.call('HGET', KEYS[1], 'run') or '0'
+    local run = f[2] or '0'
     redis.call('HSET', KEYS[4], 'url', hook, 'webhook_id', 'msg_' .. ARGV[1] .. '_' .. now .. '_' .. run, 'attempts', 0)
     redis.call('ZADD', KEYS[3], now, ARGV[1])
   end
@@ -75,8 +77,7 @@ const LUA_ENQUEUE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, redis.call('HGETALL', KEYS[1])} end
 local now = now_ms()
 local ttl = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-redis.call('HSET', KEYS[1], 'created_ms', now, 'expires_ms', now + ttl)
+redis.call('HSET', KEYS[1], 'created_ms', now, 'expires_ms', now + ttl, unpack(ARGV, 5))
 redis.call('HINCRBY', KEYS[2], 'IN_QUEUE', 1)
 if redis.call('EXISTS', KEYS[6]) == 0 then
   redis.call('XGROUP', 'CREATE', KEYS[6], ARGV[4], '0', 'MKSTREAM')
@@ -90,30 +91,30 @@ return {1, {now, now + ttl}}
 /// a run's lease token is the record's `run`, bumped here and never reset, so
 /// a worker that lost its lease can be told apart from the holder.
 const LUA_CLAIM: &str = r#"
-local st = redis.call('HGET', KEYS[1], 'state')
+local f = redis.call('HMGET', KEYS[1], 'state', 'expires_ms', 'max_attempts', 'attempts', 'run')
+local st = f[1]
 if not st then return {'gone', 0, 0} end
 if st ~= 'IN_QUEUE' and st ~= 'IN_PROGRESS' then return {'skip', 0, 0} end
 local now = now_ms()
 local ttl = tonumber(ARGV[4])
-local expires = tonumber(redis.call('HGET', KEYS[1], 'expires_ms') or '0')
+local expires = tonumber(f[2] or '0')
 if st == 'IN_QUEUE' and expires > 0 and now > expires then
-  redis.call('HSET', KEYS[1], 'error', 'the job waited longer than its policy.ttl before a worker was free')
-  terminal(st, 'TIMED_OUT', ttl)
+  terminal(st, 'TIMED_OUT', ttl, {'error', 'the job waited longer than its policy.ttl before a worker was free'})
   return {'expired', 0, 0}
 end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-local run = redis.call('HINCRBY', KEYS[1], 'run', 1)
-local max = tonumber(redis.call('HGET', KEYS[1], 'max_attempts') or '1')
+local attempt = tonumber(f[4] or '0') + 1
+local run = tonumber(f[5] or '0') + 1
+local max = tonumber(f[3] or '1')
 if attempt > max then
-  redis.call('HSET', KEYS[1], 'error', 'the worker running this job stopped (crash, kill or lost heartbeat) on each of its ' .. max .. ' attempts')
-  terminal(st, 'FAILED', ttl)
+  redis.call('HSET', KEYS[1], 'attempts', attempt, 'run', run)
+  terminal(st, 'FAILED', ttl, {'error', 'the worker running this job stopped (crash, kill or lost heartbeat) on each of its ' .. max .. ' attempts'})
   return {'exhausted', attempt, run}
 end
 if st == 'IN_QUEUE' then
   redis.call('HINCRBY', KEYS[2], 'IN_QUEUE', -1)
   redis.call('HINCRBY', KEYS[2], 'IN_PROGRESS', 1)
 end
-redis.call('HSET', KEYS[1], 'state', 'IN_PROGRESS', 'worker', ARGV[3], 'started_ms', now)
+redis.call('HSET', KEYS[1], 'attempts', attempt, 'run', run, 'state', 'IN_PROGRESS', 'worker', ARGV[3], 'started_ms', now)
 return {'run', attempt, run, redis.call('HGETALL', KEYS[1])}
 "#;
 
@@ -123,16 +124,16 @@ return {'run', attempt, run, redis.call('HGETALL', KEYS[1])}
 /// reads the result finds the run already counted). Returns 1 written, 0
 /// already settled (cancelled), -1 the lease was lost (nothing touched).
 const LUA_FINISH: &str = r#"
-if redis.call('HGET', KEYS[1], 'run') ~= ARGV[7] then return -1 end
+local f = redis.call('HMGET', KEYS[1], 'run', 'state')
+if f[1] ~= ARGV[7] then return -1 end
 for i = 10, #ARGV, 2 do
   redis.call('HINCRBY', KEYS[7], ARGV[i], ARGV[i + 1])
 end
 redis.call('XACK', KEYS[6], ARGV[8], ARGV[9])
 redis.call('XDEL', KEYS[6], ARGV[9])
-local st = redis.call('HGET', KEYS[1], 'state')
+local st = f[2]
 if st ~= 'IN_PROGRESS' then return 0 end
-redis.call('HSET', KEYS[1], ARGV[5], ARGV[6])
-terminal(st, ARGV[4], tonumber(ARGV[3]))
+terminal(st, ARGV[4], tonumber(ARGV[3]), {ARGV[5], ARGV[6]})
 return 1
 "#;
 

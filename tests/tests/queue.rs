@@ -102,6 +102,20 @@ async fn backlog_of_10000_jobs_drains() {
     assert_eq!(counts["IN_PROGRESS"], 0);
 }
 
+/// Runs every job `consumer` gets until none comes for 200 ms; their ids
+/// in the order run.
+async fn run_all(consumer: &mut pipeline::queue::Consumer) -> Vec<String> {
+    let mut order = vec![];
+    while let Some(lease) = consumer.next(Duration::from_millis(200)).await.unwrap() {
+        order.push(lease.record.id.clone());
+        consumer
+            .finish(&lease, Outcome::Completed(json!({})))
+            .await
+            .unwrap();
+    }
+    order
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn normal_lane_goes_before_low_priority() {
     let redis = Redis::start();
@@ -119,14 +133,7 @@ async fn normal_lane_goes_before_low_priority() {
     let a = q.enqueue(&request(Policy::default()), "o").await.unwrap();
     let b = q.enqueue(&request(Policy::default()), "o").await.unwrap();
     let mut consumer = q.consumer(&[JobKind::Chat], "w").await.unwrap();
-    let mut order = vec![];
-    while let Some(lease) = consumer.next(Duration::from_millis(200)).await.unwrap() {
-        order.push(lease.record.id.clone());
-        consumer
-            .finish(&lease, Outcome::Completed(json!({})))
-            .await
-            .unwrap();
-    }
+    let order = run_all(&mut consumer).await;
     assert_eq!(order, [a.id, b.id, low.id]);
 
     // The same once the consumer has found the lanes drained (its next read
@@ -144,14 +151,7 @@ async fn normal_lane_goes_before_low_priority() {
     let low2 = q.enqueue(&low_priority, "o").await.unwrap();
     let a = q.enqueue(&request(Policy::default()), "o").await.unwrap();
     let b = q.enqueue(&request(Policy::default()), "o").await.unwrap();
-    let mut order = vec![];
-    while let Some(lease) = consumer.next(Duration::from_millis(200)).await.unwrap() {
-        order.push(lease.record.id.clone());
-        consumer
-            .finish(&lease, Outcome::Completed(json!({})))
-            .await
-            .unwrap();
-    }
+    let order = run_all(&mut consumer).await;
     assert_eq!(order, [a.id, b.id, low.id, low2.id]);
 }
 

@@ -11,6 +11,14 @@ use candle_core::{DType, Tensor};
 
 use crate::sgemm512::Strided;
 
+// CBLAS's enum values, for MKL's products.
+#[cfg(feature = "mkl")]
+const ROW_MAJOR: i32 = 101;
+#[cfg(feature = "mkl")]
+const NO_TRANS: i32 = 111;
+#[cfg(feature = "mkl")]
+const TRANS: i32 = 112;
+
 /// A row-major operand: `data[i * ld + j]` is element (i, j) of the stored
 /// matrix; `trans` uses its transpose.
 #[derive(Clone, Copy)]
@@ -118,9 +126,6 @@ pub(crate) fn sgemm(
     }
     #[cfg(feature = "mkl")]
     {
-        const ROW_MAJOR: i32 = 101;
-        const NO_TRANS: i32 = 111;
-        const TRANS: i32 = 112;
         unsafe extern "C" {
             fn cblas_sgemm(
                 layout: i32,
@@ -426,9 +431,6 @@ pub(crate) fn gemm_u8s8(
     b: &[i8],
     c: &mut [i32],
 ) -> candle_core::Result<()> {
-    const ROW_MAJOR: i32 = 101;
-    const NO_TRANS: i32 = 111;
-    const TRANS: i32 = 112;
     const FIXED_OFFSET: i32 = 173;
     unsafe extern "C" {
         fn cblas_gemm_s8u8s32(

@@ -58,6 +58,18 @@ pub enum PipelineError {
     Other(String),
 }
 
+impl PipelineError {
+    /// The same error for another waiter on one failed call: an outage
+    /// stays an outage (so the waiter waits it out), anything else its text.
+    pub(crate) fn copy(&self) -> Self {
+        if crate::queue::is_unavailable(self) {
+            Self::Unavailable(self.to_string())
+        } else {
+            Self::Other(self.to_string())
+        }
+    }
+}
+
 /// An [`InputError`] from a serde error at `path` (as serde_path_to_error
 /// writes it) under `root`; a missing field is named itself.
 pub(crate) fn field_error(root: &str, path: &str, message: String) -> InputError {

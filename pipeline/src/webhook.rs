@@ -142,6 +142,7 @@ pub struct CallbackSender {
     signer: std::sync::Arc<Webhook>,
     cfg: WebhookConfig,
     settle_script: std::sync::Arc<redis::Script>,
+    lease_script: std::sync::Arc<redis::Script>,
     /// Deliveries accepted by their receivers, settled together
     /// ([`settle_delivered`]): started on first use.
     delivered: std::sync::Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Delivered>>>,
@@ -224,12 +225,7 @@ async fn settle_delivered(
             Err(e) => {
                 let e = PipelineError::from(e);
                 for (_, _, reply) in batch {
-                    let copy = if crate::queue::is_unavailable(&e) {
-                        PipelineError::Unavailable(e.to_string())
-                    } else {
-                        PipelineError::Other(e.to_string())
-                    };
-                    let _ = reply.send(Err(copy));
+                    let _ = reply.send(Err(e.copy()));
                 }
             }
         }
@@ -279,6 +275,7 @@ impl CallbackSender {
             signer: std::sync::Arc::new(signer),
             cfg,
             settle_script: std::sync::Arc::new(redis::Script::new(LUA_SETTLE)),
+            lease_script: std::sync::Arc::new(redis::Script::new(LUA_LEASE_DUE)),
             delivered: Default::default(),
         })
     }
@@ -334,7 +331,8 @@ impl CallbackSender {
     /// Leases the callbacks that are due now.
     pub async fn lease_due(&self, max: usize) -> Result<Vec<String>, PipelineError> {
         let now = now_ms();
-        let ids: Vec<String> = redis::Script::new(LUA_LEASE_DUE)
+        let ids: Vec<String> = self
+            .lease_script
             .key(self.queue.keys().callbacks_due())
             .arg(now)
             .arg(now + self.cfg.lease.as_millis() as u64)

@@ -244,12 +244,9 @@ impl SentenceSplitter {
     /// The chunks of what is left (a last sentence without an end; the
     /// whole reply when none had one, its first part cut shorter).
     pub fn finish(mut self) -> Vec<ChunkText> {
+        // Whitespace alone stays unspoken (`chunk` makes no chunk of it).
         let rest = std::mem::take(&mut self.pending);
-        let mut out = self.sentences(&rest);
-        // Whitespace alone stays unspoken.
-        self.pending.clear();
-        out.retain(|c| !c.spoken.is_empty());
-        out
+        self.sentences(&rest)
     }
 
     fn chunk(&mut self, text: &str, cut_in_phrase: bool, out: &mut Vec<ChunkText>) {

@@ -98,14 +98,8 @@ impl TokenHub {
 /// Every waiting reader gets `e` (the shim's readers wait out a Redis
 /// restart).
 fn fail_all(waiting: &mut Vec<Wait>, e: &PipelineError) {
-    let unavailable = crate::queue::is_unavailable(e);
     for w in waiting.drain(..) {
-        let copy = if unavailable {
-            PipelineError::Unavailable(e.to_string())
-        } else {
-            PipelineError::Other(e.to_string())
-        };
-        let _ = w.reply.send(Err(copy));
+        let _ = w.reply.send(Err(e.copy()));
     }
 }
 

@@ -473,3 +473,42 @@ fn cancelling_one_batched_job_leaves_the_others_running() {
     assert_eq!(kept.texts, alone.texts);
     assert_eq!(kept.tokens, vec![30]);
 }
+
+/// The calling thread's nice value (Linux keeps one per thread: field 19
+/// of its `stat`).
+#[cfg(target_os = "linux")]
+fn own_nice() -> i32 {
+    let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    // Fields after the name's closing parenthesis start at field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    rest.split(' ').nth(16).unwrap().parse().unwrap()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn the_engine_runs_its_kernels_threads_at_its_nice_value() {
+    let e = engine(EngineConfig {
+        nice: 7,
+        ..EngineConfig::default()
+    });
+    // A job done: the engine thread has set its pools' priority before it.
+    let params = SamplingParams {
+        max_new_tokens: 2,
+        ..SamplingParams::default()
+    };
+    run(&e, PROMPT, 1, &params);
+    // candle's barrier pool, where the quantized kernels run: each of its
+    // threads says its own (the last `tid` is the calling thread's).
+    let pool = candle_core::utils::barrier_pool();
+    let seen = std::sync::Mutex::new(Vec::new());
+    pool.execute(|tid| {
+        if tid < pool.n_workers() {
+            seen.lock().unwrap().push(own_nice());
+        }
+    });
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.len(), pool.n_workers());
+    assert!(seen.iter().all(|&n| n == 7), "{seen:?}");
+    // rayon's threads (the attention and the other models' kernels) too.
+    assert!(rayon::broadcast(|_| own_nice()).iter().all(|&n| n == 7));
+}

@@ -55,8 +55,8 @@ pub struct EngineConfig {
     /// one; the entries live in the pool's free blocks, least recently used
     /// evicted first.
     pub prefix_cache: bool,
-    /// The nice value the engine's threads (its own and the CPU thread
-    /// pool's) run at: above 0, other work of the process wins the CPU when
+    /// The nice value the engine's threads (its own, rayon's and candle's
+    /// barrier pool's, where the quantized kernels run) run at: above 0, other work of the process wins the CPU when
     /// both want it (a spoken reply's audio is synthesized while its text
     /// is still being generated: the listener waits on the audio, while the
     /// text is far ahead of it). 0 leaves them as they are.
@@ -956,6 +956,14 @@ impl BatchEngine {
             .name("text-engine".into())
             .spawn(move || loop {
                 lower_thread_priority(c.nice);
+                if c.nice > 0 {
+                    // The model's kernels (q4, q8, attention) run on candle's
+                    // barrier pool: every one of its threads takes part in
+                    // `execute`, this one as well. Left at nice 0, its
+                    // spinning threads halved the CPU a spoken reply's
+                    // first chunk got beside them.
+                    candle_core::utils::barrier_pool().execute(|_| lower_thread_priority(c.nice));
+                }
                 // A panic drops the jobs in flight (their callers get an
                 // error) and the engine starts over for the next ones.
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

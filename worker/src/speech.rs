@@ -31,10 +31,38 @@ pub trait TextToSpeech: Send + Sync {
         1
     }
 
-    /// `text` spoken and encoded.
+    /// A reply's `text` spoken (what [`speakable`] keeps of it) and encoded.
     fn synthesize(&self, text: &str, voice: Option<&str>) -> Result<SpokenAudio, String> {
-        SpokenAudio::encode(&self.speak(text, voice)?, self.format())
+        SpokenAudio::encode(&self.speak(&speakable(text), voice)?, self.format())
     }
+}
+
+/// What a voice is given of a reply's text: the marks of chat markup that
+/// espeak-ng (so Piper and piper-tts) would read out by name left out.
+/// `*smiles*` was spoken "asterisk smiles asterisk" (1.92 s of speech
+/// against 0.57 s for the word), `~` as "tilde", a heading's `#` as a
+/// word and an emoji as its long name ("Hi there 😊." 2.45 s against 0.71
+/// s): an action is spoken without its asterisks (as SillyTavern's speech
+/// does by default), emoji and their joiners and selectors are silent, and
+/// the spaces left around them are one. A `#` inside a line ("#1") stays.
+pub fn speakable(text: &str) -> String {
+    use unicode_properties::UnicodeEmoji;
+    let mut out = String::with_capacity(text.len());
+    let mut line_start = true;
+    for c in text.chars() {
+        let heading = c == '#' && line_start;
+        let mark = matches!(c, '*' | '~') || heading;
+        let emoji = !c.is_ascii() && c.is_emoji_char_or_emoji_component();
+        if c == '\n' {
+            line_start = true;
+        } else if !c.is_whitespace() && !heading {
+            line_start = false;
+        }
+        if !mark && !emoji {
+            out.push(c);
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl SpokenAudio {
@@ -255,8 +283,8 @@ impl SentenceSplitter {
             self.pending.insert_str(0, text);
             return;
         }
-        let mut spoken = text.trim().to_string();
-        if cut_in_phrase {
+        let mut spoken = speakable(text);
+        if cut_in_phrase && !spoken.is_empty() {
             // A cut between two words is spoken like a comma (a phrase that
             // goes on), not like the end of a sentence.
             spoken.push(',');
@@ -317,6 +345,10 @@ pub fn speak_streamed(
         error: None,
     });
     let speak = |chunk: ChunkText| -> Result<Option<(AudioChunk, Pcm)>, String> {
+        if chunk.spoken.is_empty() {
+            // Markup alone (an emoji): nothing to say.
+            return Ok(None);
+        }
         let pcm = tts.speak(&chunk.spoken, voice)?;
         if pcm.samples.is_empty() {
             return Ok(None);
@@ -677,20 +709,23 @@ mod tests {
         );
         assert_eq!(
             calls,
-            ["Hi there!", "How are you, my friend?", "*smiles*", "Fine."]
+            ["Hi there!", "How are you, my friend?", "smiles", "Fine."]
         );
         for (i, c) in chunks.iter().enumerate() {
             assert_eq!(c.index, i as u64);
             assert_eq!(c.format, "wav");
             // Each chunk is a whole file of its own.
             let decoded = audio::decode(&c.audio, f64::INFINITY).unwrap();
-            assert_eq!(decoded.samples.len(), 10 * c.text.trim().chars().count());
+            assert_eq!(
+                decoded.samples.len(),
+                10 * speakable(&c.text).chars().count()
+            );
             assert!((c.seconds - decoded.seconds()).abs() < 1e-9);
         }
         // The whole reply is every chunk's samples.
         let total: usize = chunks
             .iter()
-            .map(|c| 10 * c.text.trim().chars().count())
+            .map(|c| 10 * speakable(&c.text).chars().count())
             .sum();
         assert_eq!(pcm.samples.len(), total);
         assert_eq!(pcm.sample_rate, 16_000);
@@ -941,5 +976,32 @@ mod tests {
     fn nothing_spoken_gives_no_audio() {
         let (calls, chunks, pcm) = run(true, &["  ", "\n"]);
         assert!(calls.is_empty() && chunks.is_empty() && pcm.is_none());
+    }
+
+    #[test]
+    fn markup_a_voice_would_read_out_is_left_out() {
+        assert_eq!(
+            speakable("*smiles softly* Hi there~ 😊 I ❤️ you!"),
+            "smiles softly Hi there I you!"
+        );
+        // A heading's marks, not a number's.
+        assert_eq!(
+            speakable("## Tonight\n# Plans\nWe're #1 fans, 100%."),
+            "Tonight Plans We're #1 fans, 100%."
+        );
+        // Joined emoji, skin tones, flags and keycaps: their digits stay.
+        assert_eq!(
+            speakable("Family 👨‍👩‍👧 wave 👋🏽 from 🇫🇷, call 1️⃣ now"),
+            "Family wave from , call 1 now"
+        );
+        // Plain text as it was, words and punctuation alike.
+        let plain = "It's 3.50 (today) — \"really\" cheap: snake_case & <3.";
+        assert_eq!(speakable(plain), plain);
+        // What a chunk gives the voice; markup alone says nothing and
+        // makes no chunk, like silence.
+        let (calls, chunks, _) = run(true, &["*laughs* ", "😊 ", "Yes!"]);
+        assert_eq!(calls, ["laughs", "Yes!"]);
+        let texts: Vec<&str> = chunks.iter().map(|c| c.text.as_str()).collect();
+        assert_eq!(texts, ["*laughs*", " Yes!"]);
     }
 }

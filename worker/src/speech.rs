@@ -446,10 +446,12 @@ pub fn speak_streamed(
 const MIN_CLAUSE_CHARS: usize = 12;
 
 /// Longest first chunk, in characters, cut between two words when it has
-/// no clause break before: about 2.5 s of speech at Piper's pace, which
-/// Piper on one thread speaks in 40–60 ms a second beside the text model
-/// on 2 cores.
-const FIRST_CHUNK_MAX_CHARS: usize = 40;
+/// no clause break before: about 2 s of speech at Piper's pace (up to 2.6
+/// with numbers), which Piper on one thread speaks in 40–50 ms a second
+/// beside the text model on 2 cores. At 40 characters (up to 3.3 s of
+/// speech) the slowest first audio of 20 replies was 172–185 ms in two of
+/// four runs; at 34, 105–112 ms.
+const FIRST_CHUNK_MAX_CHARS: usize = 34;
 
 /// Words a phrase starts with: a cut in a sentence goes before one of them
 /// when it can.
@@ -781,7 +783,7 @@ mod tests {
         let sentence =
             "I have been thinking about you all evening long while wiping down the counters. ";
         let (calls, chunks, _) = run(true, &[sentence, "Come by!"]);
-        // Cut before "about" (a word a phrase starts with) within 40
+        // Cut before "about" (a word a phrase starts with) within 34
         // characters, the first part spoken as a phrase that goes on.
         assert_eq!(
             calls,
@@ -814,7 +816,7 @@ mod tests {
         // first sentence, or a long one after the first, stays whole.
         let plain = "Absolutely everything tastes better here tonight honestly darling friend.";
         let cut = word_cut(plain).unwrap();
-        assert_eq!(&plain[..cut], "Absolutely everything tastes better here ");
+        assert_eq!(&plain[..cut], "Absolutely everything tastes ");
         assert_eq!(first_chunk_end("Sure thing, I will."), None);
         let (calls, _, _) = run(true, &["Yes. ", sentence]);
         assert_eq!(calls, ["Yes.", sentence.trim()]);
@@ -826,7 +828,7 @@ mod tests {
         assert!(in_phrase);
         assert_eq!(
             &"The moon over the harbor looked enormous tonight from the pier, truly."[..end],
-            "The moon over the harbor looked enormous "
+            "The moon over the harbor looked "
         );
     }
 

@@ -418,14 +418,19 @@ impl CallbackSender {
     }
 
     async fn deliver_read(&self, d: Delivery) -> Result<(), PipelineError> {
-        let (id, cb) = (d.id.as_str(), &d.callback);
+        let Delivery {
+            id,
+            callback,
+            record,
+        } = d;
+        let (id, cb) = (id.as_str(), &callback);
         let (Some(msg_id), Some(url)) = (cb.get("webhook_id"), cb.get("url")) else {
             // A due entry without a delivery (the job was retried since).
             self.settle(id, "", "stale", &[]).await?;
             return Ok(());
         };
-        let record = (!d.record.is_empty())
-            .then(|| crate::queue::JobRecord::from_hash(id, d.record.clone()).ok())
+        let record = (!record.is_empty())
+            .then(|| crate::queue::JobRecord::from_hash(id, record).ok())
             .flatten();
         let body = match (cb.get("body"), &record) {
             // Kept from the first try, so every retry is byte-identical

@@ -401,10 +401,12 @@ async fn rate_stream_count_and_stream_duration_are_bounded_per_key() {
         .await;
     assert_eq!(code, StatusCode::OK);
     let id = accepted["id"].as_str().unwrap().to_string();
-    // Request 2: its SSE stream, held open.
+    // Request 2: its SSE stream, held open. Timed from before the request:
+    // the shim's clock for the stream starts after it has the request and
+    // before the client has the response.
+    let opened = std::time::Instant::now();
     let sse = api.open_sse(&id, API_KEY).await;
     assert_eq!(sse.status().as_u16(), 200);
-    let opened = std::time::Instant::now();
     let body = tokio::spawn(async move { sse.text().await.unwrap() });
     // Request 3: a second stream of the same key is refused.
     let second = api.open_sse(&id, API_KEY).await;

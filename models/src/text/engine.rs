@@ -956,7 +956,7 @@ impl BatchEngine {
             .name("text-engine".into())
             .spawn(move || loop {
                 lower_thread_priority(c.nice);
-                if c.nice > 0 {
+                if c.nice > 0 && m.model.device().is_cpu() {
                     // The model's kernels (q4, q8, attention) run on candle's
                     // barrier pool: every one of its threads takes part in
                     // `execute`, this one as well. Left at nice 0, its

@@ -233,9 +233,10 @@ async fn settle_delivered(
 }
 
 /// KEYS: callback hash, due set, dead letters. ARGV: id, webhook id, mode
-/// (`retry` attempts last_error when body | `park` letter max | `done` |
-/// `stale`). Writes only while the webhook id is the job's. A retry keeps
-/// the body of the first try (every try byte-identical).
+/// (`retry` attempts last_error when body | `park` letter max | `stale`).
+/// Writes only while the webhook id is the job's. A retry keeps the body
+/// of the first try (every try byte-identical). Deliveries that are done
+/// go through [`LUA_SETTLE_DONE`], many at once.
 const LUA_SETTLE: &str = r#"
 if ARGV[3] == 'stale' then
   if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[1]) end
@@ -440,7 +441,7 @@ impl CallbackSender {
             (None, Some(rec)) => callback_body(rec),
             (None, None) => {
                 tracing::warn!(job = %id, "callback dropped: the job record is gone");
-                self.settle(id, msg_id, "done", &[]).await?;
+                self.settle_done(id, msg_id).await?;
                 return Ok(());
             }
         };

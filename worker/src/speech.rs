@@ -58,11 +58,21 @@ pub fn speakable(text: &str) -> String {
         } else if !c.is_whitespace() && !heading {
             line_start = false;
         }
-        if !mark && !emoji {
+        if mark || emoji {
+            continue;
+        }
+        // Runs of whitespace (those left around what was dropped too)
+        // become one space, none at either end.
+        if c.is_whitespace() {
+            if !out.is_empty() && !out.ends_with(' ') {
+                out.push(' ');
+            }
+        } else {
             out.push(c);
         }
     }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
+    out.truncate(out.trim_end().len());
+    out
 }
 
 impl SpokenAudio {

@@ -56,10 +56,11 @@ pub struct EngineConfig {
     /// evicted first.
     pub prefix_cache: bool,
     /// The nice value the engine's threads (its own, rayon's and candle's
-    /// barrier pool's, where the quantized kernels run) run at: above 0, other work of the process wins the CPU when
-    /// both want it (a spoken reply's audio is synthesized while its text
-    /// is still being generated: the listener waits on the audio, while the
-    /// text is far ahead of it). 0 leaves them as they are.
+    /// barrier pool's, where the quantized kernels run) run at: above 0,
+    /// other work of the process wins the CPU when both want it (a spoken
+    /// reply's audio is synthesized while its text is still being
+    /// generated: the listener waits on the audio, while the text is far
+    /// ahead of it). 0 leaves them as they are.
     pub nice: i32,
 }
 

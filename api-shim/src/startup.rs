@@ -12,7 +12,6 @@ use crate::error::ApiError;
 use pipeline::queue::{QueueConfig, RedisQueue};
 use pipeline::webhook::CallbackSender;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
-use tokio::sync::broadcast;
 
 use crate::auth::ApiKeys;
 use crate::config::ShimConfig;
@@ -110,8 +109,9 @@ impl std::ops::Deref for AppState {
 pub struct SharedState {
     pub queue: RedisQueue,
     pub keys: ApiKeys,
-    /// Ids of jobs that reached a terminal state, relayed from Redis.
-    pub events: broadcast::Sender<std::sync::Arc<str>>,
+    /// Job-end events relayed from Redis, handed to the requests waiting
+    /// on each job.
+    pub waiters: pipeline::queue::JobWaiters,
     pub cfg: Arc<ShimConfig>,
     pub metrics: Arc<Metrics>,
     pub callbacks: CallbackSender,
@@ -291,7 +291,7 @@ pub async fn build(cfg: ShimConfig) -> anyhow::Result<(Router, AppState)> {
         shutdown_tx: Arc::new(shutdown_tx),
         queue,
         keys,
-        events,
+        waiters: pipeline::queue::JobWaiters::start(&events),
         limits: Arc::new(crate::limits::Limits::new(
             cfg.rate_limit_per_s,
             cfg.rate_limit_burst,

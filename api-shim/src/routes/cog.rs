@@ -240,7 +240,7 @@ async fn predict(
     }
     let req = RunRequest::parse(kind, envelope.to_string().as_bytes())?;
     check_webhook(&state, &req)?;
-    let mut events = state.events.subscribe();
+    let events = state.waiters.subscribe();
     let shown = put_id.clone();
     let rec = match &put_id {
         Some(id) => {
@@ -345,7 +345,7 @@ async fn predict(
         return Ok((StatusCode::ACCEPTED, Json(cog::prediction(&rec, &shown))).into_response());
     }
     let wait = Duration::from_millis(state.cfg.runsync_wait_ms);
-    let done = wait_until_done(&state, &rec, &mut events, wait).await?;
+    let done = wait_until_done(&state, &rec, events, wait).await?;
     let code = if done.state.is_terminal() {
         StatusCode::OK
     } else {

@@ -207,28 +207,31 @@ pub async fn runsync(
         }
     };
     // Subscribe before submitting so the end of a fast job is not missed.
-    let mut events = state.events.subscribe();
+    let events = state.waiters.subscribe();
     let rec = submit(&state, &caller, &params, body).await?;
-    let done = wait_until_done(&state, &rec, &mut events, Duration::from_millis(wait)).await?;
+    let done = wait_until_done(&state, &rec, events, Duration::from_millis(wait)).await?;
     Ok(Json(status_body(&done)))
 }
 
 /// Waits up to `wait` for job `rec` to reach a terminal state and returns
 /// its record as it stands when the wait ends (as the job's end event
 /// carried it, or read again after each wake; `rec` itself only when it is
-/// already terminal). Subscribe to `events`
-/// before submitting or reading `rec`, so a fast job's end is not missed. The record is re-read after every wake (its
-/// event, a relay reconnect, a lagged channel) and at least every second, so
-/// an event lost while the relay reconnected costs at most a second.
+/// already terminal). Take `events` (`state.waiters.subscribe()`) before
+/// submitting or reading `rec`, so a fast job's end is not missed. Only
+/// this job's end wakes the wait; the record is re-read after a wake
+/// without it (a relay reconnect, missed messages) and at least every
+/// second, so an event lost while the relay reconnected costs at most a
+/// second.
 pub async fn wait_until_done(
     state: &AppState,
     rec: &JobRecord,
-    events: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<str>>,
+    events: pipeline::queue::Subscription,
     wait: Duration,
 ) -> Result<JobRecord, ApiError> {
     const RECHECK: Duration = Duration::from_secs(1);
     let deadline = tokio::time::Instant::now() + wait;
     let id = rec.id.as_str();
+    let mut events = events.watch(id);
     // The record just read (after subscribing) counts as the first look.
     let mut current = Some(rec.clone());
     loop {
@@ -244,26 +247,19 @@ pub async fn wait_until_done(
             return Ok(current);
         }
         let wake = deadline.min(tokio::time::Instant::now() + RECHECK);
-        loop {
-            match tokio::time::timeout_at(wake, events.recv()).await {
-                // The recheck or the deadline: read again.
-                Err(_) => break,
-                Ok(Ok(message)) => match pipeline::queue::job_event_id(&message) {
-                    done if done == id => match pipeline::queue::job_event(&message) {
-                        // The record as the job ended, sent along: no read
-                        // back.
-                        (_, Some(ended)) if ended.state.is_terminal() => return Ok(ended),
-                        _ => break,
-                    },
-                    pipeline::queue::RESYNC => break,
-                    _ => continue,
-                },
-                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
-                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
-                    tokio::time::sleep_until(wake).await;
-                    break;
+        // Only this job's end or RESYNC comes (anything else but the end
+        // with its record: read again), else the recheck or the deadline.
+        match tokio::time::timeout_at(wake, events.recv()).await {
+            Ok(Some(message)) => {
+                if let (_, Some(ended)) = pipeline::queue::job_event(&message) {
+                    // The record as the job ended, sent along: no read back.
+                    if ended.state.is_terminal() {
+                        return Ok(ended);
+                    }
                 }
             }
+            Ok(None) => tokio::time::sleep_until(wake).await,
+            Err(_) => {}
         }
     }
 }
@@ -311,11 +307,11 @@ async fn status_waiting(
     wait: Option<u64>,
 ) -> Result<Json<Value>, ApiError> {
     // Subscribe before reading so an end between the two is not missed.
-    let mut events = state.events.subscribe();
+    let events = state.waiters.subscribe();
     let rec = owned_job(state, caller, raw).await?;
     let rec = match wait {
         Some(w) if !rec.state.is_terminal() => {
-            wait_until_done(state, &rec, &mut events, Duration::from_millis(w)).await?
+            wait_until_done(state, &rec, events, Duration::from_millis(w)).await?
         }
         _ => rec,
     };

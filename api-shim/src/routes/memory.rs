@@ -28,7 +28,7 @@ pub async fn condense(
         json!({ "input": input }).to_string().as_bytes(),
     )
     .map_err(ApiError::native_input)?;
-    let mut events = state.events.subscribe();
+    let events = state.waiters.subscribe();
     let rec = state.queue.enqueue(&req, &caller.owner).await?;
     state
         .metrics
@@ -36,7 +36,7 @@ pub async fn condense(
         .with_label_values(&[JobKind::Memory.as_str()])
         .inc();
     let wait = Duration::from_millis(state.cfg.runsync_wait_ms);
-    let done = wait_until_done(&state, &rec, &mut events, wait).await?;
+    let done = wait_until_done(&state, &rec, events, wait).await?;
     match (done.state, done.output) {
         (pipeline::JobState::Completed, Some(output)) => Ok((StatusCode::OK, Json(output))),
         (st, _) if st.is_terminal() => Err(ApiError::new(

@@ -332,7 +332,7 @@ pub async fn chat_completions(
     } else {
         None
     };
-    let mut events = state.events.subscribe();
+    let events = state.waiters.subscribe();
     let rec = state.queue.enqueue(&req, &caller.owner).await?;
     state
         .metrics
@@ -346,7 +346,7 @@ pub async fn chat_completions(
         return Ok(stream_response(state, reader, rec.id, id, created, asked).into_response());
     }
     let wait = Duration::from_millis(state.cfg.runsync_wait_ms);
-    let done = wait_until_done(&state, &rec, &mut events, wait).await?;
+    let done = wait_until_done(&state, &rec, events, wait).await?;
     match (done.state, done.output) {
         (JobState::Completed, Some(output)) => {
             let (texts, usage) = read_output(&output);

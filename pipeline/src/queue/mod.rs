@@ -39,6 +39,7 @@ pub mod record;
 mod scripts;
 pub mod sink;
 pub mod tokens;
+pub mod waiters;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +56,7 @@ pub use keys::Keys;
 pub use record::JobRecord;
 pub use sink::JobSink;
 pub use tokens::{AudioChunk, TokenEvent};
+pub use waiters::{JobWaiters, JobWatch, Subscription};
 
 use crate::{JobKind, PipelineError};
 use keys::GROUP;

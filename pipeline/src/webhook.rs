@@ -165,7 +165,14 @@ struct Delivery {
 /// Leases up to ARGV[3] due ids: their score moves to now + lease.
 const LUA_LEASE_DUE: &str = r#"
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], 'XX', ARGV[2], id) end
+if #ids > 0 then
+  local scored = {}
+  for i, id in ipairs(ids) do
+    scored[2 * i - 1] = ARGV[2]
+    scored[2 * i] = id
+  end
+  redis.call('ZADD', KEYS[1], 'XX', unpack(scored))
+end
 return ids
 "#;
 

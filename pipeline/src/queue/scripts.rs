@@ -20,14 +20,16 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function terminal(from, to, ttl, extra)
+-- `known`: what the caller already read, {webhook, run, output length}
+-- (nil: read here).
+local function terminal(from, to, ttl, extra, known)
   local now = now_ms()
   redis.call('HINCRBY', KEYS[2], from, -1)
   redis.call('HINCRBY', KEYS[2], to, 1)
   -- `extra`: field pairs written with the state (a result, an error).
   redis.call('HSET', KEYS[1], 'state', to, 'finished_ms', now, unpack(extra or {}))
   if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
-  local f = redis.call('HMGET', KEYS[1], 'webhook', 'run')
+  local f = known or redis.call('HMGET', KEYS[1], 'webhook', 'run')
   local hook = f[1]
   if hook then
     -- A new terminal state means a new delivery: any older one is dropped,
@@ -51,7 +53,7 @@ local function terminal(from, to, ttl, extra)
   -- The input and the output are the fields that can be large (an audio
   -- message, a spoken reply): measured first, so a large record is never
   -- copied into the script.
-  local size = redis.call('HSTRLEN', KEYS[1], 'input') + redis.call('HSTRLEN', KEYS[1], 'output')
+  local size = redis.call('HSTRLEN', KEYS[1], 'input') + ((known and known[3]) or redis.call('HSTRLEN', KEYS[1], 'output'))
   local rec = nil
   if size <= EVENT_RECORD_MAX then
     rec = redis.call('HGETALL', KEYS[1])
@@ -124,7 +126,7 @@ return {'run', attempt, run, redis.call('HGETALL', KEYS[1])}
 /// reads the result finds the run already counted). Returns 1 written, 0
 /// already settled (cancelled), -1 the lease was lost (nothing touched).
 const LUA_FINISH: &str = r#"
-local f = redis.call('HMGET', KEYS[1], 'run', 'state')
+local f = redis.call('HMGET', KEYS[1], 'run', 'state', 'webhook')
 if f[1] ~= ARGV[7] then return -1 end
 for i = 10, #ARGV, 2 do
   redis.call('HINCRBY', KEYS[7], ARGV[i], ARGV[i + 1])
@@ -133,7 +135,11 @@ redis.call('XACK', KEYS[6], ARGV[8], ARGV[9])
 redis.call('XDEL', KEYS[6], ARGV[9])
 local st = f[2]
 if st ~= 'IN_PROGRESS' then return 0 end
-terminal(st, ARGV[4], tonumber(ARGV[3]), {ARGV[5], ARGV[6]})
+-- The output's length is the payload's when the payload is the output
+-- (a retried job's old output was deleted with it).
+local out_len = nil
+if ARGV[5] == 'output' then out_len = #ARGV[6] end
+terminal(st, ARGV[4], tonumber(ARGV[3]), {ARGV[5], ARGV[6]}, {f[3], f[1], out_len})
 return 1
 "#;
 

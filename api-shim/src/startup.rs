@@ -11,7 +11,7 @@ use axum::Router;
 use crate::error::ApiError;
 use pipeline::queue::{QueueConfig, RedisQueue};
 use pipeline::webhook::CallbackSender;
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::auth::ApiKeys;
 use crate::config::ShimConfig;
@@ -27,6 +27,7 @@ pub struct Metrics {
     pub kind_jobs: IntGaugeVec,
     pub kind_workers: IntGaugeVec,
     pub worker_gauges: IntGaugeVec,
+    pub waiting_requests: IntGauge,
 }
 
 impl Metrics {
@@ -78,6 +79,11 @@ impl Metrics {
             &["stat"],
         )?;
         registry.register(Box::new(worker_gauges.clone()))?;
+        let waiting_requests = IntGauge::new(
+            "shim_waiting_requests",
+            "Requests of this shim held until their job ends (/runsync, /status?wait, condense, OpenAI, Cog)",
+        )?;
+        registry.register(Box::new(waiting_requests.clone()))?;
         Ok(Self {
             registry,
             jobs_submitted,
@@ -88,6 +94,7 @@ impl Metrics {
             kind_jobs,
             kind_workers,
             worker_gauges,
+            waiting_requests,
         })
     }
 }

@@ -162,6 +162,52 @@ async fn multiple_options_seed_round_trips_with_signed_callback() {
     assert!(value("fleet_worker_totals{stat=\"prompt_tokens\"}") > 50.0);
 }
 
+/// A `/runsync` held until its job ends counts in `shim_waiting_requests`
+/// while it waits and no longer once it is answered (no worker: the job
+/// stays queued and the wait runs out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_request_counts_as_waiting_until_it_is_answered() {
+    let redis = Redis::start();
+    let shim = Shim::start(&redis, &[]).await;
+    let api = Api::new(&shim);
+    let waiting = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("shim_waiting_requests "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("shim_waiting_requests missing:\n{metrics}"))
+    };
+    assert_eq!(waiting(&api.metrics().await), 0);
+    let held = {
+        let api = Api::new(&shim);
+        tokio::spawn(async move {
+            api.post(
+                "/runsync?wait=3000",
+                Some(API_KEY),
+                seed_file("multiple_options.json").to_string(),
+            )
+            .await
+        })
+    };
+    // Within its wait the request shows as waiting.
+    let deadline = std::time::Instant::now() + Duration::from_millis(2500);
+    loop {
+        let n = waiting(&api.metrics().await);
+        if n == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && !held.is_finished(),
+            "the held request never counted as waiting ({n})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, body) = held.await.unwrap();
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "IN_QUEUE", "{body}");
+    assert_eq!(waiting(&api.metrics().await), 0);
+}
+
 /// Parses a PCM WAV: (sample rate, channels, bits, data bytes).
 fn wav_facts(wav: &[u8]) -> (u32, u16, u16, usize) {
     assert_eq!(&wav[0..4], b"RIFF");

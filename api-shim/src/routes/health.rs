@@ -189,6 +189,10 @@ pub async fn metrics(
         .callbacks
         .with_label_values(&["dead_lettered"])
         .set(s.dead_callbacks as i64);
+    state
+        .metrics
+        .waiting_requests
+        .set(state.waiters.watching() as i64);
     for (stat, n) in &s.fleet.gauges {
         state
             .metrics

@@ -97,7 +97,8 @@ impl JobWaiters {
         }
     }
 
-    /// Watches currently open (for tests and metrics).
+    /// Watches open now: requests waiting on their job (the shim's
+    /// `shim_waiting_requests`).
     pub fn watching(&self) -> usize {
         let inner = self.inner.lock().expect("not poisoned");
         inner.watching.values().map(Vec::len).sum()

@@ -782,6 +782,112 @@ async fn consumers_of_dead_workers_are_pruned() {
     );
 }
 
+/// Dead consumers are looked for (`XINFO CONSUMERS`, a list of every
+/// consumer of the lane) by one consumer of the fleet per lane and lease
+/// window, not by every slot of every worker each heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_consumer_a_lease_window_looks_for_dead_ones() {
+    let redis = Redis::start();
+    // Heartbeat 100 ms, lease window 200 ms.
+    let q = queue(&redis, fast_cfg(3)).await;
+    let looks = || async {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut redis.conn().await)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_xinfo|consumers:calls="))
+            .and_then(|v| v.split(',').next())
+            .map_or(0, |n| n.parse::<u64>().unwrap())
+    };
+    let before = looks().await;
+    let started = std::time::Instant::now();
+    let idle: Vec<_> = (0..8)
+        .map(|i| {
+            let q = q.clone();
+            tokio::spawn(async move {
+                let mut c = q
+                    .consumer(&[JobKind::Chat], &format!("slot-{i}"))
+                    .await
+                    .unwrap();
+                let until = std::time::Instant::now() + Duration::from_millis(1500);
+                while std::time::Instant::now() < until {
+                    assert!(c.next(Duration::from_millis(50)).await.unwrap().is_none());
+                }
+            })
+        })
+        .collect();
+    for slot in idle {
+        slot.await.unwrap();
+    }
+    let windows = started.elapsed().as_millis() as u64 / 200 + 1;
+    let made = looks().await - before;
+    // Two lanes (normal, low), one look each a window at most; 8 idle
+    // slots looking every heartbeat made ~240.
+    assert!(made >= 2, "nobody looked for dead consumers");
+    assert!(
+        made <= 2 * windows,
+        "{made} looks in {windows} lease windows"
+    );
+}
+
+/// An orphan behind more live entries than one look for orphans scans
+/// (Redis looks at ten entries per entry it may claim: a hundred here) is
+/// still taken over: each look goes on from where the last one stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_behind_many_live_entries_is_taken_over() {
+    let redis = Redis::start();
+    // A 1 s lease window: the live worker's 100 ms heartbeats keep its
+    // entries well inside it.
+    let cfg = QueueConfig {
+        heartbeat: Duration::from_millis(100),
+        missed_heartbeats: 10,
+        max_attempts: 3,
+        ..QueueConfig::default()
+    };
+    let q = queue(&redis, cfg).await;
+    let mut holder = q.consumer(&[JobKind::Chat], "holder").await.unwrap();
+    let _beat = holder.spawn_heartbeat();
+    for _ in 0..120 {
+        q.enqueue(&request(Policy::default()), "o").await.unwrap();
+    }
+    let mut running = Vec::new();
+    for _ in 0..120 {
+        running.push(
+            holder
+                .next(Duration::from_millis(500))
+                .await
+                .unwrap()
+                .expect("queued above"),
+        );
+    }
+    // The orphan, newer than all of them: its worker took it and died.
+    let orphan = q.enqueue(&request(Policy::default()), "o").await.unwrap();
+    let mut ghost = q.consumer(&[JobKind::Chat], "ghost").await.unwrap();
+    let taken = ghost
+        .next(Duration::from_millis(500))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(taken.record.id, orphan.id);
+    drop(ghost);
+    let mut rescuer = q.consumer(&[JobKind::Chat], "rescuer").await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    let lease = loop {
+        if let Some(lease) = rescuer.next(Duration::from_millis(100)).await.unwrap() {
+            break lease;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orphan behind 120 live entries was never taken over"
+        );
+    };
+    assert_eq!(lease.record.id, orphan.id, "a live worker's job was taken");
+    assert_eq!(lease.attempt, 2);
+    assert_eq!(running.len(), 120);
+}
+
 /// The producer side through apalis's `TaskSink`: pushed, bulk-pushed and
 /// streamed requests are written as the shim writes them, in order, under
 /// the sink's owner, and a worker reads them back.

@@ -218,6 +218,8 @@ pub struct Consumer {
     held: HeldMap,
     running: Arc<Mutex<Option<String>>>,
     last_reclaim: Option<Instant>,
+    /// Per lane, the entry id the next look for orphans starts from.
+    reclaim_from: HashMap<String, String>,
     /// After Redis was unreachable, orphans are not taken over for one lease
     /// window, so the workers that hold them can heartbeat first.
     reclaim_after: Option<Instant>,
@@ -248,6 +250,7 @@ impl RedisQueue {
             held: Arc::new(Mutex::new(HashMap::new())),
             running: Arc::new(Mutex::new(None)),
             last_reclaim: None,
+            reclaim_from: HashMap::new(),
             reclaim_after: None,
             redis_was_down: false,
         };
@@ -463,13 +466,22 @@ impl Consumer {
         let min_idle = self.lease_window().as_millis() as usize;
         let mut conn = self.queue.connection();
         for stream in self.streams.clone() {
+            // Where the last look stopped: one look scans at most ten
+            // entries per entry it may claim (Redis's own bound), so from
+            // the start every time an orphan behind a hundred live
+            // entries was never reached.
+            let from = self
+                .reclaim_from
+                .get(&stream)
+                .cloned()
+                .unwrap_or_else(|| "0-0".to_string());
             let reply: StreamAutoClaimReply = match redis::AsyncCommands::xautoclaim_options(
                 &mut conn,
                 &stream,
                 GROUP,
                 &self.name,
                 min_idle,
-                "0-0",
+                &from,
                 StreamAutoClaimOptions::default().count(10),
             )
             .await
@@ -480,14 +492,24 @@ impl Consumer {
                     continue;
                 }
             };
+            // "0-0": the look went round; the next starts over.
+            self.reclaim_from
+                .insert(stream.clone(), reply.next_stream_id.clone());
             for entry in reply.claimed {
                 tracing::warn!(stream = %stream, entry = %entry.id, "taking over a job whose worker stopped heartbeating");
                 self.take(stream.clone(), entry);
             }
-            // Consumers idle for ten lease windows and holding nothing.
-            self.queue
-                .prune_consumers(&stream, min_idle as u64 * 10)
-                .await?;
+            // Consumers idle for ten lease windows and holding nothing,
+            // looked for by one consumer of the fleet a lease window.
+            if self
+                .queue
+                .prune_turn(&stream, &self.name, self.lease_window())
+                .await?
+            {
+                self.queue
+                    .prune_consumers(&stream, min_idle as u64 * 10)
+                    .await?;
+            }
         }
         Ok(())
     }

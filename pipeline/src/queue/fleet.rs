@@ -105,6 +105,27 @@ impl RedisQueue {
     /// consumer names do not pile up. A consumer that holds entries is never
     /// removed (that would drop its entries); a live worker whose consumer
     /// was removed gets it back on its next read.
+    /// Whether `consumer` takes this lease window's turn at pruning
+    /// `lane`'s dead consumers: one consumer of the whole fleet a window
+    /// (the look lists every consumer of the lane; made by every slot of
+    /// every worker each heartbeat, it grew with the square of the fleet).
+    pub(crate) async fn prune_turn(
+        &self,
+        lane: &str,
+        consumer: &str,
+        window: std::time::Duration,
+    ) -> Result<bool, PipelineError> {
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(self.keys.prune_turn(lane))
+            .arg(consumer)
+            .arg("NX")
+            .arg("PX")
+            .arg(window.as_millis().max(1) as u64)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(taken.is_some())
+    }
+
     pub(crate) async fn prune_consumers(
         &self,
         stream: &str,

@@ -73,6 +73,11 @@ impl Keys {
     pub fn lanes(&self, kind: JobKind) -> [String; 2] {
         [self.lane(kind, false), self.lane(kind, true)]
     }
+    /// String: held for a lease window by the one consumer of the fleet
+    /// that looks for dead consumers of `lane` (a lane's key).
+    pub fn prune_turn(&self, lane: &str) -> String {
+        self.key(&format!("prune-turn:{lane}"))
+    }
     /// Stream: a job's text deltas and its end event.
     pub fn tokens(&self, id: &str) -> String {
         self.key(&format!("tokens:{id}"))

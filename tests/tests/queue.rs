@@ -791,15 +791,10 @@ async fn one_consumer_a_lease_window_looks_for_dead_ones() {
     // Heartbeat 100 ms, lease window 200 ms.
     let q = queue(&redis, fast_cfg(3)).await;
     let looks = || async {
-        let info: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async(&mut redis.conn().await)
+        redis
+            .info_number("commandstats", "cmdstat_xinfo|consumers:calls=")
             .await
-            .unwrap();
-        info.lines()
-            .find_map(|l| l.strip_prefix("cmdstat_xinfo|consumers:calls="))
-            .and_then(|v| v.split(',').next())
-            .map_or(0, |n| n.parse::<u64>().unwrap())
+            .unwrap_or(0)
     };
     let before = looks().await;
     let started = std::time::Instant::now();
@@ -821,7 +816,7 @@ async fn one_consumer_a_lease_window_looks_for_dead_ones() {
     for slot in idle {
         slot.await.unwrap();
     }
-    let windows = started.elapsed().as_millis() as u64 / 200 + 1;
+    let windows = started.elapsed().as_millis() as i64 / 200 + 1;
     let made = looks().await - before;
     // Two lanes (normal, low), one look each a window at most; 8 idle
     // slots looking every heartbeat made ~240.

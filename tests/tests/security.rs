@@ -509,17 +509,10 @@ async fn open_streams_share_one_redis_connection() {
     let api = Api::new(&shim);
     let _worker = start_worker(&redis, &[("MAX_NEW_TOKENS", "60"), ("IGNORE_EOS", "true")]);
     let clients = || async {
-        let info: String = redis::cmd("INFO")
-            .arg("clients")
-            .query_async(&mut redis.conn().await)
+        redis
+            .info_number("clients", "connected_clients:")
             .await
-            .unwrap();
-        info.lines()
-            .find_map(|l| l.strip_prefix("connected_clients:"))
-            .unwrap()
-            .trim()
-            .parse::<i64>()
-            .unwrap()
+            .expect("INFO clients has connected_clients")
     };
     let (_, accepted) = api
         .post(

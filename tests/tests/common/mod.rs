@@ -192,6 +192,20 @@ impl Redis {
             .await
             .unwrap()
     }
+
+    /// A number of `INFO section`: the line that starts with `prefix`, up
+    /// to its first comma (`connected_clients:`,
+    /// `cmdstat_xinfo|consumers:calls=`); None when no line has it.
+    pub async fn info_number(&self, section: &str, prefix: &str) -> Option<i64> {
+        let info: String = redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|v| v.split(',').next().unwrap_or("").trim().parse().unwrap())
+    }
 }
 
 pub struct Shim {

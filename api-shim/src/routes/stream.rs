@@ -119,6 +119,18 @@ impl TokenReader {
         }
     }
 
+    /// [`Self::next`] for a response being sent: an error ends the
+    /// stream, and is logged (the client only sees the stream end).
+    pub(crate) async fn next_or_end(&mut self) -> Option<TokenEvent> {
+        match self.next().await {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::warn!(job = %self.id, error = %e, "token stream ended by an error");
+                None
+            }
+        }
+    }
+
     async fn next_once(&mut self) -> Result<Option<TokenEvent>, pipeline::PipelineError> {
         loop {
             // What was read goes out first; then a shutdown or the
@@ -230,7 +242,7 @@ pub async fn chat_stream(
                 guard.as_ref()?;
                 let event = match first.take() {
                     Some(e) => Some(e),
-                    None => reader.next().await.ok().flatten(),
+                    None => reader.next_or_end().await,
                 };
                 let ended = !matches!(event, Some(ref e) if !matches!(e, TokenEvent::End { .. }));
                 if ended {
@@ -260,7 +272,7 @@ pub async fn chat_stream(
             loop {
                 let event = match first.take() {
                     Some(e) => Some(e),
-                    None => reader.next().await.ok().flatten(),
+                    None => reader.next_or_end().await,
                 };
                 match event {
                     Some(TokenEvent::Text { option: 0, text }) => {

@@ -229,7 +229,7 @@ async fn run_lease(
     let (deltas, mut delta_rx) = tokio::sync::mpsc::unbounded_channel::<StreamItem>();
     let pump = {
         let (guard, cancel, queue, id) = (guard.clone(), cancel.clone(), queue.clone(), id.clone());
-        async move {
+        tokio::spawn(async move {
             let mut batch_no = 0u64;
             // A run after a crash or a hand-back regenerates the same text
             // (same prompt, same seed): what an earlier run already streamed
@@ -302,7 +302,7 @@ async fn run_lease(
                     break;
                 }
             }
-        }
+        })
     };
     // Progress of a media job: the latest goes to the record and the
     // stream, only while this run holds the job. A burst is coalesced to its
@@ -311,7 +311,7 @@ async fn run_lease(
     let (progress, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
     let progress_pump = {
         let guard = guard.clone();
-        async move {
+        tokio::spawn(async move {
             let publish = |event: serde_json::Value| {
                 let guard = guard.clone();
                 async move {
@@ -335,16 +335,8 @@ async fn run_lease(
                     }
                 }
             }
-        }
+        })
     };
-    // Both pumps are driven by this run's own task (polled beside the
-    // handler in the loop below, finished after it): a job that streams
-    // nothing costs no task of its own.
-    let pumps = async move {
-        tokio::join!(pump, progress_pump);
-    };
-    tokio::pin!(pumps);
-    let mut pumps_done = false;
     // The caller's own bucket (RunPod's s3Config), opened from the record.
     let job_store = match queue.s3_config(&lease.record) {
         Ok(Some(s3)) => Some(Arc::new(pipeline::media_store::MediaStore::s3(
@@ -436,7 +428,6 @@ async fn run_lease(
                 });
                 break if guard.is_lost() { RunEnd::LeaseLost } else { RunEnd::Done(outcome, usage) };
             }
-            () = &mut pumps, if !pumps_done => pumps_done = true,
             _ = tokio::time::sleep_until(deadline), if !timed_out => {
                 timed_out = true;
                 cancel.store(true, Ordering::Relaxed);
@@ -482,10 +473,13 @@ async fn run_lease(
     let (outcome, usage) = match end {
         RunEnd::LeaseLost => {
             tracing::warn!(job = %id, run = lease.run, "lease lost: another worker runs this job; nothing written");
+            pump.abort();
+            progress_pump.abort();
             return;
         }
         RunEnd::HandBack => {
-            // The pumps are no longer polled: nothing more goes out.
+            pump.abort();
+            progress_pump.abort();
             let released = with_redis_retry(
                 "handing the job back",
                 || guard.is_lost(),
@@ -516,9 +510,8 @@ async fn run_lease(
         Outcome::TimedOut(_) => JobState::TimedOut,
     };
     // Every delta is written before the result (the end event follows it).
-    if !pumps_done {
-        pumps.await;
-    }
+    let _ = pump.await;
+    let _ = progress_pump.await;
     // The run's totals go in with the result (the script adds them first):
     // once the result is written, callbacks and /status may be read, and
     // the metrics should already count this run.

@@ -100,11 +100,6 @@ impl RedisQueue {
         Ok(view)
     }
 
-    /// Removes from `stream`'s group the consumers that hold nothing and
-    /// have been idle for `min_idle_ms` (workers that died or moved on), so
-    /// consumer names do not pile up. A consumer that holds entries is never
-    /// removed (that would drop its entries); a live worker whose consumer
-    /// was removed gets it back on its next read.
     /// Whether `consumer` takes this lease window's turn at pruning
     /// `lane`'s dead consumers: one consumer of the whole fleet a window
     /// (the look lists every consumer of the lane; made by every slot of
@@ -126,6 +121,11 @@ impl RedisQueue {
         Ok(taken.is_some())
     }
 
+    /// Removes from `stream`'s group the consumers that hold nothing and
+    /// have been idle for `min_idle_ms` (workers that died or moved on), so
+    /// consumer names do not pile up. A consumer that holds entries is never
+    /// removed (that would drop its entries); a live worker whose consumer
+    /// was removed gets it back on its next read.
     pub(crate) async fn prune_consumers(
         &self,
         stream: &str,

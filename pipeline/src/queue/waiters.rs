@@ -28,8 +28,9 @@ type Message = Arc<str>;
 struct Inner {
     /// Messages relayed so far (the next one's number).
     seq: u64,
-    /// The last [`RECENT`] messages with their numbers, oldest first.
-    recent: VecDeque<(u64, Message)>,
+    /// The last [`RECENT`] messages, oldest first (the last is number
+    /// `seq`).
+    recent: VecDeque<Message>,
     /// Watches by job id: (watch number, its channel).
     watching: HashMap<String, Vec<(u64, mpsc::UnboundedSender<Message>)>>,
     next_watch: u64,
@@ -41,7 +42,7 @@ impl Inner {
         if self.recent.len() == RECENT {
             self.recent.pop_front();
         }
-        self.recent.push_back((self.seq, message.clone()));
+        self.recent.push_back(message.clone());
         let id = job_event_id(&message);
         if id == RESYNC {
             for watches in self.watching.values() {
@@ -120,13 +121,13 @@ impl Subscription {
         let mut inner = self.hub.inner.lock().expect("not poisoned");
         // What came between the subscription and now, from the kept
         // messages; RESYNC when some of them are no longer kept.
-        let oldest_kept = inner.recent.front().map_or(inner.seq + 1, |(n, _)| *n);
+        let oldest_kept = inner.seq + 1 - inner.recent.len() as u64;
         if oldest_kept > self.since + 1 {
             let _ = tx.send(RESYNC.into());
         }
         // Numbered in order: the ones after `since` are the last few.
         let after = (self.since + 1).saturating_sub(oldest_kept) as usize;
-        for (_, message) in inner.recent.iter().skip(after) {
+        for message in inner.recent.iter().skip(after) {
             let mid = job_event_id(message);
             if mid == id || mid == RESYNC {
                 let _ = tx.send(message.clone());

@@ -827,6 +827,78 @@ async fn one_consumer_a_lease_window_looks_for_dead_ones() {
     );
 }
 
+/// A process's idle slots take turns waiting in Redis: at most
+/// `blocking_reads` of them are blocked in `XREADGROUP` at once (Redis looks
+/// at every client blocked on a lane for each entry added to it), and a
+/// burst of jobs still reaches every one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_slots_take_turns_waiting_in_redis() {
+    let redis = Redis::start();
+    let cfg = QueueConfig {
+        blocking_reads: 2,
+        ..QueueConfig::default()
+    };
+    let q = queue(&redis, cfg).await;
+    let slots = 8;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut idle = Vec::new();
+    for i in 0..slots {
+        let (q, tx) = (q.clone(), tx.clone());
+        idle.push(tokio::spawn(async move {
+            let mut c = q
+                .consumer(&[JobKind::Chat], &format!("slot-{i}"))
+                .await
+                .unwrap();
+            loop {
+                if let Some(lease) = c.next(Duration::from_secs(30)).await.unwrap() {
+                    // Held, not finished: the next job must go to another slot.
+                    tx.send((i, lease.record.id.clone())).unwrap();
+                    return (c, lease);
+                }
+            }
+        }));
+    }
+    let blocked = || async {
+        redis
+            .info_number("clients", "blocked_clients:")
+            .await
+            .unwrap()
+    };
+    // Watch the idle slots for a while: turns are held and passed on (a
+    // turn ends every `block`), never more than two at a time in Redis.
+    let mut most = 0;
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let now = blocked().await;
+        assert!(now <= 2, "{now} idle slots blocked in Redis at once");
+        most = most.max(now);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(most, 2, "the idle slots never waited in Redis");
+    let mut ids = std::collections::HashSet::new();
+    for _ in 0..slots {
+        ids.insert(
+            q.enqueue(&request(Policy::default()), "o")
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let mut got = std::collections::HashSet::new();
+    for _ in 0..slots {
+        let (slot, id) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("every slot gets a job of the burst")
+            .unwrap();
+        assert!(got.insert(slot), "slot {slot} got two jobs");
+        assert!(ids.remove(&id), "{id} run twice or never queued");
+    }
+    assert!(ids.is_empty());
+    for slot in idle {
+        slot.await.unwrap();
+    }
+}
+
 /// An orphan behind more live entries than one look for orphans scans
 /// (Redis looks at ten entries per entry it may claim: a hundred here) is
 /// still taken over: each look goes on from where the last one stopped.

@@ -222,6 +222,11 @@ pub struct WorkerConfig {
     /// Hours a finished job record is kept.
     #[arg(long, env = "RESULT_TTL_HOURS", default_value_t = 48)]
     pub result_ttl_hours: u64,
+    /// Idle slots of one kind that wait for a job in Redis at once (the
+    /// others wait in the worker for a turn): Redis's cost per job grows
+    /// with every client blocked on a lane.
+    #[arg(long, env = "QUEUE_BLOCKING_READS", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queue_blocking_reads: u16,
     /// Text-to-speech for generate_audio: piper (ONNX voices), espeak-ng or none.
     #[arg(long, env = "TTS_BACKEND", default_value = "piper")]
     pub tts_backend: String,
@@ -690,6 +695,7 @@ impl WorkerConfig {
             namespace: self.queue_namespace.clone(),
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             missed_heartbeats: self.missed_heartbeats,
+            blocking_reads: self.queue_blocking_reads as usize,
             result_ttl: Duration::from_secs(self.result_ttl_hours * 3600),
             secrets: self
                 .job_secrets_key

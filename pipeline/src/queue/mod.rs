@@ -41,6 +41,7 @@ pub mod sink;
 pub mod tokens;
 pub mod waiters;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,7 +83,7 @@ pub fn job_event(message: &str) -> (&str, Option<JobRecord>) {
     let record = serde_json::from_str::<Vec<String>>(json)
         .ok()
         .and_then(|flat| {
-            let mut fields = std::collections::HashMap::with_capacity(flat.len() / 2);
+            let mut fields = HashMap::with_capacity(flat.len() / 2);
             let mut it = flat.into_iter();
             while let (Some(k), Some(v)) = (it.next(), it.next()) {
                 fields.insert(k, v);
@@ -106,6 +107,12 @@ pub struct QueueConfig {
     /// Seals and opens the secrets a job carries (`s3Config`); None: jobs
     /// with secrets are refused.
     pub secrets: Option<crate::secrets::JobSecrets>,
+    /// How many consumers of this process that read the same lanes wait in
+    /// Redis (`XREADGROUP BLOCK`) at once; its other idle slots wait in the
+    /// process for a turn. Redis looks at every client blocked on a lane
+    /// for each entry added to it, so a lane's cost per job would grow
+    /// with every idle slot of the fleet.
+    pub blocking_reads: usize,
 }
 
 impl Default for QueueConfig {
@@ -117,6 +124,7 @@ impl Default for QueueConfig {
             max_attempts: 3,
             result_ttl: Duration::from_secs(48 * 3600),
             secrets: None,
+            blocking_reads: 4,
         }
     }
 }
@@ -140,6 +148,8 @@ pub struct RedisQueue {
     /// What the worker's heartbeat reports besides its state (the text
     /// engine's batch and KV pool), set once by the worker.
     gauges: Arc<std::sync::OnceLock<Gauges>>,
+    /// What the consumers of this process share, by the lanes they read.
+    lane_sets: Arc<std::sync::Mutex<HashMap<Vec<String>, Arc<consumer::LaneSet>>>>,
 }
 
 /// The gauge source and the one worker name (the first slot's heartbeat
@@ -203,6 +213,7 @@ impl RedisQueue {
             cfg: Arc::new(cfg),
             scripts: Arc::new(Scripts::new()),
             gauges: Arc::default(),
+            lane_sets: Arc::default(),
         })
     }
 

@@ -12,9 +12,30 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use serde::Deserialize;
 use serde_json::json;
 
-#[tokio::main]
+/// What a `/runsync` answer must hold: the job completed with the payload
+/// it was given.
+#[derive(Deserialize)]
+struct Answer {
+    status: String,
+    output: Output,
+}
+
+#[derive(Deserialize)]
+struct Output {
+    payload: Payload,
+}
+
+#[derive(Deserialize)]
+struct Payload {
+    n: u64,
+}
+
+/// One thread: the load generator shares the machine with what it measures,
+/// and a second runtime thread only adds wake-ups between the two.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let [_, base, key, clients, seconds] = args.as_slice() else {
@@ -59,12 +80,13 @@ async fn main() -> anyhow::Result<()> {
                 let t = Instant::now();
                 let resp = http.post(&url).bearer_auth(&key).json(&body).send().await?;
                 let status = resp.status();
-                let out: serde_json::Value = resp.json().await?;
-                if !status.is_success() || out["status"] != "COMPLETED" {
-                    bail!("job failed: {status} {out}");
-                }
-                if out["output"]["payload"]["n"] != n {
-                    bail!("wrong payload back: {out}");
+                let bytes = resp.bytes().await?;
+                let out: Answer = match serde_json::from_slice(&bytes) {
+                    Ok(out) if status.is_success() => out,
+                    _ => bail!("job failed: {status} {}", String::from_utf8_lossy(&bytes)),
+                };
+                if out.status != "COMPLETED" || out.output.payload.n != n {
+                    bail!("wrong answer: {}", String::from_utf8_lossy(&bytes));
                 }
                 lat.push(t.elapsed().as_secs_f64() * 1000.0);
                 n += 1;

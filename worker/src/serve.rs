@@ -100,8 +100,14 @@ pub async fn serve(cfg: WorkerConfig) -> anyhow::Result<()> {
         }
         Ok::<(), std::io::Error>(())
     };
-    if let Err(e) = monitor.run_with_signal(signal).await {
-        tracing::error!(error = %e, "the worker runtime stopped");
+    // The monitor polls every slot inside its own future: as a task it runs
+    // on the runtime's threads, where the slots' I/O wakes it. Awaited here
+    // it would run on the main thread (`block_on`), and every read, claim
+    // and finish of every slot would wake that thread from its condvar.
+    match tokio::spawn(monitor.run_with_signal(signal)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "the worker runtime stopped"),
+        Err(e) => tracing::error!(error = %e, "the worker runtime panicked"),
     }
     tracing::info!("worker stopped");
     Ok(())

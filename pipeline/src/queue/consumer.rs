@@ -269,9 +269,7 @@ impl RedisQueue {
         consumer.beat().await?;
         Ok(consumer)
     }
-}
 
-impl RedisQueue {
     /// The one [`LaneSet`] of this process for `streams`.
     fn lane_set(&self, streams: &[String]) -> Arc<LaneSet> {
         let mut sets = self.lane_sets.lock().expect("not poisoned");

@@ -201,16 +201,6 @@ pub enum Finished {
     LeaseLost,
 }
 
-/// What the consumers of one process that read the same lanes share: turns
-/// to wait in Redis. Redis looks at every client blocked on a lane for each
-/// entry added to it (to find who gets it), so with every idle slot of a
-/// fleet blocked there a job would cost Redis more the more workers wait
-/// for one; a process's idle slots take turns instead, at most
-/// [`super::QueueConfig::blocking_reads`] in Redis at once.
-pub(crate) struct LaneSet {
-    blocking: Arc<tokio::sync::Semaphore>,
-}
-
 /// The worker side: reads entries, takes over orphans, claims runs,
 /// heartbeats what it holds.
 pub struct Consumer {
@@ -219,7 +209,14 @@ pub struct Consumer {
     kinds: Vec<JobKind>,
     block_conn: ConnectionManager,
     streams: Vec<String>,
-    lanes: Arc<LaneSet>,
+    /// Turns to wait in Redis, shared by the consumers of this process
+    /// that read the same lanes. Redis looks at every client blocked on a
+    /// lane for each entry added to it (to find who gets it), so with every
+    /// idle slot of a fleet blocked there a job would cost Redis more the
+    /// more workers wait for one; a process's idle slots take turns
+    /// instead, at most [`super::QueueConfig::blocking_reads`] in Redis at
+    /// once.
+    turns: Arc<tokio::sync::Semaphore>,
     buffer: VecDeque<(String, String, String)>,
     /// Whether the lanes may hold new entries: a look in priority order
     /// (one round trip) comes before a blocking read only then. After a
@@ -255,7 +252,7 @@ impl RedisQueue {
             name: name.to_string(),
             kinds: kinds.to_vec(),
             block_conn: self.blocking_connection().await?,
-            lanes: self.lane_set(&streams),
+            turns: self.read_turns(&streams),
             streams,
             buffer: VecDeque::new(),
             may_have_more: true,
@@ -270,14 +267,14 @@ impl RedisQueue {
         Ok(consumer)
     }
 
-    /// The one [`LaneSet`] of this process for `streams`.
-    fn lane_set(&self, streams: &[String]) -> Arc<LaneSet> {
-        let mut sets = self.lane_sets.lock().expect("not poisoned");
-        sets.entry(streams.to_vec())
+    /// This process's turns to wait in Redis on `streams` (one set of
+    /// turns per set of lanes).
+    fn read_turns(&self, streams: &[String]) -> Arc<tokio::sync::Semaphore> {
+        let mut turns = self.read_turns.lock().expect("not poisoned");
+        turns
+            .entry(streams.to_vec())
             .or_insert_with(|| {
-                Arc::new(LaneSet {
-                    blocking: Arc::new(tokio::sync::Semaphore::new(self.cfg.blocking_reads.max(1))),
-                })
+                Arc::new(tokio::sync::Semaphore::new(self.cfg.blocking_reads.max(1)))
             })
             .clone()
     }
@@ -426,19 +423,16 @@ impl Consumer {
     /// several lanes mean a backlog, and the next read looks in priority
     /// order first again.
     async fn read_blocking(&mut self, block: Duration) -> Result<(), PipelineError> {
-        // A turn to wait in Redis first (see [`LaneSet`]); the wait for it
+        // A turn to wait in Redis first (see `turns`); the wait for it
         // counts against `block`. An entry that comes meanwhile waits in
         // the lane for whoever reads next: `>` hands out every entry once.
         let started = Instant::now();
-        let turn = match self.lanes.blocking.clone().try_acquire_owned() {
+        let turn = match self.turns.clone().try_acquire_owned() {
             Ok(turn) => turn,
-            Err(_) => {
-                match tokio::time::timeout(block, self.lanes.blocking.clone().acquire_owned()).await
-                {
-                    Ok(Ok(turn)) => turn,
-                    _ => return Ok(()),
-                }
-            }
+            Err(_) => match tokio::time::timeout(block, self.turns.clone().acquire_owned()).await {
+                Ok(Ok(turn)) => turn,
+                _ => return Ok(()),
+            },
         };
         let block = block.saturating_sub(started.elapsed());
         let opts = StreamReadOptions::default()

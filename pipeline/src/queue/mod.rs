@@ -148,8 +148,9 @@ pub struct RedisQueue {
     /// What the worker's heartbeat reports besides its state (the text
     /// engine's batch and KV pool), set once by the worker.
     gauges: Arc<std::sync::OnceLock<Gauges>>,
-    /// What the consumers of this process share, by the lanes they read.
-    lane_sets: Arc<std::sync::Mutex<HashMap<Vec<String>, Arc<consumer::LaneSet>>>>,
+    /// Turns to wait in Redis of this process's consumers, by the lanes
+    /// they read.
+    read_turns: Arc<std::sync::Mutex<HashMap<Vec<String>, Arc<tokio::sync::Semaphore>>>>,
 }
 
 /// The gauge source and the one worker name (the first slot's heartbeat
@@ -213,7 +214,7 @@ impl RedisQueue {
             cfg: Arc::new(cfg),
             scripts: Arc::new(Scripts::new()),
             gauges: Arc::default(),
-            lane_sets: Arc::default(),
+            read_turns: Arc::default(),
         })
     }
 
